@@ -1,0 +1,60 @@
+"""vllm-middleware: durable capture of every request and response to vLLM.
+
+from vllm_middleware import VLLMMiddleware, load_logs
+"""
+
+from ._client import VLLMMiddleware
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    InternalServerError,
+    InvalidRequestError,
+    LogReadError,
+    NotFoundError,
+    RateLimitError,
+    ServiceUnavailableError,
+    VLLMMiddlewareError,
+)
+from ._keys import StreamKeys
+from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
+from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
+from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
+from ._stats import get_statistics
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "LogReadError",
+    "LogRecord",
+    "NotFoundError",
+    "PartitionWriter",
+    "RateLimitError",
+    "ReadStats",
+    "RecordEntry",
+    "ServiceUnavailableError",
+    "StreamKeys",
+    "VLLMMiddleware",
+    "VLLMMiddlewareError",
+    "get_statistics",
+    "iter_log_files",
+    "iter_logs",
+    "load_logs",
+    "new_request_id",
+    "partition_dir",
+    "sanitize_partition_value",
+]

@@ -1,0 +1,416 @@
+"""`VLLMMiddleware`: the thin client apps call instead of the server, logging every call.
+
+The request path does the HTTP call, builds one record dict, encodes it once and hands it to a
+`Shipper` (Redis stream or embedded files). Nothing on that path awaits Redis or the disk, and
+nothing that goes wrong with logging reaches the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+import orjson
+import redis
+import redis.asyncio as aioredis
+
+from ._exceptions import APIError, ConfigurationError, InvalidRequestError
+from ._file_sink import FileSink
+from ._http import error_details, exception_from_response, exception_from_transport
+from ._keys import StreamKeys
+from ._partition import LogFormat
+from ._record import (
+    SCHEMA_VERSION,
+    RecordEntry,
+    default_host,
+    encode_record,
+    new_request_id,
+    utc_now,
+)
+from ._redis_sink import RedisStreamSink
+from ._shipping import Shipper, ShippingSettings
+from ._stats import file_statistics, read_statistics, read_statistics_sync
+
+__all__ = ["VLLMMiddleware"]
+
+logger = logging.getLogger("vllm_middleware")
+
+_JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+_Endpoint = Literal["chat/completions", "completions"]
+
+
+class VLLMMiddleware:
+    """Async client for vLLM's OpenAI-compatible API that logs every request and response.
+
+    Without a Redis URL (argument or `VLLM_MW_REDIS_URL`) records are written in-process to
+    `log_dir/date=YYYY-MM-DD/host=NAME/` (embedded mode). With one, they go to a Redis stream
+    that `vllm-mw worker` processes write to the same layout. Pass `redis_url=""` to force the
+    embedded mode even when the environment names a Redis.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8081/v1",
+        log_dir: str | os.PathLike[str] = "./logs/vllm",
+        enable_file_logging: bool = True,
+        log_format: LogFormat = "jsonl",
+        max_log_size_mb: float = 100,
+        *,
+        redis_url: str | None = None,
+        redis_client: aioredis.Redis | None = None,
+        stream: str = "vllm:logs",
+        host: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 600.0,
+        max_buffer: int = 50_000,
+        batch_size: int = 500,
+        flush_interval: float = 0.05,
+        fsync: bool = True,
+    ) -> None:
+        if log_format not in ("jsonl", "json"):
+            raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
+        if max_log_size_mb <= 0:
+            raise ConfigurationError("max_log_size_mb must be positive")
+        if max_buffer <= 0 or batch_size <= 0 or flush_interval <= 0:
+            raise ConfigurationError("max_buffer, batch_size and flush_interval must be positive")
+        self.base_url = base_url.rstrip("/")
+        self.log_dir = str(log_dir)
+        self.enable_file_logging = enable_file_logging
+        self.log_format = log_format
+        self.max_log_size_mb = max_log_size_mb
+        self.host = host or default_host()
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.keys = StreamKeys(stream)
+        self.redis_url = os.environ.get("VLLM_MW_REDIS_URL") if redis_url is None else redis_url
+        self.redis_url = self.redis_url or None
+
+        self._owns_http = http_client is None
+        if http_client is None:
+            headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+            http_client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=timeout,
+                headers=headers,
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            )
+        self._http = http_client
+
+        self.total_requests = 0
+        self.logging_errors = 0
+        self._sync_redis: redis.Redis | None = None
+        self._redis: aioredis.Redis | None = None
+        self._sink: Shipper | None = None
+        if enable_file_logging:
+            shipping = ShippingSettings(max_buffer, batch_size, flush_interval)
+            if redis_client is not None or self.redis_url:
+                owns = redis_client is None
+                if redis_client is None:
+                    assert self.redis_url is not None
+                    redis_client = aioredis.Redis.from_url(
+                        self.redis_url, socket_timeout=5, socket_connect_timeout=2
+                    )
+                self._redis = redis_client
+                self._sink = RedisStreamSink(
+                    redis_client, keys=self.keys, owns_client=owns, shipping=shipping
+                )
+            else:
+                self._sink = FileSink(
+                    log_dir,
+                    max_bytes=int(max_log_size_mb * 1024 * 1024),
+                    log_format=log_format,
+                    fsync=fsync,
+                    shipping=shipping,
+                )
+
+    @property
+    def mode(self) -> str:
+        if self._sink is None:
+            return "disabled"
+        return "redis" if isinstance(self._sink, RedisStreamSink) else "embedded"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> VLLMMiddleware:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush buffered records (within `timeout`) and close what this client created."""
+        if self._sink is not None:
+            try:
+                await self._sink.aclose(timeout)
+            except Exception:  # closing must not fail the app either
+                logger.exception("error while closing the log sink")
+        if self._owns_http:
+            await self._http.aclose()
+        if self._sync_redis is not None:
+            self._sync_redis.close()
+            self._sync_redis = None
+
+    aclose = close
+
+    # -- API --------------------------------------------------------------------------------
+    async def chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /chat/completions; returns the server's JSON. Extra vLLM fields pass through."""
+        params = _collect(
+            temperature=temperature, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice
+        )
+        params.update(extra)
+        return await self._call("chat/completions", "messages", messages, model, params, metadata)
+
+    async def completions(
+        self,
+        prompt: str | list[Any],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /completions; returns the server's JSON. Extra vLLM fields pass through."""
+        params = _collect(temperature=temperature, max_tokens=max_tokens)
+        params.update(extra)
+        return await self._call("completions", "prompt", prompt, model, params, metadata)
+
+    async def _call(
+        self,
+        endpoint: _Endpoint,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        if params.get("stream"):
+            raise InvalidRequestError("stream=True is not supported yet by this client")
+        started = time.perf_counter()
+        now = utc_now()
+        request_id = new_request_id(now)
+        self.total_requests += 1
+        body = dict(params)
+        if model is not None:
+            body["model"] = model
+        body[payload_key] = payload
+        call = _Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
+        try:
+            content = orjson.dumps(body)
+        except TypeError as exc:
+            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
+            call.log(started, error=error)
+            raise error from exc
+        try:
+            response = await self._http.post(endpoint, content=content, headers=_JSON_HEADERS)
+        except httpx.HTTPError as exc:
+            api_error = exception_from_transport(exc, request_id)
+            call.log(started, error=api_error)
+            raise api_error from exc
+        except asyncio.CancelledError:
+            call.log(started, error=APIError("cancelled by the caller before the response"))
+            raise
+        if response.status_code >= 400:
+            status_error = exception_from_response(response, request_id)
+            call.log(started, error=status_error, status_code=response.status_code)
+            raise status_error
+        try:
+            result = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            bad = APIError(f"server returned invalid JSON: {exc}", request_id=request_id)
+            call.log(started, error=bad, status_code=response.status_code)
+            raise bad from exc
+        call.log(started, response=result, status_code=response.status_code)
+        return result  # type: ignore[no-any-return]
+
+    # -- logging ----------------------------------------------------------------------------
+    def _submit(self, record: dict[str, Any], date: str, is_error: bool) -> None:
+        """Hand a record to the sink; never raises (a logging failure is counted instead)."""
+        if self._sink is None:
+            return
+        try:
+            self._sink.submit(RecordEntry(date, self.host, is_error, encode_record(record)))
+        except Exception:
+            self.logging_errors += 1
+            if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
+                logger.exception("could not log request %s", record.get("request_id"))
+
+    # -- statistics -------------------------------------------------------------------------
+    def _local_statistics(self) -> dict[str, Any]:
+        counters = self._sink.counters if self._sink is not None else None
+        return {
+            "mode": self.mode,
+            "requests": self.total_requests,
+            "buffered": self._sink.buffered if self._sink is not None else 0,
+            "submitted": counters.submitted if counters else 0,
+            "shipped": counters.shipped if counters else 0,
+            "dropped": counters.dropped if counters else 0,
+            "failed_batches": counters.failed_batches if counters else 0,
+            "last_error": counters.last_error if counters else None,
+            "logging_errors": self.logging_errors,
+        }
+
+    def get_statistics(self) -> dict[str, Any]:
+        """Usage statistics; includes the original tool's keys.
+
+        Redis mode: the workers' exact fleet-wide counters (O(1)); embedded: this client's
+        request count and a scan of the file tree. `client` holds this process's counters.
+        """
+        local = self._local_statistics()
+        if self._redis is not None:
+            try:
+                stats = read_statistics_sync(self._sync_client(), self.keys)
+            except redis.RedisError as exc:
+                stats = {"total_requests": None, "redis_error": f"{type(exc).__name__}: {exc}"}
+        else:
+            stats = file_statistics(self.log_dir, count_records=False)
+            stats["total_requests"] = self.total_requests
+        return self._finish_statistics(stats, local)
+
+    async def aget_statistics(self) -> dict[str, Any]:
+        """`get_statistics` without blocking the event loop on Redis."""
+        local = self._local_statistics()
+        if self._redis is None:
+            return await asyncio.to_thread(self.get_statistics)
+        try:
+            stats = await read_statistics(self._redis, self.keys)
+        except redis.RedisError as exc:
+            stats = {"total_requests": None, "redis_error": f"{type(exc).__name__}: {exc}"}
+        return self._finish_statistics(stats, local)
+
+    def _finish_statistics(self, stats: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
+        stats["logging_enabled"] = self.enable_file_logging
+        stats.setdefault("log_directory", self.log_dir)
+        if stats.get("log_directory") is None:
+            stats["log_directory"] = self.log_dir
+        stats.setdefault("log_files_count", 0)
+        stats.setdefault("total_log_size_mb", 0.0)
+        stats["client"] = local
+        return stats
+
+    def _sync_client(self) -> redis.Redis:
+        if self._sync_redis is None:
+            if self.redis_url:
+                self._sync_redis = redis.Redis.from_url(
+                    self.redis_url, socket_timeout=2, socket_connect_timeout=2
+                )
+            else:
+                assert self._redis is not None
+                kwargs = self._redis.connection_pool.connection_kwargs
+                allowed = ("host", "port", "db", "username", "password", "path")
+                self._sync_redis = redis.Redis(
+                    **{k: kwargs[k] for k in allowed if k in kwargs},
+                    socket_timeout=2,
+                    socket_connect_timeout=2,
+                )
+        return self._sync_redis
+
+
+def _collect(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+class _Call:
+    """What one call knows for its record; `log` builds and submits it exactly once."""
+
+    __slots__ = (
+        "client",
+        "endpoint",
+        "metadata",
+        "model",
+        "now",
+        "params",
+        "payload",
+        "payload_key",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        client: VLLMMiddleware,
+        endpoint: str,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        now: datetime,
+        request_id: str,
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.payload_key = payload_key
+        self.payload = payload
+        self.model = model
+        self.params = params
+        self.metadata = metadata
+        self.now = now
+        self.request_id = request_id
+
+    def log(
+        self,
+        started: float,
+        *,
+        response: Any = None,
+        error: APIError | InvalidRequestError | None = None,
+        status_code: int | None = None,
+        stream: bool = False,
+        ttft_ms: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        client = self.client
+        model = self.model
+        if model is None and isinstance(response, dict):
+            model = response.get("model")
+        metadata = client.metadata
+        if self.metadata:
+            metadata = {**metadata, **self.metadata}
+        timestamp = self.now.isoformat()
+        record: dict[str, Any] = {
+            "timestamp": timestamp,
+            "request_id": self.request_id,
+            "model": model,
+            self.payload_key: self.payload,
+            "response": response,
+            "parameters": self.params,
+            "latency_ms": latency_ms,
+            "error": None if error is None else str(error),
+            "metadata": metadata,
+            "schema_version": SCHEMA_VERSION,
+            "host": client.host,
+            "endpoint": self.endpoint,
+            "status_code": status_code,
+            "usage": response.get("usage") if isinstance(response, dict) else None,
+            "stream": stream,
+            "ttft_ms": ttft_ms,
+        }
+        if error is not None:
+            record["error_detail"] = error_details(error)
+        if extra:
+            record.update(extra)
+        client._submit(record, timestamp[:10], error is not None)

@@ -1,0 +1,270 @@
+"""The partitioned sink: `log_dir/date=YYYY-MM-DD/host=NAME/<owner>-<n>.jsonl`.
+
+One `PartitionWriter` per process owns its files (several writers appending to one file would
+interleave lines). Writes are whole batches of whole lines: a batch is planned first (which file,
+at which offset), then appended with one `write` per file and made durable with `fsync`. A
+failed write truncates the file back to where the batch started, so a file never keeps a torn
+or partial batch that a retry would then duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+from ._exceptions import ConfigurationError
+from ._record import RecordEntry
+
+__all__ = [
+    "BatchPlan",
+    "PartitionWriter",
+    "WriteResult",
+    "is_valid_date",
+    "partition_dir",
+    "sanitize_partition_value",
+]
+
+LogFormat = Literal["jsonl", "json"]
+
+_DATE_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_VALUE_LEN = 64
+
+
+def is_valid_date(value: str) -> bool:
+    return bool(_DATE_RE.match(value))
+
+
+def sanitize_partition_value(value: str) -> str:
+    """Make a partition value safe as one path component inside `log_dir`.
+
+    Anything outside `[A-Za-z0-9._-]` becomes `_`; leading dots are replaced so the result is
+    never `.`, `..` or hidden; long values are cut and suffixed with a hash so two long names
+    stay distinct.
+    """
+    cleaned = _UNSAFE.sub("_", value)
+    cleaned = re.sub(r"^\.+", lambda m: "_" * len(m.group()), cleaned)
+    if len(cleaned) > _MAX_VALUE_LEN:
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        cleaned = f"{cleaned[: _MAX_VALUE_LEN - 13]}-{digest}"
+    return cleaned or "unknown"
+
+
+def partition_dir(log_dir: Path, date: str, host: str) -> Path:
+    if not is_valid_date(date):
+        raise ConfigurationError(f"invalid partition date {date!r} (expected YYYY-MM-DD)")
+    return log_dir / f"date={date}" / f"host={sanitize_partition_value(host)}"
+
+
+@dataclass(frozen=True)
+class _Part:
+    key: tuple[str, str]  # (date, sanitized host)
+    path: Path
+    offset: int  # file size before this batch: where a rollback or a recovery truncates to
+    data: bytes
+
+
+@dataclass
+class _OpenFile:
+    path: Path
+    fd: int
+    size: int
+
+
+@dataclass
+class BatchPlan:
+    """Where each part of a batch goes: one `_Part` per file touched."""
+
+    parts: list[_Part] = field(default_factory=list)
+    records: int = 0
+    errors: int = 0
+    new_files: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(part.data) for part in self.parts)
+
+
+@dataclass
+class WriteResult:
+    records: int
+    errors: int
+    nbytes: int
+    new_files: int
+    by_partition: dict[tuple[str, str], int]
+
+
+class PartitionWriter:
+    """Appends batches of encoded records to this owner's files, rotating them by size.
+
+    Not thread-safe: call it from one thread at a time (the worker and the embedded sink each
+    run it in one executor thread, off the event loop).
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        owner: str,
+        *,
+        max_bytes: int = 100 * 1024 * 1024,
+        log_format: LogFormat = "jsonl",
+        fsync: bool = True,
+    ) -> None:
+        if log_format not in ("jsonl", "json"):
+            raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
+        if max_bytes <= 0:
+            raise ConfigurationError("max_bytes must be positive")
+        self.log_dir = Path(log_dir)
+        self.owner = sanitize_partition_value(owner)
+        self.max_bytes = max_bytes
+        self.log_format = log_format
+        self.fsync = fsync
+        self._suffix = ".jsonl" if log_format == "jsonl" else ".json"
+        self._files: dict[tuple[str, str], _OpenFile] = {}
+
+    # -- planning ---------------------------------------------------------------------------
+    def _encode_line(self, data: bytes) -> bytes:
+        if self.log_format == "jsonl":
+            return data + b"\n"
+        # "json": each record pretty-printed, one after another; a record ends with a line
+        # holding only "}", which is how readers find record boundaries and torn tails.
+        return orjson.dumps(orjson.loads(data), option=orjson.OPT_INDENT_2) + b"\n"
+
+    def plan(self, entries: Iterable[RecordEntry]) -> BatchPlan:
+        """Decide files and offsets for a batch without writing anything."""
+        grouped: dict[tuple[str, str], list[bytes]] = {}
+        plan = BatchPlan()
+        for entry in entries:
+            key = (entry.date, sanitize_partition_value(entry.host))
+            grouped.setdefault(key, []).append(self._encode_line(entry.data))
+            plan.records += 1
+            plan.errors += entry.is_error
+        for key, lines in grouped.items():
+            current = self._files.get(key)
+            path = current.path if current else None
+            start = size = current.size if current else 0
+            chunk: list[bytes] = []
+            for line in lines:
+                if path is None or (size > 0 and size + len(line) > self.max_bytes):
+                    if chunk and path is not None:
+                        plan.parts.append(_Part(key, path, start, b"".join(chunk)))
+                    path = self._next_path(key, after=path)
+                    plan.new_files += 1
+                    chunk, start, size = [], 0, 0
+                chunk.append(line)
+                size += len(line)
+            if chunk and path is not None:
+                plan.parts.append(_Part(key, path, start, b"".join(chunk)))
+        return plan
+
+    def _next_path(self, key: tuple[str, str], after: Path | None) -> Path:
+        directory = partition_dir(self.log_dir, key[0], key[1])
+        seq = 1
+        if after is not None:
+            seq = int(after.stem.rsplit("-", 1)[1]) + 1
+        while True:
+            candidate = directory / f"{self.owner}-{seq:06d}{self._suffix}"
+            if not candidate.exists():
+                return candidate
+            seq += 1
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, plan: BatchPlan) -> None:
+        """Append the planned parts and make them durable; on error, undo this batch's bytes."""
+        done: list[tuple[_OpenFile, int]] = []
+        try:
+            for part in plan.parts:
+                handle = self._handle(part)
+                done.append((handle, part.offset))
+                view = memoryview(part.data)
+                while view:
+                    written = os.write(handle.fd, view)
+                    view = view[written:]
+                handle.size = part.offset + len(part.data)
+            if self.fsync:
+                for handle, _ in done:
+                    if handle.fd >= 0:  # a file rotated away mid-batch was synced on close
+                        os.fsync(handle.fd)
+        except BaseException:
+            for handle, offset in done:
+                self._rollback(handle, offset)
+            raise
+
+    def write_batch(self, entries: Sequence[RecordEntry]) -> WriteResult:
+        plan = self.plan(entries)
+        self.write(plan)
+        by_partition: dict[tuple[str, str], int] = {}
+        for entry in entries:
+            key = (entry.date, entry.host)
+            by_partition[key] = by_partition.get(key, 0) + 1
+        return WriteResult(plan.records, plan.errors, plan.nbytes, plan.new_files, by_partition)
+
+    def _handle(self, part: _Part) -> _OpenFile:
+        key, path, offset = part.key, part.path, part.offset
+        current = self._files.get(key)
+        if current is not None and current.path == path:
+            return current
+        if current is not None:
+            if self.fsync:
+                os.fsync(current.fd)
+            self._forget(current)
+        new_dir = not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o644)
+        handle = _OpenFile(path, fd, os.fstat(fd).st_size)
+        if handle.size != offset:
+            # Only a crashed predecessor leaves a file at an unexpected size; trust the plan.
+            os.ftruncate(fd, offset)
+            handle.size = offset
+        self._files[key] = handle
+        if self.fsync:
+            # A new file's directory entry must be durable too, or a crash can lose the file.
+            _fsync_dir(path.parent)
+            if new_dir:
+                _fsync_dir(path.parent.parent)
+                _fsync_dir(self.log_dir)
+        return handle
+
+    def _rollback(self, handle: _OpenFile, offset: int) -> None:
+        try:
+            if handle.fd >= 0:
+                os.ftruncate(handle.fd, offset)
+                handle.size = offset
+            else:
+                os.truncate(handle.path, offset)
+        except OSError:
+            # The file is now in an unknown state: forget it so the next batch starts a new one.
+            self._forget(handle)
+
+    def _forget(self, handle: _OpenFile) -> None:
+        for key, current in list(self._files.items()):
+            if current is handle:
+                del self._files[key]
+        if handle.fd >= 0:
+            fd, handle.fd = handle.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        for handle in list(self._files.values()):
+            self._forget(handle)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,185 @@
+"""The record contract: what one logged request looks like, how it is named and encoded.
+
+Records are built as plain dicts and encoded once with orjson on the request path; the encoded
+bytes travel unchanged through the buffer, the Redis stream and the worker into the files.
+`LogRecord` is the read side: a light attribute view over a parsed line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+import orjson
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "LogRecord",
+    "RecordEntry",
+    "default_host",
+    "encode_record",
+    "new_request_id",
+    "utc_now",
+]
+
+#: Version of the record layout; bump it when a field changes meaning.
+SCHEMA_VERSION = 2  # 1 was the original single-process tool's layout
+
+_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+class RecordEntry(NamedTuple):
+    """An encoded record with the partition keys beside it, so no later stage re-parses it."""
+
+    date: str  # UTC date of the record, YYYY-MM-DD
+    host: str  # unsanitized; sanitized where it becomes a path
+    is_error: bool
+    data: bytes  # one JSON object, no trailing newline
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def default_host() -> str:
+    return os.environ.get("VLLM_MW_HOST") or socket.gethostname() or "unknown"
+
+
+class _IdSource:
+    """Process-unique request ids: a random token per process plus a counter.
+
+    The token is renewed in forked children so pre-fork and post-fork processes never collide;
+    the token makes ids unique across hosts without coordination.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.token = os.urandom(5).hex()
+        self.counter = itertools.count(1)
+
+    def next_id(self, now: datetime) -> str:
+        return f"req_{now:%Y%m%d_%H%M%S}_{self.token}_{next(self.counter)}"
+
+
+_ids = _IdSource()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.reset)
+
+
+def new_request_id(now: datetime | None = None) -> str:
+    """A `req_YYYYMMDD_HHMMSS_<token>_<n>` id, unique across hosts and processes."""
+    return _ids.next_id(now or utc_now())
+
+
+def _default(obj: Any) -> Any:
+    # Callers may pass pydantic models, sets, bytes... as parameters or metadata: logging must
+    # record something rather than fail.
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", "replace")
+    return repr(obj)
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """Encode a record dict as compact JSON bytes (never raises for odd values)."""
+    return orjson.dumps(record, default=_default, option=_ORJSON_OPTS)
+
+
+class LogRecord(Mapping[str, Any]):
+    """One logged request as read back from the files.
+
+    Attribute access (`r.error`, `r.latency_ms`) as in the original tool, plus mapping access
+    (`r["usage"]`, `dict(r)`). Fields a record lacks read as None, so old and new schema
+    versions can be analysed with the same code.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._data.get(name)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"LogRecord(request_id={self._data.get('request_id')!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LogRecord):
+            return self._data == other._data
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a plain dict (the parsed line itself, not a copy)."""
+        return self._data
+
+    # Typed accessors for the contract's fields, for type checkers and editors.
+    @property
+    def timestamp(self) -> str | None:
+        return self._data.get("timestamp")
+
+    @property
+    def request_id(self) -> str | None:
+        return self._data.get("request_id")
+
+    @property
+    def model(self) -> str | None:
+        return self._data.get("model")
+
+    @property
+    def messages(self) -> list[Any] | None:
+        return self._data.get("messages")
+
+    @property
+    def prompt(self) -> Any:
+        return self._data.get("prompt")
+
+    @property
+    def response(self) -> dict[str, Any] | None:
+        return self._data.get("response")
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return self._data.get("parameters") or {}
+
+    @property
+    def latency_ms(self) -> float | None:
+        return self._data.get("latency_ms")
+
+    @property
+    def error(self) -> str | None:
+        return self._data.get("error")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._data.get("metadata") or {}
+
+    @property
+    def host(self) -> str | None:
+        return self._data.get("host")
+
+    @property
+    def status_code(self) -> int | None:
+        return self._data.get("status_code")

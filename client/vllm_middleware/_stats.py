@@ -1,0 +1,159 @@
+"""Statistics: exact counters kept in Redis by the workers, or a scan of the files when embedded."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from ._keys import StreamKeys
+from ._reader import iter_log_files, iter_logs
+
+__all__ = [
+    "get_statistics",
+    "read_statistics",
+    "read_statistics_sync",
+    "scan_log_tree",
+]
+
+_MB = 1024 * 1024
+
+
+def _as_int(raw: Mapping[str, str], key: str) -> int:
+    try:
+        return int(raw.get(key, 0))
+    except ValueError:
+        return 0
+
+
+def _prefixed(raw: Mapping[str, str], prefix: str) -> dict[str, int]:
+    return {k[len(prefix) :]: int(v) for k, v in sorted(raw.items()) if k.startswith(prefix)}
+
+
+def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else str(k)): (
+            v.decode() if isinstance(v, bytes) else str(v)
+        )
+        for k, v in raw.items()
+    }
+
+
+def build_redis_statistics(
+    raw_hash: Mapping[Any, Any], stream_length: int, groups: list[Any]
+) -> dict[str, Any]:
+    raw = _decode(raw_hash)
+    pending = lag = 0
+    for group in groups:
+        info = _decode(group) if isinstance(group, Mapping) else {}
+        pending += int(info.get("pending", 0) or 0)
+        lag += int(info.get("lag", 0) or 0) if info.get("lag") not in (None, "None") else 0
+    return {
+        "total_requests": _as_int(raw, "requests"),
+        "log_directory": raw.get("log_dir"),
+        "logging_enabled": True,
+        "log_files_count": _as_int(raw, "files_count"),
+        "total_log_size_mb": round(_as_int(raw, "size_bytes") / _MB, 3),
+        "mode": "redis",
+        "total_errors": _as_int(raw, "errors"),
+        "bytes_written": _as_int(raw, "bytes"),
+        "files_created": _as_int(raw, "files_created"),
+        "dropped_records": _as_int(raw, "dropped"),
+        "dead_letters": _as_int(raw, "dead_letters"),
+        "duplicates_skipped": _as_int(raw, "duplicates_skipped"),
+        "files_scanned_at": raw.get("scanned_at"),
+        "stream_length": stream_length,
+        "pending": pending,
+        "lag": lag,
+        "by_date": _prefixed(raw, "requests:date:"),
+        "by_host": _prefixed(raw, "requests:host:"),
+    }
+
+
+def read_statistics_sync(client: redis.Redis, keys: StreamKeys) -> dict[str, Any]:
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.stats)
+    pipe.xlen(keys.stream)
+    raw_hash, length = pipe.execute()
+    try:
+        groups = client.xinfo_groups(keys.stream)
+    except redis.ResponseError:  # no stream yet
+        groups = []
+    return build_redis_statistics(raw_hash, int(length), list(groups))
+
+
+async def read_statistics(client: aioredis.Redis, keys: StreamKeys) -> dict[str, Any]:
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.stats)
+    pipe.xlen(keys.stream)
+    raw_hash, length = await pipe.execute()
+    try:
+        groups: Any = await client.xinfo_groups(keys.stream)
+    except redis.ResponseError:
+        groups = []
+    return build_redis_statistics(raw_hash, int(length), list(groups))
+
+
+def scan_log_tree(log_dir: str | os.PathLike[str]) -> tuple[int, int]:
+    """(number of log files, total bytes) under `log_dir`; (0, 0) if it does not exist yet."""
+    if not Path(log_dir).is_dir():
+        return 0, 0
+    count = size = 0
+    for path in iter_log_files(log_dir):
+        try:
+            size += path.stat().st_size
+        except FileNotFoundError:  # removed by retention between listing and stat
+            continue
+        count += 1
+    return count, size
+
+
+def file_statistics(log_dir: str | os.PathLike[str], *, count_records: bool) -> dict[str, Any]:
+    count, size = scan_log_tree(log_dir)
+    stats: dict[str, Any] = {
+        "total_requests": None,
+        "log_directory": str(log_dir),
+        "logging_enabled": True,
+        "log_files_count": count,
+        "total_log_size_mb": round(size / _MB, 3),
+        "mode": "embedded",
+    }
+    if count_records and count:
+        total = errors = 0
+        for record in iter_logs(log_dir):
+            total += 1
+            errors += record.get("error") is not None
+        stats.update(total_requests=total, total_errors=errors)
+    elif count_records:
+        stats.update(total_requests=0, total_errors=0)
+    return stats
+
+
+def get_statistics(
+    redis_url: str | None = None,
+    *,
+    log_dir: str | os.PathLike[str] | None = None,
+    stream: str = "vllm:logs",
+) -> dict[str, Any]:
+    """Pipeline statistics for ops scripts.
+
+    With a Redis URL (argument or `VLLM_MW_REDIS_URL`): the workers' exact counters, O(1).
+    Without one: a scan of `log_dir` (default `VLLM_MW_LOG_DIR` or `./logs/vllm`), which counts
+    the records in the files.
+    """
+    url = redis_url or os.environ.get("VLLM_MW_REDIS_URL")
+    if url:
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            stats = read_statistics_sync(client, StreamKeys(stream))
+        finally:
+            client.close()
+        if log_dir is not None and stats["log_directory"] is None:
+            stats["log_directory"] = str(log_dir)
+        return stats
+    directory = log_dir or os.environ.get("VLLM_MW_LOG_DIR") or "./logs/vllm"
+    return file_statistics(directory, count_records=True)

@@ -1,0 +1,472 @@
+"""Turns one request body into what the fake vLLM server will send back.
+
+Validation runs in the order vLLM runs it (model, schema, limits) and raises
+:class:`FakeHTTPError`; success yields a :class:`Prepared` holding either the full body or the
+list of stream events, so the HTTP layer only has to write bytes and sleep.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._fake_text import (
+    REASONING_TEXT,
+    Chunker,
+    Triggers,
+    content_text,
+    count_tokens,
+    fake_reply,
+    fake_tool_arguments,
+    mentions_weather,
+    parse_triggers,
+    split_text,
+    tool_name,
+)
+from ._fake_wire import (
+    ChoicePlan,
+    ErrorShape,
+    Flavor,
+    ToolCallPlan,
+    Wire,
+    api_error,
+    dumps,
+    midstream_error_event,
+    validation_error,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The server configuration, read once per request."""
+
+    flavor: Flavor
+    model: str
+    error_shape: ErrorShape
+    max_model_len: int
+    reasoning: bool
+    chunker: Chunker | None
+    first_token_delay: float
+    token_delay: float
+    merge_tool_name_delta: bool
+
+    @property
+    def new(self) -> bool:
+        return self.flavor == "v0.33"
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Send:
+    payload: bytes
+    tag: str  # role | content | finish | usage | error | done
+
+
+@dataclass(frozen=True)
+class Drop:
+    pass
+
+
+Event = Sleep | Send | Drop
+
+DONE = Send(b"data: [DONE]\n\n", "done")
+
+
+@dataclass
+class Prepared:
+    stream: bool
+    triggers: Triggers
+    body: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+    delay: float = 0.0
+
+
+def _sse(obj: Any, tag: str) -> Send:
+    return Send(b"data: " + dumps(obj) + b"\n\n", tag)
+
+
+def _check_model(s: Settings, body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        return s.model
+    if model != s.model:
+        if s.new:
+            message = f"The model `{model}` does not exist. Valid aliases: {s.model}."
+            raise api_error(s.error_shape, 404, "NotFoundError", message, "model")
+        raise api_error(s.error_shape, 404, "NotFoundError", f"The model `{model}` does not exist.")
+    return s.model
+
+
+def _response_id(
+    s: Settings, prefix: str, headers: Mapping[str, str], body: Mapping[str, Any]
+) -> str:
+    header_id = headers.get("x-request-id")
+    if header_id:
+        return prefix + header_id
+    body_id = body.get("request_id")
+    if isinstance(body_id, str) and body_id:
+        return prefix + body_id
+    return prefix + secrets.token_hex(8 if s.new else 16)
+
+
+def _stream_flags(s: Settings, body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    stream = bool(body.get("stream") or False)
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise validation_error(
+            s.flavor,
+            s.error_shape,
+            "Value error, Stream options can only be defined when `stream=True`.",
+            "body",
+        )
+    if not stream or not isinstance(options, Mapping):
+        return stream, False, False
+    include_usage = options.get("include_usage")
+    if include_usage is None:
+        include_usage = not s.new  # the default flipped from True (v0.10) to False (v0.33)
+    continuous = bool(include_usage) and bool(options.get("continuous_usage_stats") or False)
+    return stream, bool(include_usage), continuous
+
+
+def _int_field(s: Settings, body: Mapping[str, Any], key: str, default: int | None) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        message = f"Input should be a valid non-negative integer: {key}"
+        raise validation_error(s.flavor, s.error_shape, message, f"body.{key}")
+    return value
+
+
+def _n(s: Settings, body: Mapping[str, Any]) -> int:
+    n = _int_field(s, body, "n", 1)
+    if n is None:
+        return 1
+    if n < 1:
+        raise validation_error(s.flavor, s.error_shape, "n must be at least 1", "body.n")
+    return n
+
+
+def _max_tokens(s: Settings, requested: int | None, prompt_tokens: int, what: str) -> int:
+    limit = s.max_model_len
+    if prompt_tokens > limit:
+        if s.new:
+            message = (
+                f"This model's maximum context length is {limit} tokens. However, your prompt "
+                f"contains {prompt_tokens} input tokens, which exceeds this limit even without "
+                "any output tokens. Please reduce the length of the input prompt."
+            )
+            raise api_error(s.error_shape, 400, "BadRequestError", message, "input_tokens")
+        message = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens} tokens in the {what}, Please reduce the length of the {what}."
+        )
+        raise api_error(s.error_shape, 400, "BadRequestError", message)
+    if requested is None:
+        return limit - prompt_tokens
+    if s.new and requested > limit:
+        message = (
+            f"max_tokens={requested} cannot be greater than max_model_len={limit}. "
+            "Please request fewer output tokens."
+        )
+        raise api_error(s.error_shape, 400, "BadRequestError", message, "max_tokens")
+    if requested + prompt_tokens > limit:
+        if s.new:
+            return limit - prompt_tokens  # v0.33 clamps silently
+        message = (
+            f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
+            f"maximum context length is {limit} tokens and your request has {prompt_tokens} "
+            f"input tokens ({requested} > {limit} - {prompt_tokens})."
+        )
+        raise api_error(s.error_shape, 400, "BadRequestError", message)
+    return requested
+
+
+def _tools(s: Settings, body: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], Any]:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is not None and (not isinstance(tools, list) or not tools):
+        raise validation_error(
+            s.flavor, s.error_shape, "Value error, `tools` must be a non-empty list.", "body.tools"
+        )
+    valid = [tool for tool in tools or [] if isinstance(tool, Mapping)]
+    if choice in (None, "none", "auto"):
+        return valid, choice
+    if choice == "required" or isinstance(choice, Mapping):
+        if not valid:
+            raise validation_error(
+                s.flavor, s.error_shape,
+                "Value error, When using `tool_choice`, `tools` must be set.", "body",
+            )
+        if isinstance(choice, Mapping):
+            function = choice.get("function")
+            wanted = function.get("name") if isinstance(function, Mapping) else None
+            if not any(tool_name(tool) == wanted for tool in valid):
+                raise validation_error(
+                    s.flavor, s.error_shape,
+                    "Value error, The tool specified in `tool_choice` does not match any of "
+                    "the specified `tools`",
+                    "body",
+                )
+        return valid, choice
+    raise validation_error(
+        s.flavor, s.error_shape, f"Invalid tool_choice: {choice!r}", "body.tool_choice"
+    )
+
+
+def _pick_tool(
+    tools: list[Mapping[str, Any]], choice: Any, last_role: Any, text: str
+) -> Mapping[str, Any] | None:
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        wanted = function.get("name") if isinstance(function, Mapping) else None
+        return next(tool for tool in tools if tool_name(tool) == wanted)
+    if choice == "required":
+        return tools[0]
+    # "auto": only answer a user turn, so a conversation ending in a tool result gets text.
+    if last_role == "user" and mentions_weather(text):
+        return tools[0]
+    return None
+
+
+def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str]) -> Prepared:
+    model = _check_model(s, body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(message, Mapping) for message in messages
+    ):
+        raise validation_error(
+            s.flavor, s.error_shape, "Field required: messages", "body.messages"
+        )
+    stream, include_usage, continuous = _stream_flags(s, body)
+    n = _n(s, body)
+    tools, tool_choice = _tools(s, body)
+    requested = _int_field(s, body, "max_completion_tokens", None)
+    if requested is None:
+        requested = _int_field(s, body, "max_tokens", None)
+    prompt_tokens = sum(count_tokens(content_text(m.get("content"))) for m in messages)
+    max_tokens = _max_tokens(s, requested, prompt_tokens, "messages")
+    text = next(
+        (content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
+        "",
+    )
+    tool = _pick_tool(tools, tool_choice, messages[-1].get("role"), text)
+    choices = []
+    for index in range(n):
+        if tool is None:
+            reply = fake_reply(text, index=index, max_tokens=max_tokens, reasoning=s.reasoning)
+            choices.append(
+                ChoicePlan(
+                    index, reply.content, reply.reasoning, reply.finish_reason,
+                    reply.completion_tokens,
+                )
+            )
+            continue
+        name = tool_name(tool)
+        arguments = fake_tool_arguments(tool, text)
+        reasoning = REASONING_TEXT if s.reasoning else None
+        tokens = count_tokens(reasoning or "") + count_tokens(name) + count_tokens(arguments)
+        call_id = "chatcmpl-tool-" + secrets.token_hex(8 if s.new else 16)
+        call = ToolCallPlan(call_id, name, arguments)
+        choices.append(ChoicePlan(index, "", reasoning, "tool_calls", tokens, call))
+    wire = Wire(
+        s.flavor, _response_id(s, "chatcmpl-", headers, body), _now(), model, True,
+        prompt_tokens, s.reasoning,
+    )
+    return _finish(s, wire, choices, parse_triggers(text), stream, include_usage, continuous)
+
+
+def prepare_completion(
+    s: Settings, body: Mapping[str, Any], headers: Mapping[str, str]
+) -> Prepared:
+    model = _check_model(s, body)
+    prompts = _prompts(s, body.get("prompt"))
+    stream, include_usage, continuous = _stream_flags(s, body)
+    if stream and body.get("use_beam_search"):
+        raise validation_error(
+            s.flavor, s.error_shape,
+            "Value error, Streaming is not currently supported with beam search", "body",
+        )
+    n = _n(s, body)
+    # Completions default to 16 tokens when max_tokens is absent; an explicit null means "up to
+    # the context limit".
+    requested = _int_field(s, body, "max_tokens", 16)
+    choices = []
+    for prompt_index, (text, prompt_tokens) in enumerate(prompts):
+        max_tokens = _max_tokens(s, requested, prompt_tokens, "prompt")
+        for variant in range(n):
+            reply = fake_reply(text, index=variant, max_tokens=max_tokens)
+            choices.append(
+                ChoicePlan(
+                    variant + prompt_index * n, reply.content, None, reply.finish_reason,
+                    reply.completion_tokens,
+                )
+            )
+    wire = Wire(
+        s.flavor, _response_id(s, "cmpl-", headers, body), _now(), model, False,
+        sum(tokens for _, tokens in prompts),
+    )
+    triggers = parse_triggers(" ".join(text for text, _ in prompts))
+    return _finish(s, wire, choices, triggers, stream, include_usage, continuous)
+
+
+def _prompts(s: Settings, prompt: Any) -> list[tuple[str, int]]:
+    def is_ids(value: Any) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(item, int) and not isinstance(item, bool) for item in value
+        )
+
+    prompts: list[tuple[str, int]] | None = None
+    if isinstance(prompt, str):
+        prompts = [(prompt, count_tokens(prompt))]
+    elif isinstance(prompt, list) and prompt:
+        if all(isinstance(item, str) for item in prompt):
+            prompts = [(item, count_tokens(item)) for item in prompt]
+        elif is_ids(prompt):
+            prompts = [(" ".join(map(str, prompt)), len(prompt))]
+        elif all(is_ids(item) and item for item in prompt):
+            prompts = [(" ".join(map(str, item)), len(item)) for item in prompt]
+    if not prompts:
+        raise validation_error(
+            s.flavor, s.error_shape,
+            "Value error, Either prompt or prompt_embeds must be provided and non-empty.",
+            "body.prompt",
+        )
+    return prompts
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _finish(
+    s: Settings, wire: Wire, choices: list[ChoicePlan], triggers: Triggers, stream: bool,
+    include_usage: bool, continuous: bool,
+) -> Prepared:
+    first_delay = s.first_token_delay + triggers.slow
+    if not stream:
+        body = wire.chat_body(choices) if wire.chat else wire.completion_body(choices)
+        longest = max(len(split_text(s.chunker, c.content or "")) for c in choices)
+        delay = first_delay + s.token_delay * max(0, longest - 1)
+        return Prepared(False, triggers, body=body, delay=delay)
+    events: list[Event] = []
+    if first_delay > 0:
+        events.append(Sleep(first_delay))
+    queues: list[deque[Send]] = []
+    for choice in choices:
+        if wire.chat:
+            usage = wire.running_usage(0) if continuous else None
+            events.append(_sse(wire.role_chunk(choice.index, usage), "role"))
+            queues.append(deque(_chat_items(s, wire, choice, include_usage, continuous)))
+        else:
+            queues.append(deque(_text_items(s, wire, choice, continuous)))
+    first_round = True
+    while any(queues):
+        if not first_round and s.token_delay > 0:
+            events.append(Sleep(s.token_delay))
+        first_round = False
+        # One chunk per choice per round interleaves n>1 choices the way vLLM does.
+        events.extend(queue.popleft() for queue in queues if queue)
+    if include_usage:
+        events.append(_sse(wire.usage_chunk(choices), "usage"))
+    if triggers.midstream_error or triggers.drop:
+        events = _cut_midway(events)
+        if triggers.drop:
+            events.append(Drop())
+        else:
+            event = midstream_error_event(s.flavor, s.error_shape)
+            events.append(Send(b"data: " + event + b"\n\n", "error"))
+            events.append(DONE)
+    else:
+        events.append(DONE)
+    return Prepared(True, triggers, events=events)
+
+
+def _cut_midway(events: list[Event]) -> list[Event]:
+    """Keep the role chunks and about half of the content chunks."""
+    content = [i for i, e in enumerate(events) if isinstance(e, Send) and e.tag == "content"]
+    if content:
+        return events[: content[max(1, len(content) // 2) - 1] + 1]
+    cut = next(
+        (i for i, e in enumerate(events) if isinstance(e, Send) and e.tag != "role"), len(events)
+    )
+    return events[:cut]
+
+
+def _chat_items(
+    s: Settings, wire: Wire, choice: ChoicePlan, include_usage: bool, continuous: bool
+) -> list[Send]:
+    def usage(tokens: int) -> dict[str, Any] | None:
+        return wire.running_usage(tokens) if continuous else None
+
+    items: list[Send] = []
+    index = choice.index
+    base = 0
+    if choice.reasoning:
+        key = "reasoning" if s.new else "reasoning_content"
+        so_far = ""
+        for piece in split_text(s.chunker, choice.reasoning):
+            so_far += piece
+            chunk = wire.delta_chunk(index, {key: piece}, usage(count_tokens(so_far)))
+            items.append(_sse(chunk, "content"))
+        base = count_tokens(choice.reasoning)
+    call = choice.tool_call
+    if call is not None:
+        # v0.33 sends an explicit null content on tool deltas; v0.10.2 leaves the key out.
+        lead: dict[str, Any] = {"content": None} if s.new else {}
+        name_entry: dict[str, Any] = {
+            "id": call.call_id, "type": "function", "index": 0, "function": {"name": call.name},
+        }
+        fragments = split_text(s.chunker, call.arguments)
+        base += count_tokens(call.name)
+        so_far = ""
+        if s.merge_tool_name_delta and fragments:
+            so_far = fragments.pop(0)
+            entries = [name_entry, {"index": 0, "function": {"arguments": so_far}}]
+        else:
+            entries = [name_entry]
+        delta: dict[str, Any] = {**lead, "tool_calls": entries}
+        tokens = base + count_tokens(so_far)
+        items.append(_sse(wire.delta_chunk(index, delta, usage(tokens)), "content"))
+        for fragment in fragments:
+            so_far += fragment
+            entry = {"index": 0, "function": {"arguments": fragment}}
+            delta = {**lead, "tool_calls": [entry]}
+            tokens = base + count_tokens(so_far)
+            items.append(_sse(wire.delta_chunk(index, delta, usage(tokens)), "content"))
+    else:
+        so_far = ""
+        for piece in split_text(s.chunker, choice.content):
+            so_far += piece
+            tokens = base + count_tokens(so_far)
+            items.append(
+                _sse(wire.delta_chunk(index, {"content": piece}, usage(tokens)), "content")
+            )
+    finish = wire.finish_chunk(
+        index, choice.finish_reason, usage(choice.completion_tokens), not include_usage
+    )
+    items.append(_sse(finish, "finish"))
+    return items
+
+
+def _text_items(s: Settings, wire: Wire, choice: ChoicePlan, continuous: bool) -> list[Send]:
+    pieces = split_text(s.chunker, choice.content) or [""]
+    items: list[Send] = []
+    so_far = ""
+    for position, piece in enumerate(pieces):
+        so_far += piece
+        last = position == len(pieces) - 1
+        usage = wire.running_usage(count_tokens(so_far)) if continuous else None
+        chunk = wire.text_chunk(choice.index, piece, choice.finish_reason if last else None, usage)
+        items.append(_sse(chunk, "finish" if last else "content"))
+    return items

@@ -1,0 +1,137 @@
+"""Taking over the entries of dead consumers, without duplicating what they already wrote.
+
+A consumer is dead when its heartbeat key has expired (the heartbeat runs in its own task, so a
+slow disk does not look like death). The recovering worker takes a lock per dead consumer,
+truncates the files named in the dead consumer's intent back to their pre-batch sizes (bytes
+that were written but never acknowledged), then claims the dead consumer's pending entries and
+writes them to its own files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from ._config import WorkerConfig
+
+if TYPE_CHECKING:
+    from ._consumer import StreamConsumer
+
+__all__ = ["Recovery"]
+
+logger = logging.getLogger("vllm_middleware_worker")
+
+_CLAIM_PAGE = 500
+_LOCK_TTL_MS = 120_000
+
+
+class Recovery:
+    def __init__(
+        self, redis: aioredis.Redis, config: WorkerConfig, consumer: StreamConsumer
+    ) -> None:
+        self.redis = redis
+        self.config = config
+        self.consumer = consumer
+        self.keys = consumer.keys
+
+    async def undo_intent(self, name: str) -> int:
+        """Truncate the files of `name`'s unacknowledged batch; returns bytes removed."""
+        raw = await self.redis.hget(self.keys.inflight, name)
+        if raw is None:
+            return 0
+        try:
+            parts = orjson.loads(raw).get("parts", [])
+        except (orjson.JSONDecodeError, AttributeError):
+            parts = []
+        removed = await asyncio.to_thread(self._truncate_parts, parts)
+        await self.redis.hdel(self.keys.inflight, name)
+        if removed:
+            logger.warning("removed %d unacknowledged bytes written by %s", removed, name)
+        return removed
+
+    def _truncate_parts(self, parts: list[Any]) -> int:
+        root = Path(self.config.log_dir).resolve()
+        removed = 0
+        for part in parts:
+            if not (isinstance(part, list) and len(part) == 2 and isinstance(part[1], int)):
+                continue
+            path = (root / str(part[0])).resolve()
+            if not path.is_relative_to(root):  # an intent must never reach outside log_dir
+                logger.error("ignored an intent naming a path outside log_dir: %s", part[0])
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                if size > part[1]:
+                    with open(path, "r+b") as handle:
+                        handle.truncate(part[1])
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    removed += size - part[1]
+        return removed
+
+    async def recover_dead_consumers(self) -> None:
+        me = self.config.consumer
+        try:
+            consumers = await self.redis.xinfo_consumers(self.keys.stream, self.keys.group)
+        except Exception as exc:  # no group yet
+            if "NOGROUP" in str(exc):
+                return
+            raise
+        for info in consumers:
+            name = _text(info["name"])
+            if name == me or await self.redis.exists(self.keys.heartbeat(name)):
+                continue
+            idle = int(info.get("pending", 0)) == 0
+            if idle and await self.redis.hget(self.keys.inflight, name) is None:
+                await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, name)
+                continue
+            await self._recover(name)
+
+    async def _recover(self, name: str) -> None:
+        lock = f"{self.keys.stream}:recovering:{name}"
+        me = self.config.consumer.encode()
+        if not await self.redis.set(lock, me, nx=True, px=_LOCK_TTL_MS):
+            return  # another worker is on it
+        try:
+            await self.undo_intent(name)
+            moved = 0
+            while True:
+                pending = await self.redis.xpending_range(
+                    self.keys.stream, self.keys.group, "-", "+", _CLAIM_PAGE, consumername=name
+                )
+                if not pending:
+                    break
+                ids = [p["message_id"] for p in pending]
+                too_often = {
+                    p["message_id"]: f"delivered {p['times_delivered']} times"
+                    for p in pending
+                    if p["times_delivered"] >= self.config.max_deliveries
+                }
+                claimed = await self.redis.xclaim(
+                    self.keys.stream, self.keys.group, self.config.consumer, 0, ids
+                )
+                entries = [(entry_id, fields) for entry_id, fields in claimed]
+                found = {entry_id for entry_id, _ in entries}
+                # Entries deleted from the stream while pending come back without fields (or
+                # not at all); acknowledge them so they leave the pending list.
+                entries += [(entry_id, None) for entry_id in ids if entry_id not in found]
+                await self.consumer.process(entries, undeliverable=too_often)
+                moved += len(entries)
+                await self.redis.pexpire(lock, _LOCK_TTL_MS)
+            await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, name)
+            self.consumer.status.recovered_consumers += 1
+            logger.warning("recovered %d pending entries of dead consumer %s", moved, name)
+        finally:
+            if await self.redis.get(lock) == me:
+                await self.redis.delete(lock)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,74 @@
+"""The consumer as a service inside an arq worker: start, watch, stop.
+
+arq has no Redis Streams support, so the consumer runs as a task started in `on_startup` and
+stopped in `on_shutdown`. It gets its own Redis client (arq's pool has no socket timeout and
+does not survive reconnects). If the task ever ends unexpectedly, the process exits non-zero so
+a supervisor restarts it: a consumer must never die silently while arq's poll loop looks healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ._config import WorkerConfig
+from ._consumer import StreamConsumer
+from ._jobs import publish_file_stats
+
+__all__ = ["on_shutdown", "on_startup", "open_consumer_redis"]
+
+logger = logging.getLogger("vllm_middleware_worker")
+
+_EXIT_CONSUMER_DIED = 70
+
+
+def open_consumer_redis(config: WorkerConfig) -> aioredis.Redis:
+    # socket_timeout must exceed the XREADGROUP block, or every idle read would time out.
+    return aioredis.Redis.from_url(
+        config.redis_url,
+        socket_timeout=config.block_ms / 1000 + 10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+async def on_startup(ctx: dict[str, Any]) -> None:
+    config: WorkerConfig = ctx.get("vllm_mw_config") or WorkerConfig.from_env()
+    client = open_consumer_redis(config)
+    consumer = StreamConsumer(client, config)
+    ctx.update(vllm_mw_config=config, vllm_mw_redis=client, vllm_mw_consumer=consumer)
+    task = asyncio.create_task(consumer.run(), name="vllm-mw-consumer")
+    task.add_done_callback(_exit_if_unexpected)
+    ctx["vllm_mw_task"] = task
+    try:
+        await publish_file_stats(client, config)
+    except Exception as exc:  # Redis not up yet: the cron job will publish later
+        logger.warning("could not publish file statistics at start-up: %s", exc)
+    logger.info("consumer %s writing to %s", config.consumer, config.log_dir)
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    consumer: StreamConsumer | None = ctx.get("vllm_mw_consumer")
+    task: asyncio.Task[None] | None = ctx.get("vllm_mw_task")
+    if consumer is not None and task is not None:
+        task.remove_done_callback(_exit_if_unexpected)
+        consumer.stop()  # finishes and acknowledges the batch in hand, closes the files
+        await task
+    client: aioredis.Redis | None = ctx.get("vllm_mw_redis")
+    if client is not None:
+        await client.aclose()
+
+
+def _exit_if_unexpected(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        reason = "was cancelled"
+    elif task.exception() is not None:
+        reason = f"failed: {task.exception()!r}"
+    else:
+        reason = "returned"
+    logger.critical("the stream consumer %s; exiting so the worker is restarted", reason)
+    os._exit(_EXIT_CONSUMER_DIED)
