@@ -11,10 +11,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import httpx
 import orjson
@@ -37,12 +37,15 @@ from ._record import (
 from ._redis_sink import RedisStreamSink
 from ._shipping import Shipper, ShippingSettings
 from ._stats import file_statistics, read_statistics, read_statistics_sync
+from ._streaming import AsyncStream, StreamState
 
 __all__ = ["VLLMMiddleware"]
 
 logger = logging.getLogger("vllm_middleware")
 
 _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+_SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
+_ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
 
 
@@ -106,6 +109,7 @@ class VLLMMiddleware:
 
         self.total_requests = 0
         self.logging_errors = 0
+        self._background: set[asyncio.Task[None]] = set()
         self._sync_redis: redis.Redis | None = None
         self._redis: aioredis.Redis | None = None
         self._sink: Shipper | None = None
@@ -151,6 +155,8 @@ class VLLMMiddleware:
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush buffered records (within `timeout`) and close what this client created."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
         if self._sink is not None:
             try:
                 await self._sink.aclose(timeout)
@@ -165,6 +171,7 @@ class VLLMMiddleware:
     aclose = close
 
     # -- API --------------------------------------------------------------------------------
+    @overload
     async def chat_completion(
         self,
         messages: list[dict[str, Any]],
@@ -174,15 +181,88 @@ class VLLMMiddleware:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
         *,
+        stream: Literal[False] = False,
         metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
         **extra: Any,
-    ) -> dict[str, Any]:
-        """POST /chat/completions; returns the server's JSON. Extra vLLM fields pass through."""
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        *,
+        stream: Literal[True],
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> AsyncStream: ...
+
+    async def chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        *,
+        stream: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any] | AsyncStream:
+        """POST /chat/completions. Extra vLLM fields (top_k, structured_outputs...) pass through.
+
+        Returns the server's JSON, or with `stream=True` an `AsyncStream` of chunk dicts.
+        `headers` are sent with this call only; an `X-Request-Id` among them (or a body
+        `request_id`) is kept in the record as `client_request_id`.
+        """
         params = _collect(
             temperature=temperature, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice
         )
         params.update(extra)
-        return await self._call("chat/completions", "messages", messages, model, params, metadata)
+        if stream:
+            params["stream"] = True
+            return await self._open_stream(
+                "chat/completions", "messages", messages, model, params, metadata, headers
+            )
+        return await self._call(
+            "chat/completions", "messages", messages, model, params, metadata, headers
+        )
+
+    @overload
+    async def completions(
+        self,
+        prompt: str | list[Any],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        *,
+        stream: Literal[False] = False,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def completions(
+        self,
+        prompt: str | list[Any],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        *,
+        stream: Literal[True],
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> AsyncStream: ...
 
     async def completions(
         self,
@@ -191,13 +271,48 @@ class VLLMMiddleware:
         temperature: float | None = None,
         max_tokens: int | None = None,
         *,
+        stream: bool = False,
         metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
         **extra: Any,
-    ) -> dict[str, Any]:
-        """POST /completions; returns the server's JSON. Extra vLLM fields pass through."""
+    ) -> dict[str, Any] | AsyncStream:
+        """POST /completions; like `chat_completion` (JSON, or an `AsyncStream` when streaming)."""
         params = _collect(temperature=temperature, max_tokens=max_tokens)
         params.update(extra)
-        return await self._call("completions", "prompt", prompt, model, params, metadata)
+        if stream:
+            params["stream"] = True
+            return await self._open_stream(
+                "completions", "prompt", prompt, model, params, metadata, headers
+            )
+        return await self._call("completions", "prompt", prompt, model, params, metadata, headers)
+
+    async def models(self) -> dict[str, Any]:
+        """GET /models: the served models, as the server's JSON.
+
+        Like `health`, a control-plane call: it is not traffic and writes no record.
+        """
+        try:
+            response = await self._http.get(f"{self.base_url}/models", headers=_ACCEPT_JSON)
+        except httpx.HTTPError as exc:
+            raise exception_from_transport(exc, "models") from exc
+        if response.status_code >= 400:
+            raise exception_from_response(response, "models")
+        try:
+            return orjson.loads(response.content)  # type: ignore[no-any-return]
+        except orjson.JSONDecodeError as exc:
+            raise APIError(f"server returned invalid JSON: {exc}") from exc
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        """GET /health (at the server root, beside /v1): True when the server answers 200.
+
+        Never raises for an unreachable or failing server; writes no record.
+        """
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        try:
+            response = await self._http.get(f"{root}/health", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def _call(
         self,
@@ -207,9 +322,8 @@ class VLLMMiddleware:
         model: str | None,
         params: dict[str, Any],
         metadata: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        if params.get("stream"):
-            raise InvalidRequestError("stream=True is not supported yet by this client")
         started = time.perf_counter()
         now = utc_now()
         request_id = new_request_id(now)
@@ -219,6 +333,12 @@ class VLLMMiddleware:
             body["model"] = model
         body[payload_key] = payload
         call = _Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
+        send_headers = _JSON_HEADERS
+        if headers:
+            send_headers = {**_JSON_HEADERS, **headers}
+            call.client_request_id = _header_request_id(headers)
+        if call.client_request_id is None and "request_id" in params:
+            call.client_request_id = params["request_id"]
         try:
             content = orjson.dumps(body)
         except TypeError as exc:
@@ -226,7 +346,7 @@ class VLLMMiddleware:
             call.log(started, error=error)
             raise error from exc
         try:
-            response = await self._http.post(endpoint, content=content, headers=_JSON_HEADERS)
+            response = await self._http.post(endpoint, content=content, headers=send_headers)
         except httpx.HTTPError as exc:
             api_error = exception_from_transport(exc, request_id)
             call.log(started, error=api_error)
@@ -247,7 +367,94 @@ class VLLMMiddleware:
         call.log(started, response=result, status_code=response.status_code)
         return result  # type: ignore[no-any-return]
 
+    async def _open_stream(
+        self,
+        endpoint: _Endpoint,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+    ) -> AsyncStream:
+        started = time.perf_counter()
+        now = utc_now()
+        request_id = new_request_id(now)
+        self.total_requests += 1
+        body = dict(params)
+        # Usage is only sent when asked for; ask for it when the caller did not decide, and
+        # hide the extra chunk. `parameters` in the record stay the caller's own.
+        hide_usage = params.get("stream_options") is None
+        if hide_usage:
+            body["stream_options"] = {"include_usage": True}
+        if model is not None:
+            body["model"] = model
+        body[payload_key] = payload
+        call = _Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
+        send_headers = _SSE_HEADERS
+        if headers:
+            send_headers = {**_SSE_HEADERS, **headers}
+            call.client_request_id = _header_request_id(headers)
+        if call.client_request_id is None and "request_id" in params:
+            call.client_request_id = params["request_id"]
+        try:
+            content = orjson.dumps(body)
+        except TypeError as exc:
+            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
+            call.log(started, error=error, stream=True)
+            raise error from exc
+        request = self._http.build_request("POST", endpoint, content=content, headers=send_headers)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            api_error = exception_from_transport(exc, request_id)
+            call.log(started, error=api_error, stream=True)
+            raise api_error from exc
+        except asyncio.CancelledError:
+            cancelled = APIError("cancelled by the caller before the response")
+            call.log(started, error=cancelled, stream=True)
+            raise
+        if response.status_code >= 400:
+            await self._stream_failed(call, started, response)
+        state = StreamState(
+            call,
+            started,
+            response,
+            chat=endpoint == "chat/completions",
+            hide_usage=hide_usage,
+            spawn=self._spawn,
+        )
+        return AsyncStream(state)
+
+    async def _stream_failed(self, call: _Call, started: float, response: httpx.Response) -> None:
+        """An HTTP error before the stream started: read the error body, log, raise."""
+        failure: APIError
+        try:
+            await response.aread()
+            failure = exception_from_response(response, call.request_id)
+        except httpx.HTTPError as exc:
+            failure = exception_from_transport(exc, call.request_id)
+        except asyncio.CancelledError:
+            await response.aclose()
+            cancelled = APIError("cancelled by the caller before the response")
+            call.log(started, error=cancelled, status_code=response.status_code, stream=True)
+            raise
+        await response.aclose()
+        call.log(started, error=failure, status_code=response.status_code, stream=True)
+        raise failure
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run clean-up that cannot be awaited where it starts (a finalizer); keep a reference."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # -- logging ----------------------------------------------------------------------------
+    def _logging_failed(self, request_id: str | None) -> None:
+        self.logging_errors += 1
+        if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
+            logger.exception("could not log request %s", request_id)
+
     def _submit(self, record: dict[str, Any], date: str, is_error: bool) -> None:
         """Hand a record to the sink; never raises (a logging failure is counted instead)."""
         if self._sink is None:
@@ -255,9 +462,7 @@ class VLLMMiddleware:
         try:
             self._sink.submit(RecordEntry(date, self.host, is_error, encode_record(record)))
         except Exception:
-            self.logging_errors += 1
-            if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
-                logger.exception("could not log request %s", record.get("request_id"))
+            self._logging_failed(record.get("request_id"))
 
     # -- statistics -------------------------------------------------------------------------
     def _local_statistics(self) -> dict[str, Any]:
@@ -334,11 +539,19 @@ def _collect(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def _header_request_id(headers: Mapping[str, str]) -> str | None:
+    for name, value in headers.items():
+        if name.lower() == "x-request-id":
+            return value
+    return None
+
+
 class _Call:
     """What one call knows for its record; `log` builds and submits it exactly once."""
 
     __slots__ = (
         "client",
+        "client_request_id",
         "endpoint",
         "metadata",
         "model",
@@ -370,6 +583,7 @@ class _Call:
         self.metadata = metadata
         self.now = now
         self.request_id = request_id
+        self.client_request_id: Any = None
 
     def log(
         self,
@@ -409,6 +623,8 @@ class _Call:
             "stream": stream,
             "ttft_ms": ttft_ms,
         }
+        if self.client_request_id is not None:
+            record["client_request_id"] = self.client_request_id
         if error is not None:
             record["error_detail"] = error_details(error)
         if extra:

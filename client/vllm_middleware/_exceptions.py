@@ -57,7 +57,8 @@ class APIStatusError(APIError):
 
     Carries the fields of vLLM's error envelope, whichever shape the server used: nested
     `{"error": {...}}` (vLLM >= 0.10.1), flat `{"object": "error", ...}` (older), or the bare
-    `{"error": "Unauthorized"}` of API-key failures.
+    `{"error": "Unauthorized"}` of API-key failures. Errors that arrive inside a stream (HTTP
+    200, then `data: {"error": ...}`) are raised as the class of their `code`, with `in_stream`.
     """
 
     def __init__(
@@ -69,12 +70,16 @@ class APIStatusError(APIError):
         param: str | None = None,
         body: Any = None,
         request_id: str | None = None,
+        in_stream: bool = False,
     ) -> None:
         super().__init__(message, request_id=request_id)
         self.status_code = status_code
         self.error_type = error_type
         self.param = param
         self.body = body
+        #: True for an error event inside a stream: the HTTP status was 200 and `status_code`
+        #: is the `code` of the event
+        self.in_stream = in_stream
 
     def __str__(self) -> str:
         kind = f" {self.error_type}" if self.error_type else ""

@@ -30,7 +30,6 @@ class WorkerConfig:
     fsync: bool = True
     #: a consumer whose heartbeat is older than this is dead: its entries are recovered
     heartbeat_ttl_s: float = 30.0
-    heartbeat_interval_s: float = 5.0
     #: how often to look for dead consumers' entries
     claim_interval_s: float = 10.0
     #: deliveries after which an entry goes to the dead-letter stream
@@ -62,8 +61,8 @@ class WorkerConfig:
             raise ConfigurationError(f"log_format must be jsonl or json, not {self.log_format!r}")
         if self.batch_size <= 0 or self.block_ms <= 0 or self.max_log_size_mb <= 0:
             raise ConfigurationError("batch_size, block_ms and max_log_size_mb must be positive")
-        if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
-            raise ConfigurationError("heartbeat_interval_s must be below heartbeat_ttl_s")
+        if self.heartbeat_ttl_s <= 0:
+            raise ConfigurationError("heartbeat_ttl_s must be positive")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> WorkerConfig:
@@ -80,6 +79,11 @@ class WorkerConfig:
 
     def with_overrides(self, **overrides: Any) -> WorkerConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        # Several beats per TTL, so one late beat (a busy loop) is not taken for death.
+        return min(5.0, self.heartbeat_ttl_s / 4)
 
     @property
     def max_bytes(self) -> int:

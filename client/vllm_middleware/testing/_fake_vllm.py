@@ -18,6 +18,7 @@ import socketserver
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +34,7 @@ from ._fake_wire import (
     FakeHTTPError,
     Flavor,
     dumps,
+    error_body,
     midstream_error_event,
     triggered_error,
     unauthorized_body,
@@ -101,6 +103,7 @@ class FakeVLLMServer:
         self._requests: list[RecordedRequest] = []
         self._connections: set[socket.socket] = set()
         self._aborted_streams = 0
+        self._peak_connections = 0
         self._stop_event = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -195,6 +198,12 @@ class FakeVLLMServer:
         with self._lock:
             return len(self._connections)
 
+    @property
+    def peak_connections(self) -> int:
+        """The most connections that were open at the same time."""
+        with self._lock:
+            return self._peak_connections
+
     def clear_requests(self) -> None:
         with self._lock:
             self._requests.clear()
@@ -212,6 +221,7 @@ class FakeVLLMServer:
             if self._stop_event.is_set():
                 return None
             self._connections.add(connection)
+            self._peak_connections = max(self._peak_connections, len(self._connections))
             return self._stop_event
 
     def _unregister(self, connection: socket.socket) -> None:
@@ -393,6 +403,12 @@ class _Handler(BaseHTTPRequestHandler):
             prepared = prepare(settings, body, headers)
         except FakeHTTPError as error:
             self._json(error.status, error.payload)
+            return
+        except Exception as exc:
+            # A bug in the fake or in a test's chunker: answer 500 and keep the traceback
+            # visible instead of silently dropping the connection.
+            traceback.print_exc()
+            self._json(500, error_body(settings.error_shape, repr(exc), "InternalServerError", 500))
             return
         self._respond(settings, prepared)
 

@@ -1,0 +1,278 @@
+"""Client overhead: bare httpx vs VLLMMiddleware (Redis mode, embedded mode), same transport.
+
+Each run sends the same chat requests through one of three clients, over either an
+`httpx.MockTransport` (no network: isolates the client's own work) or real HTTP to a
+`FakeVLLMServer` running in a separate process (so its CPU is not charged to the client).
+Runs are interleaved (bare, redis, embedded, bare, ...) and repeated; the window of each run
+covers the requests and, for the middleware, waiting until every record has been shipped (Redis
+XADD done / file written and fsynced), so background flushing is charged to the client.
+
+CPU is `time.process_time()` of this process (all threads: the embedded writer thread too).
+Throughput is requests / wall time of the request phase. "Added" is the median over
+repetitions of the paired difference (middleware run minus the bare run of the same round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from _common import banner, base_parser, median, print_table, quiet_gc, sample_messages
+from vllm_middleware import VLLMMiddleware
+from vllm_middleware.testing import RedisServerProcess
+
+MODEL = "vllm:qwen-2.5-omni-7b"
+MODES = ("bare", "nolog", "redis", "embedded")  # nolog: the wrapper with logging off
+
+
+def mock_handler(request: httpx.Request) -> httpx.Response:
+    body = orjson.loads(request.content)
+    text = body["messages"][-1]["content"]
+    reply = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": body.get("model", MODEL),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"Echo: {text}"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 48, "completion_tokens": 44, "total_tokens": 92},
+    }
+    return httpx.Response(
+        200, content=orjson.dumps(reply), headers={"content-type": "application/json"}
+    )
+
+
+def streaming_supported() -> bool:
+    source = inspect.getsource(VLLMMiddleware._call)
+    return "not supported yet" not in source
+
+
+@dataclass
+class Result:
+    cpu_us: list[float] = field(default_factory=list)
+    rps: list[float] = field(default_factory=list)
+
+
+class FakeServer:
+    """FakeVLLMServer in a child process; its threads must not count as client CPU."""
+
+    def __init__(self) -> None:
+        code = (
+            "import sys\n"
+            "from vllm_middleware.testing import FakeVLLMServer\n"
+            f"s = FakeVLLMServer(model={MODEL!r}).start()\n"
+            "print(s.port, flush=True)\n"
+            "sys.stdin.read()\n"
+            "s.stop()\n"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def drive(call: Callable[[], Awaitable[Any]], total: int, concurrency: int) -> None:
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def wait_shipped(mw: VLLMMiddleware) -> None:
+    sink = mw._sink
+    while sink is not None and sink.buffered:
+        await asyncio.sleep(0.002)
+
+
+async def one_run(
+    mode: str,
+    transport: str,
+    base_url: str,
+    redis_url: str,
+    log_root: Path,
+    total: int,
+    concurrency: int,
+) -> tuple[float, float]:
+    """(client CPU µs per request, requests/s) of one run."""
+    messages = sample_messages()
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    if transport == "mock":
+        http = httpx.AsyncClient(
+            base_url=base_url, transport=httpx.MockTransport(mock_handler), limits=limits
+        )
+    else:
+        http = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60)
+    mw: VLLMMiddleware | None = None
+    log_dir = Path(tempfile.mkdtemp(dir=log_root))
+    headers = {"content-type": "application/json", "accept": "application/json"}
+
+    async def bare_call() -> Any:
+        body = {"temperature": 0.2, "max_tokens": 256, "model": MODEL, "messages": messages}
+        response = await http.post(
+            "chat/completions", content=orjson.dumps(body), headers=headers
+        )
+        response.raise_for_status()
+        return orjson.loads(response.content)
+
+    if mode == "bare":
+        call: Callable[[], Awaitable[Any]] = bare_call
+    else:
+        mw = VLLMMiddleware(
+            base_url,
+            log_dir=log_dir,
+            redis_url=redis_url if mode == "redis" else "",
+            enable_file_logging=mode != "nolog",
+            http_client=http,
+            host="bench-client",
+            stream="bench:logs",
+        )
+        client = mw
+
+        async def mw_call() -> Any:
+            return await client.chat_completion(
+                messages, model=MODEL, temperature=0.2, max_tokens=256
+            )
+
+        call = mw_call
+    # Warm-up outside the window: connections (HTTP, Redis), the writer's first file.
+    await drive(call, 64, min(concurrency, 8))
+    if mw is not None:
+        await wait_shipped(mw)
+    with quiet_gc():
+        cpu0 = time.process_time()
+        wall0 = time.perf_counter()
+        await drive(call, total, concurrency)
+        wall = time.perf_counter() - wall0
+        if mw is not None:
+            await wait_shipped(mw)
+        cpu = time.process_time() - cpu0
+    if mw is not None:
+        assert mw._sink is None or mw._sink.counters.dropped == 0
+        await mw.close()
+    await http.aclose()
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return cpu / total * 1e6, total / wall
+
+
+def record_size(base_url: str, log_root: Path) -> float:
+    """Average bytes per logged record for this request mix (embedded mode, mock transport)."""
+
+    async def go() -> float:
+        log_dir = Path(tempfile.mkdtemp(dir=log_root))
+        http = httpx.AsyncClient(base_url=base_url, transport=httpx.MockTransport(mock_handler))
+        async with VLLMMiddleware(base_url, log_dir=log_dir, redis_url="", http_client=http) as mw:
+            for _ in range(100):
+                await mw.chat_completion(sample_messages(), model=MODEL, temperature=0.2,
+                                         max_tokens=256)
+        await http.aclose()
+        size = sum(p.stat().st_size for p in log_dir.rglob("*.jsonl"))
+        shutil.rmtree(log_dir, ignore_errors=True)
+        return size / 100
+
+    return asyncio.run(go())
+
+
+async def main_async(args: Any, redis_url: str, fake_url: str, log_root: Path) -> None:
+    plans: list[tuple[str, int, int, int]] = []  # (transport, concurrency, requests, repeats)
+    if args.quick:
+        plans = [("mock", 1, 1000, 3), ("mock", 32, 1000, 3), ("http", 1, 300, 2),
+                 ("http", 32, 300, 2)]
+    else:
+        plans = [("mock", 1, 3000, 7), ("mock", 32, 3000, 7), ("http", 1, 1000, 5),
+                 ("http", 32, 1000, 5)]
+    rows: list[list[Any]] = []
+    summary: list[list[Any]] = []
+    for transport, concurrency, total, repeats in plans:
+        base_url = "http://mock.invalid/v1" if transport == "mock" else fake_url
+        results = {mode: Result() for mode in MODES}
+        for rep in range(repeats):
+            order = MODES[rep % len(MODES):] + MODES[: rep % len(MODES)]  # rotate who goes first
+            for mode in order:
+                cpu_us, rps = await one_run(
+                    mode, transport, base_url, redis_url, log_root, total, concurrency
+                )
+                results[mode].cpu_us.append(cpu_us)
+                results[mode].rps.append(rps)
+        bare = results["bare"]
+        for mode in MODES:
+            res = results[mode]
+            added = [m - b for m, b in zip(res.cpu_us, bare.cpu_us, strict=True)]
+            ratio = [m / b * 100 for m, b in zip(res.rps, bare.rps, strict=True)]
+            rows.append([
+                transport, concurrency, mode, total, repeats,
+                median(res.cpu_us), min(res.cpu_us), median(res.rps),
+                "" if mode == "bare" else f"{median(added):+.1f}",
+                "" if mode == "bare" else f"{median(ratio):.1f}%",
+            ])
+            if mode in ("redis", "embedded"):
+                summary.append([
+                    transport, concurrency, mode, f"{median(added):+.1f}",
+                    f"{median(ratio):.1f}%",
+                    "yes" if median(added) <= 15 and median(ratio) >= 97 else "NO",
+                ])
+        print(f"  done: {transport} c={concurrency}", flush=True)
+    print_table(
+        "Client CPU and throughput per mode (medians over repetitions)",
+        ["transport", "conc", "client", "req/run", "reps", "CPU µs/req", "min CPU µs/req",
+         "req/s", "added µs/req", "throughput vs bare"],
+        rows,
+    )
+    print_table(
+        "Targets: ≤15 µs added CPU per request, ≥97% of bare throughput",
+        ["transport", "conc", "client", "added µs/req", "throughput vs bare", "met"],
+        summary,
+    )
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args()
+    banner("client_overhead", args)
+    print(f"  streaming chat in the client: {'yes' if streaming_supported() else 'no (skipped)'}")
+    log_root = Path(tempfile.mkdtemp(prefix="bench-client-", dir=os.environ.get("BENCH_DIR")))
+    print(f"  record size for this request mix: {record_size('http://mock.invalid/v1', log_root):.0f} B")
+    fake = FakeServer()
+    try:
+        with RedisServerProcess() as redis_server:
+            asyncio.run(main_async(args, redis_server.url, fake.base_url, log_root))
+    finally:
+        fake.close()
+        shutil.rmtree(log_root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

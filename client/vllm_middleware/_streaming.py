@@ -1,0 +1,543 @@
+"""Streaming responses: SSE parsing, reassembly of chunks, and the stream object callers iterate.
+
+The caller gets every chunk as soon as its SSE event is complete; the record (one per request,
+whatever ends the stream) holds the chunks folded back into the non-streaming response shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+import orjson
+
+from ._exceptions import APIConnectionError, APIError, APIStatusError, status_error_class
+from ._http import exception_from_transport
+
+if TYPE_CHECKING:
+    from ._client import _Call
+
+__all__ = ["AsyncStream", "SSEParser", "StreamAccumulator", "StreamEnd", "StreamState"]
+
+StreamEnd = Literal[
+    "completed", "error_event", "disconnected", "abandoned", "cancelled", "protocol_error"
+]
+
+# After [DONE] or an error event only the chunked-encoding terminator should be left; reading
+# it returns the connection to the pool. A server that keeps the stream open gets cut instead.
+_DRAIN_TIMEOUT = 1.0
+# When the caller closes a stream whose choices have all finished, only the usage chunk and
+# [DONE] are missing: wait this long for them so the record is complete.
+_FINISHED_CLOSE_TIMEOUT = 1.0
+
+_CONTENT_KEYS = ("content", "reasoning", "reasoning_content", "tool_calls", "refusal", "audio")
+
+
+class SSEParser:
+    """Assembles `data:` payloads of server-sent events from lines (terminators stripped).
+
+    Comments (`: keep-alive`) and `event:`/`id:`/`retry:` fields are skipped; several `data:`
+    lines in one event are joined with newlines, as the SSE specification says.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        """The data of the event that `line` completes, or None."""
+        if line.startswith("data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(" ") else value)
+            return None
+        if line:
+            if line == "data":  # a field with no colon has an empty value
+                self._data.append("")
+            return None
+        return self.flush()
+
+    def flush(self) -> str | None:
+        """Dispatch a pending event (blank line, or the end of the body)."""
+        if not self._data:
+            return None
+        data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
+        self._data = []
+        return data
+
+
+def _merge_logprobs(current: Any, new: Any) -> Any:
+    # Chat logprobs are {"content": [...]}, completions' legacy ones are parallel lists: both
+    # concatenate list values across chunks.
+    if not isinstance(new, dict) or not isinstance(current, dict):
+        return new if current is None else current if new is None else new
+    merged = dict(current)
+    for key, value in new.items():
+        old = merged.get(key)
+        if isinstance(old, list) and isinstance(value, list):
+            merged[key] = old + value
+        elif value is not None or key not in merged:
+            merged[key] = value
+    return merged
+
+
+class _Choice:
+    """One choice being reassembled from its deltas."""
+
+    __slots__ = ("content", "extra", "index", "message_extra", "reasoning", "role", "tools")
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self.role: Any = None
+        self.content: list[str] | None = None
+        self.reasoning: dict[str, list[str]] = {}  # keyed by the name the server used
+        self.tools: dict[Any, dict[str, Any]] = {}
+        self.extra: dict[str, Any] = {}  # choice-level fields: finish_reason, logprobs...
+        self.message_extra: dict[str, Any] = {}
+
+    def add(self, raw: dict[str, Any], chat: bool) -> bool:
+        """Fold one chunk's choice in; True if it carried output (for time-to-first-token)."""
+        carried = False
+        for key, value in raw.items():
+            if key == "delta" and chat:
+                if isinstance(value, dict):
+                    carried = self._add_delta(value)
+            elif key == "text" and not chat:
+                if isinstance(value, str):
+                    if self.content is None:
+                        self.content = []
+                    self.content.append(value)
+                    carried = carried or bool(value)
+            elif key == "logprobs":
+                self.extra[key] = _merge_logprobs(self.extra.get(key), value)
+            elif key == "token_ids" and isinstance(value, list):
+                old = self.extra.get(key)
+                self.extra[key] = old + value if isinstance(old, list) else value
+            elif key != "index" and (value is not None or key not in self.extra):
+                self.extra[key] = value
+        return carried
+
+    def _add_delta(self, delta: dict[str, Any]) -> bool:
+        carried = False
+        for key, value in delta.items():
+            if key == "content":
+                if isinstance(value, str):
+                    if self.content is None:
+                        self.content = []
+                    self.content.append(value)
+                    carried = carried or bool(value)
+            elif key in ("reasoning", "reasoning_content"):
+                if isinstance(value, str):
+                    self.reasoning.setdefault(key, []).append(value)
+                    carried = carried or bool(value)
+            elif key == "tool_calls":
+                if isinstance(value, list) and value:
+                    self._add_tool_calls(value)
+                    carried = True
+            elif key == "role":
+                if value is not None:
+                    self.role = value
+            elif key == "refusal" and isinstance(value, str):
+                self.message_extra[key] = (self.message_extra.get(key) or "") + value
+                carried = carried or bool(value)
+            elif value is not None or key not in self.message_extra:
+                self.message_extra[key] = value
+                carried = carried or (key == "audio" and value is not None)
+        return carried
+
+    def _add_tool_calls(self, entries: list[Any]) -> None:
+        for position, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            slot = entry.get("index", position)
+            function = entry.get("function")
+            function = function if isinstance(function, dict) else {}
+            call = self.tools.get(slot)
+            if call is None:
+                call = {
+                    "id": entry.get("id"),
+                    "type": entry.get("type") or "function",
+                    "function": {"name": function.get("name"), "arguments": ""},
+                }
+                self.tools[slot] = call
+            else:
+                # Only the first delta of a call names it; later ones may repeat the fields.
+                if call["id"] is None and entry.get("id") is not None:
+                    call["id"] = entry["id"]
+                if call["function"]["name"] is None and function.get("name") is not None:
+                    call["function"]["name"] = function["name"]
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                call["function"]["arguments"] += arguments
+
+    @property
+    def finished(self) -> bool:
+        return self.extra.get("finish_reason") is not None
+
+    def build(self, chat: bool) -> dict[str, Any]:
+        text = None if self.content is None else "".join(self.content)
+        out: dict[str, Any] = {"index": self.index}
+        if not chat:
+            out["text"] = text if text is not None else ""
+            out.update(self.extra)
+            return out
+        tool_calls = [self.tools[slot] for slot in sorted(self.tools, key=_sort_key)]
+        message: dict[str, Any] = {
+            "role": self.role or "assistant",
+            # The role chunk's "" is not an answer: a tool-call-only reply has null content,
+            # as in the non-streaming body.
+            "content": text if text or not tool_calls else None,
+        }
+        for key, parts in self.reasoning.items():
+            message[key] = "".join(parts)
+        message.update(self.message_extra)
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        out["message"] = message
+        out.update(self.extra)
+        return out
+
+
+def _sort_key(value: Any) -> tuple[int, str]:
+    return (value, "") if isinstance(value, int) else (1 << 62, str(value))
+
+
+class StreamAccumulator:
+    """Folds stream chunks into the non-streaming response shape, choice by choice."""
+
+    __slots__ = ("chat", "choices", "chunks", "started", "top", "ttft_ms", "usage")
+
+    def __init__(self, chat: bool, started: float) -> None:
+        self.chat = chat
+        self.started = started
+        self.top: dict[str, Any] = {}
+        self.choices: dict[Any, _Choice] = {}
+        self.usage: Any = None
+        self.chunks = 0
+        self.ttft_ms: float | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        top = self.top
+        for key, value in chunk.items():
+            if key == "choices":
+                continue
+            if key == "usage":
+                if value is not None:
+                    self.usage = value  # continuous stats: the last one is the running total
+            elif value is not None or key not in top:
+                top[key] = value
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return
+        carried = False
+        for raw in choices:
+            if not isinstance(raw, dict):
+                continue
+            index = raw.get("index", 0)
+            choice = self.choices.get(index)
+            if choice is None:
+                choice = self.choices[index] = _Choice(index)
+            carried = choice.add(raw, self.chat) or carried
+        if carried and self.ttft_ms is None:
+            self.ttft_ms = round((time.perf_counter() - self.started) * 1000, 3)
+
+    def all_finished(self) -> bool:
+        return bool(self.choices) and all(choice.finished for choice in self.choices.values())
+
+    def response(self) -> dict[str, Any]:
+        out = dict(self.top)
+        if self.chat:
+            out["object"] = "chat.completion"
+        elif "object" in out:
+            out["object"] = "text_completion"
+        out["choices"] = [
+            self.choices[index].build(self.chat) for index in sorted(self.choices, key=_sort_key)
+        ]
+        out["usage"] = self.usage
+        return out
+
+
+def error_from_event(body: dict[str, Any], request_id: str) -> APIStatusError:
+    """The exception for an in-band `{"error": ...}` event (the HTTP status was already 200)."""
+    inner = body.get("error")
+    message: str
+    error_type = param = None
+    code: Any = None
+    if isinstance(inner, dict):
+        message = str(inner.get("message") or "")
+        error_type = None if inner.get("type") is None else str(inner["type"])
+        param = None if inner.get("param") is None else str(inner["param"])
+        code = inner.get("code")
+    else:
+        message = str(inner)
+    status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+    return status_error_class(status)(
+        message,
+        status_code=status,
+        error_type=error_type,
+        param=param,
+        body=body,
+        request_id=request_id,
+        in_stream=True,
+    )
+
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+class StreamState:
+    """Everything a stream needs, kept apart from `AsyncStream` so a finalizer can use it."""
+
+    def __init__(
+        self,
+        call: _Call,
+        started: float,
+        response: httpx.Response,
+        *,
+        chat: bool,
+        hide_usage: bool,
+        spawn: Spawn,
+    ) -> None:
+        self.call = call
+        self.started = started
+        self.response = response
+        self.lines: AsyncIterator[str] = response.aiter_lines()
+        self.parser = SSEParser()
+        self.acc = StreamAccumulator(chat, started)
+        self.hide_usage = hide_usage
+        # With include_usage injected, vLLM moves system_fingerprint from the finish chunks to
+        # the usage chunk; finish chunks wait for it so the caller sees what it asked for.
+        self.hold_finish = hide_usage and chat
+        self.held: list[dict[str, Any]] = []
+        self.ready: deque[dict[str, Any]] = deque()
+        self.pending_error: APIError | None = None
+        self.discard = False
+        self.done = False
+        self.logged = False
+        self.spawn = spawn
+        self.loop = asyncio.get_running_loop()
+
+    # -- iteration --------------------------------------------------------------------------
+    async def next_chunk(self) -> dict[str, Any]:
+        while True:
+            if self.ready:
+                return self.ready.popleft()
+            if self.pending_error is not None:
+                error, self.pending_error = self.pending_error, None
+                raise error
+            if self.done:
+                raise StopAsyncIteration
+            try:
+                await self._read()
+            except asyncio.CancelledError:
+                message = f"cancelled by the caller after {self.acc.chunks} chunks"
+                await self._finish("cancelled", APIError(message, request_id=self._rid))
+                self.ready.clear()
+                raise
+
+    @property
+    def _rid(self) -> str:
+        return self.call.request_id
+
+    async def _read(self) -> None:
+        """Read until a chunk is ready for the caller or the stream ended."""
+        parser = self.parser
+        try:
+            while not self.done and not self.ready:
+                try:
+                    line = await anext(self.lines)
+                except StopAsyncIteration:
+                    data = parser.flush()
+                    if data is not None:
+                        await self._handle(data)
+                    if not self.done:
+                        await self._ended_early()
+                    return
+                data = parser.feed(line)
+                if data is not None:
+                    await self._handle(data)
+        except httpx.HTTPError as exc:
+            await self._finish("disconnected", exception_from_transport(exc, self._rid))
+
+    async def _ended_early(self) -> None:
+        if self.acc.all_finished():  # a server that does not send [DONE]
+            await self._finish("completed", None)
+            return
+        error = APIConnectionError("stream ended before [DONE]", request_id=self._rid)
+        await self._finish("disconnected", error)
+
+    async def _handle(self, data: str) -> None:
+        if data == "[DONE]":
+            await self._finish("completed", None, drain=True)
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            error = APIError(f"invalid JSON in stream: {exc}", request_id=self._rid)
+            await self._finish("protocol_error", error)
+            return
+        if not isinstance(chunk, dict):
+            error = APIError("stream event is not a JSON object", request_id=self._rid)
+            await self._finish("protocol_error", error)
+            return
+        if "error" in chunk and "choices" not in chunk:
+            await self._finish("error_event", error_from_event(chunk, self._rid), drain=True)
+            return
+        self.acc.add(chunk)
+        if self.discard:
+            return
+        choices = chunk.get("choices")
+        if self.hide_usage and choices == []:
+            self._release_held(chunk.get("system_fingerprint"))
+            return
+        if self.hold_finish and choices and _has_finish(choices):
+            self.held.append(chunk)
+            return
+        self._release_held(None)
+        self.ready.append(chunk)
+
+    def _release_held(self, fingerprint: Any) -> None:
+        if not self.held:
+            return
+        for chunk in self.held:
+            if fingerprint is not None:
+                chunk["system_fingerprint"] = fingerprint
+            self.ready.append(chunk)
+        self.held = []
+
+    # -- ending -----------------------------------------------------------------------------
+    async def _finish(self, end: StreamEnd, error: APIError | None, *, drain: bool = False) -> None:
+        """End the stream once: record it, then give the connection back."""
+        if self.done:
+            return
+        self.done = True
+        self._release_held(None)
+        self._log(end, error)
+        if error is not None and end not in ("cancelled", "abandoned"):
+            self.pending_error = error
+        if drain:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_DRAIN_TIMEOUT):
+                    async for _ in self.lines:
+                        pass
+        await self.close_transport()
+
+    async def close_transport(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.lines.aclose()  # type: ignore[attr-defined]
+        with contextlib.suppress(Exception):
+            await self.response.aclose()
+
+    async def close(self) -> None:
+        """The caller closed the stream (`aclose`, or leaving `async with`)."""
+        if self.done:
+            await self.close_transport()
+            return
+        if self.acc.all_finished():
+            self.discard = True
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_FINISHED_CLOSE_TIMEOUT):
+                    while not self.done:
+                        await self._read()
+            self.pending_error = None
+        if not self.done:
+            message = f"stream closed by the caller after {self.acc.chunks} chunks"
+            await self._finish("abandoned", APIError(message, request_id=self._rid))
+        self.ready.clear()
+
+    def collect(self) -> None:
+        """Finalizer: the stream object was garbage-collected without being closed."""
+        if self.done:
+            return
+        self.done = True
+        message = f"stream garbage-collected unclosed after {self.acc.chunks} chunks"
+        self._log("abandoned", APIError(message, request_id=self._rid))
+        # The connection is still checked out of the pool: close it on the loop.
+        loop = self.loop
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.spawn, self.close_transport())
+
+    def _log(self, end: StreamEnd, error: APIError | None) -> None:
+        if self.logged:
+            return
+        self.logged = True
+        call = self.call
+        try:
+            call.log(
+                self.started,
+                response=self.acc.response(),
+                error=error,
+                status_code=self.response.status_code,
+                stream=True,
+                ttft_ms=self.acc.ttft_ms,
+                extra={"chunks": self.acc.chunks, "stream_end": end},
+            )
+        except Exception:  # a logging failure never reaches the caller
+            call.client._logging_failed(call.request_id)
+
+
+def _has_finish(choices: list[Any]) -> bool:
+    return any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
+
+
+class AsyncStream:
+    """The chunks of one streaming call, as parsed dicts, in the order the server sent them.
+
+    Use as ``async with await client.chat_completion(..., stream=True) as stream:`` and
+    ``async for chunk in stream``. Exactly one record is logged when the stream ends: at
+    ``[DONE]``, on an in-band error event (raised here as an `APIStatusError` subclass with
+    ``in_stream=True``, after the chunks before it), on a dropped connection
+    (`APIConnectionError`), when the caller closes it early or is cancelled, or when the object
+    is garbage-collected unclosed (prefer closing it: that also frees the connection at once).
+    """
+
+    def __init__(self, state: StreamState) -> None:
+        self._state = state
+        finalizer = weakref.finalize(self, state.collect)
+        finalizer.atexit = False
+
+    @property
+    def request_id(self) -> str:
+        """The middleware's record id for this call."""
+        return self._state.call.request_id
+
+    @property
+    def response(self) -> httpx.Response:
+        """The underlying HTTP response (status and headers; the body is the stream)."""
+        return self._state.response
+
+    @property
+    def closed(self) -> bool:
+        return self._state.done
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await self._state.next_chunk()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading, free the connection and log the record (idempotent)."""
+        await self._state.close()
+
+    close = aclose

@@ -1,0 +1,106 @@
+"""Shared fixtures: private redis-server processes, the fake vLLM server, worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
+    """A private redis-server on a free port, with its data in the test's temp dir."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServerProcess(tmp_dir=tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_vllm() -> Iterator[FakeVLLMServer]:
+    """The newer (v0.33) fake vLLM server, shared by the session (it keeps no state we assert)."""
+    with FakeVLLMServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["v0.33", "v0.10.2"])
+def fake_vllm_any(request: pytest.FixtureRequest) -> Iterator[FakeVLLMServer]:
+    """A fake vLLM server in each wire flavour."""
+    with FakeVLLMServer(flavor=request.param) as server:
+        yield server
+
+
+WorkerFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start `python -m vllm_middleware_worker` processes; all are stopped at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        redis_url: str,
+        log_dir: Path,
+        consumer: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        environment = dict(os.environ)
+        environment.update(
+            VLLM_MW_STATS_INTERVAL_S="1",
+            VLLM_MW_HEARTBEAT_TTL_S="3",
+            VLLM_MW_CLAIM_INTERVAL_S="1",
+        )
+        environment.update(env or {})
+        log = open(tmp_path / f"worker-{consumer}.log", "ab")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm_middleware_worker",
+                "--redis-url",
+                redis_url,
+                "--log-dir",
+                str(log_dir),
+                "--consumer",
+                consumer,
+                *extra,
+            ],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        procs.append(proc)
+        return proc
+
+    start.procs = procs  # type: ignore[attr-defined]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + 20
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> None:
+    """Poll until `predicate()` is true; fail the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)

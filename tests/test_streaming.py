@@ -1,0 +1,313 @@
+"""Streaming against the real fake vLLM server, in both wire flavours.
+
+For every scenario: the chunks the caller receives equal what plain httpx with hand-written SSE
+parsing receives for the caller's own request, and the record's reassembled response equals the
+non-streaming response to the same request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from vllm_middleware import APIConnectionError, APIStatusError, VLLMMiddleware, load_logs
+from vllm_middleware._streaming import SSEParser
+from vllm_middleware.testing import FakeVLLMServer
+
+FLAVORS = ["v0.33", "v0.10.2"]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        },
+    },
+}
+
+
+@pytest.fixture(params=FLAVORS)
+def server(request: pytest.FixtureRequest) -> Iterator[FakeVLLMServer]:
+    with FakeVLLMServer(flavor=request.param) as fake:
+        yield fake
+
+
+def raw_events(text: str) -> list[str]:
+    """Independent SSE parsing of a whole body: blank-line separated events, data lines only."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        data = [line[5:].removeprefix(" ") for line in block.split("\n") if line[:5] == "data:"]
+        if data:
+            events.append("\n".join(data))
+    return events
+
+
+async def raw_stream(server: FakeVLLMServer, path: str, body: dict[str, Any]) -> list[Any]:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(f"{server.base_url}/{path}", json=body)
+    events = raw_events(response.text)
+    assert events[-1] == "[DONE]"
+    return [orjson.loads(event) for event in events[:-1]]
+
+
+def normalize_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
+    """Drop what differs between two identical requests: the time and tool-call ids."""
+    out = dict(chunk)
+    out.pop("created", None)
+    choices = []
+    for choice in out.get("choices", []):
+        choice = dict(choice)
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and delta.get("tool_calls"):
+            delta = dict(delta)
+            delta["tool_calls"] = [{**t, "id": "X"} if "id" in t else t for t in delta["tool_calls"]]
+            choice["delta"] = delta
+        choices.append(choice)
+    out["choices"] = choices
+    return out
+
+
+def comparable(response: dict[str, Any], chat: bool) -> list[dict[str, Any]]:
+    """Per choice: the message (or text) without null/empty fields, plus finish_reason."""
+    out = []
+    for choice in sorted(response["choices"], key=lambda c: c["index"]):
+        if chat:
+            body = {
+                k: v for k, v in choice["message"].items() if v is not None and v != []
+            }
+            body["tool_calls"] = [{**t, "id": "X"} for t in body.get("tool_calls", [])]
+        else:
+            body = {"text": choice["text"]}
+        body["finish_reason"] = choice["finish_reason"]
+        body["stop_reason"] = choice.get("stop_reason")
+        out.append(body)
+    return out
+
+
+def tokens(usage: dict[str, Any]) -> tuple[int, int, int]:
+    return usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]
+
+
+async def run_scenario(
+    server: FakeVLLMServer,
+    tmp_path: Path,
+    *,
+    chat: bool = True,
+    payload: Any = "Hello there, how are you today?",
+    **params: Any,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Stream through the client and check it against raw httpx and the non-streaming answer."""
+    key, path = ("messages", "chat/completions") if chat else ("prompt", "completions")
+    if chat and isinstance(payload, str):
+        payload = [{"role": "user", "content": payload}]
+    client = VLLMMiddleware(server.base_url, log_dir=tmp_path, redis_url="")
+    got: list[dict[str, Any]] = []
+    headers = {"X-Request-Id": "fixed-id"}
+    call = client.chat_completion if chat else client.completions
+    async with await call(payload, stream=True, headers=headers, **params) as stream:  # type: ignore[operator]
+        async for chunk in stream:
+            got.append(chunk)
+    plain = await call(payload, headers=headers, **{k: v for k, v in params.items() if k != "stream_options"})  # type: ignore[operator]
+    await client.close()
+
+    body = {key: payload, "stream": True, "request_id": "fixed-id", **params}
+    expected = await raw_stream(server, path, body)
+    assert [normalize_chunk(c) for c in got] == [normalize_chunk(c) for c in expected]
+
+    records = [r.to_dict() for r in load_logs(tmp_path)]
+    assert len(records) == 2
+    record = next(r for r in records if r["stream"])
+    assert record["stream_end"] == "completed"
+    assert record["error"] is None
+    assert record["chunks"] >= len(got)
+    assert record["client_request_id"] == "fixed-id"
+    assert record["parameters"] == {"stream": True, **params}
+    response = record["response"]
+    assert comparable(response, chat) == comparable(plain, chat)
+    assert response["id"] == plain["id"]
+    assert tokens(record["usage"]) == tokens(plain["usage"])
+    assert record["ttft_ms"] is not None and record["ttft_ms"] <= record["latency_ms"]
+    return got, record
+
+
+async def test_text_reply(server: FakeVLLMServer, tmp_path: Path) -> None:
+    got, record = await run_scenario(server, tmp_path)
+    assert got[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["choices"] for c in got), "the injected usage chunk must be hidden"
+    assert record["response"]["choices"][0]["message"]["content"].startswith("Echo: Hello")
+
+
+@pytest.mark.parametrize("merged", [False, True])
+async def test_tool_call_deltas(server: FakeVLLMServer, tmp_path: Path, merged: bool) -> None:
+    server.merge_tool_name_delta = merged
+    got, record = await run_scenario(
+        server, tmp_path, payload="What is the weather in Paris?", tools=[WEATHER_TOOL]
+    )
+    first_tool = next(c for c in got if c["choices"][0]["delta"].get("tool_calls"))
+    assert len(first_tool["choices"][0]["delta"]["tool_calls"]) == (2 if merged else 1)
+    message = record["response"]["choices"][0]["message"]
+    assert message["content"] is None
+    (call,) = message["tool_calls"]
+    assert call["id"].startswith("chatcmpl-tool-")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}
+    assert record["response"]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_reasoning(server: FakeVLLMServer, tmp_path: Path) -> None:
+    server.reasoning = True
+    _, record = await run_scenario(server, tmp_path)
+    message = record["response"]["choices"][0]["message"]
+    key = "reasoning" if server.flavor == "v0.33" else "reasoning_content"
+    assert message[key] == "Let me think about this request."
+
+
+async def test_n_choices_interleaved(server: FakeVLLMServer, tmp_path: Path) -> None:
+    got, record = await run_scenario(server, tmp_path, n=3, max_tokens=5)
+    indexes = [c["choices"][0]["index"] for c in got]
+    assert indexes[:3] == [0, 1, 2]
+    choices = record["response"]["choices"]
+    assert [c["finish_reason"] for c in choices] == ["length"] * 3
+
+
+async def test_caller_asked_for_usage(server: FakeVLLMServer, tmp_path: Path) -> None:
+    got, record = await run_scenario(server, tmp_path, stream_options={"include_usage": True})
+    assert got[-1]["choices"] == [] and got[-1]["usage"] == record["usage"]
+
+
+async def test_continuous_usage_stats(server: FakeVLLMServer, tmp_path: Path) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    got, record = await run_scenario(server, tmp_path, stream_options=options)
+    assert all("usage" in c for c in got)
+    assert got[0]["usage"]["completion_tokens"] == 0
+
+
+async def test_keep_alive_comments(server: FakeVLLMServer, tmp_path: Path) -> None:
+    server.keepalive_interval = 0.01
+    server.token_delay = 0.02
+    await run_scenario(server, tmp_path, max_tokens=4)
+
+
+async def test_completions(server: FakeVLLMServer, tmp_path: Path) -> None:
+    _, record = await run_scenario(server, tmp_path, chat=False, max_tokens=8)
+    assert record["response"]["object"] == "text_completion"
+    assert record["response"]["choices"][0]["text"].startswith("Echo: ")
+
+
+async def test_completions_several_prompts_and_n(server: FakeVLLMServer, tmp_path: Path) -> None:
+    _, record = await run_scenario(
+        server, tmp_path, chat=False, payload=["one two three", "four five"], n=2
+    )
+    assert [c["index"] for c in record["response"]["choices"]] == [0, 1, 2, 3]
+
+
+async def test_chunks_arrive_before_the_stream_ends(tmp_path: Path) -> None:
+    with FakeVLLMServer(token_delay=0.1) as server:
+        client = VLLMMiddleware(server.base_url, log_dir=tmp_path, redis_url="")
+        started = time.perf_counter()
+        arrivals = []
+        stream = await client.chat_completion(
+            [{"role": "user", "content": "one two three four five"}], stream=True
+        )
+        async with stream:
+            async for _ in stream:
+                arrivals.append(time.perf_counter() - started)
+        await client.close()
+    assert arrivals[-1] - arrivals[1] > 0.3  # content chunks were spread out, not batched
+
+
+async def test_slow_first_token(server: FakeVLLMServer, tmp_path: Path) -> None:
+    client = VLLMMiddleware(server.base_url, log_dir=tmp_path, redis_url="")
+    stream = await client.chat_completion(
+        [{"role": "user", "content": "hi [[slow:0.3]]"}], stream=True
+    )
+    async with stream:
+        chunks = [chunk async for chunk in stream]
+    await client.close()
+    (record,) = load_logs(tmp_path)
+    assert chunks and record["ttft_ms"] >= 300
+    assert record["latency_ms"] >= record["ttft_ms"]
+
+
+@pytest.mark.parametrize("shape", ["nested", "flat"])
+async def test_midstream_error(server: FakeVLLMServer, tmp_path: Path, shape: str) -> None:
+    server.error_shape = shape  # type: ignore[assignment]
+    client = VLLMMiddleware(server.base_url, log_dir=tmp_path, redis_url="")
+    messages = [{"role": "user", "content": "one two three four [[midstream_error]]"}]
+    got: list[dict[str, Any]] = []
+    stream = await client.chat_completion(messages, stream=True, headers={"x-request-id": "e1"})
+    with pytest.raises(APIStatusError) as caught:
+        async with stream:
+            async for chunk in stream:
+                got.append(chunk)
+    await client.close()
+    expected = await raw_stream(
+        server, "chat/completions", {"messages": messages, "stream": True, "request_id": "e1"}
+    )
+    assert "error" in expected[-1]
+    assert [normalize_chunk(c) for c in got] == [normalize_chunk(c) for c in expected[:-1]]
+    error = caught.value
+    inner = expected[-1]["error"]
+    assert error.in_stream and error.status_code == inner["code"]
+    assert error.error_type == inner["type"] and error.message == inner["message"]
+    assert error.param is None
+    (record,) = load_logs(tmp_path)
+    assert record["stream_end"] == "error_event"
+    assert record["error_detail"]["status_code"] == inner["code"]
+    assert record["status_code"] == 200
+    assert record["response"]["choices"][0]["message"]["content"].startswith("Echo:")
+
+
+async def test_dropped_connection(server: FakeVLLMServer, tmp_path: Path) -> None:
+    client = VLLMMiddleware(server.base_url, log_dir=tmp_path, redis_url="")
+    stream = await client.chat_completion(
+        [{"role": "user", "content": "one two three four [[drop]]"}], stream=True
+    )
+    got = []
+    with pytest.raises(APIConnectionError):
+        async for chunk in stream:
+            got.append(chunk)
+    await client.close()
+    (record,) = load_logs(tmp_path)
+    assert record["stream_end"] == "disconnected"
+    assert record["chunks"] == len(got) > 0
+    assert record["response"]["choices"][0]["message"]["content"].startswith("Echo:")
+
+
+def test_sse_parser_framing() -> None:
+    parser = SSEParser()
+    lines = [": keep-alive", "", "event: x", "id: 3", "data: {\"a\":", "data:1}", "", "data"]
+    events = [e for e in map(parser.feed, lines) if e is not None]
+    assert events == ['{"a":\n1}']
+    assert parser.flush() == ""
+
+
+async def test_crlf_and_multiline_data(tmp_path: Path) -> None:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}}]}
+    last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    text = orjson.dumps(first).decode()
+    body = (
+        ": keep-alive\r\n\r\n"
+        f"data: {text[:10]}\r\ndata: {text[10:]}\r\n\r\n"
+        f"data: {orjson.dumps(last).decode()}\r\n\r\ndata: [DONE]\r\n\r\n"
+    ).encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x/v1")
+    client = VLLMMiddleware("http://x/v1", log_dir=tmp_path, redis_url="", http_client=http)
+    stream = await client.chat_completion([{"role": "user", "content": "hi"}], stream=True)
+    got = [c async for c in stream]
+    await client.close()
+    await http.aclose()
+    # The newline joining the two data lines is JSON whitespace inside the object.
+    assert got == [first, last]
+    (record,) = load_logs(tmp_path)
+    assert record["response"]["choices"][0]["message"] == {"role": "assistant", "content": "a"}

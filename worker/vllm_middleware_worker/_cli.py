@@ -1,0 +1,93 @@
+"""`vllm-mw worker`: run a worker under arq, or drain the stream once (`--burst`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from vllm_middleware import ConfigurationError
+
+from ._config import WorkerConfig
+from ._consumer import StreamConsumer
+from ._jobs import publish_file_stats
+from ._service import open_consumer_redis
+
+__all__ = ["add_arguments", "main", "run_from_args"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis URL (env VLLM_MW_REDIS_URL)")
+    parser.add_argument("--log-dir", help="root of the partitioned log tree (env VLLM_MW_LOG_DIR)")
+    parser.add_argument("--max-log-size-mb", type=float, help="rotate files at this size")
+    parser.add_argument("--log-format", choices=["jsonl", "json"])
+    parser.add_argument("--stream", help="stream key (default vllm:logs)")
+    parser.add_argument("--consumer", help="consumer name (default host-pid-random)")
+    parser.add_argument("--batch-size", type=int, help="records per batch at most")
+    parser.add_argument(
+        "--burst", action="store_true", help="drain the stream, then exit (no arq, no cron)"
+    )
+    parser.add_argument("--verbose", "-v", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig.from_env(
+        redis_url=args.redis_url,
+        log_dir=args.log_dir,
+        max_log_size_mb=args.max_log_size_mb,
+        log_format=args.log_format,
+        stream=args.stream,
+        consumer=args.consumer,
+        batch_size=args.batch_size,
+    )
+
+
+async def _run_standalone(config: WorkerConfig, *, burst: bool) -> None:
+    client = open_consumer_redis(config)
+    consumer = StreamConsumer(client, config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, consumer.stop)
+    try:
+        await consumer.run(burst=burst)
+        await publish_file_stats(client, config)
+    finally:
+        await client.aclose()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+    except ConfigurationError as exc:
+        print(f"vllm-mw worker: {exc}", file=sys.stderr)
+        return 2
+    if args.burst:
+        asyncio.run(_run_standalone(config, burst=True))
+        return 0
+    try:
+        from arq.worker import run_worker
+    except ImportError:
+        # Without arq the consumer still runs; only the cron jobs need arq.
+        logging.getLogger("vllm_middleware_worker").warning(
+            "arq is not installed (pip install 'vllm-middleware[worker]'): "
+            "running the consumer without cron jobs"
+        )
+        asyncio.run(_run_standalone(config, burst=False))
+        return 0
+    from . import make_worker_settings
+
+    run_worker(make_worker_settings(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-mw worker", description=__doc__)
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
