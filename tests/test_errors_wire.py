@@ -37,7 +37,10 @@ async def test_queue_full_before_the_stream(
     await client.close()
     error = caught.value
     assert (error.status_code, error.error_type, error.message, error.param) == (
-        503, "Service Unavailable", QUEUE_FULL_MESSAGE, None
+        503,
+        "Service Unavailable",
+        QUEUE_FULL_MESSAGE,
+        None,
     )
     assert not error.in_stream
     (record,) = load_logs(tmp_path)

@@ -75,9 +75,7 @@ async def send_traffic(clients: list[VLLMMiddleware]) -> tuple[set[tuple[int, in
             except APIStatusError:
                 errors += 1
 
-    await asyncio.gather(
-        *(one(c, seq) for seq in range(PER_CLIENT) for c in range(len(clients)))
-    )
+    await asyncio.gather(*(one(c, seq) for seq in range(PER_CLIENT) for c in range(len(clients))))
     expected = {(c, seq) for c in range(len(clients)) for seq in range(PER_CLIENT)}
     return expected, errors
 
@@ -157,9 +155,7 @@ async def test_redis_pipeline_two_workers_exactly_once(
     files = list(iter_log_files(log_dir))
     size = sum(p.stat().st_size for p in files)
     scanned = {"log_files_count": len(files), "total_log_size_mb": round(size / 2**20, 3)}
-    wait_for(
-        lambda: scanned.items() <= get_statistics(redis_server.url).items(), timeout=30
-    )
+    wait_for(lambda: scanned.items() <= get_statistics(redis_server.url).items(), timeout=30)
     stats = get_statistics(redis_server.url)
     assert stats["total_requests"] == total
     assert stats["total_errors"] == errors

@@ -152,3 +152,22 @@ def test_bad_config_reports_log(tmp_path: Path) -> None:
     with pytest.raises(RedisServerError, match="exited"):
         server.start()
     assert not server.running
+
+
+def test_url_is_known_before_start(tmp_path: Path) -> None:
+    server = RedisServerProcess(tmp_dir=tmp_path)
+    url = server.url
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.ping()
+    with server:
+        assert server.url == url
+        assert client.ping()
+    client.close()
+
+
+def test_port_taken_by_another_process(tmp_path: Path) -> None:
+    with RedisServerProcess(tmp_dir=tmp_path / "a") as first:
+        second = RedisServerProcess(tmp_dir=tmp_path / "b", port=first.port)
+        with pytest.raises(RedisServerError, match="Address already in use"):
+            second.start()

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 from vllm_middleware import APIConnectionError, APIStatusError, VLLMMiddleware, load_logs
-from vllm_middleware._streaming import SSEParser
+from vllm_middleware._reassembly import SSEParser
 from vllm_middleware.testing import FakeVLLMServer
 
 FLAVORS = ["v0.33", "v0.10.2"]
@@ -66,7 +66,9 @@ def normalize_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
         delta = choice.get("delta")
         if isinstance(delta, dict) and delta.get("tool_calls"):
             delta = dict(delta)
-            delta["tool_calls"] = [{**t, "id": "X"} if "id" in t else t for t in delta["tool_calls"]]
+            delta["tool_calls"] = [
+                {**t, "id": "X"} if "id" in t else t for t in delta["tool_calls"]
+            ]
             choice["delta"] = delta
         choices.append(choice)
     out["choices"] = choices
@@ -78,9 +80,7 @@ def comparable(response: dict[str, Any], chat: bool) -> list[dict[str, Any]]:
     out = []
     for choice in sorted(response["choices"], key=lambda c: c["index"]):
         if chat:
-            body = {
-                k: v for k, v in choice["message"].items() if v is not None and v != []
-            }
+            body = {k: v for k, v in choice["message"].items() if v is not None and v != []}
             body["tool_calls"] = [{**t, "id": "X"} for t in body.get("tool_calls", [])]
         else:
             body = {"text": choice["text"]}
@@ -113,7 +113,9 @@ async def run_scenario(
     async with await call(payload, stream=True, headers=headers, **params) as stream:  # type: ignore[operator]
         async for chunk in stream:
             got.append(chunk)
-    plain = await call(payload, headers=headers, **{k: v for k, v in params.items() if k != "stream_options"})  # type: ignore[operator]
+    plain = await call(
+        payload, headers=headers, **{k: v for k, v in params.items() if k != "stream_options"}
+    )  # type: ignore[operator]
     await client.close()
 
     body = {key: payload, "stream": True, "request_id": "fixed-id", **params}
@@ -182,7 +184,7 @@ async def test_caller_asked_for_usage(server: FakeVLLMServer, tmp_path: Path) ->
 
 async def test_continuous_usage_stats(server: FakeVLLMServer, tmp_path: Path) -> None:
     options = {"include_usage": True, "continuous_usage_stats": True}
-    got, record = await run_scenario(server, tmp_path, stream_options=options)
+    got, _ = await run_scenario(server, tmp_path, stream_options=options)
     assert all("usage" in c for c in got)
     assert got[0]["usage"]["completion_tokens"] == 0
 
@@ -281,7 +283,7 @@ async def test_dropped_connection(server: FakeVLLMServer, tmp_path: Path) -> Non
 
 def test_sse_parser_framing() -> None:
     parser = SSEParser()
-    lines = [": keep-alive", "", "event: x", "id: 3", "data: {\"a\":", "data:1}", "", "data"]
+    lines = [": keep-alive", "", "event: x", "id: 3", 'data: {"a":', "data:1}", "", "data"]
     events = [e for e in map(parser.feed, lines) if e is not None]
     assert events == ['{"a":\n1}']
     assert parser.flush() == ""

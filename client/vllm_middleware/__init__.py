@@ -25,6 +25,7 @@ from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
 from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
 from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
 from ._stats import get_statistics
+from ._streaming import AsyncStream, StreamEnd
 
 __version__ = "0.2.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
     "ConfigurationError",
@@ -47,6 +49,7 @@ __all__ = [
     "ReadStats",
     "RecordEntry",
     "ServiceUnavailableError",
+    "StreamEnd",
     "StreamKeys",
     "VLLMMiddleware",
     "VLLMMiddlewareError",

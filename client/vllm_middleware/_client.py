@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Coroutine, Mapping
-from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -21,13 +20,13 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from ._call import Call, collect, header_request_id
 from ._exceptions import APIError, ConfigurationError, InvalidRequestError
 from ._file_sink import FileSink
-from ._http import error_details, exception_from_response, exception_from_transport
+from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
 from ._partition import LogFormat
 from ._record import (
-    SCHEMA_VERSION,
     RecordEntry,
     default_host,
     encode_record,
@@ -223,7 +222,7 @@ class VLLMMiddleware:
         `headers` are sent with this call only; an `X-Request-Id` among them (or a body
         `request_id`) is kept in the record as `client_request_id`.
         """
-        params = _collect(
+        params = collect(
             temperature=temperature, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice
         )
         params.update(extra)
@@ -277,7 +276,7 @@ class VLLMMiddleware:
         **extra: Any,
     ) -> dict[str, Any] | AsyncStream:
         """POST /completions; like `chat_completion` (JSON, or an `AsyncStream` when streaming)."""
-        params = _collect(temperature=temperature, max_tokens=max_tokens)
+        params = collect(temperature=temperature, max_tokens=max_tokens)
         params.update(extra)
         if stream:
             params["stream"] = True
@@ -332,11 +331,11 @@ class VLLMMiddleware:
         if model is not None:
             body["model"] = model
         body[payload_key] = payload
-        call = _Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
+        call = Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
         send_headers = _JSON_HEADERS
         if headers:
             send_headers = {**_JSON_HEADERS, **headers}
-            call.client_request_id = _header_request_id(headers)
+            call.client_request_id = header_request_id(headers)
         if call.client_request_id is None and "request_id" in params:
             call.client_request_id = params["request_id"]
         try:
@@ -390,11 +389,11 @@ class VLLMMiddleware:
         if model is not None:
             body["model"] = model
         body[payload_key] = payload
-        call = _Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
+        call = Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
         send_headers = _SSE_HEADERS
         if headers:
             send_headers = {**_SSE_HEADERS, **headers}
-            call.client_request_id = _header_request_id(headers)
+            call.client_request_id = header_request_id(headers)
         if call.client_request_id is None and "request_id" in params:
             call.client_request_id = params["request_id"]
         try:
@@ -426,7 +425,7 @@ class VLLMMiddleware:
         )
         return AsyncStream(state)
 
-    async def _stream_failed(self, call: _Call, started: float, response: httpx.Response) -> None:
+    async def _stream_failed(self, call: Call, started: float, response: httpx.Response) -> None:
         """An HTTP error before the stream started: read the error body, log, raise."""
         failure: APIError
         try:
@@ -533,100 +532,3 @@ class VLLMMiddleware:
                     socket_connect_timeout=2,
                 )
         return self._sync_redis
-
-
-def _collect(**values: Any) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def _header_request_id(headers: Mapping[str, str]) -> str | None:
-    for name, value in headers.items():
-        if name.lower() == "x-request-id":
-            return value
-    return None
-
-
-class _Call:
-    """What one call knows for its record; `log` builds and submits it exactly once."""
-
-    __slots__ = (
-        "client",
-        "client_request_id",
-        "endpoint",
-        "metadata",
-        "model",
-        "now",
-        "params",
-        "payload",
-        "payload_key",
-        "request_id",
-    )
-
-    def __init__(
-        self,
-        client: VLLMMiddleware,
-        endpoint: str,
-        payload_key: str,
-        payload: Any,
-        model: str | None,
-        params: dict[str, Any],
-        metadata: Mapping[str, Any] | None,
-        now: datetime,
-        request_id: str,
-    ) -> None:
-        self.client = client
-        self.endpoint = endpoint
-        self.payload_key = payload_key
-        self.payload = payload
-        self.model = model
-        self.params = params
-        self.metadata = metadata
-        self.now = now
-        self.request_id = request_id
-        self.client_request_id: Any = None
-
-    def log(
-        self,
-        started: float,
-        *,
-        response: Any = None,
-        error: APIError | InvalidRequestError | None = None,
-        status_code: int | None = None,
-        stream: bool = False,
-        ttft_ms: float | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        client = self.client
-        model = self.model
-        if model is None and isinstance(response, dict):
-            model = response.get("model")
-        metadata = client.metadata
-        if self.metadata:
-            metadata = {**metadata, **self.metadata}
-        timestamp = self.now.isoformat()
-        record: dict[str, Any] = {
-            "timestamp": timestamp,
-            "request_id": self.request_id,
-            "model": model,
-            self.payload_key: self.payload,
-            "response": response,
-            "parameters": self.params,
-            "latency_ms": latency_ms,
-            "error": None if error is None else str(error),
-            "metadata": metadata,
-            "schema_version": SCHEMA_VERSION,
-            "host": client.host,
-            "endpoint": self.endpoint,
-            "status_code": status_code,
-            "usage": response.get("usage") if isinstance(response, dict) else None,
-            "stream": stream,
-            "ttft_ms": ttft_ms,
-        }
-        if self.client_request_id is not None:
-            record["client_request_id"] = self.client_request_id
-        if error is not None:
-            record["error_detail"] = error_details(error)
-        if extra:
-            record.update(extra)
-        client._submit(record, timestamp[:10], error is not None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,11 +19,12 @@ import orjson
 
 from ._exceptions import APIConnectionError, APIError, APIStatusError, status_error_class
 from ._http import exception_from_transport
+from ._reassembly import SSEParser, StreamAccumulator
 
 if TYPE_CHECKING:
-    from ._client import _Call
+    from ._call import Call
 
-__all__ = ["AsyncStream", "SSEParser", "StreamAccumulator", "StreamEnd", "StreamState"]
+__all__ = ["AsyncStream", "StreamEnd", "StreamState", "error_from_event"]
 
 StreamEnd = Literal[
     "completed", "error_event", "disconnected", "abandoned", "cancelled", "protocol_error"
@@ -36,233 +36,6 @@ _DRAIN_TIMEOUT = 1.0
 # When the caller closes a stream whose choices have all finished, only the usage chunk and
 # [DONE] are missing: wait this long for them so the record is complete.
 _FINISHED_CLOSE_TIMEOUT = 1.0
-
-_CONTENT_KEYS = ("content", "reasoning", "reasoning_content", "tool_calls", "refusal", "audio")
-
-
-class SSEParser:
-    """Assembles `data:` payloads of server-sent events from lines (terminators stripped).
-
-    Comments (`: keep-alive`) and `event:`/`id:`/`retry:` fields are skipped; several `data:`
-    lines in one event are joined with newlines, as the SSE specification says.
-    """
-
-    __slots__ = ("_data",)
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> str | None:
-        """The data of the event that `line` completes, or None."""
-        if line.startswith("data:"):
-            value = line[5:]
-            self._data.append(value[1:] if value.startswith(" ") else value)
-            return None
-        if line:
-            if line == "data":  # a field with no colon has an empty value
-                self._data.append("")
-            return None
-        return self.flush()
-
-    def flush(self) -> str | None:
-        """Dispatch a pending event (blank line, or the end of the body)."""
-        if not self._data:
-            return None
-        data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
-        self._data = []
-        return data
-
-
-def _merge_logprobs(current: Any, new: Any) -> Any:
-    # Chat logprobs are {"content": [...]}, completions' legacy ones are parallel lists: both
-    # concatenate list values across chunks.
-    if not isinstance(new, dict) or not isinstance(current, dict):
-        return new if current is None else current if new is None else new
-    merged = dict(current)
-    for key, value in new.items():
-        old = merged.get(key)
-        if isinstance(old, list) and isinstance(value, list):
-            merged[key] = old + value
-        elif value is not None or key not in merged:
-            merged[key] = value
-    return merged
-
-
-class _Choice:
-    """One choice being reassembled from its deltas."""
-
-    __slots__ = ("content", "extra", "index", "message_extra", "reasoning", "role", "tools")
-
-    def __init__(self, index: Any) -> None:
-        self.index = index
-        self.role: Any = None
-        self.content: list[str] | None = None
-        self.reasoning: dict[str, list[str]] = {}  # keyed by the name the server used
-        self.tools: dict[Any, dict[str, Any]] = {}
-        self.extra: dict[str, Any] = {}  # choice-level fields: finish_reason, logprobs...
-        self.message_extra: dict[str, Any] = {}
-
-    def add(self, raw: dict[str, Any], chat: bool) -> bool:
-        """Fold one chunk's choice in; True if it carried output (for time-to-first-token)."""
-        carried = False
-        for key, value in raw.items():
-            if key == "delta" and chat:
-                if isinstance(value, dict):
-                    carried = self._add_delta(value)
-            elif key == "text" and not chat:
-                if isinstance(value, str):
-                    if self.content is None:
-                        self.content = []
-                    self.content.append(value)
-                    carried = carried or bool(value)
-            elif key == "logprobs":
-                self.extra[key] = _merge_logprobs(self.extra.get(key), value)
-            elif key == "token_ids" and isinstance(value, list):
-                old = self.extra.get(key)
-                self.extra[key] = old + value if isinstance(old, list) else value
-            elif key != "index" and (value is not None or key not in self.extra):
-                self.extra[key] = value
-        return carried
-
-    def _add_delta(self, delta: dict[str, Any]) -> bool:
-        carried = False
-        for key, value in delta.items():
-            if key == "content":
-                if isinstance(value, str):
-                    if self.content is None:
-                        self.content = []
-                    self.content.append(value)
-                    carried = carried or bool(value)
-            elif key in ("reasoning", "reasoning_content"):
-                if isinstance(value, str):
-                    self.reasoning.setdefault(key, []).append(value)
-                    carried = carried or bool(value)
-            elif key == "tool_calls":
-                if isinstance(value, list) and value:
-                    self._add_tool_calls(value)
-                    carried = True
-            elif key == "role":
-                if value is not None:
-                    self.role = value
-            elif key == "refusal" and isinstance(value, str):
-                self.message_extra[key] = (self.message_extra.get(key) or "") + value
-                carried = carried or bool(value)
-            elif value is not None or key not in self.message_extra:
-                self.message_extra[key] = value
-                carried = carried or (key == "audio" and value is not None)
-        return carried
-
-    def _add_tool_calls(self, entries: list[Any]) -> None:
-        for position, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                continue
-            slot = entry.get("index", position)
-            function = entry.get("function")
-            function = function if isinstance(function, dict) else {}
-            call = self.tools.get(slot)
-            if call is None:
-                call = {
-                    "id": entry.get("id"),
-                    "type": entry.get("type") or "function",
-                    "function": {"name": function.get("name"), "arguments": ""},
-                }
-                self.tools[slot] = call
-            else:
-                # Only the first delta of a call names it; later ones may repeat the fields.
-                if call["id"] is None and entry.get("id") is not None:
-                    call["id"] = entry["id"]
-                if call["function"]["name"] is None and function.get("name") is not None:
-                    call["function"]["name"] = function["name"]
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                call["function"]["arguments"] += arguments
-
-    @property
-    def finished(self) -> bool:
-        return self.extra.get("finish_reason") is not None
-
-    def build(self, chat: bool) -> dict[str, Any]:
-        text = None if self.content is None else "".join(self.content)
-        out: dict[str, Any] = {"index": self.index}
-        if not chat:
-            out["text"] = text if text is not None else ""
-            out.update(self.extra)
-            return out
-        tool_calls = [self.tools[slot] for slot in sorted(self.tools, key=_sort_key)]
-        message: dict[str, Any] = {
-            "role": self.role or "assistant",
-            # The role chunk's "" is not an answer: a tool-call-only reply has null content,
-            # as in the non-streaming body.
-            "content": text if text or not tool_calls else None,
-        }
-        for key, parts in self.reasoning.items():
-            message[key] = "".join(parts)
-        message.update(self.message_extra)
-        if tool_calls:
-            message["tool_calls"] = tool_calls
-        out["message"] = message
-        out.update(self.extra)
-        return out
-
-
-def _sort_key(value: Any) -> tuple[int, str]:
-    return (value, "") if isinstance(value, int) else (1 << 62, str(value))
-
-
-class StreamAccumulator:
-    """Folds stream chunks into the non-streaming response shape, choice by choice."""
-
-    __slots__ = ("chat", "choices", "chunks", "started", "top", "ttft_ms", "usage")
-
-    def __init__(self, chat: bool, started: float) -> None:
-        self.chat = chat
-        self.started = started
-        self.top: dict[str, Any] = {}
-        self.choices: dict[Any, _Choice] = {}
-        self.usage: Any = None
-        self.chunks = 0
-        self.ttft_ms: float | None = None
-
-    def add(self, chunk: dict[str, Any]) -> None:
-        self.chunks += 1
-        top = self.top
-        for key, value in chunk.items():
-            if key == "choices":
-                continue
-            if key == "usage":
-                if value is not None:
-                    self.usage = value  # continuous stats: the last one is the running total
-            elif value is not None or key not in top:
-                top[key] = value
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            return
-        carried = False
-        for raw in choices:
-            if not isinstance(raw, dict):
-                continue
-            index = raw.get("index", 0)
-            choice = self.choices.get(index)
-            if choice is None:
-                choice = self.choices[index] = _Choice(index)
-            carried = choice.add(raw, self.chat) or carried
-        if carried and self.ttft_ms is None:
-            self.ttft_ms = round((time.perf_counter() - self.started) * 1000, 3)
-
-    def all_finished(self) -> bool:
-        return bool(self.choices) and all(choice.finished for choice in self.choices.values())
-
-    def response(self) -> dict[str, Any]:
-        out = dict(self.top)
-        if self.chat:
-            out["object"] = "chat.completion"
-        elif "object" in out:
-            out["object"] = "text_completion"
-        out["choices"] = [
-            self.choices[index].build(self.chat) for index in sorted(self.choices, key=_sort_key)
-        ]
-        out["usage"] = self.usage
-        return out
 
 
 def error_from_event(body: dict[str, Any], request_id: str) -> APIStatusError:
@@ -298,7 +71,7 @@ class StreamState:
 
     def __init__(
         self,
-        call: _Call,
+        call: Call,
         started: float,
         response: httpx.Response,
         *,

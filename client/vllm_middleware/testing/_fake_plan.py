@@ -7,6 +7,7 @@ list of stream events, so the HTTP layer only has to write bytes and sleep.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections import deque
@@ -470,3 +471,23 @@ def _text_items(s: Settings, wire: Wire, choice: ChoicePlan, continuous: bool) -
         chunk = wire.text_chunk(choice.index, piece, choice.finish_reason if last else None, usage)
         items.append(_sse(chunk, "finish" if last else "content"))
     return items
+
+
+def parse_json_body(settings: Settings, headers: Mapping[str, str], raw: bytes) -> Any:
+    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise validation_error(
+            settings.flavor, settings.error_shape,
+            "Unsupported Media Type: Only 'application/json' is allowed",
+        )
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise validation_error(
+            settings.flavor, settings.error_shape, f"JSON decode error: {exc}", "body"
+        ) from None
+    if not isinstance(body, dict):
+        raise validation_error(
+            settings.flavor, settings.error_shape, "Input should be a valid dictionary", "body"
+        )
+    return body

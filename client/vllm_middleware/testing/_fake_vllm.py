@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import secrets
 import socket
 import socketserver
 import sys
@@ -26,7 +25,16 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._fake_plan import Drop, Prepared, Send, Settings, Sleep, prepare_chat, prepare_completion
+from ._fake_plan import (
+    Drop,
+    Prepared,
+    Send,
+    Settings,
+    Sleep,
+    parse_json_body,
+    prepare_chat,
+    prepare_completion,
+)
 from ._fake_text import Chunker
 from ._fake_wire import (
     VERSIONS,
@@ -36,9 +44,9 @@ from ._fake_wire import (
     dumps,
     error_body,
     midstream_error_event,
+    models_body,
     triggered_error,
     unauthorized_body,
-    validation_error,
 )
 
 _CHAT = "/v1/chat/completions"
@@ -388,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/version":
                 self._json(200, {"version": VERSIONS[fake.flavor]})
             else:
-                self._json(200, _models_body(fake))
+                self._json(200, models_body(fake.flavor, fake.model, fake.max_model_len))
             return
         if path not in (_CHAT, _COMPLETIONS):
             self._json(404, {"detail": "Not Found"})
@@ -398,7 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         settings = fake._settings()
         try:
-            body = _parse_json_body(settings, headers, raw)
+            body = parse_json_body(settings, headers, raw)
             prepare = prepare_chat if path == _CHAT else prepare_completion
             prepared = prepare(settings, body, headers)
         except FakeHTTPError as error:
@@ -458,57 +466,3 @@ class _Handler(BaseHTTPRequestHandler):
             if not self.stop_event.is_set():
                 self.fake._count_abort()
             self._cut()
-
-
-def _parse_json_body(settings: Settings, headers: Mapping[str, str], raw: bytes) -> Any:
-    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        raise validation_error(
-            settings.flavor, settings.error_shape,
-            "Unsupported Media Type: Only 'application/json' is allowed",
-        )
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise validation_error(
-            settings.flavor, settings.error_shape, f"JSON decode error: {exc}", "body"
-        ) from None
-    if not isinstance(body, dict):
-        raise validation_error(
-            settings.flavor, settings.error_shape, "Input should be a valid dictionary", "body"
-        )
-    return body
-
-
-def _models_body(fake: FakeVLLMServer) -> dict[str, Any]:
-    created = int(time.time())
-    hex_len = 8 if fake.flavor == "v0.33" else 16
-    permission = {
-        "id": "modelperm-" + _hex(hex_len),
-        "object": "model_permission",
-        "created": created,
-        "allow_create_engine": False,
-        "allow_sampling": True,
-        "allow_logprobs": True,
-        "allow_search_indices": False,
-        "allow_view": True,
-        "allow_fine_tuning": False,
-        "organization": "*",
-        "group": None,
-        "is_blocking": False,
-    }
-    card = {
-        "id": fake.model,
-        "object": "model",
-        "created": created,
-        "owned_by": "vllm",
-        "root": fake.model,
-        "parent": None,
-        "max_model_len": fake.max_model_len,
-        "permission": [permission],
-    }
-    return {"object": "list", "data": [card]}
-
-
-def _hex(num_bytes: int) -> str:
-    return secrets.token_hex(num_bytes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
@@ -347,3 +349,34 @@ class Wire:
 
 def _count_reasoning(choice: ChoicePlan) -> int:
     return len((choice.reasoning or "").split())
+
+
+def models_body(flavor: Flavor, model: str, max_model_len: int) -> dict[str, Any]:
+    """``GET /v1/models`` with the one served model (section 6)."""
+    created = int(time.time())
+    hex_len = 8 if flavor == "v0.33" else 16
+    permission = {
+        "id": "modelperm-" + secrets.token_hex(hex_len),
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+    card = {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": model,
+        "parent": None,
+        "max_model_len": max_model_len,
+        "permission": [permission],
+    }
+    return {"object": "list", "data": [card]}

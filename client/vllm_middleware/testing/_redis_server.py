@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 from urllib.parse import quote
 
 _HOST = "127.0.0.1"
@@ -39,6 +40,19 @@ def _resp(*args: str) -> bytes:
         data = arg.encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def _read_reply(reader: BinaryIO) -> bytes | None:
+    """Read one simple/error/integer/bulk RESP reply (all a PING or INFO can return)."""
+    line = reader.readline()
+    if not line.endswith(b"\r\n"):
+        raise ValueError("connection closed mid-reply")
+    if line[:1] == b"$":
+        size = int(line[1:-2])
+        if size < 0:
+            return None
+        return reader.read(size + 2)[:-2]
+    return line[:-2]
 
 
 def _kill_quietly(process: subprocess.Popen[bytes]) -> None:
@@ -69,11 +83,13 @@ class RedisServerProcess:
         executable: str | None = None,
     ) -> None:
         self._owns_dir = tmp_dir is None
-        self.dir = Path(tmp_dir) if tmp_dir is not None else Path(
-            tempfile.mkdtemp(prefix="redis-test-")
+        self.dir = (
+            Path(tmp_dir) if tmp_dir is not None else Path(tempfile.mkdtemp(prefix="redis-test-"))
         )
-        self._fixed_port = port is not None
-        self._port = port
+        # The port is chosen now so ``url`` works before start() (tests of "Redis down at
+        # startup" hand the URL to a client first) and stays the same across restarts.
+        self._may_move_port = port is None
+        self._port = port if port is not None else _free_port()
         self.appendonly = appendonly
         self.maxmemory = maxmemory
         self.password = password
@@ -94,8 +110,6 @@ class RedisServerProcess:
 
     @property
     def port(self) -> int:
-        if self._port is None:
-            raise RedisServerError("the port is chosen by start(); start the server first")
         return self._port
 
     @property
@@ -131,30 +145,40 @@ class RedisServerProcess:
                 "redis-server not found on PATH; install it (e.g. `apt-get install redis-server`)"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
-        attempts = 1 if self._fixed_port or self._port is not None else _PORT_ATTEMPTS
-        for attempt in range(attempts):
-            if self._port is None or (attempt > 0 and not self._fixed_port):
-                # A free port can be taken between probing and binding; try another.
-                self._port = _free_port()
+        for attempt in range(_PORT_ATTEMPTS):
             try:
                 self._spawn(binary)
-                return self
-            except RedisServerError:
-                if attempt == attempts - 1:
+            except RedisServerError as error:
+                # The probed port can be taken by someone else before redis binds it; move
+                # only if nobody has seen the server run on it yet.
+                in_use = "Address already in use" in str(error)
+                if not (in_use and self._may_move_port) or attempt == _PORT_ATTEMPTS - 1:
                     raise
+                self._port = _free_port()
+            else:
+                self._may_move_port = False
+                return self
         return self  # pragma: no cover - the loop always returns or raises
 
     def _command(self, binary: str) -> list[str]:
         args = [
             binary,
-            "--port", str(self.port),
-            "--bind", _HOST,
-            "--dir", str(self.dir),
-            "--logfile", _LOG_NAME,
-            "--daemonize", "no",
-            "--protected-mode", "no",
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            _HOST,
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            _LOG_NAME,
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
         ]
         if self.appendonly:
             # Fault tests SIGKILL the server and expect every acknowledged write back;
@@ -186,8 +210,11 @@ class RedisServerProcess:
                 raise RedisServerError(
                     f"redis-server exited with {process.returncode}: {self._log_tail()}"
                 )
-            if self.ping(timeout=0.5):
+            answering = self._answering_pid(timeout=0.5)
+            if answering == process.pid:
                 return
+            # Another server owns the port (ours will fail to bind): keep polling until ours
+            # exits, so the error carries its log rather than a misleading success.
             time.sleep(0.02)
         _kill_quietly(process)
         self._process = None
@@ -202,25 +229,34 @@ class RedisServerProcess:
                 texts.append((self.dir / name).read_text(errors="replace")[-2000:])
         return "\n".join(text for text in texts if text.strip()) or "(no log output)"
 
-    def ping(self, timeout: float = 1.0) -> bool:
-        """True when the server answers PING with PONG (False while loading, paused or down)."""
-        if self._port is None:
-            return False
+    def _call(self, command: Sequence[str], timeout: float) -> bytes | None:
+        """Send one command (after AUTH when needed) on a fresh socket; return its reply."""
+        commands = [list(command)]
+        if self.password is not None:
+            commands.insert(0, ["AUTH", self.password])
         try:
             with socket.create_connection((_HOST, self._port), timeout=timeout) as conn:
-                request = _resp("PING")
-                if self.password is not None:
-                    request = _resp("AUTH", self.password) + request
-                conn.sendall(request)
-                reply = b""
-                while b"PONG" not in reply and b"-" not in reply:
-                    data = conn.recv(256)
-                    if not data:
-                        return False
-                    reply += data
-                return b"+PONG" in reply
-        except OSError:
-            return False
+                conn.sendall(b"".join(_resp(*args) for args in commands))
+                with conn.makefile("rb") as reader:
+                    reply = None
+                    for _ in commands:
+                        reply = _read_reply(reader)
+                    return reply
+        except (OSError, ValueError):
+            return None
+
+    def ping(self, timeout: float = 1.0) -> bool:
+        """True when the server answers PING with PONG (False while loading, paused or down)."""
+        return self._call(["PING"], timeout) == b"+PONG"
+
+    def _answering_pid(self, timeout: float) -> int | None:
+        info = self._call(["INFO", "server"], timeout)
+        if info is None or info.startswith(b"-"):
+            return None
+        for line in info.splitlines():
+            if line.startswith(b"process_id:"):
+                return int(line.split(b":", 1)[1])
+        return None
 
     def _signal(self, signum: int) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -1,0 +1,114 @@
+"""One call's record: what the request path knows, built into a record dict exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import APIError, InvalidRequestError
+from ._http import error_details
+from ._record import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from ._client import VLLMMiddleware
+
+__all__ = ["Call", "collect", "header_request_id"]
+
+
+def collect(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def header_request_id(headers: Mapping[str, str]) -> str | None:
+    for name, value in headers.items():
+        if name.lower() == "x-request-id":
+            return value
+    return None
+
+
+class Call:
+    """What one call knows for its record; `log` builds and submits it exactly once."""
+
+    __slots__ = (
+        "client",
+        "client_request_id",
+        "endpoint",
+        "metadata",
+        "model",
+        "now",
+        "params",
+        "payload",
+        "payload_key",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        client: VLLMMiddleware,
+        endpoint: str,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        now: datetime,
+        request_id: str,
+    ) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.payload_key = payload_key
+        self.payload = payload
+        self.model = model
+        self.params = params
+        self.metadata = metadata
+        self.now = now
+        self.request_id = request_id
+        self.client_request_id: Any = None
+
+    def log(
+        self,
+        started: float,
+        *,
+        response: Any = None,
+        error: APIError | InvalidRequestError | None = None,
+        status_code: int | None = None,
+        stream: bool = False,
+        ttft_ms: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        client = self.client
+        model = self.model
+        if model is None and isinstance(response, dict):
+            model = response.get("model")
+        metadata = client.metadata
+        if self.metadata:
+            metadata = {**metadata, **self.metadata}
+        timestamp = self.now.isoformat()
+        record: dict[str, Any] = {
+            "timestamp": timestamp,
+            "request_id": self.request_id,
+            "model": model,
+            self.payload_key: self.payload,
+            "response": response,
+            "parameters": self.params,
+            "latency_ms": latency_ms,
+            "error": None if error is None else str(error),
+            "metadata": metadata,
+            "schema_version": SCHEMA_VERSION,
+            "host": client.host,
+            "endpoint": self.endpoint,
+            "status_code": status_code,
+            "usage": response.get("usage") if isinstance(response, dict) else None,
+            "stream": stream,
+            "ttft_ms": ttft_ms,
+        }
+        if self.client_request_id is not None:
+            record["client_request_id"] = self.client_request_id
+        if error is not None:
+            record["error_detail"] = error_details(error)
+        if extra:
+            record.update(extra)
+        client._submit(record, timestamp[:10], error is not None)
