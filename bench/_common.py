@@ -25,8 +25,9 @@ import orjson
 
 __all__ = [
     "BENCH_HOST",
-    "base_parser",
     "banner",
+    "base_parser",
+    "cpu_seconds",
     "fmt",
     "machine_info",
     "make_record",
@@ -36,6 +37,7 @@ __all__ = [
     "quiet_gc",
     "rss_mb",
     "sample_messages",
+    "timed",
     "today",
 ]
 
@@ -114,7 +116,7 @@ def today() -> str:
 
 # -- records ------------------------------------------------------------------------------------
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - prose reads better than a word list
     "the quick brown fox jumps over a lazy dog while the model answers questions about "
     "weather reports, invoices, code reviews and travel plans for many different users"
 ).split()

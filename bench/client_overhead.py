@@ -114,7 +114,7 @@ async def drive(call: Callable[[], Awaitable[Any]], total: int, concurrency: int
 
 async def wait_shipped(mw: VLLMMiddleware) -> None:
     sink = mw._sink
-    while sink is not None and sink.buffered:
+    while sink is not None and sink.buffered:  # noqa: ASYNC110 - polls the sink's state
         await asyncio.sleep(0.002)
 
 
@@ -264,7 +264,8 @@ def main() -> None:
     banner("client_overhead", args)
     print(f"  streaming chat in the client: {'yes' if streaming_supported() else 'no (skipped)'}")
     log_root = Path(tempfile.mkdtemp(prefix="bench-client-", dir=os.environ.get("BENCH_DIR")))
-    print(f"  record size for this request mix: {record_size('http://mock.invalid/v1', log_root):.0f} B")
+    size = record_size("http://mock.invalid/v1", log_root)
+    print(f"  record size for this request mix: {size:.0f} B")
     fake = FakeServer()
     try:
         with RedisServerProcess() as redis_server:

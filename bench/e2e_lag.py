@@ -60,7 +60,7 @@ def consumer_process(redis_url: str, log_dir: str, out: str, ready: Any, stop: M
         consumer = TimedConsumer(client, config)
         task = asyncio.create_task(consumer.run())
         ready.put(1)
-        while not stop.is_set():
+        while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing event
             await asyncio.sleep(0.05)
         consumer.stop()
         await task
@@ -101,7 +101,7 @@ async def producer(redis_url: str, rates: list[int], seconds: float) -> list[tup
         t0 = time.monotonic()
         offered = await offer(sink, template, rate, seconds)
         t1 = time.monotonic()
-        while sink.buffered:  # let the producer buffer empty before the next rate
+        while sink.buffered:  # noqa: ASYNC110 - let the producer buffer empty before the next rate
             await asyncio.sleep(0.01)
         phases.append((rate, offered, t0, t1))
         await asyncio.sleep(0.5)

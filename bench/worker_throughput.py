@@ -97,7 +97,7 @@ def consumer_process(
         await client.ping()
         consumer = StreamConsumer(client, config)
         ready.put(name)
-        while not go.wait(0.001):
+        while not go.wait(0.001):  # noqa: ASYNC110 - a multiprocessing event
             await asyncio.sleep(0)
         cpu0, start = time.process_time(), time.monotonic()
         await consumer.run(burst=True)
@@ -137,7 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     banner("worker_throughput", args)
     repeats = args.repeats or (1 if args.quick else 3)
-    sizes = [(1024, 40_000 if args.quick else 300_000), (10 * 1024, 5_000 if args.quick else 40_000)]
+    sizes = [(1024, 40_000 if args.quick else 300_000),
+             (10 * 1024, 5_000 if args.quick else 40_000)]
     batch = WorkerConfig().batch_size
     root = Path(tempfile.mkdtemp(prefix="bench-worker-", dir=os.environ.get("BENCH_DIR")))
     rows: list[list[Any]] = []
@@ -166,7 +167,7 @@ def main() -> None:
                         checks.append(f"size {size} workers {workers}: {done}/{total} records")
                     written = sum(p.stat().st_size for p in log_dir.rglob("*.jsonl"))
                     if written != nbytes + total:
-                        checks.append(f"size {size}: {written} bytes in files, want {nbytes + total}")
+                        checks.append(f"size {size}: {written} B in files, want {nbytes + total}")
                     results.setdefault(f"w{workers}", []).append(total / secs)
                     results.setdefault(f"w{workers}cpu", []).append(cpu / total * 1e6)
                     results.setdefault(f"w{workers}batch", []).append(total / max(batches, 1))
