@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ def spread_over_days(monkeypatch: pytest.MonkeyPatch) -> None:
     cycle = itertools.cycle(DAYS)
 
     def fake_now() -> datetime:
-        real = datetime.now(timezone.utc)
+        real = datetime.now(UTC)
         day = datetime.fromisoformat(next(cycle))
         return real.replace(year=day.year, month=day.month, day=day.day)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import multiprocessing
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -13,7 +13,7 @@ ID_RE = re.compile(r"^req_\d{8}_\d{6}_[0-9a-f]{10}_\d+$")
 
 
 def test_request_id_keeps_the_readable_prefix() -> None:
-    now = datetime(2025, 10, 21, 10, 30, 45, tzinfo=timezone.utc)
+    now = datetime(2025, 10, 21, 10, 30, 45, tzinfo=UTC)
     rid = new_request_id(now)
     assert rid.startswith("req_20251021_103045_")
     assert ID_RE.match(rid)

@@ -11,7 +11,7 @@ import itertools
 import os
 import socket
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -42,7 +42,7 @@ class RecordEntry(NamedTuple):
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def default_host() -> str:
