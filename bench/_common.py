@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ def quiet_gc() -> Iterator[None]:
 
 
 def today() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
 # -- records ------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def sample_messages(user_bytes: int = 100) -> list[dict[str, str]]:
 
 def make_record(size: int, seq: int = 0, *, sent: float | None = None) -> bytes:
     """An encoded record shaped like the client's (contract fields), padded to ~`size` bytes."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     record: dict[str, Any] = {
         "timestamp": now.isoformat(),
         "request_id": f"req_{now:%Y%m%d_%H%M%S}_bench{os.getpid():x}_{seq}",
@@ -228,7 +228,7 @@ def machine_info(directory: str | os.PathLike[str] = ".") -> dict[str, str]:
 
 def banner(name: str, args: argparse.Namespace) -> None:
     info = machine_info()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     print(f"# {name}  ({'quick' if getattr(args, 'quick', False) else 'full'} run, {stamp})")
     print("  " + "; ".join(f"{k}: {v}" for k, v in info.items()))
     sys.stdout.flush()

@@ -91,22 +91,23 @@ async def offer(sink: RedisStreamSink, template: bytes, rate: int, seconds: floa
     return total / (time.monotonic() - start)
 
 
-async def producer(redis_url: str, rates: list[int], seconds: float) -> list[tuple[int, float,
-                                                                                   float, float]]:
+async def producer(
+    redis_url: str, rates: list[int], seconds: float
+) -> list[tuple[int, float, float, float, int]]:
     client = aioredis.Redis.from_url(redis_url)
     sink = RedisStreamSink(client, keys=StreamKeys(STREAM))
     template = make_record(1024, 0, sent=0.0)
     phases = []
     for rate in rates:
         t0 = time.monotonic()
+        dropped0 = sink.counters.dropped
         offered = await offer(sink, template, rate, seconds)
         t1 = time.monotonic()
         while sink.buffered:  # noqa: ASYNC110 - let the producer buffer empty before the next rate
             await asyncio.sleep(0.01)
-        phases.append((rate, offered, t0, t1))
+        phases.append((rate, offered, t0, t1, sink.counters.dropped - dropped0))
         await asyncio.sleep(0.5)
     await sink.aclose()
-    assert sink.counters.dropped == 0, sink.counters
     await client.aclose()
     return phases
 
@@ -117,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     banner("e2e_lag", args)
     seconds = 2.0 if args.quick else 5.0
-    default = "5000,20000,40000" if args.quick else "2000,5000,10000,20000,30000,40000,60000"
+    default = "5000,20000,40000" if args.quick else "2000,5000,10000,20000,30000,40000,50000"
     rates = [int(r) for r in (args.rates or default).split(",")]
     root = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=os.environ.get("BENCH_DIR")))
     out = root / "lags.json"
@@ -130,25 +131,28 @@ def main() -> None:
         proc.start()
         ready.get(timeout=60)
         time.sleep(0.5)
-        phases = asyncio.run(producer(server.url, rates, seconds))
-        time.sleep(2.0)  # let the worker finish the backlog
-        stop.set()
-        proc.join(timeout=120)
+        try:
+            phases = asyncio.run(producer(server.url, rates, seconds))
+            time.sleep(2.0)  # let the worker finish the backlog
+        finally:
+            stop.set()
+            proc.join(timeout=120)
     data = orjson.loads(out.read_bytes())
     pairs = list(zip(data["sent"], data["durable"], strict=True))
-    for rate, offered, t0, t1 in phases:
+    for rate, offered, t0, t1, dropped in phases:
         lags = [(d - s) * 1000 for s, d in pairs if t0 <= s <= t1]
         durable = [d for s, d in pairs if t0 <= s <= t1]
         span = (max(durable) - t0) if durable else float("nan")
-        rows.append([rate, offered, len(lags), len(lags) / span, median(lags), pct(lags, 99),
+        rows.append([rate, offered, dropped, len(lags), len(lags) / span, median(lags),
+                     pct(lags, 99),
                      max(lags) if lags else float("nan"),
                      "yes" if rate == 20_000 and pct(lags, 99) < 250 else
                      ("NO" if rate == 20_000 else "")])
     shutil.rmtree(root, ignore_errors=True)
     print_table(
         f"Hand-off to durable (written + fsynced) lag, {seconds:.0f} s per rate, ~1 KB records",
-        ["target rate/s", "offered/s", "records", "durable/s", "p50 ms", "p99 ms", "max ms",
-         "p99 < 250 ms at 20k"],
+        ["target rate/s", "offered/s", "dropped (buffer full)", "records", "durable/s",
+         "p50 ms", "p99 ms", "max ms", "p99 < 250 ms at 20k"],
         rows,
     )
 

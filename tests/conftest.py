@@ -13,6 +13,14 @@ import pytest
 from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
 
 
+@pytest.fixture(autouse=True)
+def spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's Redis clients spool into its temp dir, never into ~/.cache."""
+    path = tmp_path / "spool"
+    monkeypatch.setenv("VLLM_MW_SPOOL_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
     """A private redis-server on a free port, with its data in the test's temp dir."""

@@ -46,18 +46,38 @@ TIME_TOOL: dict[str, Any] = {
 }
 
 CHAT_V033_TOP = {
-    "id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
-    "usage", "prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params",
-    "ec_transfer_params", "metrics",
+    "id",
+    "object",
+    "created",
+    "model",
+    "choices",
+    "service_tier",
+    "system_fingerprint",
+    "usage",
+    "prompt_logprobs",
+    "prompt_token_ids",
+    "prompt_text",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "metrics",
 }
 CHAT_V010_TOP = CHAT_V033_TOP - {"prompt_text", "ec_transfer_params", "metrics"}
 CHOICE_V033 = {
-    "index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids",
-    "routed_experts", "weight_versions",
+    "index",
+    "message",
+    "logprobs",
+    "finish_reason",
+    "stop_reason",
+    "token_ids",
+    "routed_experts",
+    "weight_versions",
 }
 MESSAGE_BASE = {"role", "content", "refusal", "annotations", "audio", "function_call"}
 USAGE_KEYS = {
-    "prompt_tokens", "total_tokens", "completion_tokens", "prompt_tokens_details",
+    "prompt_tokens",
+    "total_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
     "completion_tokens_details",
 }
 
@@ -92,7 +112,7 @@ def data_events(raw: str) -> list[Any]:
     """Parsed ``data:`` payloads, with keep-alive comments skipped and the [DONE] marker last."""
     events = [e for e in events_of(raw) if e.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
-    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+    return [json.loads(e[len("data: ") :]) for e in events[:-1]]
 
 
 def stream(http: httpx.Client, path: str, body: dict[str, Any]) -> str:
@@ -117,7 +137,7 @@ def has_null_anywhere(obj: Any) -> bool:
 
 def test_fake_reply_and_tokens() -> None:
     assert count_tokens("  a b\tc\n") == 3
-    assert fake_reply("hello world") .content == "Echo: hello world"
+    assert fake_reply("hello world").content == "Echo: hello world"
     assert fake_reply("hello world", index=2).content == "Echo#2: hello world"
     cut = fake_reply("one two three", max_tokens=2)
     assert (cut.content, cut.finish_reason, cut.completion_tokens) == ("Echo: one", "length", 2)
@@ -160,11 +180,14 @@ def test_health_version_models(server: FakeVLLMServer, client: httpx.Client) -> 
 def test_chat_body_keys_per_flavour(server: FakeVLLMServer, client: httpx.Client) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-            {"type": "text", "text": "Describe"},
-            {"type": "text", "text": "this picture"},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": "Describe"},
+                {"type": "text", "text": "this picture"},
+            ],
+        },
     ]
     response = client.post("/chat/completions", json={"model": MODEL, "messages": messages})
     assert response.status_code == 200
@@ -203,12 +226,29 @@ def test_chat_body_keys_per_flavour(server: FakeVLLMServer, client: httpx.Client
 def test_completion_body_keys_per_flavour(server: FakeVLLMServer, client: httpx.Client) -> None:
     body = client.post("/completions", json={"model": MODEL, "prompt": "The capital"}).json()
     new = server.flavor == "v0.33"
-    top = {"id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
-           "usage", "kv_transfer_params"}
+    top = {
+        "id",
+        "object",
+        "created",
+        "model",
+        "choices",
+        "service_tier",
+        "system_fingerprint",
+        "usage",
+        "kv_transfer_params",
+    }
     assert set(body) == (top | {"ec_transfer_params", "metrics"} if new else top)
     (choice,) = body["choices"]
-    keys = {"index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
-            "prompt_logprobs", "prompt_token_ids"}
+    keys = {
+        "index",
+        "text",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "token_ids",
+        "prompt_logprobs",
+        "prompt_token_ids",
+    }
     assert set(choice) == (keys | {"routed_experts", "weight_versions"} if new else keys)
     assert choice["text"] == "Echo: The capital"
     assert body["object"] == "text_completion"
@@ -314,7 +354,8 @@ def test_tool_choice_variants(client: httpx.Client) -> None:
     assert call(user("hi"), "required")["tool_calls"][0]["function"]["name"] == "get_weather"
     named = {"type": "function", "function": {"name": "get_time"}}
     assert call(user("hi"), named)["tool_calls"][0]["function"] == {
-        "name": "get_time", "arguments": "{}"
+        "name": "get_time",
+        "arguments": "{}",
     }
     after_tool = [
         *user("weather in Oslo?"),
@@ -338,8 +379,10 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def test_unknown_model(server: FakeVLLMServer, client: httpx.Client) -> None:
-    for path, extra in (("/chat/completions", {"messages": user("x")}), ("/completions",
-                                                                          {"prompt": "x"})):
+    for path, extra in (
+        ("/chat/completions", {"messages": user("x")}),
+        ("/completions", {"prompt": "x"}),
+    ):
         error = error_of(client.post(path, json={"model": "foo", **extra}), 404)
         assert error["type"] == "NotFoundError"
         if server.flavor == "v0.33":
@@ -382,35 +425,45 @@ def test_validation_errors(server: FakeVLLMServer, client: httpx.Client) -> None
         "/chat/completions",
         json={"messages": user("x"), "stream": False, "stream_options": {"include_usage": True}},
     )
-    assert "Stream options can only be defined when `stream=True`." in error_of(options, 400)[
-        "message"
-    ]
+    assert (
+        "Stream options can only be defined when `stream=True`."
+        in error_of(options, 400)["message"]
+    )
     empty_tools = client.post("/chat/completions", json={"messages": user("x"), "tools": []})
     error_of(empty_tools, 400)
     unknown_named = client.post(
         "/chat/completions",
-        json={"messages": user("x"), "tools": [WEATHER_TOOL],
-              "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        json={
+            "messages": user("x"),
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
     )
     error_of(unknown_named, 400)
     error_of(client.post("/chat/completions", json={"model": MODEL}), 400)
-    error_of(client.post("/completions", json={"prompt": "x", "stream": True,
-                                              "use_beam_search": True}), 400)
+    error_of(
+        client.post("/completions", json={"prompt": "x", "stream": True, "use_beam_search": True}),
+        400,
+    )
     auto_ok = client.post(
-        "/chat/completions", json={"messages": user("x"), "tools": [WEATHER_TOOL],
-                                   "tool_choice": "auto"}
+        "/chat/completions",
+        json={"messages": user("x"), "tools": [WEATHER_TOOL], "tool_choice": "auto"},
     )
     assert auto_ok.status_code == 200
 
 
 def test_flat_error_shape() -> None:
     with FakeVLLMServer(flavor="v0.10.2", error_shape="flat") as fake, httpx.Client() as http:
-        response = http.post(fake.base_url + "/chat/completions",
-                             json={"model": "foo", "messages": user("x")})
+        response = http.post(
+            fake.base_url + "/chat/completions", json={"model": "foo", "messages": user("x")}
+        )
         assert response.status_code == 404
         assert response.json() == {
-            "object": "error", "message": "The model `foo` does not exist.",
-            "type": "NotFoundError", "param": None, "code": 404,
+            "object": "error",
+            "message": "The model `foo` does not exist.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
         }
         triggered = http.post(fake.base_url + "/completions", json={"prompt": "[[status:503]]"})
         assert triggered.json()["object"] == "error"
@@ -432,9 +485,15 @@ def test_api_key(server: FakeVLLMServer, client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     ("status", "err_type"),
-    [(400, "BadRequestError"), (404, "NotFoundError"), (429, "TooManyRequestsError"),
-     (500, "InternalServerError"), (501, "NotImplementedError"), (502, "BadGatewayError"),
-     (503, "Service Unavailable")],
+    [
+        (400, "BadRequestError"),
+        (404, "NotFoundError"),
+        (429, "TooManyRequestsError"),
+        (500, "InternalServerError"),
+        (501, "NotImplementedError"),
+        (502, "BadGatewayError"),
+        (503, "Service Unavailable"),
+    ],
 )
 def test_status_triggers(client: httpx.Client, status: int, err_type: str) -> None:
     for is_stream in (False, True):
@@ -466,8 +525,14 @@ def test_chat_stream_framing_and_nulls(server: FakeVLLMServer, client: httpx.Cli
     assert len({c["created"] for c in chunks}) == 1
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     role, *deltas, finish = chunks
-    assert role["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}]
+    assert role["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
     assert ("prompt_text" in role) == new
     assert "prompt_token_ids" in role
     for chunk in deltas:
@@ -488,10 +553,13 @@ def test_chat_stream_framing_and_nulls(server: FakeVLLMServer, client: httpx.Cli
     assert ("system_fingerprint" in finish) == new
 
 
-@pytest.mark.parametrize("options", [None, {}, {"include_usage": True},
-                                     {"include_usage": False}, {"continuous_usage_stats": True}])
-def test_usage_chunk_defaults(server: FakeVLLMServer, client: httpx.Client,
-                              options: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [None, {}, {"include_usage": True}, {"include_usage": False}, {"continuous_usage_stats": True}],
+)
+def test_usage_chunk_defaults(
+    server: FakeVLLMServer, client: httpx.Client, options: dict[str, Any] | None
+) -> None:
     body: dict[str, Any] = {"messages": user("a b")}
     if options is not None:
         body["stream_options"] = options
@@ -520,16 +588,25 @@ def test_usage_chunk_defaults(server: FakeVLLMServer, client: httpx.Client,
 
 def test_continuous_usage_v033_needs_include_usage() -> None:
     with FakeVLLMServer() as fake, httpx.Client(base_url=fake.base_url) as http:
-        chunks = data_events(stream(http, "/chat/completions", {
-            "messages": user("x"),
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-        }))
+        chunks = data_events(
+            stream(
+                http,
+                "/chat/completions",
+                {
+                    "messages": user("x"),
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                },
+            )
+        )
         assert all("usage" in c for c in chunks)
 
 
 def test_completion_stream(server: FakeVLLMServer, client: httpx.Client) -> None:
-    raw = stream(client, "/completions", {"prompt": "once upon", "n": 2,
-                                           "stream_options": {"include_usage": True}})
+    raw = stream(
+        client,
+        "/completions",
+        {"prompt": "once upon", "n": 2, "stream_options": {"include_usage": True}},
+    )
     chunks = data_events(raw)
     new = server.flavor == "v0.33"
     assert all(c["object"] == "text_completion" for c in chunks)
@@ -538,8 +615,15 @@ def test_completion_stream(server: FakeVLLMServer, client: httpx.Client) -> None
     finishes: dict[int, str] = {}
     for chunk in chunks[:-1]:
         (choice,) = chunk["choices"]
-        assert set(choice) >= {"index", "text", "logprobs", "finish_reason", "stop_reason",
-                               "prompt_token_ids", "token_ids"}
+        assert set(choice) >= {
+            "index",
+            "text",
+            "logprobs",
+            "finish_reason",
+            "stop_reason",
+            "prompt_token_ids",
+            "token_ids",
+        }
         assert ("weight_versions" in choice) == new
         texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
         if choice["finish_reason"] is not None:
@@ -577,8 +661,9 @@ def test_reasoning_stream(server: FakeVLLMServer, client: httpx.Client) -> None:
 
 
 def tool_stream(http: httpx.Client, text: str = "weather in Paris?") -> list[Any]:
-    return data_events(stream(http, "/chat/completions",
-                              {"messages": user(text), "tools": [WEATHER_TOOL]}))
+    return data_events(
+        stream(http, "/chat/completions", {"messages": user(text), "tools": [WEATHER_TOOL]})
+    )
 
 
 def test_tool_call_stream(server: FakeVLLMServer, client: httpx.Client) -> None:
@@ -586,8 +671,9 @@ def test_tool_call_stream(server: FakeVLLMServer, client: httpx.Client) -> None:
     new = server.flavor == "v0.33"
     deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
     first = deltas[0]["tool_calls"]
-    assert first == [{"id": first[0]["id"], "type": "function", "index": 0,
-                      "function": {"name": "get_weather"}}]
+    assert first == [
+        {"id": first[0]["id"], "type": "function", "index": 0, "function": {"name": "get_weather"}}
+    ]
     for delta in deltas:
         assert ("content" in delta) == new
         if new:
@@ -601,8 +687,7 @@ def test_tool_call_stream(server: FakeVLLMServer, client: httpx.Client) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_tool_name_and_arguments_in_one_chunk(client: httpx.Client,
-                                              server: FakeVLLMServer) -> None:
+def test_tool_name_and_arguments_in_one_chunk(client: httpx.Client, server: FakeVLLMServer) -> None:
     server.merge_tool_name_delta = True
     chunks = tool_stream(client)
     entries = chunks[1]["choices"][0]["delta"]["tool_calls"]
@@ -621,11 +706,14 @@ def shared_server() -> Iterator[FakeVLLMServer]:
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=12),
-       city=st.text(alphabet=st.characters(categories=["L"]), min_size=1, max_size=12),
-       merge=st.booleans())
-def test_random_chunking_reassembles(shared_server: FakeVLLMServer, cuts: list[int], city: str,
-                                     merge: bool) -> None:
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=12),
+    city=st.text(alphabet=st.characters(categories=["L"]), min_size=1, max_size=12),
+    merge=st.booleans(),
+)
+def test_random_chunking_reassembles(
+    shared_server: FakeVLLMServer, cuts: list[int], city: str, merge: bool
+) -> None:
     def chunker(text: str) -> list[str]:
         positions = sorted({c for c in cuts if c < len(text)})
         bounds = [0, *positions, len(text)]
@@ -635,12 +723,16 @@ def test_random_chunking_reassembles(shared_server: FakeVLLMServer, cuts: list[i
     shared_server.merge_tool_name_delta = merge
     text = f"weather in {city}"
     with httpx.Client(base_url=shared_server.base_url) as http:
-        plain = http.post("/chat/completions",
-                          json={"messages": user(text), "tools": [WEATHER_TOOL]}).json()
+        plain = http.post(
+            "/chat/completions", json={"messages": user(text), "tools": [WEATHER_TOOL]}
+        ).json()
         expected = plain["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
         chunks = tool_stream(http, text)
-        fragments = [entry["function"].get("arguments", "")
-                     for c in chunks[1:-1] for entry in c["choices"][0]["delta"]["tool_calls"]]
+        fragments = [
+            entry["function"].get("arguments", "")
+            for c in chunks[1:-1]
+            for entry in c["choices"][0]["delta"]["tool_calls"]
+        ]
         assert "".join(fragments) == expected == fake_tool_arguments(WEATHER_TOOL, text)
         content_chunks = data_events(stream(http, "/chat/completions", {"messages": user(text)}))
         content = "".join(c["choices"][0]["delta"].get("content", "") for c in content_chunks)
@@ -664,8 +756,10 @@ def test_midstream_error(server: FakeVLLMServer, client: httpx.Client) -> None:
     events = events_of(raw)
     assert events[-1] == "data: [DONE]"
     if server.flavor == "v0.33":
-        assert events[-2] == ('data: {"error":{"message":"Internal server error",'
-                              '"type":"InternalServerError","param":null,"code":500}}')
+        assert events[-2] == (
+            'data: {"error":{"message":"Internal server error",'
+            '"type":"InternalServerError","param":null,"code":500}}'
+        )
     else:
         assert events[-2].startswith('data: {"error": {"message": ')
         assert events[-2].endswith('"type": "BadRequestError", "param": null, "code": 400}}')
@@ -678,9 +772,12 @@ def test_midstream_error(server: FakeVLLMServer, client: httpx.Client) -> None:
 
 def test_drop(client: httpx.Client) -> None:
     seen: list[str] = []
-    with pytest.raises(httpx.RemoteProtocolError), client.stream(
-        "POST", "/chat/completions", json={"messages": user("a b c d [[drop]]"), "stream": True}
-    ) as response:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream(
+            "POST", "/chat/completions", json={"messages": user("a b c d [[drop]]"), "stream": True}
+        ) as response,
+    ):
         assert response.status_code == 200
         seen.extend(response.iter_lines())
     assert any(line.startswith("data: {") for line in seen)
@@ -710,14 +807,17 @@ def test_slow_first_token(server: FakeVLLMServer, client: httpx.Client) -> None:
 
 def test_hang_times_out_and_stop_is_prompt() -> None:
     fake = FakeVLLMServer().start()
-    with httpx.Client(base_url=fake.base_url, timeout=0.3) as http, pytest.raises(
-        httpx.ReadTimeout
+    with (
+        httpx.Client(base_url=fake.base_url, timeout=0.3) as http,
+        pytest.raises(httpx.ReadTimeout),
     ):
         http.post("/chat/completions", json={"messages": user("[[hang]]")})
     stuck = socket.create_connection(("127.0.0.1", fake.port))
     body = json.dumps({"messages": user("[[hang]]"), "stream": True}).encode()
-    stuck.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    stuck.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     time.sleep(0.1)
     started = time.monotonic()
     fake.stop()
@@ -743,10 +843,14 @@ def test_restart_on_same_port() -> None:
 
 def test_client_abort_is_counted(server: FakeVLLMServer) -> None:
     server.token_delay = 0.05
-    with httpx.Client(base_url=server.base_url) as http, http.stream(
-        "POST", "/chat/completions",
-        json={"messages": user(" ".join(["w"] * 50)), "stream": True},
-    ) as response:
+    with (
+        httpx.Client(base_url=server.base_url) as http,
+        http.stream(
+            "POST",
+            "/chat/completions",
+            json={"messages": user(" ".join(["w"] * 50)), "stream": True},
+        ) as response,
+    ):
         next(response.iter_lines())
     deadline = time.monotonic() + 5
     while server.aborted_streams == 0 and time.monotonic() < deadline:
@@ -755,8 +859,13 @@ def test_client_abort_is_counted(server: FakeVLLMServer) -> None:
 
 
 def test_requests_are_recorded_with_extras(server: FakeVLLMServer, client: httpx.Client) -> None:
-    body = {"messages": user("x"), "top_k": 20, "guided_json": {"type": "object"},
-            "chat_template_kwargs": {"enable_thinking": False}, "vllm_xargs": {"a": 1}}
+    body = {
+        "messages": user("x"),
+        "top_k": 20,
+        "guided_json": {"type": "object"},
+        "chat_template_kwargs": {"enable_thinking": False},
+        "vllm_xargs": {"a": 1},
+    }
     assert client.post("/chat/completions", json=body, headers={"X-Trace": "t1"}).status_code == 200
     assert server.request_count == 1
     (recorded,) = server.requests
@@ -776,15 +885,21 @@ async def test_many_concurrent_requests() -> None:
         async def one(http: httpx.AsyncClient, i: int) -> None:
             text = f"request number {i}"
             if i % 2:
-                async with http.stream("POST", "/chat/completions", json={
-                    "messages": user(text), "stream": True,
-                    "stream_options": {"include_usage": True},
-                }) as response:
+                async with http.stream(
+                    "POST",
+                    "/chat/completions",
+                    json={
+                        "messages": user(text),
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    },
+                ) as response:
                     assert response.status_code == 200
                     raw = (await response.aread()).decode()
                 chunks = data_events(raw)
-                content = "".join(c["choices"][0]["delta"].get("content", "")
-                                  for c in chunks if c["choices"])
+                content = "".join(
+                    c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]
+                )
                 assert content == fake_reply(text).content
             else:
                 response = await http.post("/chat/completions", json={"messages": user(text)})
@@ -793,8 +908,9 @@ async def test_many_concurrent_requests() -> None:
                 )
 
         # Many small pools: httpx's per-request cost grows with the pool size, not the server's.
-        clients = [httpx.AsyncClient(base_url=fake.base_url, limits=limits, timeout=60)
-                   for _ in range(10)]
+        clients = [
+            httpx.AsyncClient(base_url=fake.base_url, limits=limits, timeout=60) for _ in range(10)
+        ]
         try:
             await asyncio.gather(*(one(clients[i % 10], i) for i in range(1000)))
         finally:

@@ -21,6 +21,7 @@ from ._exceptions import (
     VLLMMiddlewareError,
 )
 from ._keys import StreamKeys
+from ._media import MediaPolicy
 from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
 from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
 from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidRequestError",
     "LogReadError",
     "LogRecord",
+    "MediaPolicy",
     "NotFoundError",
     "PartitionWriter",
     "RateLimitError",

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -20,11 +20,12 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from ._call import Call, collect, header_request_id
+from ._call import Call, collect, header_request_id, shrink_record
 from ._exceptions import APIError, ConfigurationError, InvalidRequestError
 from ._file_sink import FileSink
 from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
+from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy, media_pipeline
 from ._partition import LogFormat
 from ._record import (
     RecordEntry,
@@ -55,6 +56,14 @@ class VLLMMiddleware:
     `log_dir/date=YYYY-MM-DD/host=NAME/` (embedded mode). With one, they go to a Redis stream
     that `vllm-mw worker` processes write to the same layout. Pass `redis_url=""` to force the
     embedded mode even when the environment names a Redis.
+
+    Base64 media in messages and replies follow `media_policy`: "reference" (default) moves
+    each blob of at least `media_min_bytes` to `media_dir/<sha256[:2]>/<sha256>.<ext>` (default
+    `log_dir/media`) and keeps a `media_ref` in the record; "drop" keeps the reference only;
+    "inline" keeps the data. In Redis mode the files are written by this process, so
+    `media_dir` must be on a filesystem the readers share; without one, "reference" falls back
+    to "drop". Encoded records over `max_record_bytes` are replaced by their metadata and a
+    `truncated` note (counted in `get_statistics()["client"]["truncated"]`).
     """
 
     def __init__(
@@ -77,6 +86,10 @@ class VLLMMiddleware:
         batch_size: int = 500,
         flush_interval: float = 0.05,
         fsync: bool = True,
+        media_policy: MediaPolicy = "reference",
+        media_dir: str | os.PathLike[str] | None = None,
+        media_min_bytes: int = 1024,
+        max_record_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         if log_format not in ("jsonl", "json"):
             raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
@@ -84,6 +97,12 @@ class VLLMMiddleware:
             raise ConfigurationError("max_log_size_mb must be positive")
         if max_buffer <= 0 or batch_size <= 0 or flush_interval <= 0:
             raise ConfigurationError("max_buffer, batch_size and flush_interval must be positive")
+        if media_policy not in MEDIA_POLICIES:
+            raise ConfigurationError(
+                f"media_policy must be one of {', '.join(MEDIA_POLICIES)}, not {media_policy!r}"
+            )
+        if media_min_bytes < 0 or max_record_bytes <= 0:
+            raise ConfigurationError("media_min_bytes must be >= 0 and max_record_bytes > 0")
         self.base_url = base_url.rstrip("/")
         self.log_dir = str(log_dir)
         self.enable_file_logging = enable_file_logging
@@ -108,6 +127,10 @@ class VLLMMiddleware:
 
         self.total_requests = 0
         self.logging_errors = 0
+        self.records_truncated = 0
+        self.max_record_bytes = max_record_bytes
+        self.media_policy: MediaPolicy = media_policy
+        self._media: MediaPipeline | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._sync_redis: redis.Redis | None = None
         self._redis: aioredis.Redis | None = None
@@ -133,6 +156,17 @@ class VLLMMiddleware:
                     fsync=fsync,
                     shipping=shipping,
                 )
+            self._media = media_pipeline(
+                media_policy,
+                log_dir=self.log_dir,
+                media_dir=media_dir,
+                shared=self.mode == "redis",
+                min_bytes=media_min_bytes,
+                max_record_bytes=max_record_bytes,
+                fsync=fsync,
+            )
+            if self._media is not None:
+                self.media_policy = self._media.policy
 
     @property
     def mode(self) -> str:
@@ -156,6 +190,11 @@ class VLLMMiddleware:
         """Flush buffered records (within `timeout`) and close what this client created."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
+        if self._media is not None:
+            try:
+                await self._media.drain(timeout)
+            except Exception:  # closing must not fail the app either
+                logger.exception("error while finishing media work")
         if self._sink is not None:
             try:
                 await self._sink.aclose(timeout)
@@ -455,17 +494,44 @@ class VLLMMiddleware:
             logger.exception("could not log request %s", request_id)
 
     def _submit(self, record: dict[str, Any], date: str, is_error: bool) -> None:
-        """Hand a record to the sink; never raises (a logging failure is counted instead)."""
-        if self._sink is None:
+        """Hand a record to the sink; never raises (a logging failure is counted instead).
+
+        A record with media is finished off the loop and submitted from there
+        (`MediaPipeline.defer`).
+        """
+        sink = self._sink
+        if sink is None:
             return
         try:
-            self._sink.submit(RecordEntry(date, self.host, is_error, encode_record(record)))
+            media = self._media
+            if media is not None and (job := media.prepare(record)) is not None:
+                media.defer(job, record, self._ship(date, is_error), self._failed)
+                return
+            data = encode_record(record)
+            if len(data) > self.max_record_bytes:
+                data = shrink_record(record, len(data), self.max_record_bytes)
+                self.records_truncated += 1
+            sink.submit(RecordEntry(date, self.host, is_error, data))
         except Exception:
             self._logging_failed(record.get("request_id"))
+
+    def _ship(self, date: str, is_error: bool) -> Callable[[bytes], None]:
+        def ship(data: bytes) -> None:
+            if self._sink is not None:
+                self._sink.submit(RecordEntry(date, self.host, is_error, data))
+
+        return ship
+
+    def _failed(self, request_id: Any, exc: BaseException | None) -> None:
+        """Deferred media work failed: counted like any logging failure, never raised."""
+        self.logging_errors += 1
+        if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
+            logger.error("could not log request %s", request_id, exc_info=exc)
 
     # -- statistics -------------------------------------------------------------------------
     def _local_statistics(self) -> dict[str, Any]:
         counters = self._sink.counters if self._sink is not None else None
+        media = self._media
         return {
             "mode": self.mode,
             "requests": self.total_requests,
@@ -476,6 +542,9 @@ class VLLMMiddleware:
             "failed_batches": counters.failed_batches if counters else 0,
             "last_error": counters.last_error if counters else None,
             "logging_errors": self.logging_errors,
+            "truncated": self.records_truncated + (media.truncated if media else 0),
+            "media_policy": self.media_policy,
+            **(media.statistics() if media else {}),
         }
 
     def get_statistics(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import IO, Any
 import orjson
 
 from ._exceptions import ConfigurationError, LogReadError
+from ._media import restore_media_refs
 from ._partition import sanitize_partition_value
 from ._record import LogRecord
 
@@ -40,6 +41,8 @@ class ReadStats:
     records: int = 0
     torn_tails: int = 0
     bad_lines: int = 0
+    media_restored: int = 0  # media references replaced by their data (restore_media=True)
+    media_missing: int = 0  # references left as they are: file not stored, missing or altered
 
 
 def _normalize_date(value: DateLike | None, name: str) -> str | None:
@@ -160,16 +163,21 @@ def iter_logs(
     model: str | None = None,
     errors_only: bool = False,
     stats: ReadStats | None = None,
+    restore_media: bool = False,
+    media_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[LogRecord]:
     """Stream records from the log tree in constant memory.
 
     Dates are inclusive and accept `YYYYMMDD` or `YYYY-MM-DD` (the UTC date of the record).
     `host` and dates prune whole partitions; `model` and `errors_only` filter records.
+    `restore_media` puts the data of each `media_ref` back in its place and shape, from the
+    files under `media_dir` (default `log_dir/media`); missing files leave the reference.
     """
     lo = _normalize_date(start_date, "start_date")
     hi = _normalize_date(end_date, "end_date")
     counts = stats if stats is not None else ReadStats()
     root = Path(log_dir)
+    media_root = Path(media_dir) if media_dir is not None else root / "media"
     for path in iter_log_files(root, start_date=lo, end_date=hi, host=host):
         counts.files += 1
         flat = path.parent == root
@@ -191,6 +199,8 @@ def iter_logs(
                 continue
             if flat and (lo or hi) and not _in_range(data.get("timestamp"), lo, hi):
                 continue
+            if restore_media and b'"media_ref":' in raw:
+                restore_media_refs(data, media_root, counts)
             counts.records += 1
             yield LogRecord(data)
 
@@ -210,6 +220,9 @@ def load_logs(
     host: str | None = None,
     model: str | None = None,
     errors_only: bool = False,
+    stats: ReadStats | None = None,
+    restore_media: bool = False,
+    media_dir: str | os.PathLike[str] | None = None,
 ) -> list[LogRecord]:
     """All matching records as a list (see `iter_logs` for the streaming form)."""
     return list(
@@ -220,5 +233,8 @@ def load_logs(
             host=host,
             model=model,
             errors_only=errors_only,
+            stats=stats,
+            restore_media=restore_media,
+            media_dir=media_dir,
         )
     )

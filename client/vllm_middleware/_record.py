@@ -62,9 +62,16 @@ class _IdSource:
     def reset(self) -> None:
         self.token = os.urandom(5).hex()
         self.counter = itertools.count(1)
+        self._second: tuple[int, ...] = ()
+        self._prefix = ""
 
     def next_id(self, now: datetime) -> str:
-        return f"req_{now:%Y%m%d_%H%M%S}_{self.token}_{next(self.counter)}"
+        # strftime costs microseconds on the request path: format once per second.
+        second = (now.year, now.month, now.day, now.hour, now.minute, now.second)
+        if second != self._second:
+            self._second = second
+            self._prefix = f"req_{now:%Y%m%d_%H%M%S}_{self.token}_"
+        return f"{self._prefix}{next(self.counter)}"
 
 
 _ids = _IdSource()
@@ -91,7 +98,11 @@ def _default(obj: Any) -> Any:
 
 def encode_record(record: Mapping[str, Any]) -> bytes:
     """Encode a record dict as compact JSON bytes (never raises for odd values)."""
-    return orjson.dumps(record, default=_default, option=_ORJSON_OPTS)
+    try:
+        # Plain JSON values are the common case and the fastest orjson call.
+        return orjson.dumps(record)
+    except TypeError:
+        return orjson.dumps(record, default=_default, option=_ORJSON_OPTS)
 
 
 class LogRecord(Mapping[str, Any]):

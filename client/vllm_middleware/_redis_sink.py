@@ -1,26 +1,60 @@
-"""Shipping records to the Redis stream the workers consume.
+"""Shipping records to the Redis stream the workers consume, with a local spool for outages.
 
 A batch goes out as one MULTI/EXEC transaction: the XADDs plus a short-lived marker key named
 after the batch. A transaction is all-or-nothing, so when a flush fails ambiguously (the
 connection broke after EXEC was sent) the retry asks whether the marker exists: if it does, the
 batch is already in the stream and is not sent again. That is what keeps producer retries from
 duplicating records.
+
+When a flush fails (Redis unreachable, hung past `redis_timeout`, out of memory, restarting),
+the batch is written to the spool (`_spool.py`) under its batch id, and the sink stops trying
+Redis for live batches: they go straight to the spool, so the buffer drains at disk speed and
+memory stays flat. A background probe PINGs Redis with backoff; once it answers, live batches
+go to Redis again and, between them, the spool is replayed oldest first, one batch per live
+batch (interleaved: the stream is not ordered across processes or workers anyway). A replayed
+batch first checks its marker, so a batch whose original flush did land is not sent twice.
+Markers live `_MARKER_TTL_S`; a spool older than that replays without that check.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import itertools
+import logging
 import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from ._keys import FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD, StreamKeys
+from ._partition import sanitize_partition_value
 from ._record import RecordEntry
 from ._shipping import Shipper, ShippingSettings
+from ._spool import Spool, SpoolGroup
 
-__all__ = ["RedisStreamSink"]
+__all__ = ["RedisStreamSink", "RedisUnavailable", "default_spool_root"]
+
+logger = logging.getLogger("vllm_middleware")
 
 _MARKER_TTL_S = 24 * 3600
+_ADOPT_INTERVAL_S = 10.0
+_SPOOL_BATCHES = 20  # batches per spool write while Redis is away
+_MB = 1024 * 1024
+_T = TypeVar("_T")
+
+
+class RedisUnavailable(ConnectionError):
+    """Raised instead of trying a Redis that just failed; the batch goes to the spool."""
+
+
+def default_spool_root() -> Path:
+    return Path.home() / ".cache" / "vllm-middleware" / "spool"
 
 
 class RedisStreamSink(Shipper):
@@ -41,21 +75,48 @@ class RedisStreamSink(Shipper):
         self._batch_id: str | None = None  # id of the in-flight batch, kept across retries
         self._attempted = False
         self._attempt_drops = 0
+        self.timeout = self.settings.redis_timeout
+        self.healthy = True
+        self.spool: Spool | None = None
+        self._io = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-mw-spool")
+            if self.settings.spool
+            else None
+        )
+        self._spool_retry_at = 0.0
+        self._next_adopt = 0.0
+        self._probe: asyncio.Task[None] | None = None
+        self._probe_backoff = self.retry_backoff[0]
+        self._spool_errors = 0
+
+    # -- live batches -----------------------------------------------------------------------
+    def _new_batch_id(self) -> str:
+        return f"{self._token}-{next(self._batch_seq)}"
 
     async def ship(self, batch: list[RecordEntry], *, dropped: int) -> None:
+        if not self.healthy and self._io is not None:
+            raise RedisUnavailable("Redis did not answer; spooling until it does")
         if self._batch_id is None:
-            self._batch_id = f"{self._token}-{next(self._batch_seq)}"
+            self._batch_id = self._new_batch_id()
             self._attempted = False
             self._attempt_drops = 0
+        await asyncio.wait_for(self._send_live(batch, dropped), self.timeout)
+        self._batch_id = None
+        self._probe_backoff = self.retry_backoff[0]
+
+    async def _send_live(self, batch: list[RecordEntry], dropped: int) -> None:
+        assert self._batch_id is not None
         marker = self.keys.batch_marker(self._batch_id)
         if self._attempted and await self.redis.exists(marker):
             # The earlier attempt landed, its drop count included; report only newer drops.
-            self._batch_id = None
             if dropped > self._attempt_drops:
                 await self.redis.hincrby(self.keys.stats, "dropped", dropped - self._attempt_drops)
             return
         self._attempted = True
         self._attempt_drops = dropped
+        await self._transaction(batch, marker, dropped)
+
+    async def _transaction(self, batch: Sequence[RecordEntry], marker: str, dropped: int) -> None:
         pipe = self.redis.pipeline(transaction=True)
         stream = self.keys.stream
         for entry in batch:
@@ -72,8 +133,182 @@ class RedisStreamSink(Shipper):
         if dropped:
             pipe.hincrby(self.keys.stats, "dropped", dropped)
         await pipe.execute()
+
+    async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
+        if self._io is None:
+            return False  # no spool: the batch stays in memory and is retried
+        self._mark_unhealthy()
+        batch_id = self._batch_id or self._new_batch_id()
+        if not await self._spool_batch(batch_id, batch):
+            self._batch_id = batch_id
+            return False
         self._batch_id = None
+        return True
+
+    # -- spool ------------------------------------------------------------------------------
+    def spool_directory(self) -> Path:
+        """`<root>/<stream>-<hash of the Redis address>`: never replay into another Redis."""
+        root = Path(self.settings.spool_dir) if self.settings.spool_dir else default_spool_root()
+        kwargs = self.redis.connection_pool.connection_kwargs
+        address = "|".join(str(kwargs.get(k)) for k in ("host", "port", "db", "path"))
+        digest = hashlib.sha256(address.encode()).hexdigest()[:10]
+        return root / f"{sanitize_partition_value(self.keys.stream)}-{digest}"
+
+    async def _run_io(self, func: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, func, *args)
+
+    async def _open_spool(self) -> Spool | None:
+        if self.spool is not None or self._io is None:
+            return self.spool
+        if time.monotonic() < self._spool_retry_at:
+            return None
+        directory = self.spool_directory()
+        max_bytes = int(self.settings.spool_max_mb * _MB)
+        fsync = self.settings.spool_fsync
+        try:
+            self.spool = await self._run_io(
+                lambda: Spool(directory, max_bytes=max_bytes, fsync=fsync)
+            )
+        except OSError as exc:
+            self._spool_retry_at = time.monotonic() + 10
+            self._spool_failed(f"cannot open the log spool {directory}", exc)
+        return self.spool
+
+    async def _spool_batch(self, batch_id: str, batch: list[RecordEntry]) -> bool:
+        """True when the batch is durable in the spool or dropped and counted (spool full)."""
+        spool = await self._open_spool()
+        if spool is None:
+            return False
+        size = self.batch_size
+        chunks = [(batch_id, batch[:size])]
+        chunks += [
+            (self._new_batch_id(), batch[i : i + size]) for i in range(size, len(batch), size)
+        ]
+        try:
+            written = await self._run_io(spool.append_many, chunks)
+        except OSError as exc:
+            self._spool_failed("cannot write the log spool (records kept in memory)", exc)
+            return False
+        except Exception as exc:  # a record that cannot be framed (a 64 KiB host name)
+            self._spool_failed("cannot frame records for the log spool", exc)
+            self.count_dropped(len(batch), "records not spoolable")
+            return True
+        if written:
+            self.counters.spooled += len(batch)
+        else:
+            self.count_dropped(len(batch), f"log spool full ({self.settings.spool_max_mb:g} MB)")
+        self.counters.spool_bytes = spool.nbytes
+        return True
+
+    def _spool_failed(self, what: str, exc: BaseException) -> None:
+        self._spool_errors += 1
+        self.counters.last_error = f"{what}: {exc}"
+        if self._spool_errors == 1 or self._spool_errors % 100 == 0:
+            logger.warning("%s: %s", what, exc)
+
+    def take_limit(self) -> int:
+        # While Redis is away, batches go to the spool: take more at once, so one write and
+        # one fsync carry many batches and the buffer drains faster than apps fill it.
+        if not self.healthy and self._io is not None:
+            return self.batch_size * _SPOOL_BATCHES
+        return self.batch_size
+
+    def has_backlog(self) -> bool:
+        return self.healthy and self.spool is not None and bool(self.spool)
+
+    async def work_backlog(self) -> None:
+        try:
+            await self._replay_one()
+        except Exception as exc:  # the replay must never stop the flush task
+            self._spool_failed("log spool replay failed", exc)
+
+    async def _replay_one(self) -> None:
+        if self._io is None or not self.healthy:
+            return
+        if self.spool is None or time.monotonic() >= self._next_adopt:
+            self._next_adopt = time.monotonic() + _ADOPT_INTERVAL_S
+            spool = await self._open_spool()
+            if spool is None:
+                return
+            adopted = await self._run_io(spool.adopt_orphans)
+            if adopted:
+                logger.warning("adopted %d log spool segments left by other processes", adopted)
+        spool = self.spool
+        if spool is None or not spool:
+            return
+        group = await self._run_io(spool.next_group)
+        self.counters.spool_damaged = spool.damaged_regions
+        if group is None:
+            return
+        try:
+            await asyncio.wait_for(self._send_replay(group), self.timeout)
+        except Exception as exc:
+            self.counters.last_error = f"replay: {type(exc).__name__}: {exc}"
+            self._mark_unhealthy()
+            return
+        await self._run_io(spool.commit, group)
+        self.counters.replayed += len(group.entries)
+        self.counters.spool_bytes = spool.nbytes
+        self._probe_backoff = self.retry_backoff[0]
+
+    async def _send_replay(self, group: SpoolGroup) -> None:
+        whole = self.keys.batch_marker(group.batch_id)
+        markers = [whole]
+        if not group.complete:
+            # Part of a batch (damage cut it): its own marker, but skip it if the whole batch
+            # was delivered by the original flush.
+            markers.append(self.keys.batch_marker(f"{group.batch_id}.{group.first_index}"))
+        if await self.redis.exists(*markers):
+            return
+        await self._transaction(group.entries, markers[-1], 0)
+
+    # -- health -----------------------------------------------------------------------------
+    def _mark_unhealthy(self) -> None:
+        self.healthy = False
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(
+                self._probe_loop(), name="vllm-mw-redis-probe"
+            )
+
+    async def _probe_loop(self) -> None:
+        """PING with backoff until Redis answers; live flushes stay on the spool meanwhile."""
+        while not self.healthy and not self._closed:
+            await asyncio.sleep(self._probe_backoff)
+            self._probe_backoff = min(self._probe_backoff * 2, self.retry_backoff[1])
+            try:
+                await asyncio.wait_for(self.redis.ping(), self.timeout)
+            except Exception:  # still down: keep probing
+                continue
+            self.healthy = True
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    # -- shutdown ---------------------------------------------------------------------------
+    async def rescue(self, batch: list[RecordEntry]) -> int:
+        """Spool what close() could not ship in time (the in-flight batch keeps its id)."""
+        if self._io is None:
+            return 0
+        saved = 0
+        first = True
+        for start in range(0, len(batch), self.batch_size):
+            chunk = batch[start : start + self.batch_size]
+            batch_id = (self._batch_id if first else None) or self._new_batch_id()
+            first = False
+            if not await self._spool_batch(batch_id, chunk):
+                break
+            saved += len(chunk)
+        return saved
 
     async def close_sink(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self._io is not None:
+            if self.spool is not None:
+                spool, self.spool = self.spool, None
+                with contextlib.suppress(OSError):
+                    await self._run_io(spool.close)
+            self._io.shutdown(wait=False)
         if self._owns_client:
             await self.redis.aclose()

@@ -72,7 +72,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         asyncio.run(_run_standalone(config, burst=True))
         return 0
     try:
-        from arq.worker import run_worker
+        from arq.worker import get_kwargs
     except ImportError:
         # Without arq the consumer still runs; only the cron jobs need arq.
         logging.getLogger("vllm_middleware_worker").warning(
@@ -82,8 +82,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         asyncio.run(_run_standalone(config, burst=False))
         return 0
     from . import make_worker_settings
+    from ._service import resilient_worker_class
 
-    run_worker(make_worker_settings(config))
+    worker = resilient_worker_class()(**get_kwargs(make_worker_settings(config)))
+    worker.run()
     return 0
 
 

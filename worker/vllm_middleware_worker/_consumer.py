@@ -35,7 +35,10 @@ __all__ = ["ConsumerStatus", "StreamConsumer"]
 
 logger = logging.getLogger("vllm_middleware_worker")
 
-_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+# Errors that a retry can outlive: Redis unreachable or restarting, disk errors, and error
+# replies (OOM at `maxmemory`, READONLY during a failover, NOGROUP after a Redis lost its
+# data): the batch is kept, retried with backoff and reported, and the consumer never dies of it.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, ResponseError)
 _MAX_HOST_LEN = 1024
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]
@@ -80,6 +83,7 @@ class StreamConsumer:
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._own_pending = True  # re-read our own pending entries after a start or an error
+        self.disk_error: str | None = None  # set while writes fail, cleared by the next success
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -110,6 +114,12 @@ class StreamConsumer:
                     self._note_error("redis", exc)
                     self.status.redis_failures += 1
                     self._own_pending = True
+                    # After an outage (a Redis restart expires heartbeat keys by wall clock)
+                    # every peer looks dead until its next beat: give them one TTL to beat
+                    # again before taking anyone's entries.
+                    self._next_claim = max(
+                        self._next_claim, time.monotonic() + self.config.heartbeat_ttl_s
+                    )
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
         finally:
@@ -137,8 +147,11 @@ class StreamConsumer:
                 raise
 
     async def _beat(self) -> None:
+        # The heartbeat carries this worker's health, so ops tools (and tests) can see a full
+        # disk or a Redis that keeps failing without reading the worker's log.
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
-        await self.redis.set(self.keys.heartbeat(self.config.consumer), b"1", px=ttl_ms)
+        health = orjson.dumps(self.health())
+        await self.redis.set(self.keys.heartbeat(self.config.consumer), health, px=ttl_ms)
 
     async def _heartbeat_loop(self) -> None:
         # Separate from the batch loop so that a long write (slow disk) does not look like death.
@@ -235,29 +248,64 @@ class StreamConsumer:
         )
 
     async def _write_durably(self, plan: BatchPlan, records: list[RecordEntry]) -> None:
-        """Record the intent, then write and fsync; retry (re-planning) until it succeeds."""
+        """Record the intent, then write and fsync; retry (re-planning) until it succeeds.
+
+        After a failed write (disk full, read-only, permissions) the batch's bytes are cut
+        back first (the writer already tries; a read-only disk can refuse), and only then is
+        the batch planned and written again: a file never keeps a partial batch that a retry
+        would duplicate. Until the cut succeeds the intent stays as it was, so a worker that
+        dies meanwhile is cleaned up by whoever recovers it.
+        """
         backoff = 0.2
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 # Set even for an empty plan: its presence is how `_acknowledge` tells a lost
                 # EXEC reply from an EXEC that never ran.
                 await self.redis.hset(self.keys.inflight, self.config.consumer, self._intent(plan))
                 if plan.parts:
-                    loop = asyncio.get_running_loop()
                     await loop.run_in_executor(self._executor, self.writer.write, plan)
+                self.disk_error = None
                 return
             except _TRANSIENT as exc:
-                if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+                disk_failed = isinstance(exc, OSError)
+                if disk_failed:
+                    self.status.write_failures += 1
+                    self.disk_error = f"{type(exc).__name__}: {exc}"
+                    self._note_error("write", exc)
+                    await self._report_write_failure()
+                else:
                     self.status.redis_failures += 1
                     self._note_error("redis", exc)
-                else:
-                    self.status.write_failures += 1
-                    self._note_error("write", exc)
-                await asyncio.sleep(backoff)  # keep the batch: it is not acknowledged yet
+            await asyncio.sleep(backoff)  # keep the batch: it is not acknowledged yet
+            backoff = min(backoff * 2, 10.0)
+            if disk_failed:
+                await self._undo_until_clean(plan)
+            # The plan may be stale after a failure (a file was forgotten): plan again.
+            fresh = self.writer.plan(records)
+            plan.parts, plan.new_files = fresh.parts, fresh.new_files
+
+    async def _undo_until_clean(self, plan: BatchPlan) -> None:
+        """Cut the files of a failed write back to their pre-batch sizes; retry until done."""
+        parts = orjson.loads(self._intent(plan))["parts"]
+        backoff = 0.2
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self._executor, self.recovery.truncate_parts, parts)
+                return
+            except OSError as exc:
+                self.status.write_failures += 1
+                self.disk_error = f"{type(exc).__name__}: {exc}"
+                self._note_error("write", exc)
+                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
-                # The plan may be stale after a failure (a file was forgotten): plan again.
-                fresh = self.writer.plan(records)
-                plan.parts, plan.new_files = fresh.parts, fresh.new_files
+
+    async def _report_write_failure(self) -> None:
+        # Fleet-visible: a counter in the stats hash and this worker's health in its heartbeat.
+        with contextlib.suppress(*_TRANSIENT):
+            await self.redis.hincrby(self.keys.stats, "worker_write_errors", 1)
+            await self._beat()
 
     async def _acknowledge(
         self,
@@ -331,4 +379,6 @@ class StreamConsumer:
             "recovered_consumers": status.recovered_consumers,
             "last_error": status.last_error,
             "last_batch_at": status.last_batch_at,
+            "disk_error": self.disk_error,
+            "state": "disk_error" if self.disk_error else "ok",
         }

@@ -50,13 +50,14 @@ class Recovery:
             parts = orjson.loads(raw).get("parts", [])
         except (orjson.JSONDecodeError, AttributeError):
             parts = []
-        removed = await asyncio.to_thread(self._truncate_parts, parts)
+        removed = await asyncio.to_thread(self.truncate_parts, parts)
         await self.redis.hdel(self.keys.inflight, name)
         if removed:
             logger.warning("removed %d unacknowledged bytes written by %s", removed, name)
         return removed
 
-    def _truncate_parts(self, parts: list[Any]) -> int:
+    def truncate_parts(self, parts: list[Any]) -> int:
+        """Cut each `[relative path, offset]` file back to `offset`; raises OSError."""
         root = Path(self.config.log_dir).resolve()
         removed = 0
         for part in parts:

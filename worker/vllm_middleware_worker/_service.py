@@ -9,17 +9,20 @@ a supervisor restarts it: a consumer must never die silently while arq's poll lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer
 from ._jobs import publish_file_stats
 
-__all__ = ["on_shutdown", "on_startup", "open_consumer_redis"]
+__all__ = ["on_shutdown", "on_startup", "open_consumer_redis", "resilient_worker_class"]
 
 logger = logging.getLogger("vllm_middleware_worker")
 
@@ -72,3 +75,45 @@ def _exit_if_unexpected(task: asyncio.Task[None]) -> None:
         reason = "returned"
     logger.critical("the stream consumer %s; exiting so the worker is restarted", reason)
     os._exit(_EXIT_CONSUMER_DIED)
+
+
+_POLL_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def resilient_worker_class() -> type:
+    """arq's `Worker`, made to outlive a Redis restart.
+
+    arq's poll loop ends the worker on the first `ConnectionError` (arq issues #435, #498) and
+    its `close` then fails before `on_shutdown`, so the consumer would be torn down mid-batch.
+    Here a failed poll iteration (job queue, cron, health key) is logged and retried on the
+    next tick (redis-py reconnects by itself), and `close` always runs `on_shutdown`.
+    """
+    from arq.worker import Worker
+
+    class ResilientWorker(Worker):  # type: ignore[misc]
+        poll_errors = 0
+
+        async def _poll_iteration(self) -> None:
+            try:
+                await super()._poll_iteration()
+            except _POLL_ERRORS as exc:
+                ResilientWorker.poll_errors += 1
+                count = ResilientWorker.poll_errors
+                if count == 1 or count % 100 == 0:
+                    logger.warning("arq poll failed (%d times so far), retrying: %s", count, exc)
+
+        async def close(self) -> None:
+            if not self._handle_signals:
+                self.handle_sig(signal.SIGUSR1)  # as arq's own close does
+            if not getattr(self, "_pool", None):
+                return
+            await asyncio.gather(*self.tasks.values())
+            with contextlib.suppress(*_POLL_ERRORS):
+                await self.pool.delete(self.health_check_key)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            with contextlib.suppress(*_POLL_ERRORS):
+                await self.pool.close(close_connection_pool=True)
+            self._pool = None
+
+    return ResilientWorker

@@ -204,15 +204,18 @@ def _tools(s: Settings, body: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]
     if choice == "required" or isinstance(choice, Mapping):
         if not valid:
             raise validation_error(
-                s.flavor, s.error_shape,
-                "Value error, When using `tool_choice`, `tools` must be set.", "body",
+                s.flavor,
+                s.error_shape,
+                "Value error, When using `tool_choice`, `tools` must be set.",
+                "body",
             )
         if isinstance(choice, Mapping):
             function = choice.get("function")
             wanted = function.get("name") if isinstance(function, Mapping) else None
             if not any(tool_name(tool) == wanted for tool in valid):
                 raise validation_error(
-                    s.flavor, s.error_shape,
+                    s.flavor,
+                    s.error_shape,
                     "Value error, The tool specified in `tool_choice` does not match any of "
                     "the specified `tools`",
                     "body",
@@ -243,12 +246,12 @@ def _pick_tool(
 def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str]) -> Prepared:
     model = _check_model(s, body)
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(message, Mapping) for message in messages
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(message, Mapping) for message in messages)
     ):
-        raise validation_error(
-            s.flavor, s.error_shape, "Field required: messages", "body.messages"
-        )
+        raise validation_error(s.flavor, s.error_shape, "Field required: messages", "body.messages")
     stream, include_usage, continuous = _stream_flags(s, body)
     n = _n(s, body)
     tools, tool_choice = _tools(s, body)
@@ -268,7 +271,10 @@ def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str
             reply = fake_reply(text, index=index, max_tokens=max_tokens, reasoning=s.reasoning)
             choices.append(
                 ChoicePlan(
-                    index, reply.content, reply.reasoning, reply.finish_reason,
+                    index,
+                    reply.content,
+                    reply.reasoning,
+                    reply.finish_reason,
                     reply.completion_tokens,
                 )
             )
@@ -281,8 +287,13 @@ def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str
         call = ToolCallPlan(call_id, name, arguments)
         choices.append(ChoicePlan(index, "", reasoning, "tool_calls", tokens, call))
     wire = Wire(
-        s.flavor, _response_id(s, "chatcmpl-", headers, body), _now(), model, True,
-        prompt_tokens, s.reasoning,
+        s.flavor,
+        _response_id(s, "chatcmpl-", headers, body),
+        _now(),
+        model,
+        True,
+        prompt_tokens,
+        s.reasoning,
     )
     return _finish(s, wire, choices, parse_triggers(text), stream, include_usage, continuous)
 
@@ -295,8 +306,10 @@ def prepare_completion(
     stream, include_usage, continuous = _stream_flags(s, body)
     if stream and body.get("use_beam_search"):
         raise validation_error(
-            s.flavor, s.error_shape,
-            "Value error, Streaming is not currently supported with beam search", "body",
+            s.flavor,
+            s.error_shape,
+            "Value error, Streaming is not currently supported with beam search",
+            "body",
         )
     n = _n(s, body)
     # Completions default to 16 tokens when max_tokens is absent; an explicit null means "up to
@@ -309,12 +322,19 @@ def prepare_completion(
             reply = fake_reply(text, index=variant, max_tokens=max_tokens)
             choices.append(
                 ChoicePlan(
-                    variant + prompt_index * n, reply.content, None, reply.finish_reason,
+                    variant + prompt_index * n,
+                    reply.content,
+                    None,
+                    reply.finish_reason,
                     reply.completion_tokens,
                 )
             )
     wire = Wire(
-        s.flavor, _response_id(s, "cmpl-", headers, body), _now(), model, False,
+        s.flavor,
+        _response_id(s, "cmpl-", headers, body),
+        _now(),
+        model,
+        False,
         sum(tokens for _, tokens in prompts),
     )
     triggers = parse_triggers(" ".join(text for text, _ in prompts))
@@ -339,7 +359,8 @@ def _prompts(s: Settings, prompt: Any) -> list[tuple[str, int]]:
             prompts = [(" ".join(map(str, item)), len(item)) for item in prompt]
     if not prompts:
         raise validation_error(
-            s.flavor, s.error_shape,
+            s.flavor,
+            s.error_shape,
             "Value error, Either prompt or prompt_embeds must be provided and non-empty.",
             "body.prompt",
         )
@@ -351,8 +372,13 @@ def _now() -> int:
 
 
 def _finish(
-    s: Settings, wire: Wire, choices: list[ChoicePlan], triggers: Triggers, stream: bool,
-    include_usage: bool, continuous: bool,
+    s: Settings,
+    wire: Wire,
+    choices: list[ChoicePlan],
+    triggers: Triggers,
+    stream: bool,
+    include_usage: bool,
+    continuous: bool,
 ) -> Prepared:
     first_delay = s.first_token_delay + triggers.slow
     if not stream:
@@ -426,7 +452,10 @@ def _chat_items(
         # v0.33 sends an explicit null content on tool deltas; v0.10.2 leaves the key out.
         lead: dict[str, Any] = {"content": None} if s.new else {}
         name_entry: dict[str, Any] = {
-            "id": call.call_id, "type": "function", "index": 0, "function": {"name": call.name},
+            "id": call.call_id,
+            "type": "function",
+            "index": 0,
+            "function": {"name": call.name},
         }
         fragments = split_text(s.chunker, call.arguments)
         base += count_tokens(call.name)
@@ -477,7 +506,8 @@ def parse_json_body(settings: Settings, headers: Mapping[str, str], raw: bytes) 
     media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise validation_error(
-            settings.flavor, settings.error_shape,
+            settings.flavor,
+            settings.error_shape,
             "Unsupported Media Type: Only 'application/json' is allowed",
         )
     try:

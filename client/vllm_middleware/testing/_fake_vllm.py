@@ -220,8 +220,15 @@ class FakeVLLMServer:
 
     def _settings(self) -> Settings:
         return Settings(
-            self.flavor, self.model, self.error_shape, self.max_model_len, self.reasoning,
-            self.chunker, self.first_token_delay, self.token_delay, self.merge_tool_name_delta,
+            self.flavor,
+            self.model,
+            self.error_shape,
+            self.max_model_len,
+            self.reasoning,
+            self.chunker,
+            self.first_token_delay,
+            self.token_delay,
+            self.merge_tool_name_delta,
         )
 
     def _register(self, connection: socket.socket) -> threading.Event | None:

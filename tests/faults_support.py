@@ -1,0 +1,124 @@
+"""Helpers of the fault-injection suite: client load with latency measurement, file counting,
+and the summary table (printed, and appended as JSON lines to `$VLLM_MW_FAULT_TABLE`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from vllm_middleware import VLLMMiddleware, iter_log_files
+
+RESPONSE = {
+    "id": "cmpl-1",
+    "object": "chat.completion",
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+def mock_http() -> httpx.AsyncClient:
+    """An in-process 'vLLM' that answers at once: what remains of a call's time is ours."""
+    return httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, json=RESPONSE)),
+        base_url="http://vllm.test/v1",
+    )
+
+
+@dataclass
+class Load:
+    """Concurrent request loops against one client; records which calls returned, and when."""
+
+    client: VLLMMiddleware
+    tag: str
+    loops: int = 4
+    pause: float = 0.004  # between calls of one loop: ~1000 calls/s with 4 loops
+    pad: int = 200  # bytes of padding per message: records of ~0.6 KB
+    sent: list[int] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (start, seconds)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _seq: int = 0
+
+    def start(self) -> Load:
+        self._tasks = [asyncio.create_task(self._loop()) for _ in range(self.loops)]
+        return self
+
+    async def _loop(self) -> None:
+        padding = "x" * self.pad
+        while not self._stop.is_set():
+            seq = self._seq
+            self._seq += 1
+            started = time.perf_counter()
+            await self.client.chat_completion(
+                [{"role": "user", "content": f"{self.tag} {seq} {padding}"}],
+                model="m",
+                metadata={"tag": self.tag, "seq": seq},
+            )
+            self.latencies.append((started, time.perf_counter() - started))
+            self.sent.append(seq)
+            await asyncio.sleep(self.pause)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def max_latency_ms(self, start: float, end: float) -> float:
+        inside = [d for s, d in self.latencies if start <= s < end]
+        return max(inside, default=0.0) * 1000
+
+
+def stored(log_dir: Path, tag: str | None = None) -> Counter[tuple[str, int]]:
+    """(tag, seq) of every record in the files, with multiplicity (a count > 1 is a duplicate).
+
+    Reads every line: a torn or unparsable line fails the test.
+    """
+    found: Counter[tuple[str, int]] = Counter()
+    if not log_dir.is_dir():
+        return found
+    for path in iter_log_files(log_dir):
+        data = path.read_bytes()
+        assert not data or data.endswith(b"\n"), f"torn line at the end of {path}"
+        for line in data.splitlines():
+            meta = orjson.loads(line)["metadata"]
+            if tag is None or meta["tag"] == tag:
+                found[(meta["tag"], meta["seq"])] += 1
+    return found
+
+
+def report(
+    fault: str, sent: int, found: Counter[Any], *, baseline_ms: float, fault_ms: float
+) -> dict[str, Any]:
+    row = {
+        "fault": fault,
+        "sent": sent,
+        "stored": len(found),
+        "duplicates": sum(n - 1 for n in found.values()),
+        "baseline_max_ms": round(baseline_ms, 1),
+        "fault_max_ms": round(fault_ms, 1),
+        "added_ms": round(max(0.0, fault_ms - baseline_ms), 1),
+    }
+    print(
+        f"\nFAULT {row['fault']}: sent={row['sent']} stored={row['stored']} "
+        f"duplicates={row['duplicates']} max latency baseline={row['baseline_max_ms']} ms, "
+        f"during fault={row['fault_max_ms']} ms (added {row['added_ms']} ms)"
+    )
+    target = os.environ.get("VLLM_MW_FAULT_TABLE")
+    if target:
+        with open(target, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+    return row
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = {"VLLM_MW_BLOCK_MS": "200", "VLLM_MW_BATCH_SIZE": "500"}
+    env.update(extra)
+    return env

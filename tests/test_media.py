@@ -1,0 +1,495 @@
+"""Multimodal media in records: reference / drop / inline policies, restore, size cap."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import vllm_middleware._media as media_module
+from vllm_middleware import ConfigurationError, ReadStats, VLLMMiddleware, load_logs
+from vllm_middleware.testing import FakeVLLMServer
+
+MODEL = "vllm:qwen-2.5-omni-7b"
+
+
+@pytest.fixture(autouse=True)
+def _embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_MW_REDIS_URL", raising=False)
+
+
+def blob(size: int, seed: int = 0) -> bytes:
+    # Deterministic, incompressible-looking bytes (distinct per seed).
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+IMAGE = blob(50_000, 1)
+AUDIO = blob(40_000, 2)
+VIDEO = blob(60_000, 3)
+REPLY_AUDIO = blob(30_000, 4)
+
+
+def omni_messages() -> list[dict[str, Any]]:
+    return [
+        {"role": "system", "content": "You are Qwen."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(IMAGE)}"}},
+                {"image_url": f"data:image/jpeg;base64,{b64(IMAGE)}"},  # bare form
+                {"type": "input_audio", "input_audio": {"data": b64(AUDIO), "format": "wav"}},
+                {"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{b64(AUDIO)}"}},
+                {"video_url": {"url": f"data:video/mp4;base64,{b64(VIDEO)}"}, "type": "video_url"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                {"type": "text", "text": "Describe what you hear and see."},
+            ],
+        },
+    ]
+
+
+def client_for(server: FakeVLLMServer, tmp_path: Path, **kwargs: Any) -> VLLMMiddleware:
+    return VLLMMiddleware(base_url=server.base_url, log_dir=tmp_path, redis_url="", **kwargs)
+
+
+def media_files(tmp_path: Path) -> list[Path]:
+    root = tmp_path / "media"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def ref_of(value: Any) -> dict[str, Any]:
+    assert isinstance(value, dict) and set(value) == {"media_ref"}, value
+    ref: dict[str, Any] = value["media_ref"]
+    return ref
+
+
+async def test_reference_policy_moves_every_blob_to_a_file(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    messages = omni_messages()
+    before = copy.deepcopy(messages)
+    async with client_for(fake_vllm, tmp_path) as client:
+        await client.chat_completion(messages, model=MODEL)
+    stats = client.get_statistics()["client"]
+    assert messages == before  # the caller's objects are untouched
+    (record,) = load_logs(tmp_path)
+    parts = record["messages"][1]["content"]
+    png = ref_of(parts[0]["image_url"]["url"])
+    assert png["sha256"] == hashlib.sha256(IMAGE).hexdigest()
+    assert png["mime"] == "image/png" and png["bytes"] == len(IMAGE)
+    assert png["stored"] is True and png["encoding"] == "data_url"
+    assert png["path"] == f"media/{png['sha256'][:2]}/{png['sha256']}.png"
+    assert (tmp_path / png["path"]).read_bytes() == IMAGE
+    jpeg = ref_of(parts[1]["image_url"])  # the bare form keeps its place
+    assert jpeg["path"].endswith(".jpg") and (tmp_path / jpeg["path"]).read_bytes() == IMAGE
+    audio = ref_of(parts[2]["input_audio"]["data"])
+    assert parts[2]["input_audio"]["format"] == "wav"
+    assert audio["encoding"] == "base64" and audio["mime"] == "audio/wav"
+    assert ref_of(parts[3]["audio_url"]["url"])["sha256"] == audio["sha256"]
+    video = ref_of(parts[4]["video_url"]["url"])
+    assert (tmp_path / video["path"]).read_bytes() == VIDEO
+    assert parts[5] == before[1]["content"][5] and parts[6] == before[1]["content"][6]
+    # png, jpg, wav (input_audio and audio_url share it), mp4
+    assert len(media_files(tmp_path)) == 4
+    assert stats["media_stored"] == 4 and stats["media_deduplicated"] == 1
+    assert stats["media_pending"] == 0 and stats["truncated"] == 0
+    # The record is small: the blobs are not in it.
+    assert len(orjson.dumps(record.to_dict())) < 5_000
+
+
+async def test_restore_round_trip_equals_the_request(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    messages = omni_messages()
+    # A data URL with parameters in its header must come back byte for byte too.
+    odd = {
+        "type": "image_url",
+        "image_url": {"url": f"data:image/png;name=a.png;base64,{b64(VIDEO)}"},
+    }
+    messages[1]["content"].append(odd)
+    async with client_for(fake_vllm, tmp_path) as client:
+        await client.chat_completion(messages, model=MODEL)
+    stats = ReadStats()
+    (restored,) = load_logs(tmp_path, restore_media=True, stats=stats)
+    assert restored.messages == messages
+    assert stats.media_restored == 6 and stats.media_missing == 0
+    (plain,) = load_logs(tmp_path)  # without the option, references stay
+    assert plain.messages != messages
+
+
+async def test_restore_counts_missing_files(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    async with client_for(fake_vllm, tmp_path) as client:
+        await client.chat_completion(omni_messages(), model=MODEL)
+    for path in media_files(tmp_path):
+        if path.suffix == ".mp4":
+            path.unlink()
+    stats = ReadStats()
+    (record,) = load_logs(tmp_path, restore_media=True, stats=stats)
+    assert stats.media_missing == 1 and stats.media_restored == 4
+    assert ref_of(record["messages"][1]["content"][4]["video_url"]["url"])["mime"] == "video/mp4"
+    # An explicit media_dir is where references are looked up.
+    elsewhere = ReadStats()
+    load_logs(tmp_path, restore_media=True, media_dir=tmp_path / "nowhere", stats=elsewhere)
+    assert elsewhere.media_missing == 5 and elsewhere.media_restored == 0
+
+
+async def test_drop_policy_keeps_hash_and_size_only(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    async with client_for(fake_vllm, tmp_path, media_policy="drop") as client:
+        await client.chat_completion(omni_messages(), model=MODEL)
+    (record,) = load_logs(tmp_path)
+    ref = ref_of(record["messages"][1]["content"][0]["image_url"]["url"])
+    assert ref["stored"] is False and "path" not in ref
+    assert ref["sha256"] == hashlib.sha256(IMAGE).hexdigest() and ref["bytes"] == len(IMAGE)
+    assert media_files(tmp_path) == []
+    stats = ReadStats()
+    load_logs(tmp_path, restore_media=True, stats=stats)
+    assert stats.media_missing == 5 and stats.media_restored == 0
+
+
+async def test_inline_policy_keeps_the_data(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    messages = omni_messages()
+    async with client_for(fake_vllm, tmp_path, media_policy="inline") as client:
+        await client.chat_completion(messages, model=MODEL)
+        assert client.get_statistics()["client"]["media_policy"] == "inline"
+    (record,) = load_logs(tmp_path)
+    assert record.messages == messages
+    assert media_files(tmp_path) == []
+
+
+async def test_small_and_non_base64_blobs_stay_inline(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    tiny = f"data:image/png;base64,{b64(b'x' * 100)}"
+    not_base64 = "data:image/png;base64," + "!" * 5000
+    not_canonical = "data:image/png;base64," + b64(IMAGE)[:-2] + "B="  # non-zero padding bits
+    url_encoded = "data:text/plain," + "a" * 5000
+    messages = [
+        {
+            "role": "user",
+            "content": [{"image_url": value} for value in (tiny, not_base64, url_encoded)]
+            + [{"type": "image_url", "image_url": {"url": not_canonical}}],
+        }
+    ]
+    async with client_for(fake_vllm, tmp_path) as client:
+        await client.chat_completion(messages, model=MODEL)
+    stats = client.get_statistics()["client"]
+    (record,) = load_logs(tmp_path)
+    assert record.messages == messages
+    assert stats["media_kept_inline"] == 2 and media_files(tmp_path) == []
+
+
+async def test_identical_blobs_are_written_once(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    url = f"data:image/png;base64,{b64(IMAGE)}"
+    part = {"type": "image_url", "image_url": {"url": url}}
+    messages = [{"role": "user", "content": [part, part, {"type": "text", "text": "twice"}]}]
+    async with client_for(fake_vllm, tmp_path) as client:
+        for _ in range(3):
+            await client.chat_completion(messages, model=MODEL)
+    stats = client.get_statistics()["client"]
+    assert len(media_files(tmp_path)) == 1
+    assert stats["media_stored"] == 1 and stats["media_deduplicated"] == 5
+    assert not list((tmp_path / "media").rglob("*.tmp"))
+    records = load_logs(tmp_path, restore_media=True)
+    assert len(records) == 3 and all(r.messages == messages for r in records)
+
+
+async def test_plain_text_request_is_unaffected(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    async with client_for(fake_vllm, tmp_path) as client:
+        result = await client.chat_completion(messages, model=MODEL)
+        assert client._media is not None
+        record: dict[str, Any] = {"messages": messages, "response": result}
+        assert client._media.prepare(record) is None
+        assert record["messages"] is messages and record["response"] is result
+    stats = client.get_statistics()["client"]
+    (logged,) = load_logs(tmp_path)
+    assert logged.messages == messages and logged.response == result
+    assert stats["media_stored"] == 0 and not (tmp_path / "media").exists()
+
+
+async def test_later_changes_by_the_caller_do_not_reach_the_record(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    messages = omni_messages()
+    expected = copy.deepcopy(messages)
+    async with client_for(fake_vllm, tmp_path) as client:
+        result = await client.chat_completion(messages, model=MODEL)
+        # Usual chat bookkeeping right after the call, while the media thread still works.
+        messages.append(result["choices"][0]["message"])
+        messages[0]["content"] = "changed"
+        result["choices"].clear()
+    (record,) = load_logs(tmp_path, restore_media=True)
+    assert record.messages == expected
+    assert record["response"]["choices"]
+
+
+async def test_streaming_request_with_media(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    messages = omni_messages()
+    async with client_for(fake_vllm, tmp_path) as client:
+        stream = await client.chat_completion(messages, model=MODEL, stream=True)
+        async with stream:
+            chunks = [chunk async for chunk in stream]
+    assert chunks
+    (record,) = load_logs(tmp_path)
+    assert record.stream is True and record.stream_end == "completed"
+    ref_of(record["messages"][1]["content"][0]["image_url"]["url"])
+    (restored,) = load_logs(tmp_path, restore_media=True)
+    assert restored.messages == messages
+
+
+# -- response audio (vllm-omni); the fake server has no speech output: MockTransport -----------
+def omni_response() -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello."},
+                "finish_reason": "stop",
+            },
+            {
+                "index": 1,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "audio": {
+                        "id": "audio-0123456789abcdef",
+                        "data": b64(REPLY_AUDIO),
+                        "expires_at": 2,
+                        "transcript": "",
+                    },
+                },
+                "finish_reason": "stop",
+            },
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+    }
+
+
+def mock_client(tmp_path: Path, body: bytes, content_type: str, **kwargs: Any) -> VLLMMiddleware:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": content_type})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x/v1")
+    return VLLMMiddleware("http://x/v1", log_dir=tmp_path, redis_url="", http_client=http, **kwargs)
+
+
+async def test_response_audio_is_referenced(tmp_path: Path) -> None:
+    expected = omni_response()
+    client = mock_client(tmp_path, orjson.dumps(expected), "application/json")
+    result = await client.chat_completion([{"role": "user", "content": "speak"}], model=MODEL)
+    snapshot = copy.deepcopy(result)
+    await client.close()
+    await client._http.aclose()
+    assert result == expected == snapshot
+    (record,) = load_logs(tmp_path)
+    audio = record["response"]["choices"][1]["message"]["audio"]
+    ref = ref_of(audio["data"])
+    assert ref["mime"] == "audio/wav" and ref["bytes"] == len(REPLY_AUDIO)
+    assert audio["id"] == "audio-0123456789abcdef"
+    assert (tmp_path / ref["path"]).read_bytes() == REPLY_AUDIO
+    assert record.usage == expected["usage"]
+    (restored,) = load_logs(tmp_path, restore_media=True)
+    assert restored.response == expected
+
+
+async def test_streamed_response_audio_is_referenced(tmp_path: Path) -> None:
+    base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+    audio = {"id": "audio-1", "data": b64(REPLY_AUDIO), "expires_at": 2, "transcript": ""}
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+        {**base, "choices": [{"index": 1, "delta": {"role": "assistant", "audio": audio}}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**base, "choices": [{"index": 1, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    client = mock_client(tmp_path, body, "text/event-stream")
+    stream = await client.chat_completion([{"role": "user", "content": "speak"}], stream=True)
+    got = [chunk async for chunk in stream]
+    await client.close()
+    await client._http.aclose()
+    assert got == events  # what the caller saw is untouched
+    (record,) = load_logs(tmp_path)
+    ref = ref_of(record["response"]["choices"][1]["message"]["audio"]["data"])
+    assert (tmp_path / ref["path"]).read_bytes() == REPLY_AUDIO
+    (restored,) = load_logs(tmp_path, restore_media=True)
+    assert restored["response"]["choices"][1]["message"]["audio"] == audio
+
+
+# -- size cap --------------------------------------------------------------------------------
+async def test_oversized_plain_record_is_truncated_and_counted(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    messages = [{"role": "user", "content": "long " * 20_000}]
+    async with client_for(fake_vllm, tmp_path, max_record_bytes=64 * 1024) as client:
+        await client.chat_completion(messages, model=MODEL, temperature=0.5, metadata={"k": 1})
+        await client.chat_completion([{"role": "user", "content": "short"}], model=MODEL)
+    stats = client.get_statistics()["client"]
+    assert stats["truncated"] == 1
+    big, small = sorted(load_logs(tmp_path), key=lambda r: "truncated" in r)[::-1]
+    assert big["truncated"]["original_bytes"] > 64 * 1024
+    assert "max_record_bytes" in big["truncated"]["reason"]
+    assert big.messages is None and big.response is None
+    assert big.model == MODEL and big.status_code == 200 and big["usage"]["prompt_tokens"] > 0
+    assert big.parameters == {"temperature": 0.5} and big.metadata == {"k": 1}
+    assert big.latency_ms is not None and big.request_id and big.host
+    assert small.truncated is None and small["messages"][0]["content"] == "short"
+
+
+async def test_inline_media_over_the_cap_is_truncated(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    kwargs: dict[str, Any] = {"media_policy": "inline", "max_record_bytes": 100_000}
+    async with client_for(fake_vllm, tmp_path, **kwargs) as client:
+        await client.chat_completion(omni_messages(), model=MODEL)
+    assert client.get_statistics()["client"]["truncated"] == 1
+    (record,) = load_logs(tmp_path)
+    assert record["truncated"]["original_bytes"] > 300_000
+
+
+async def test_record_over_the_cap_after_references_is_truncated(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    messages = omni_messages()
+    messages[1]["content"].append({"type": "text", "text": "x" * 200_000})
+    async with client_for(fake_vllm, tmp_path, max_record_bytes=100_000) as client:
+        await client.chat_completion(messages, model=MODEL)
+    assert client.get_statistics()["client"]["truncated"] == 1
+    (record,) = load_logs(tmp_path)
+    assert record["truncated"]["original_bytes"] > 200_000 and record.model == MODEL
+    assert len(media_files(tmp_path)) == 4  # the blobs were still stored
+
+
+# -- robustness ------------------------------------------------------------------------------
+async def test_media_write_failure_is_counted_and_the_record_kept(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    async with client_for(fake_vllm, tmp_path, media_dir=blocker) as client:
+        await client.chat_completion(omni_messages(), model=MODEL)
+    stats = client.get_statistics()["client"]
+    assert stats["media_failed"] == 5 and stats["logging_errors"] == 0
+    (record,) = load_logs(tmp_path)
+    ref = ref_of(record["messages"][1]["content"][0]["image_url"]["url"])
+    assert ref["stored"] is False and "error" in ref
+
+
+async def test_close_waits_for_pending_media(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    client = client_for(fake_vllm, tmp_path)
+    big = f"data:image/png;base64,{b64(blob(3_000_000, 9))}"
+    messages = [{"role": "user", "content": [{"image_url": big}] * 3}]
+    for _ in range(3):
+        await client.chat_completion(messages, model=MODEL)
+    await client.close()
+    assert len(load_logs(tmp_path)) == 3
+    assert client.get_statistics()["client"]["media_pending"] == 0
+
+
+async def test_custom_media_dir_and_restore(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    logs, shared = tmp_path / "logs", tmp_path / "shared-media"
+    messages = omni_messages()
+    async with client_for(fake_vllm, logs, media_dir=shared) as client:
+        await client.chat_completion(messages, model=MODEL)
+    (record,) = load_logs(logs)
+    ref = ref_of(record["messages"][1]["content"][0]["image_url"]["url"])
+    assert ref["path"].startswith("../shared-media/") and (logs / ref["path"]).is_file()
+    (restored,) = load_logs(logs, restore_media=True, media_dir=shared)
+    assert restored.messages == messages
+
+
+def test_media_settings_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError):
+        VLLMMiddleware(log_dir=tmp_path, redis_url="", media_policy="keep")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        VLLMMiddleware(log_dir=tmp_path, redis_url="", max_record_bytes=0)
+    with pytest.raises(ConfigurationError):
+        VLLMMiddleware(log_dir=tmp_path, redis_url="", media_min_bytes=-1)
+
+
+async def test_redis_mode_without_media_dir_falls_back_to_drop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(media_module, "_warned_shared", False)
+    with caplog.at_level(logging.WARNING, logger="vllm_middleware"):
+        first = VLLMMiddleware(log_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
+        second = VLLMMiddleware(log_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
+    assert first.media_policy == second.media_policy == "drop"
+    assert sum("shared" in r.getMessage() for r in caplog.records) == 1  # warned once
+    shared = VLLMMiddleware(
+        log_dir=tmp_path, redis_url="redis://127.0.0.1:1/0", media_dir=tmp_path / "m"
+    )
+    assert shared.media_policy == "reference"
+    for client in (first, second, shared):
+        await client.close(timeout=1)
+
+
+async def test_large_image_does_not_block_the_loop(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    image = f"data:image/jpeg;base64,{b64(os.urandom(5_000_000))}"
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    async with client_for(fake_vllm, tmp_path) as client:
+        await client.chat_completion([{"role": "user", "content": "warm up"}], model=MODEL)
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        for _ in range(3):
+            await client.chat_completion(messages, model=MODEL)
+        await asyncio.sleep(0.05)
+        stop.set()
+        await task
+    assert len(gaps) > 10
+    # Sending a 6.7 MB body costs the loop a few ms; decoding, hashing and writing must not
+    # add to it (they run on the media thread). Generous bound for slow CI machines.
+    assert max(gaps) < 0.25, max(gaps)
+    assert len(load_logs(tmp_path)) == 4 and len(media_files(tmp_path)) == 1
+
+
+async def test_media_thread_failure_is_counted_never_raised(
+    fake_vllm: FakeVLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(job: Any, data: bytes) -> bytes:
+        raise RuntimeError("boom")
+
+    async with client_for(fake_vllm, tmp_path) as client:
+        assert client._media is not None
+        monkeypatch.setattr(client._media, "resolve", broken)
+        result = await client.chat_completion(omni_messages(), model=MODEL)
+        await client.chat_completion([{"role": "user", "content": "text only"}], model=MODEL)
+    assert result["choices"]
+    assert client.get_statistics()["client"]["logging_errors"] == 1
+    (record,) = load_logs(tmp_path)  # the media record is lost, counted; the other is kept
+    assert record["messages"][0]["content"] == "text only"

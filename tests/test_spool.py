@@ -1,0 +1,176 @@
+"""The client's on-disk spool: framing, damage, size bound, ownership, replay without duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from vllm_middleware import RecordEntry, StreamKeys
+from vllm_middleware._redis_sink import RedisStreamSink
+from vllm_middleware._shipping import ShippingSettings
+from vllm_middleware._spool import Spool
+from vllm_middleware.testing import RedisServerProcess
+
+KEYS = StreamKeys()
+
+
+def entry(i: int) -> RecordEntry:
+    return RecordEntry("2026-01-02", "h", i % 7 == 0, b'{"request_id":"r%d"}' % i)
+
+
+def batch(start: int, count: int) -> list[RecordEntry]:
+    return [entry(i) for i in range(start, start + count)]
+
+
+def drain(spool: Spool) -> list[tuple[str, int, bool, list[bytes]]]:
+    groups = []
+    while (group := spool.next_group()) is not None:
+        groups.append(
+            (group.batch_id, group.first_index, group.complete, [e.data for e in group.entries])
+        )
+        spool.commit(group)
+    return groups
+
+
+def test_batches_come_back_in_order_and_segments_are_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10**7, segment_bytes=2000)
+    for n in range(5):
+        assert spool.append(f"b{n}", batch(n * 10, 10))
+    assert len(list(tmp_path.glob("*.seg"))) > 1  # rotated
+    groups = drain(spool)
+    assert [g[0] for g in groups] == [f"b{n}" for n in range(5)]
+    assert all(g[2] for g in groups)
+    assert [d for g in groups for d in g[3]] == [e.data for e in batch(0, 50)]
+    assert not spool and list(tmp_path.glob("*.seg")) == []
+    restored = RecordEntry("2026-01-02", "h", True, b'{"request_id":"r0"}')
+    spool.append("x", [restored])
+    group = spool.next_group()
+    assert group is not None and group.entries == [restored]
+    spool.close()
+
+
+def test_corruption_and_torn_tail_lose_only_the_damaged_records(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10**7)
+    spool.append("a", batch(0, 10))
+    spool.append("b", batch(10, 10))
+    spool.close()
+    (path,) = tmp_path.glob("*.seg")
+    data = bytearray(path.read_bytes())
+    frame = len(data) // 20
+    data[frame * 4 + 20] ^= 0xFF  # flip a byte inside record 4
+    path.write_bytes(bytes(data[: len(data) - 7]))  # and tear the last record
+    spool = Spool(tmp_path, max_bytes=10**7)
+    assert spool.adopt_orphans() == 1
+    groups = drain(spool)
+    got = [d for g in groups for d in g[3]]
+    assert got == [e.data for e in batch(0, 20) if e.data not in (b'{"request_id":"r4"}',)][:-1]
+    # Batch "a" was split by the damage: both parts replay under their own part markers.
+    assert [(g[0], g[1], g[2]) for g in groups] == [("a", 0, False), ("a", 5, False), ("b", 0, False)]
+    assert spool.damaged_regions == 2 and spool.damaged_bytes > 0
+    spool.close()
+
+
+def test_size_bound_refuses_instead_of_growing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=3000)
+    accepted = [spool.append(f"b{n}", batch(n * 10, 10)) for n in range(20)]
+    assert True in accepted and False in accepted
+    assert spool.nbytes <= 3000
+    spool.close()
+
+
+def test_live_owner_keeps_its_segments_dead_owner_loses_them(tmp_path: Path) -> None:
+    owner = Spool(tmp_path, max_bytes=10**7)
+    owner.append("mine", batch(0, 3))
+    other = Spool(tmp_path, max_bytes=10**7)
+    assert other.adopt_orphans() == 0  # locked by a live process (here: another open file)
+    # A process that spools and is SIGKILLed: its segment becomes adoptable.
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from vllm_middleware import RecordEntry
+        from vllm_middleware._spool import Spool
+        s = Spool({str(tmp_path)!r}, max_bytes=10**7)
+        s.append("dead", [RecordEntry("2026-01-02", "h", False, b'{{"request_id":"d"}}')])
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=False)
+    assert other.adopt_orphans() == 1
+    assert [g[0] for g in drain(other)] == ["dead"]
+    assert [g[0] for g in drain(owner)] == ["mine"]
+    owner.close()
+    other.close()
+
+
+async def test_sink_spools_while_redis_is_down_and_replays_once(
+    redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=1, socket_connect_timeout=1)
+    settings = ShippingSettings(
+        batch_size=50, spool_dir=str(tmp_path / "spool"), redis_timeout=0.5,
+        retry_backoff=(0.05, 0.2),
+    )  # fmt: skip
+    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    for i in range(100):
+        sink.submit(entry(i))
+    assert await sink.wait_durable(5)
+    redis_server.stop()
+    for i in range(100, 400):
+        sink.submit(entry(i))
+    assert await sink.wait_durable(10)  # durable in the spool, with Redis down
+    assert sink.counters.spooled >= 300 and not sink.healthy
+    redis_server.start()
+    for i in range(400, 500):
+        sink.submit(entry(i))
+    for _ in range(200):
+        if sink.counters.replayed == sink.counters.spooled and sink.buffered == 0:
+            break
+        await asyncio.sleep(0.05)
+    await sink.aclose()
+    check = aioredis.Redis.from_url(redis_server.url)
+    rows = await check.xrange(KEYS.stream)
+    await check.aclose()
+    ids = [fields[b"rec"] for _, fields in rows]
+    assert len(ids) == len(set(ids)) == 500
+    assert not list((tmp_path / "spool").rglob("*.seg"))
+
+
+async def test_replay_skips_a_batch_whose_flush_had_landed(
+    redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    """The ambiguous case: EXEC ran, the reply was lost, the batch was spooled anyway."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    settings = ShippingSettings(spool_dir=str(tmp_path / "spool"))
+    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    await sink._transaction(batch(0, 5), KEYS.batch_marker("landed"), 0)
+    spool = Spool(sink.spool_directory(), max_bytes=10**7)
+    spool.append("landed", batch(0, 5))
+    spool.append("lost", batch(5, 5))
+    spool.close()  # as if its process had died
+    sink.submit(entry(10))
+    for _ in range(100):
+        if sink.counters.replayed == 10:
+            break
+        await asyncio.sleep(0.05)
+    await sink.aclose()
+    check = aioredis.Redis.from_url(redis_server.url)
+    rows = await check.xrange(KEYS.stream)
+    await check.aclose()
+    assert sorted(fields[b"rec"] for _, fields in rows) == sorted(e.data for e in batch(0, 11))
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_unframeable_batch_is_refused_whole(tmp_path: Path, fsync: bool) -> None:
+    spool = Spool(tmp_path, max_bytes=10**7, fsync=fsync)
+    spool.append("ok", batch(0, 2))
+    size = spool.nbytes
+    bad = RecordEntry("2026-01-02", "h" * 70_000, False, b"{}")  # host too long to frame
+    with pytest.raises(Exception):  # noqa: B017 - struct.error
+        spool.append("bad", [bad])
+    assert spool.nbytes == size and [g[0] for g in drain(spool)] == ["ok"]
+    spool.close()
