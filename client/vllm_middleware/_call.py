@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._exceptions import APIError, InvalidRequestError
 from ._http import error_details
-from ._record import SCHEMA_VERSION, encode_record
+from ._record import SCHEMA_VERSION, encode_record, new_request_id
 
 if TYPE_CHECKING:
     from ._client import VLLMMiddleware
@@ -78,7 +78,6 @@ class Call:
         params: dict[str, Any],
         metadata: Mapping[str, Any] | None,
         now: datetime,
-        request_id: str,
     ) -> None:
         self.client = client
         self.endpoint = endpoint
@@ -88,7 +87,7 @@ class Call:
         self.params = params
         self.metadata = metadata
         self.now = now
-        self.request_id = request_id
+        self.request_id = new_request_id(now)
         self.client_request_id: Any = None
 
     def log(

@@ -17,7 +17,6 @@ from typing import Any, Literal, overload
 
 import httpx
 import orjson
-import redis
 import redis.asyncio as aioredis
 
 from ._call import Call, collect, header_request_id, shrink_record
@@ -27,17 +26,11 @@ from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
 from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy, media_pipeline
 from ._partition import LogFormat
-from ._record import (
-    RecordEntry,
-    default_host,
-    encode_record,
-    new_request_id,
-    utc_now,
-)
+from ._record import RecordEntry, default_host, encode_record, utc_now
 from ._redis_sink import RedisStreamSink
 from ._shipping import Shipper, ShippingSettings
-from ._stats import file_statistics, read_statistics, read_statistics_sync
-from ._streaming import AsyncStream, StreamState
+from ._stats import ClientStatistics
+from ._streaming import AsyncStream, StreamState, fail_before_stream
 
 __all__ = ["VLLMMiddleware"]
 
@@ -116,7 +109,9 @@ class VLLMMiddleware:
 
         self._owns_http = http_client is None
         if http_client is None:
-            headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+            headers = dict(_JSON_HEADERS)
+            if api_key:
+                headers["authorization"] = f"Bearer {api_key}"
             http_client = httpx.AsyncClient(
                 base_url=self.base_url,
                 timeout=timeout,
@@ -124,6 +119,10 @@ class VLLMMiddleware:
                 limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
             )
         self._http = http_client
+        # Per-request headers cost a merge on every call: send them only when the client's
+        # own defaults do not already say JSON (an injected client may not).
+        self._json_headers: Mapping[str, str] | None = _missing_headers(http_client, _JSON_HEADERS)
+        self._sse_headers: Mapping[str, str] | None = _missing_headers(http_client, _SSE_HEADERS)
 
         self.total_requests = 0
         self.logging_errors = 0
@@ -132,7 +131,6 @@ class VLLMMiddleware:
         self.media_policy: MediaPolicy = media_policy
         self._media: MediaPipeline | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._sync_redis: redis.Redis | None = None
         self._redis: aioredis.Redis | None = None
         self._sink: Shipper | None = None
         if enable_file_logging:
@@ -167,6 +165,13 @@ class VLLMMiddleware:
             )
             if self._media is not None:
                 self.media_policy = self._media.policy
+        self._stats = ClientStatistics(
+            log_dir=self.log_dir,
+            logging_enabled=enable_file_logging,
+            keys=self.keys,
+            redis_client=self._redis,
+            redis_url=self.redis_url,
+        )
 
     @property
     def mode(self) -> str:
@@ -202,9 +207,7 @@ class VLLMMiddleware:
                 logger.exception("error while closing the log sink")
         if self._owns_http:
             await self._http.aclose()
-        if self._sync_redis is not None:
-            self._sync_redis.close()
-            self._sync_redis = None
+        self._stats.close()
 
     aclose = close
 
@@ -352,6 +355,48 @@ class VLLMMiddleware:
             return False
         return response.status_code == 200
 
+    def _prepare(
+        self,
+        endpoint: _Endpoint,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        *,
+        stream: bool,
+    ) -> tuple[Call, float, bytes, Mapping[str, str] | None]:
+        """Start a call: its record's identity, the encoded body and the headers to send.
+
+        Raises `InvalidRequestError` (after logging it) when the body cannot be encoded.
+        """
+        started = time.perf_counter()
+        now = utc_now()
+        self.total_requests += 1
+        call = Call(self, endpoint, payload_key, payload, model, params, metadata, now)
+        body = dict(params)
+        if stream and params.get("stream_options") is None:
+            # Usage is only sent when asked for; ask for it when the caller did not decide
+            # (the stream hides the extra chunk). `parameters` stay the caller's own.
+            body["stream_options"] = {"include_usage": True}
+        if model is not None:
+            body["model"] = model
+        body[payload_key] = payload
+        send_headers = self._sse_headers if stream else self._json_headers
+        if headers:
+            send_headers = {**(send_headers or {}), **headers}
+            call.client_request_id = header_request_id(headers)
+        if call.client_request_id is None and "request_id" in params:
+            call.client_request_id = params["request_id"]
+        try:
+            content = orjson.dumps(body)
+        except TypeError as exc:
+            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
+            call.log(started, error=error, stream=stream)
+            raise error from exc
+        return call, started, content, send_headers
+
     async def _call(
         self,
         endpoint: _Endpoint,
@@ -362,27 +407,10 @@ class VLLMMiddleware:
         metadata: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        started = time.perf_counter()
-        now = utc_now()
-        request_id = new_request_id(now)
-        self.total_requests += 1
-        body = dict(params)
-        if model is not None:
-            body["model"] = model
-        body[payload_key] = payload
-        call = Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
-        send_headers = _JSON_HEADERS
-        if headers:
-            send_headers = {**_JSON_HEADERS, **headers}
-            call.client_request_id = header_request_id(headers)
-        if call.client_request_id is None and "request_id" in params:
-            call.client_request_id = params["request_id"]
-        try:
-            content = orjson.dumps(body)
-        except TypeError as exc:
-            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
-            call.log(started, error=error)
-            raise error from exc
+        call, started, content, send_headers = self._prepare(
+            endpoint, payload_key, payload, model, params, metadata, headers, stream=False
+        )
+        request_id = call.request_id
         try:
             response = await self._http.post(endpoint, content=content, headers=send_headers)
         except httpx.HTTPError as exc:
@@ -415,32 +443,11 @@ class VLLMMiddleware:
         metadata: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
     ) -> AsyncStream:
-        started = time.perf_counter()
-        now = utc_now()
-        request_id = new_request_id(now)
-        self.total_requests += 1
-        body = dict(params)
-        # Usage is only sent when asked for; ask for it when the caller did not decide, and
-        # hide the extra chunk. `parameters` in the record stay the caller's own.
+        call, started, content, send_headers = self._prepare(
+            endpoint, payload_key, payload, model, params, metadata, headers, stream=True
+        )
+        request_id = call.request_id
         hide_usage = params.get("stream_options") is None
-        if hide_usage:
-            body["stream_options"] = {"include_usage": True}
-        if model is not None:
-            body["model"] = model
-        body[payload_key] = payload
-        call = Call(self, endpoint, payload_key, payload, model, params, metadata, now, request_id)
-        send_headers = _SSE_HEADERS
-        if headers:
-            send_headers = {**_SSE_HEADERS, **headers}
-            call.client_request_id = header_request_id(headers)
-        if call.client_request_id is None and "request_id" in params:
-            call.client_request_id = params["request_id"]
-        try:
-            content = orjson.dumps(body)
-        except TypeError as exc:
-            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
-            call.log(started, error=error, stream=True)
-            raise error from exc
         request = self._http.build_request("POST", endpoint, content=content, headers=send_headers)
         try:
             response = await self._http.send(request, stream=True)
@@ -453,7 +460,7 @@ class VLLMMiddleware:
             call.log(started, error=cancelled, stream=True)
             raise
         if response.status_code >= 400:
-            await self._stream_failed(call, started, response)
+            await fail_before_stream(call, started, response)
         state = StreamState(
             call,
             started,
@@ -464,23 +471,6 @@ class VLLMMiddleware:
         )
         return AsyncStream(state)
 
-    async def _stream_failed(self, call: Call, started: float, response: httpx.Response) -> None:
-        """An HTTP error before the stream started: read the error body, log, raise."""
-        failure: APIError
-        try:
-            await response.aread()
-            failure = exception_from_response(response, call.request_id)
-        except httpx.HTTPError as exc:
-            failure = exception_from_transport(exc, call.request_id)
-        except asyncio.CancelledError:
-            await response.aclose()
-            cancelled = APIError("cancelled by the caller before the response")
-            call.log(started, error=cancelled, status_code=response.status_code, stream=True)
-            raise
-        await response.aclose()
-        call.log(started, error=failure, status_code=response.status_code, stream=True)
-        raise failure
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run clean-up that cannot be awaited where it starts (a finalizer); keep a reference."""
         task = asyncio.get_running_loop().create_task(coro)
@@ -488,10 +478,11 @@ class VLLMMiddleware:
         task.add_done_callback(self._background.discard)
 
     # -- logging ----------------------------------------------------------------------------
-    def _logging_failed(self, request_id: str | None) -> None:
+    def _logging_failed(self, request_id: Any, exc: BaseException | None = None) -> None:
+        """A record could not be logged: counted (and logged, sparingly), never raised."""
         self.logging_errors += 1
         if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
-            logger.exception("could not log request %s", request_id)
+            logger.error("could not log request %s", request_id, exc_info=exc or True)
 
     def _submit(self, record: dict[str, Any], date: str, is_error: bool) -> None:
         """Hand a record to the sink; never raises (a logging failure is counted instead).
@@ -505,7 +496,7 @@ class VLLMMiddleware:
         try:
             media = self._media
             if media is not None and (job := media.prepare(record)) is not None:
-                media.defer(job, record, self._ship(date, is_error), self._failed)
+                media.defer(job, record, self._ship(date, is_error), self._logging_failed)
                 return
             data = encode_record(record)
             if len(data) > self.max_record_bytes:
@@ -521,12 +512,6 @@ class VLLMMiddleware:
                 self._sink.submit(RecordEntry(date, self.host, is_error, data))
 
         return ship
-
-    def _failed(self, request_id: Any, exc: BaseException | None) -> None:
-        """Deferred media work failed: counted like any logging failure, never raised."""
-        self.logging_errors += 1
-        if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
-            logger.error("could not log request %s", request_id, exc_info=exc)
 
     # -- statistics -------------------------------------------------------------------------
     def _local_statistics(self) -> dict[str, Any]:
@@ -553,51 +538,13 @@ class VLLMMiddleware:
         Redis mode: the workers' exact fleet-wide counters (O(1)); embedded: this client's
         request count and a scan of the file tree. `client` holds this process's counters.
         """
-        local = self._local_statistics()
-        if self._redis is not None:
-            try:
-                stats = read_statistics_sync(self._sync_client(), self.keys)
-            except redis.RedisError as exc:
-                stats = {"total_requests": None, "redis_error": f"{type(exc).__name__}: {exc}"}
-        else:
-            stats = file_statistics(self.log_dir, count_records=False)
-            stats["total_requests"] = self.total_requests
-        return self._finish_statistics(stats, local)
+        return self._stats.read(self._local_statistics(), self.total_requests)
 
     async def aget_statistics(self) -> dict[str, Any]:
-        """`get_statistics` without blocking the event loop on Redis."""
-        local = self._local_statistics()
-        if self._redis is None:
-            return await asyncio.to_thread(self.get_statistics)
-        try:
-            stats = await read_statistics(self._redis, self.keys)
-        except redis.RedisError as exc:
-            stats = {"total_requests": None, "redis_error": f"{type(exc).__name__}: {exc}"}
-        return self._finish_statistics(stats, local)
+        """`get_statistics` without blocking the event loop on Redis or the file scan."""
+        return await self._stats.aread(self._local_statistics(), self.total_requests)
 
-    def _finish_statistics(self, stats: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
-        stats["logging_enabled"] = self.enable_file_logging
-        stats.setdefault("log_directory", self.log_dir)
-        if stats.get("log_directory") is None:
-            stats["log_directory"] = self.log_dir
-        stats.setdefault("log_files_count", 0)
-        stats.setdefault("total_log_size_mb", 0.0)
-        stats["client"] = local
-        return stats
 
-    def _sync_client(self) -> redis.Redis:
-        if self._sync_redis is None:
-            if self.redis_url:
-                self._sync_redis = redis.Redis.from_url(
-                    self.redis_url, socket_timeout=2, socket_connect_timeout=2
-                )
-            else:
-                assert self._redis is not None
-                kwargs = self._redis.connection_pool.connection_kwargs
-                allowed = ("host", "port", "db", "username", "password", "path")
-                self._sync_redis = redis.Redis(
-                    **{k: kwargs[k] for k in allowed if k in kwargs},
-                    socket_timeout=2,
-                    socket_connect_timeout=2,
-                )
-        return self._sync_redis
+def _missing_headers(client: httpx.AsyncClient, wanted: Mapping[str, str]) -> dict[str, str] | None:
+    missing = {k: v for k, v in wanted.items() if client.headers.get(k) != v}
+    return missing or None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from ._keys import StreamKeys
 from ._reader import iter_log_files, iter_logs
 
 __all__ = [
+    "ClientStatistics",
     "get_statistics",
     "read_statistics",
     "read_statistics_sync",
@@ -157,3 +159,79 @@ def get_statistics(
         return stats
     directory = log_dir or os.environ.get("VLLM_MW_LOG_DIR") or "./logs/vllm"
     return file_statistics(directory, count_records=True)
+
+
+class ClientStatistics:
+    """What `VLLMMiddleware.get_statistics` reads: Redis counters or a scan, plus local ones.
+
+    The synchronous `read` (the original API is synchronous) uses its own small blocking Redis
+    client, made on first use from the URL or from the injected async client's settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_dir: str,
+        logging_enabled: bool,
+        keys: StreamKeys,
+        redis_client: aioredis.Redis | None,
+        redis_url: str | None,
+    ) -> None:
+        self.log_dir = log_dir
+        self.logging_enabled = logging_enabled
+        self.keys = keys
+        self._redis = redis_client
+        self._redis_url = redis_url
+        self._sync: redis.Redis | None = None
+
+    def read(self, local: dict[str, Any], requests: int) -> dict[str, Any]:
+        if self._redis is None:
+            stats = file_statistics(self.log_dir, count_records=False)
+            stats["total_requests"] = requests
+        else:
+            try:
+                stats = read_statistics_sync(self._sync_client(), self.keys)
+            except redis.RedisError as exc:
+                stats = _redis_failure(exc)
+        return self._finish(stats, local)
+
+    async def aread(self, local: dict[str, Any], requests: int) -> dict[str, Any]:
+        if self._redis is None:
+            return await asyncio.to_thread(self.read, local, requests)
+        try:
+            stats = await read_statistics(self._redis, self.keys)
+        except redis.RedisError as exc:
+            stats = _redis_failure(exc)
+        return self._finish(stats, local)
+
+    def _finish(self, stats: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
+        stats["logging_enabled"] = self.logging_enabled
+        if stats.get("log_directory") is None:
+            stats["log_directory"] = self.log_dir
+        stats.setdefault("log_files_count", 0)
+        stats.setdefault("total_log_size_mb", 0.0)
+        stats["client"] = local
+        return stats
+
+    def _sync_client(self) -> redis.Redis:
+        if self._sync is None:
+            timeouts = {"socket_timeout": 2, "socket_connect_timeout": 2}
+            if self._redis_url:
+                self._sync = redis.Redis.from_url(self._redis_url, **timeouts)
+            else:
+                assert self._redis is not None
+                kwargs = self._redis.connection_pool.connection_kwargs
+                allowed = ("host", "port", "db", "username", "password", "path")
+                self._sync = redis.Redis(
+                    **{k: kwargs[k] for k in allowed if k in kwargs}, **timeouts
+                )
+        return self._sync
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
+def _redis_failure(exc: Exception) -> dict[str, Any]:
+    return {"total_requests": None, "redis_error": f"{type(exc).__name__}: {exc}"}

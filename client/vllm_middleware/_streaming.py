@@ -18,13 +18,13 @@ import httpx
 import orjson
 
 from ._exceptions import APIConnectionError, APIError, APIStatusError, status_error_class
-from ._http import exception_from_transport
+from ._http import exception_from_response, exception_from_transport
 from ._reassembly import SSEParser, StreamAccumulator
 
 if TYPE_CHECKING:
     from ._call import Call
 
-__all__ = ["AsyncStream", "StreamEnd", "StreamState", "error_from_event"]
+__all__ = ["AsyncStream", "StreamEnd", "StreamState", "error_from_event", "fail_before_stream"]
 
 StreamEnd = Literal[
     "completed", "error_event", "disconnected", "abandoned", "cancelled", "protocol_error"
@@ -314,3 +314,21 @@ class AsyncStream:
         await self._state.close()
 
     close = aclose
+
+
+async def fail_before_stream(call: Call, started: float, response: httpx.Response) -> None:
+    """An HTTP error before the stream started: read the error body, log, raise."""
+    failure: APIError
+    try:
+        await response.aread()
+        failure = exception_from_response(response, call.request_id)
+    except httpx.HTTPError as exc:
+        failure = exception_from_transport(exc, call.request_id)
+    except asyncio.CancelledError:
+        await response.aclose()
+        cancelled = APIError("cancelled by the caller before the response")
+        call.log(started, error=cancelled, status_code=response.status_code, stream=True)
+        raise
+    await response.aclose()
+    call.log(started, error=failure, status_code=response.status_code, stream=True)
+    raise failure
