@@ -7,6 +7,7 @@ A torn last line (a writer that crashed mid-write) is skipped and counted, never
 
 from __future__ import annotations
 
+import gc
 import gzip
 import logging
 import os
@@ -225,16 +226,23 @@ def load_logs(
     media_dir: str | os.PathLike[str] | None = None,
 ) -> list[LogRecord]:
     """All matching records as a list (see `iter_logs` for the streaming form)."""
-    return list(
-        iter_logs(
-            log_dir,
-            start_date,
-            end_date,
-            host=host,
-            model=model,
-            errors_only=errors_only,
-            stats=stats,
-            restore_media=restore_media,
-            media_dir=media_dir,
-        )
+    records = iter_logs(
+        log_dir,
+        start_date,
+        end_date,
+        host=host,
+        model=model,
+        errors_only=errors_only,
+        stats=stats,
+        restore_media=restore_media,
+        media_dir=media_dir,
     )
+    # Millions of parsed dicts, none of them cyclic: the cycle collector would rescan the
+    # growing list again and again (measured: 5x slower). Pause it for the load only.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return list(records)
+    finally:
+        if paused:
+            gc.enable()
