@@ -70,7 +70,11 @@ def test_corruption_and_torn_tail_lose_only_the_damaged_records(tmp_path: Path) 
     got = [d for g in groups for d in g[3]]
     assert got == [e.data for e in batch(0, 20) if e.data not in (b'{"request_id":"r4"}',)][:-1]
     # Batch "a" was split by the damage: both parts replay under their own part markers.
-    assert [(g[0], g[1], g[2]) for g in groups] == [("a", 0, False), ("a", 5, False), ("b", 0, False)]
+    assert [(g[0], g[1], g[2]) for g in groups] == [
+        ("a", 0, False),
+        ("a", 5, False),
+        ("b", 0, False),
+    ]
     assert spool.damaged_regions == 2 and spool.damaged_bytes > 0
     spool.close()
 
@@ -174,3 +178,61 @@ def test_unframeable_batch_is_refused_whole(tmp_path: Path, fsync: bool) -> None
         spool.append("bad", [bad])
     assert spool.nbytes == size and [g[0] for g in drain(spool)] == ["ok"]
     spool.close()
+
+
+async def test_damage_is_replayed_around_and_reported_to_redis(
+    redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    settings = ShippingSettings(spool_dir=str(tmp_path / "spool"))
+    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    spool = Spool(sink.spool_directory(), max_bytes=10**7)
+    spool.append("a", batch(0, 10))
+    spool.close()
+    (path,) = sink.spool_directory().glob("*.seg")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    sink.submit(entry(100))
+    for _ in range(100):
+        if sink.counters.replayed == 9:
+            break
+        await asyncio.sleep(0.05)
+    await sink.aclose()
+    check = aioredis.Redis.from_url(redis_server.url)
+    assert await check.xlen(KEYS.stream) == 10  # 9 whole spooled records + the live one
+    assert await check.hget(KEYS.stats, "spool_damaged") == b"1"
+    await check.aclose()
+
+
+async def test_close_is_bounded_with_redis_hung_and_spools_the_rest(
+    redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    import time
+
+    settings = ShippingSettings(spool_dir=str(tmp_path / "spool"), redis_timeout=1.0)
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=30)
+    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    redis_server.pause()  # accepts connections, never answers
+    try:
+        for i in range(5000):
+            sink.submit(entry(i))
+        started = time.monotonic()
+        await sink.aclose(timeout=3.0)
+        assert time.monotonic() - started < 3.5
+        assert sink.counters.dropped == 0 and sink.counters.spooled == 5000
+    finally:
+        redis_server.resume()
+    # The next process replays what the closed one left in the spool.
+    client = aioredis.Redis.from_url(redis_server.url)
+    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    sink.submit(entry(5000))
+    for _ in range(200):
+        if sink.counters.replayed == 5000:
+            break
+        await asyncio.sleep(0.05)
+    await sink.aclose()
+    check = aioredis.Redis.from_url(redis_server.url)
+    rows = await check.xrange(KEYS.stream)
+    await check.aclose()
+    assert sorted(f[b"rec"] for _, f in rows) == sorted(e.data for e in batch(0, 5001))

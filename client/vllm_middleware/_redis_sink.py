@@ -44,7 +44,8 @@ logger = logging.getLogger("vllm_middleware")
 
 _MARKER_TTL_S = 24 * 3600
 _ADOPT_INTERVAL_S = 10.0
-_SPOOL_BATCHES = 20  # batches per spool write while Redis is away
+_SPOOL_BATCHES = 8  # batches per spool write while Redis is away
+_REPLAY_CHUNK = 100  # records per spooled batch id (one replay transaction)
 _MB = 1024 * 1024
 _T = TypeVar("_T")
 
@@ -88,6 +89,9 @@ class RedisStreamSink(Shipper):
         self._probe: asyncio.Task[None] | None = None
         self._probe_backoff = self.retry_backoff[0]
         self._spool_errors = 0
+        self._outages = 0
+        self._replay_retry_at = 0.0
+        self._reported_damage = 0  # damaged spool regions already counted in Redis
 
     # -- live batches -----------------------------------------------------------------------
     def _new_batch_id(self) -> str:
@@ -116,7 +120,9 @@ class RedisStreamSink(Shipper):
         self._attempt_drops = dropped
         await self._transaction(batch, marker, dropped)
 
-    async def _transaction(self, batch: Sequence[RecordEntry], marker: str, dropped: int) -> None:
+    async def _transaction(
+        self, batch: Sequence[RecordEntry], marker: str, dropped: int, *, damaged: int = 0
+    ) -> None:
         pipe = self.redis.pipeline(transaction=True)
         stream = self.keys.stream
         for entry in batch:
@@ -132,6 +138,8 @@ class RedisStreamSink(Shipper):
         pipe.set(marker, b"1", ex=_MARKER_TTL_S)
         if dropped:
             pipe.hincrby(self.keys.stats, "dropped", dropped)
+        if damaged:  # fleet-visible: spool regions lost to corruption or torn writes
+            pipe.hincrby(self.keys.stats, "spool_damaged", damaged)
         await pipe.execute()
 
     async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
@@ -179,7 +187,11 @@ class RedisStreamSink(Shipper):
         spool = await self._open_spool()
         if spool is None:
             return False
-        size = self.batch_size
+        # A batch whose live flush was attempted stays whole under its id (its marker may
+        # exist). Anything else is cut into small batches: each replays as one transaction
+        # whose packing runs on the event loop, so small ones keep the request path smooth.
+        attempted = self._attempted and batch_id == self._batch_id
+        size = len(batch) if attempted else min(self.batch_size, _REPLAY_CHUNK)
         chunks = [(batch_id, batch[:size])]
         chunks += [
             (self._new_batch_id(), batch[i : i + size]) for i in range(size, len(batch), size)
@@ -214,13 +226,17 @@ class RedisStreamSink(Shipper):
         return self.batch_size
 
     def has_backlog(self) -> bool:
-        return self.healthy and self.spool is not None and bool(self.spool)
+        if not self.healthy or self.spool is None or time.monotonic() < self._replay_retry_at:
+            return False
+        return bool(self.spool)
 
     async def work_backlog(self) -> None:
         try:
             await self._replay_one()
         except Exception as exc:  # the replay must never stop the flush task
             self._spool_failed("log spool replay failed", exc)
+            # An unreadable spool: pause the replay instead of spinning on it.
+            self._replay_retry_at = time.monotonic() + self.retry_backoff[1]
 
     async def _replay_one(self) -> None:
         if self._io is None or not self.healthy:
@@ -260,10 +276,20 @@ class RedisStreamSink(Shipper):
             markers.append(self.keys.batch_marker(f"{group.batch_id}.{group.first_index}"))
         if await self.redis.exists(*markers):
             return
-        await self._transaction(group.entries, markers[-1], 0)
+        damaged = self.counters.spool_damaged - self._reported_damage
+        await self._transaction(group.entries, markers[-1], 0, damaged=damaged)
+        self._reported_damage += damaged
 
     # -- health -----------------------------------------------------------------------------
     def _mark_unhealthy(self) -> None:
+        if self.healthy:
+            self._outages += 1
+            if self._outages == 1 or self._outages % 100 == 0:
+                logger.warning(
+                    "Redis did not take a log batch (%s): spooling to %s until it answers",
+                    self.counters.last_error,
+                    self.spool_directory(),
+                )
         self.healthy = False
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(
@@ -284,19 +310,31 @@ class RedisStreamSink(Shipper):
                 self._wakeup.set()
 
     # -- shutdown ---------------------------------------------------------------------------
-    async def rescue(self, batch: list[RecordEntry]) -> int:
-        """Spool what close() could not ship in time (the in-flight batch keeps its id)."""
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """As `Shipper.aclose`; with a spool to replay, first ask Redis once more whether it is
+        back (the probe may be sleeping a long backoff), so close can replay it in its budget.
+        """
+        if not self._closed and not self.healthy and self.spool is not None and self.spool:
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.redis.ping(), min(self.timeout, timeout / 4))
+                self.healthy = True
+            timeout = max(0.0, timeout - (time.monotonic() - started))
+        await super().aclose(timeout)
+
+    async def rescue(self, inflight: list[RecordEntry], pending: list[RecordEntry]) -> int:
+        """Spool what close() could not ship in time. The in-flight batch keeps its id (its
+        flush may have landed: the marker then skips exactly it); the rest get new ids."""
         if self._io is None:
             return 0
         saved = 0
-        first = True
-        for start in range(0, len(batch), self.batch_size):
-            chunk = batch[start : start + self.batch_size]
-            batch_id = (self._batch_id if first else None) or self._new_batch_id()
-            first = False
-            if not await self._spool_batch(batch_id, chunk):
-                break
-            saved += len(chunk)
+        if inflight:
+            if not await self._spool_batch(self._batch_id or self._new_batch_id(), inflight):
+                return 0
+            self._batch_id = None
+            saved += len(inflight)
+        if pending and await self._spool_batch(self._new_batch_id(), pending):
+            saved += len(pending)
         return saved
 
     async def close_sink(self) -> None:

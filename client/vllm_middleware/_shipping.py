@@ -177,7 +177,11 @@ class Shipper(ABC):
     async def _run(self) -> None:
         assert self._wakeup is not None
         backoff = self.retry_backoff[0]
-        while not (self._closing and not self._inflight and not self._pending):
+        # Closing: ship the buffer, then keep replaying a backlog (spool) while the sink can,
+        # until done or aclose's time budget cancels us (the spool then waits on disk).
+        while not (
+            self._closing and not self._inflight and not self._pending and not self.has_backlog()
+        ):
             idle = not self._inflight and len(self._pending) < self.batch_size
             if not self._closing and idle and not (self._waiters and self.buffered):
                 # With a backlog to replay, do not sleep between replayed batches.
@@ -188,9 +192,8 @@ class Shipper(ABC):
                 self._wakeup.clear()
             if await self._flush_once():
                 backoff = self.retry_backoff[0]
-                if not self._closing:
-                    await self.work_backlog()
-                    await asyncio.sleep(0)  # let the request path run between batches
+                await self.work_backlog()
+                await asyncio.sleep(0)  # let the request path run between batches
                 continue
             # Wait out the backoff, but let close() cut it short.
             with contextlib.suppress(asyncio.TimeoutError):
@@ -261,20 +264,22 @@ class Shipper(ABC):
                     await self._task
             self._task = None
         self._closed = True
-        # The in-flight batch first: the sink may know it under an id (see `rescue`).
-        left = self._inflight + list(self._pending)
+        # The in-flight batch apart from the rest: the sink may know it under an id (a flush
+        # that may have landed), which must never cover records outside it (see `rescue`).
+        inflight, pending = self._inflight, list(self._pending)
         self._pending.clear()
         self._inflight = []
+        left = len(inflight) + len(pending)
         if left:
             try:
                 saved = await asyncio.wait_for(
-                    self.rescue(left), max(0.1, deadline - time.monotonic())
+                    self.rescue(inflight, pending), max(0.1, deadline - time.monotonic())
                 )
             except Exception:  # includes asyncio.TimeoutError
                 saved = 0
-            if len(left) > saved:
-                self.count_dropped(len(left) - saved, "closed with unshipped log records")
-            self._resolve(len(left))
+            if left > saved:
+                self.count_dropped(left - saved, "closed with unshipped log records")
+            self._resolve(left)
         await self.close_sink()
 
     # -- hooks (the Redis sink overrides them) -----------------------------------------------
@@ -294,9 +299,10 @@ class Shipper(ABC):
         """Send a little of the backlog; called between live batches, must not raise."""
         return None
 
-    async def rescue(self, batch: list[RecordEntry]) -> int:
-        """At close, save what could not be shipped in time (the in-flight batch first, then
-        the buffer, in order); returns how many records of `batch` were saved."""
+    async def rescue(self, inflight: list[RecordEntry], pending: list[RecordEntry]) -> int:
+        """At close, save what could not be shipped in time: the in-flight batch (possibly
+        already attempted), then the buffer in order. Returns how many records were saved.
+        """
         return 0
 
     # -- sink -------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
+from redis.exceptions import RedisError
 from vllm_middleware import ConfigurationError
 
 from ._config import WorkerConfig
@@ -84,9 +86,24 @@ def run_from_args(args: argparse.Namespace) -> int:
     from . import make_worker_settings
     from ._service import resilient_worker_class
 
-    worker = resilient_worker_class()(**get_kwargs(make_worker_settings(config)))
-    worker.run()
-    return 0
+    worker_class = resilient_worker_class()
+    settings = make_worker_settings(config)
+    delay = 1.0
+    while True:
+        worker = worker_class(**get_kwargs(settings))
+        try:
+            worker.run()
+            return 0
+        except (RedisError, OSError) as exc:
+            if "vllm_mw_consumer" in worker.ctx:
+                raise  # the consumer had started: exit and let the supervisor restart us
+            # Redis is not up yet (arq's own retries are ~5 s): keep waiting for it rather
+            # than exiting, so a worker started before Redis comes up by itself.
+            logging.getLogger("vllm_middleware_worker").warning(
+                "Redis unreachable at start-up (%s); retrying in %.0f s", exc, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

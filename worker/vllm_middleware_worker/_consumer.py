@@ -29,6 +29,7 @@ from vllm_middleware._keys import FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_REC
 from vllm_middleware._partition import BatchPlan, is_valid_date
 
 from ._config import WorkerConfig
+from ._oom import ack_at_oom, group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
 from ._recovery import Recovery
 
 __all__ = ["ConsumerStatus", "StreamConsumer"]
@@ -143,7 +144,9 @@ class StreamConsumer:
         try:
             await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if is_oom(exc):
+                await group_create_at_oom(self.redis, self.keys.stream, self.keys.group)
+            elif "BUSYGROUP" not in str(exc):
                 raise
 
     async def _beat(self) -> None:
@@ -151,7 +154,14 @@ class StreamConsumer:
         # disk or a Redis that keeps failing without reading the worker's log.
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
         health = orjson.dumps(self.health())
-        await self.redis.set(self.keys.heartbeat(self.config.consumer), health, px=ttl_ms)
+        key = self.keys.heartbeat(self.config.consumer)
+        try:
+            await self.redis.set(key, health, px=ttl_ms)
+        except ResponseError as exc:
+            if not is_oom(exc):
+                raise
+            # At maxmemory a missed beat would make every worker look dead to the others.
+            await set_px_at_oom(self.redis, key, health, ttl_ms)
 
     async def _heartbeat_loop(self) -> None:
         # Separate from the batch loop so that a long write (slow disk) does not look like death.
@@ -181,8 +191,29 @@ class StreamConsumer:
         entries: list[Entry] = response[0][1]
         if not entries:
             return False
-        await self.process(entries)
+        too_often = await self._delivered_too_often(entries) if start == b"0" else None
+        await self.process(entries, undeliverable=too_often)
         return True
+
+    async def _delivered_too_often(self, entries: Sequence[Entry]) -> dict[bytes, str]:
+        """Our own pending entries, re-read after a restart under the same consumer name: an
+        entry that keeps killing the worker would otherwise be retried forever (claims by
+        other workers are bounded in `_recovery.py`; this bounds a fixed `--consumer` name).
+        """
+        pending = await self.redis.xpending_range(
+            self.keys.stream,
+            self.keys.group,
+            entries[0][0],
+            entries[-1][0],
+            len(entries),
+            consumername=self.config.consumer,
+        )
+        limit = self.config.max_deliveries
+        return {
+            p["message_id"]: f"delivered {p['times_delivered']} times"
+            for p in pending
+            if p["times_delivered"] >= limit
+        }
 
     async def process(
         self, entries: Sequence[Entry], *, undeliverable: dict[bytes, str] | None = None
@@ -262,7 +293,7 @@ class StreamConsumer:
             try:
                 # Set even for an empty plan: its presence is how `_acknowledge` tells a lost
                 # EXEC reply from an EXEC that never ran.
-                await self.redis.hset(self.keys.inflight, self.config.consumer, self._intent(plan))
+                await self._record_intent(plan)
                 if plan.parts:
                     await loop.run_in_executor(self._executor, self.writer.write, plan)
                 self.disk_error = None
@@ -284,6 +315,15 @@ class StreamConsumer:
             # The plan may be stale after a failure (a file was forgotten): plan again.
             fresh = self.writer.plan(records)
             plan.parts, plan.new_files = fresh.parts, fresh.new_files
+
+    async def _record_intent(self, plan: BatchPlan) -> None:
+        intent = self._intent(plan)
+        try:
+            await self.redis.hset(self.keys.inflight, self.config.consumer, intent)
+        except ResponseError as exc:
+            if not is_oom(exc):
+                raise
+            await hset_at_oom(self.redis, self.keys.inflight, self.config.consumer, intent)
 
     async def _undo_until_clean(self, plan: BatchPlan) -> None:
         """Cut the files of a failed write back to their pre-batch sizes; retry until done."""
@@ -335,18 +375,31 @@ class StreamConsumer:
                 if attempted and not await self.redis.hexists(keys.inflight, self.config.consumer):
                     break  # the earlier EXEC went through; its reply was lost
                 attempted = True
-                pipe = self.redis.pipeline(transaction=True)
+                letters = []
                 for entry_id, fields, reason in poison:
                     dead = dict(fields)
                     dead.update({b"reason": reason.encode(), b"source_id": entry_id})
+                    letters.append(dead)
+                counters = {name: amount for name, amount in hincr.items() if amount}
+                pipe = self.redis.pipeline(transaction=True)
+                for dead in letters:
                     pipe.xadd(keys.dead_letter, dead, maxlen=100_000, approximate=True)
                 pipe.xack(keys.stream, keys.group, *all_ids)
                 pipe.xdel(keys.stream, *all_ids)
-                for name, amount in hincr.items():
-                    if amount:
-                        pipe.hincrby(keys.stats, name, amount)
+                for name, amount in counters.items():
+                    pipe.hincrby(keys.stats, name, amount)
                 pipe.hdel(keys.inflight, self.config.consumer)
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except ResponseError as exc:
+                    if not is_oom(exc):
+                        raise
+                    # The same writes as one allow-oom script: acking frees the memory.
+                    key_set = (keys.stream, keys.stats, keys.inflight, keys.dead_letter)
+                    await ack_at_oom(
+                        self.redis, key_set, keys.group, self.config.consumer,
+                        all_ids, counters, letters,
+                    )  # fmt: skip
                 break
             except _TRANSIENT as exc:
                 self.status.redis_failures += 1
