@@ -229,3 +229,30 @@ def test_bad_settings_are_rejected_at_construction() -> None:
         VLLMMiddleware(log_format="xml")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         VLLMMiddleware(max_log_size_mb=0)
+
+
+async def test_durable_calls_return_after_the_record_is_on_disk(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    async with VLLMMiddleware(
+        base_url=fake_vllm.base_url, log_dir=tmp_path, durable=True, flush_interval=10.0
+    ) as client:
+        await client.completions(prompt="first", model=MODEL)
+        # No flush interval has passed: only `durable` can explain the record being there.
+        assert [r.prompt for r in load_logs(tmp_path)] == ["first"]
+        with pytest.raises(NotFoundError):
+            await client.completions(prompt="second", model="nope")
+        assert [r.prompt for r in load_logs(tmp_path)] == ["first", "second"]
+
+
+async def test_durable_calls_in_redis_mode(
+    fake_vllm: FakeVLLMServer, redis_server: RedisServerProcess
+) -> None:
+    import redis as sync_redis
+
+    async with VLLMMiddleware(
+        base_url=fake_vllm.base_url, redis_url=redis_server.url, durable=True, flush_interval=10.0
+    ) as client:
+        await client.completions(prompt="x", model=MODEL)
+        with sync_redis.Redis.from_url(redis_server.url) as raw:
+            assert raw.xlen("vllm:logs") == 1

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -79,6 +80,7 @@ class VLLMMiddleware:
         batch_size: int = 500,
         flush_interval: float = 0.05,
         fsync: bool = True,
+        durable: bool | None = None,
         media_policy: MediaPolicy = "reference",
         media_dir: str | os.PathLike[str] | None = None,
         media_min_bytes: int = 1024,
@@ -133,8 +135,12 @@ class VLLMMiddleware:
         self._background: set[asyncio.Task[None]] = set()
         self._redis: aioredis.Redis | None = None
         self._sink: Shipper | None = None
+        self._durable = False
         if enable_file_logging:
             shipping = ShippingSettings(max_buffer, batch_size, flush_interval)
+            if durable is not None:
+                shipping = replace(shipping, durable=durable)
+            self._durable = shipping.durable
             if redis_client is not None or self.redis_url:
                 owns = redis_client is None
                 if redis_client is None:
@@ -410,6 +416,24 @@ class VLLMMiddleware:
         call, started, content, send_headers = self._prepare(
             endpoint, payload_key, payload, model, params, metadata, headers, stream=False
         )
+        if not self._durable:
+            return await self._exchange(endpoint, call, started, content, send_headers)
+        try:
+            return await self._exchange(endpoint, call, started, content, send_headers)
+        finally:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                await self._wait_durable()
+
+    async def _exchange(
+        self,
+        endpoint: _Endpoint,
+        call: Call,
+        started: float,
+        content: bytes,
+        send_headers: Mapping[str, str] | None,
+    ) -> dict[str, Any]:
+        """The HTTP exchange of a non-streaming call; logs its record whatever happens."""
         request_id = call.request_id
         try:
             response = await self._http.post(endpoint, content=content, headers=send_headers)
@@ -432,6 +456,18 @@ class VLLMMiddleware:
             raise bad from exc
         call.log(started, response=result, status_code=response.status_code)
         return result  # type: ignore[no-any-return]
+
+    async def _wait_durable(self) -> None:
+        """`durable=True`: wait until this call's record is in Redis, the spool or the files."""
+        sink = self._sink
+        if sink is None:
+            return
+        try:
+            if self._media is not None:
+                await self._media.drain(sink.settings.redis_timeout * 2 + 1)
+            await sink.wait_durable(sink.settings.redis_timeout * 2 + 1)
+        except Exception:
+            self._logging_failed(None)
 
     async def _open_stream(
         self,
@@ -526,6 +562,11 @@ class VLLMMiddleware:
             "dropped": counters.dropped if counters else 0,
             "failed_batches": counters.failed_batches if counters else 0,
             "last_error": counters.last_error if counters else None,
+            "spooled": counters.spooled if counters else 0,
+            "replayed": counters.replayed if counters else 0,
+            "spool_damaged": counters.spool_damaged if counters else 0,
+            "spool_bytes": counters.spool_bytes if counters else 0,
+            "redis_healthy": getattr(self._sink, "healthy", None),
             "logging_errors": self.logging_errors,
             "truncated": self.records_truncated + (media.truncated if media else 0),
             "media_policy": self.media_policy,
