@@ -9,12 +9,14 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 from vllm_middleware import VLLMMiddleware, iter_log_files
 
 RESPONSE = {
@@ -141,3 +143,33 @@ def worker_env(**extra: str) -> dict[str, str]:
     env = {"VLLM_MW_BLOCK_MS": "200", "VLLM_MW_BATCH_SIZE": "500"}
     env.update(extra)
     return env
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll without blocking the loop (the load keeps running); fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.2)
+
+
+async def check_all_stored(
+    fault: str,
+    load: Load,
+    log_dir: Path,
+    baseline: float,
+    during: float,
+    *,
+    timeout: float = 60,
+    settle: float = 0.5,
+) -> None:
+    """Every call that returned has exactly one record in the files; add the table row."""
+    sent = {(load.tag, s) for s in load.sent}
+    await until(lambda: set(stored(log_dir, load.tag)) >= sent, timeout, f"{fault}: all stored")
+    await asyncio.sleep(settle)  # let a late duplicate show up
+    found = stored(log_dir, load.tag)
+    p99 = load.p99_ms(*load.fault_window) if load.fault_window else None
+    report(fault, len(sent), found, baseline_ms=baseline, fault_ms=during, fault_p99_ms=p99)
+    assert set(found) == sent
+    assert max(found.values()) == 1, "duplicates in the files"

@@ -24,7 +24,7 @@ from vllm_middleware._redis_sink import RedisStreamSink
 from vllm_middleware.testing import RedisServerProcess
 
 from .conftest import WorkerFactory
-from .faults_support import Load, mock_http, report, stored, worker_env
+from .faults_support import Load, check_all_stored, mock_http, report, stored, until, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,6 @@ KEYS = StreamKeys()
 @pytest.fixture(autouse=True)
 def _short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_MW_REDIS_TIMEOUT", "1.0")
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.2)
 
 
 async def run_fault(
@@ -74,19 +66,6 @@ async def run_fault(
     baseline = load.max_latency_ms(t0, t_fault)
     during = load.max_latency_ms(t_fault, t_end)
     return load, baseline, during, sink
-
-
-async def check_all_stored(
-    fault: str, load: Load, log_dir: Path, baseline: float, during: float, timeout: float = 60
-) -> None:
-    sent = {(load.tag, s) for s in load.sent}
-    await until(lambda: set(stored(log_dir, load.tag)) >= sent, timeout, f"{fault}: all stored")
-    await asyncio.sleep(0.5)  # let any duplicate show up
-    found = stored(log_dir, load.tag)
-    p99 = load.p99_ms(*load.fault_window) if load.fault_window else None
-    report(fault, len(sent), found, baseline_ms=baseline, fault_ms=during, fault_p99_ms=p99)
-    assert set(found) == sent
-    assert max(found.values()) == 1, "duplicates in the files"
 
 
 async def test_redis_stopped_and_restarted_with_aof(

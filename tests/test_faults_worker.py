@@ -17,25 +17,11 @@ from vllm_middleware import StreamKeys, VLLMMiddleware, get_statistics
 from vllm_middleware.testing import RedisServerProcess
 
 from .conftest import WorkerFactory
-from .faults_support import Load, mock_http, report, stored, worker_env
-from .test_faults_redis import until
+from .faults_support import Load, check_all_stored, mock_http, stored, until, worker_env
 
 pytestmark = pytest.mark.slow
 
 KEYS = StreamKeys()
-
-
-async def finish(
-    fault: str, load: Load, log_dir: Path, baseline: float, during: float, timeout: float = 90
-) -> None:
-    sent = {(load.tag, s) for s in load.sent}
-    await until(lambda: set(stored(log_dir, load.tag)) >= sent, timeout, f"{fault}: all stored")
-    await asyncio.sleep(1.0)  # let a late duplicate show up
-    found = stored(log_dir, load.tag)
-    p99 = load.p99_ms(*load.fault_window) if load.fault_window else None
-    report(fault, len(sent), found, baseline_ms=baseline, fault_ms=during, fault_p99_ms=p99)
-    assert set(found) == sent
-    assert max(found.values()) == 1, "duplicates in the files"
 
 
 async def test_workers_sigkilled_at_random_moments_under_load(
@@ -65,12 +51,14 @@ async def test_workers_sigkilled_at_random_moments_under_load(
     await load.stop()
     await client.close()
     await http.aclose()
-    await finish(
+    await check_all_stored(
         f"{kills} workers SIGKILLed at random moments",
         load,
         log_dir,
         load.max_latency_ms(t0, t_fault),
         load.max_latency_ms(t_fault, t_end),
+        timeout=90,
+        settle=1.0,
     )
     stats = get_statistics(redis_server.url)
     assert stats["dead_letters"] == 0
@@ -121,12 +109,14 @@ async def test_disk_full_then_space_freed(
         await load.stop()
         await client.close()
         await http.aclose()
-        await finish(
+        await check_all_stored(
             "disk full (3 MB tmpfs), then space freed",
             load,
             log_dir,
             load.max_latency_ms(t0, t_fault),
             load.max_latency_ms(t_fault, t_end),
+            timeout=90,
+            settle=1.0,
         )
         assert worker.poll() is None
     finally:
@@ -165,12 +155,14 @@ async def test_poison_entries_among_live_traffic(
     await load.stop()
     await client.close()
     await http.aclose()
-    await finish(
+    await check_all_stored(
         "40 poison entries among traffic",
         load,
         log_dir,
         load.max_latency_ms(t0, t_fault),
         load.max_latency_ms(t_fault, t_end),
+        timeout=90,
+        settle=1.0,
     )
     await until(lambda: admin.xlen(KEYS.dead_letter) == 40, 30, "dead letters")
     assert get_statistics(redis_server.url)["dead_letters"] == 40
