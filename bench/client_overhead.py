@@ -60,6 +60,41 @@ def mock_handler(request: httpx.Request) -> httpx.Response:
     )
 
 
+STREAM_CHUNKS = 20  # content chunks per streamed reply (plus role, finish and usage chunks)
+
+
+def sse_handler(request: httpx.Request) -> httpx.Response:
+    """A vLLM-like SSE reply: role chunk, ~20 content chunks, finish, usage, [DONE].
+
+    Sent as one chunk per event (an async byte stream), as a server's chunked body arrives.
+    """
+    body = orjson.loads(request.content)
+    words = f"Echo: {body['messages'][-1]['content']}".split()
+    per = max(1, len(words) // STREAM_CHUNKS)
+    pieces = [" ".join(words[i : i + per]) + " " for i in range(0, len(words), per)]
+    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_700_000_000,
+            "model": body.get("model", MODEL)}
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}]
+    events += [{**base, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
+                                     "finish_reason": None}]} for piece in pieces]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": "stop"}]})
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append({**base, "choices": [],
+                       "usage": {"prompt_tokens": 48, "completion_tokens": 44,
+                                 "total_tokens": 92}})
+    frames = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+    async def chunks() -> Any:
+        for frame in frames:
+            yield frame
+
+    return httpx.Response(
+        200, content=chunks(), headers={"content-type": "text/event-stream"}
+    )
+
+
 def streaming_supported() -> bool:
     source = inspect.getsource(VLLMMiddleware._call)
     return "not supported yet" not in source
@@ -126,13 +161,16 @@ async def one_run(
     log_root: Path,
     total: int,
     concurrency: int,
+    stream: bool = False,
 ) -> tuple[float, float]:
     """(client CPU µs per request, requests/s) of one run."""
     messages = sample_messages()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     if transport == "mock":
         http = httpx.AsyncClient(
-            base_url=base_url, transport=httpx.MockTransport(mock_handler), limits=limits
+            base_url=base_url,
+            transport=httpx.MockTransport(sse_handler if stream else mock_handler),
+            limits=limits,
         )
     else:
         http = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60)
@@ -148,8 +186,24 @@ async def one_run(
         response.raise_for_status()
         return orjson.loads(response.content)
 
+    sse_headers = {"content-type": "application/json", "accept": "text/event-stream"}
+
+    async def bare_stream() -> Any:
+        # What an app does without the middleware: stream, parse each event, keep the chunks.
+        body = {"temperature": 0.2, "max_tokens": 256, "stream": True,
+                "stream_options": {"include_usage": True}, "model": MODEL, "messages": messages}
+        chunks = []
+        async with http.stream(
+            "POST", "chat/completions", content=orjson.dumps(body), headers=sse_headers
+        ) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(orjson.loads(line[6:]))
+        return chunks
+
     if mode == "bare":
-        call: Callable[[], Awaitable[Any]] = bare_call
+        call: Callable[[], Awaitable[Any]] = bare_stream if stream else bare_call
     else:
         mw = VLLMMiddleware(
             base_url,
@@ -167,7 +221,13 @@ async def one_run(
                 messages, model=MODEL, temperature=0.2, max_tokens=256
             )
 
-        call = mw_call
+        async def mw_stream() -> Any:
+            replies = await client.chat_completion(
+                messages, model=MODEL, temperature=0.2, max_tokens=256, stream=True
+            )
+            return [chunk async for chunk in replies]
+
+        call = mw_stream if stream else mw_call
     # Warm-up outside the window: connections (HTTP, Redis), the writer's first file.
     await drive(call, 64, min(concurrency, 8))
     if mw is not None:
@@ -207,23 +267,31 @@ def record_size(base_url: str, log_root: Path) -> float:
 
 
 async def main_async(args: Any, redis_url: str, fake_url: str, log_root: Path) -> None:
-    plans: list[tuple[str, int, int, int]] = []  # (transport, concurrency, requests, repeats)
+    # (transport, streaming, concurrency, requests, repeats)
+    plans: list[tuple[str, bool, int, int, int]] = []
     if args.quick:
-        plans = [("mock", 1, 1000, 3), ("mock", 32, 1000, 3), ("http", 1, 300, 2),
-                 ("http", 32, 300, 2)]
+        plans = [("mock", False, 1, 1000, 3), ("mock", False, 32, 1000, 3),
+                 ("mock", True, 1, 500, 3), ("mock", True, 32, 500, 3),
+                 ("http", False, 1, 300, 2), ("http", False, 32, 300, 2),
+                 ("http", True, 1, 200, 2)]
     else:
-        plans = [("mock", 1, 3000, 7), ("mock", 32, 3000, 7), ("http", 1, 1000, 5),
-                 ("http", 32, 1000, 5)]
+        plans = [("mock", False, 1, 3000, 7), ("mock", False, 32, 3000, 7),
+                 ("mock", True, 1, 1500, 7), ("mock", True, 32, 1500, 7),
+                 ("http", False, 1, 1000, 5), ("http", False, 32, 1000, 5),
+                 ("http", True, 1, 500, 5), ("http", True, 32, 500, 5)]
+    if args.only:
+        plans = [p for p in plans if f"{p[0]}-{'stream' if p[1] else 'json'}" in args.only]
     rows: list[list[Any]] = []
     summary: list[list[Any]] = []
-    for transport, concurrency, total, repeats in plans:
+    for transport, stream, concurrency, total, repeats in plans:
+        kind = "stream" if stream else "json"
         base_url = "http://mock.invalid/v1" if transport == "mock" else fake_url
         results = {mode: Result() for mode in MODES}
         for rep in range(repeats):
             order = MODES[rep % len(MODES):] + MODES[: rep % len(MODES)]  # rotate who goes first
             for mode in order:
                 cpu_us, rps = await one_run(
-                    mode, transport, base_url, redis_url, log_root, total, concurrency
+                    mode, transport, base_url, redis_url, log_root, total, concurrency, stream
                 )
                 results[mode].cpu_us.append(cpu_us)
                 results[mode].rps.append(rps)
@@ -233,33 +301,35 @@ async def main_async(args: Any, redis_url: str, fake_url: str, log_root: Path) -
             added = [m - b for m, b in zip(res.cpu_us, bare.cpu_us, strict=True)]
             ratio = [m / b * 100 for m, b in zip(res.rps, bare.rps, strict=True)]
             rows.append([
-                transport, concurrency, mode, total, repeats,
+                transport, kind, concurrency, mode, total, repeats,
                 median(res.cpu_us), min(res.cpu_us), median(res.rps),
                 "" if mode == "bare" else f"{median(added):+.1f}",
                 "" if mode == "bare" else f"{median(ratio):.1f}%",
             ])
             if mode in ("redis", "embedded"):
                 summary.append([
-                    transport, concurrency, mode, f"{median(added):+.1f}",
+                    transport, kind, concurrency, mode, f"{median(added):+.1f}",
                     f"{median(ratio):.1f}%",
                     "yes" if median(added) <= 15 and median(ratio) >= 97 else "NO",
                 ])
-        print(f"  done: {transport} c={concurrency}", flush=True)
+        print(f"  done: {transport} {kind} c={concurrency}", flush=True)
     print_table(
         "Client CPU and throughput per mode (medians over repetitions)",
-        ["transport", "conc", "client", "req/run", "reps", "CPU µs/req", "min CPU µs/req",
+        ["transport", "reply", "conc", "client", "req/run", "reps", "CPU µs/req", "min CPU µs/req",
          "req/s", "added µs/req", "throughput vs bare"],
         rows,
     )
     print_table(
         "Targets: ≤15 µs added CPU per request, ≥97% of bare throughput",
-        ["transport", "conc", "client", "added µs/req", "throughput vs bare", "met"],
+        ["transport", "reply", "conc", "client", "added µs/req", "throughput vs bare", "met"],
         summary,
     )
 
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="plans to run: mock-json mock-stream "
+                        "http-json http-stream (default: all)")
     args = parser.parse_args()
     banner("client_overhead", args)
     print(f"  streaming chat in the client: {'yes' if streaming_supported() else 'no (skipped)'}")

@@ -1,9 +1,10 @@
 """Memory with Redis down: client RSS under sustained load must plateau at the buffer bound.
 
 A `VLLMMiddleware` in Redis mode points at a stopped private redis-server (nothing listens on
-its port) and sends chat requests over an `httpx.MockTransport` at concurrency 32. Every
-record is buffered until `max_buffer`, then dropped and counted. Each bound runs in a fresh
-process (freed memory is not returned to the OS, so runs must not share one).
+its port) and sends chat requests over an `httpx.MockTransport` at concurrency 32. With the
+spool off, every record is buffered until `max_buffer`, then dropped and counted; with the spool
+on (the default), batches go to disk and the buffer stays small. Each run is a fresh process
+(freed memory is not returned to the OS, so runs must not share one).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import multiprocessing as mp
+import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -21,7 +24,12 @@ from vllm_middleware import VLLMMiddleware
 from vllm_middleware.testing import RedisServerProcess
 
 
-def child(redis_url: str, bound: int, total: int, results: Any) -> None:
+def child(redis_url: str, bound: int, total: int, spool: bool, results: Any) -> None:
+    # Spool off: everything waits in the memory buffer, which must plateau at max_buffer.
+    # Spool on (the default): batches go to disk, and the buffer stays near one batch.
+    os.environ["VLLM_MW_SPOOL"] = "1" if spool else "0"
+    os.environ["VLLM_MW_SPOOL_DIR"] = tempfile.mkdtemp(prefix="bench-spool-")
+
     async def run() -> list[list[Any]]:
         http = httpx.AsyncClient(base_url="http://mock.invalid/v1",
                                  transport=httpx.MockTransport(mock_handler))
@@ -55,29 +63,33 @@ def child(redis_url: str, bound: int, total: int, results: Any) -> None:
         return rows
 
     results.put((bound, asyncio.run(run())))
+    shutil.rmtree(os.environ["VLLM_MW_SPOOL_DIR"], ignore_errors=True)
 
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     banner("memory_redis_down", args)
-    bounds = [5_000, 20_000] if args.quick else [10_000, 50_000]
+    runs = [(5_000, False), (20_000, False), (20_000, True)]
+    if not args.quick:
+        runs = [(10_000, False), (50_000, False), (50_000, True)]
     ctx = mp.get_context("spawn")
     server = RedisServerProcess().start()
     url = server.url
     server.stop()  # keep the port, with nothing listening on it
     try:
-        for bound in bounds:
+        for bound, spool in runs:
             total = max(3 * bound, 30_000)
             results = ctx.Queue()
-            proc = ctx.Process(target=child, args=(url, bound, total, results))
+            proc = ctx.Process(target=child, args=(url, bound, total, spool, results))
             proc.start()
             _, rows = results.get(timeout=600)
             proc.join(timeout=60)
             base = rows[0][3]
             table = [[r[0], r[1], r[2], r[3], r[3] - base] for r in rows]
             print_table(
-                f"Redis down, max_buffer={bound:,}: RSS (MiB) as requests go on",
+                f"Redis down, max_buffer={bound:,}, spool {'on' if spool else 'off'}: "
+                "RSS (MiB) as requests go on",
                 ["requests", "buffered", "dropped", "RSS MiB", "above baseline"], table,
             )
             full = [r for r in rows if r[1] >= bound]

@@ -87,6 +87,7 @@ class BatchPlan:
     records: int = 0
     errors: int = 0
     new_files: int = 0
+    partitions: dict[tuple[str, str], int] = field(default_factory=dict)  # (date, host): records
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +130,7 @@ class PartitionWriter:
         self.fsync = fsync
         self._suffix = ".jsonl" if log_format == "jsonl" else ".json"
         self._files: dict[tuple[str, str], _OpenFile] = {}
+        self._sanitized: dict[str, str] = {}  # host -> sanitize_partition_value(host)
 
     # -- planning ---------------------------------------------------------------------------
     def _encode_line(self, data: bytes) -> bytes:
@@ -140,30 +142,64 @@ class PartitionWriter:
 
     def plan(self, entries: Iterable[RecordEntry]) -> BatchPlan:
         """Decide files and offsets for a batch without writing anything."""
-        grouped: dict[tuple[str, str], list[bytes]] = {}
+        # Group by the raw (date, host) first: one dict lookup per record, and the counts per
+        # partition for the statistics come for free (`BatchPlan.partitions`).
+        raw: dict[tuple[str, str], list[bytes]] = {}
         plan = BatchPlan()
-        for entry in entries:
-            key = (entry.date, sanitize_partition_value(entry.host))
-            grouped.setdefault(key, []).append(self._encode_line(entry.data))
-            plan.records += 1
-            plan.errors += entry.is_error
-        for key, lines in grouped.items():
+        errors = 0
+        for date, host, is_error, data in entries:
+            key = (date, host)
+            group = raw.get(key)
+            if group is None:
+                group = raw[key] = []
+            group.append(data)
+            errors += is_error
+        plan.errors = errors
+        sanitized = self._sanitized
+        if len(sanitized) > 10_000:  # bounded: distinct hosts seen recently
+            sanitized.clear()
+        grouped: dict[tuple[str, str], list[bytes]] = {}
+        for (date, host), datas in raw.items():
+            plan.partitions[(date, host)] = len(datas)
+            plan.records += len(datas)
+            safe = sanitized.get(host)
+            if safe is None:
+                safe = sanitized[host] = sanitize_partition_value(host)
+            if (date, safe) in grouped:  # two raw hosts, one sanitized directory
+                grouped[(date, safe)] += datas
+            else:
+                grouped[(date, safe)] = datas
+        for key, datas in grouped.items():
             current = self._files.get(key)
-            path = current.path if current else None
-            start = size = current.size if current else 0
-            chunk: list[bytes] = []
-            for line in lines:
-                if path is None or (size > 0 and size + len(line) > self.max_bytes):
-                    if chunk and path is not None:
-                        plan.parts.append(_Part(key, path, start, b"".join(chunk)))
-                    path = self._next_path(key, after=path)
-                    plan.new_files += 1
-                    chunk, start, size = [], 0, 0
-                chunk.append(line)
-                size += len(line)
-            if chunk and path is not None:
-                plan.parts.append(_Part(key, path, start, b"".join(chunk)))
+            if self.log_format == "jsonl" and current is not None:
+                # Common case: the whole group fits in the open file: one join, no per-line copy.
+                total = sum(map(len, datas)) + len(datas)
+                if current.size + total <= self.max_bytes:
+                    datas.append(b"")  # the join then ends with a newline too
+                    data = b"\n".join(datas)
+                    plan.parts.append(_Part(key, current.path, current.size, data))
+                    continue
+            self._plan_lines(plan, key, current, [self._encode_line(d) for d in datas])
         return plan
+
+    def _plan_lines(
+        self, plan: BatchPlan, key: tuple[str, str], current: _OpenFile | None, lines: list[bytes]
+    ) -> None:
+        """Place lines one by one, rotating to a new file whenever the next one would not fit."""
+        path = current.path if current else None
+        start = size = current.size if current else 0
+        chunk: list[bytes] = []
+        for line in lines:
+            if path is None or (size > 0 and size + len(line) > self.max_bytes):
+                if chunk and path is not None:
+                    plan.parts.append(_Part(key, path, start, b"".join(chunk)))
+                path = self._next_path(key, after=path)
+                plan.new_files += 1
+                chunk, start, size = [], 0, 0
+            chunk.append(line)
+            size += len(line)
+        if chunk and path is not None:
+            plan.parts.append(_Part(key, path, start, b"".join(chunk)))
 
     def _next_path(self, key: tuple[str, str], after: Path | None) -> Path:
         directory = partition_dir(self.log_dir, key[0], key[1])
@@ -201,10 +237,7 @@ class PartitionWriter:
     def write_batch(self, entries: Sequence[RecordEntry]) -> WriteResult:
         plan = self.plan(entries)
         self.write(plan)
-        by_partition: dict[tuple[str, str], int] = {}
-        for entry in entries:
-            key = (entry.date, entry.host)
-            by_partition[key] = by_partition.get(key, 0) + 1
+        by_partition = plan.partitions
         return WriteResult(plan.records, plan.errors, plan.nbytes, plan.new_files, by_partition)
 
     def _handle(self, part: _Part) -> _OpenFile:

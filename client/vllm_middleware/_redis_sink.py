@@ -18,12 +18,14 @@ Markers live `_MARKER_TTL_S`; a spool older than that replays without that check
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import hashlib
 import itertools
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,82 @@ _SPOOL_BATCHES = 8  # batches per spool write while Redis is away
 _REPLAY_CHUNK = 100  # records per spooled batch id (one replay transaction)
 _MB = 1024 * 1024
 _T = TypeVar("_T")
+
+
+# One batch as one script call instead of a MULTI/EXEC of XADDs: redis-py packs and parses every
+# pipelined command in Python (~10 µs per record); here the client sends a handful of arguments
+# per batch and Redis runs the XADD loop (~1 µs per record of client CPU).
+# Atomic like the transaction it replaces: a script runs alone, and at `maxmemory` Redis refuses
+# its first write (a script that has not written yet), so an OOM batch writes nothing.
+# KEYS: stream, marker, stats.
+# ARGV: marker ttl, dropped, damaged, k, k x (date, host, err), groups ('<I2' per record: which
+#       of the k triples), then chunks: (record count, '<I4' lengths, concatenated records)...
+_SHIP_BATCH = f"""
+local stream = KEYS[1]
+local k = tonumber(ARGV[4])
+local groups = ARGV[5 + 3 * k]
+local a = 6 + 3 * k
+local r = 0
+while a <= #ARGV do
+  local count, lens, blob = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  local pos = 1
+  for j = 0, count - 1 do
+    local len = struct.unpack('<I4', lens, 4 * j + 1)
+    local g = 4 + 3 * struct.unpack('<I2', groups, 2 * r + 1)
+    redis.call('XADD', stream, '*', '{FIELD_DATE.decode()}', ARGV[g + 1],
+      '{FIELD_HOST.decode()}', ARGV[g + 2], '{FIELD_ERROR.decode()}', ARGV[g + 3],
+      '{FIELD_RECORD.decode()}', string.sub(blob, pos, pos + len - 1))
+    pos = pos + len
+    r = r + 1
+  end
+  a = a + 3
+end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[3], 'dropped', ARGV[2]) end
+if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[3], 'spool_damaged', ARGV[3]) end
+return r
+"""
+_CHUNK_BYTES = 8 * _MB  # records per blob argument: far below Redis's 512 MB bulk limit
+
+
+def pack_batch(batch: Sequence[RecordEntry], dropped: int, damaged: int) -> list[Any]:
+    """The `_SHIP_BATCH` arguments for `batch` (a few bytes objects, whatever its length)."""
+    triples: dict[tuple[str, str, bool], int] = {}
+    groups = array.array("H")
+    args: list[Any] = [_MARKER_TTL_S, dropped, damaged, 0]
+    chunks: list[Any] = []
+    lens = array.array("I")
+    datas: list[bytes] = []
+    size = 0
+    for entry in batch:
+        key = (entry.date, entry.host, entry.is_error)
+        index = triples.get(key)
+        if index is None:
+            index = triples[key] = len(triples)
+            if index > 0xFFFF:
+                raise ValueError("more than 65536 partitions in one batch")
+            args += [entry.date, entry.host, b"1" if entry.is_error else b"0"]
+        groups.append(index)
+        data = entry.data
+        if size and size + len(data) > _CHUNK_BYTES:
+            chunks += [len(datas), _little(lens), b"".join(datas)]
+            lens, datas, size = array.array("I"), [], 0
+        lens.append(len(data))
+        datas.append(data)
+        size += len(data)
+    if datas:
+        chunks += [len(datas), _little(lens), b"".join(datas)]
+    args[3] = len(triples)
+    args.append(_little(groups))
+    args += chunks
+    return args
+
+
+def _little(values: array.array[int]) -> bytes:
+    if sys.byteorder != "little":
+        values = array.array(values.typecode, values)
+        values.byteswap()
+    return values.tobytes()
 
 
 class RedisUnavailable(ConnectionError):
@@ -92,6 +170,8 @@ class RedisStreamSink(Shipper):
         self._outages = 0
         self._replay_retry_at = 0.0
         self._reported_damage = 0  # damaged spool regions already counted in Redis
+        # EVALSHA, reloaded by redis-py after a Redis restart empties the script cache.
+        self._ship_script = redis.register_script(_SHIP_BATCH)
 
     # -- live batches -----------------------------------------------------------------------
     def _new_batch_id(self) -> str:
@@ -123,24 +203,10 @@ class RedisStreamSink(Shipper):
     async def _transaction(
         self, batch: Sequence[RecordEntry], marker: str, dropped: int, *, damaged: int = 0
     ) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        stream = self.keys.stream
-        for entry in batch:
-            pipe.xadd(
-                stream,
-                {
-                    FIELD_DATE: entry.date,
-                    FIELD_HOST: entry.host,
-                    FIELD_ERROR: b"1" if entry.is_error else b"0",
-                    FIELD_RECORD: entry.data,
-                },
-            )
-        pipe.set(marker, b"1", ex=_MARKER_TTL_S)
-        if dropped:
-            pipe.hincrby(self.keys.stats, "dropped", dropped)
-        if damaged:  # fleet-visible: spool regions lost to corruption or torn writes
-            pipe.hincrby(self.keys.stats, "spool_damaged", damaged)
-        await pipe.execute()
+        """XADD the batch, SET its marker and count drops/damage: one atomic script call."""
+        stats = self.keys.stats
+        args = pack_batch(batch, dropped, damaged)
+        await self._ship_script(keys=[self.keys.stream, marker, stats], args=args)
 
     async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
         if self._io is None:
