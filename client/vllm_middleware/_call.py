@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._exceptions import APIError, InvalidRequestError
 from ._http import error_details
-from ._record import SCHEMA_VERSION, encode_record, new_request_id
+from ._record import SCHEMA_VERSION, encode_record, request_id_and_timestamp
 
 if TYPE_CHECKING:
     from ._client import VLLMMiddleware
@@ -66,6 +66,7 @@ class Call:
         "payload",
         "payload_key",
         "request_id",
+        "timestamp",
     )
 
     def __init__(
@@ -87,7 +88,7 @@ class Call:
         self.params = params
         self.metadata = metadata
         self.now = now
-        self.request_id = new_request_id(now)
+        self.request_id, self.timestamp = request_id_and_timestamp(now)
         self.client_request_id: Any = None
 
     def log(
@@ -101,7 +102,8 @@ class Call:
         ttft_ms: float | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        # Microseconds, as milliseconds with 3 decimals (round(x, 3) costs ~0.5 µs more).
+        latency_ms = int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000
         client = self.client
         model = self.model
         if model is None and isinstance(response, dict):
@@ -109,7 +111,7 @@ class Call:
         metadata = client.metadata
         if self.metadata:
             metadata = {**metadata, **self.metadata}
-        timestamp = self.now.isoformat()
+        timestamp = self.timestamp
         record: dict[str, Any] = {
             "timestamp": timestamp,
             "request_id": self.request_id,

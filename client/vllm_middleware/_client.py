@@ -20,7 +20,7 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
-from ._call import Call, collect, header_request_id, shrink_record
+from ._call import Call, header_request_id, shrink_record
 from ._exceptions import APIError, ConfigurationError, InvalidRequestError
 from ._file_sink import FileSink
 from ._http import exception_from_response, exception_from_transport
@@ -270,10 +270,18 @@ class VLLMMiddleware:
         `headers` are sent with this call only; an `X-Request-Id` among them (or a body
         `request_id`) is kept in the record as `client_request_id`.
         """
-        params = collect(
-            temperature=temperature, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice
-        )
-        params.update(extra)
+        # Plain ifs, not a **kwargs helper: this runs on every call.
+        params: dict[str, Any] = {}
+        if temperature is not None:
+            params["temperature"] = temperature
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        if tools is not None:
+            params["tools"] = tools
+        if tool_choice is not None:
+            params["tool_choice"] = tool_choice
+        if extra:
+            params.update(extra)
         if stream:
             params["stream"] = True
             return await self._open_stream(
@@ -324,8 +332,13 @@ class VLLMMiddleware:
         **extra: Any,
     ) -> dict[str, Any] | AsyncStream:
         """POST /completions; like `chat_completion` (JSON, or an `AsyncStream` when streaming)."""
-        params = collect(temperature=temperature, max_tokens=max_tokens)
-        params.update(extra)
+        params: dict[str, Any] = {}
+        if temperature is not None:
+            params["temperature"] = temperature
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        if extra:
+            params.update(extra)
         if stream:
             params["stream"] = True
             return await self._open_stream(

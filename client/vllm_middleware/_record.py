@@ -11,7 +11,7 @@ import itertools
 import os
 import socket
 from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
@@ -30,6 +30,7 @@ __all__ = [
 SCHEMA_VERSION = 2  # 1 was the original single-process tool's layout
 
 _ORJSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+_ZERO = timedelta(0)
 
 
 class RecordEntry(NamedTuple):
@@ -64,19 +65,35 @@ class _IdSource:
         self.counter = itertools.count(1)
         self._second: tuple[int, ...] = ()
         self._prefix = ""
+        self._iso_prefix = ""
 
     def next_id(self, now: datetime) -> str:
-        # strftime costs microseconds on the request path: format once per second.
+        return self.next_id_and_timestamp(now)[0]
+
+    def next_id_and_timestamp(self, now: datetime) -> tuple[str, str]:
+        """A request id and `now.isoformat()`, both from text cached per second: strftime and
+        isoformat cost microseconds on the request path."""
         second = (now.year, now.month, now.day, now.hour, now.minute, now.second)
-        if second != self._second:
+        if second != self._second or now.utcoffset() != _ZERO:
             self._second = second
             self._prefix = f"req_{now:%Y%m%d_%H%M%S}_{self.token}_"
-        return f"{self._prefix}{next(self.counter)}"
+            if now.utcoffset() != _ZERO:  # not UTC: no cached text for this one
+                self._second = ()
+                return f"{self._prefix}{next(self.counter)}", now.isoformat()
+            self._iso_prefix = now.replace(microsecond=0, tzinfo=None).isoformat()
+        micro = now.microsecond
+        stamp = f"{self._iso_prefix}.{micro:06d}+00:00" if micro else f"{self._iso_prefix}+00:00"
+        return f"{self._prefix}{next(self.counter)}", stamp
 
 
 _ids = _IdSource()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_ids.reset)
+
+
+def request_id_and_timestamp(now: datetime) -> tuple[str, str]:
+    """`new_request_id(now)` and `now.isoformat()` (the record's `timestamp`) in one go."""
+    return _ids.next_id_and_timestamp(now)
 
 
 def new_request_id(now: datetime | None = None) -> str:
