@@ -7,6 +7,11 @@ Runs are interleaved (bare, redis, embedded, bare, ...) and repeated; the window
 covers the requests and, for the middleware, waiting until every record has been shipped (Redis
 XADD done / file written and fsynced), so background flushing is charged to the client.
 
+Two reply kinds: a JSON reply (non-streaming), and a streamed reply (`stream=True`: an SSE
+body of a role chunk, ~20 content chunks, a finish chunk, a usage chunk and `[DONE]`, sent as
+one body chunk per event). The bare streaming client parses every event with orjson and keeps
+the chunks, as an app would; the middleware also reassembles the reply for its record.
+
 CPU is `time.process_time()` of this process (all threads: the embedded writer thread too).
 Throughput is requests / wall time of the request phase. "Added" is the median over
 repetitions of the paired difference (middleware run minus the bare run of the same round).

@@ -1,10 +1,17 @@
 """The stream consumer: read a batch, write it durably, then acknowledge it with the statistics.
 
 Per batch: XREADGROUP -> validate -> plan files -> record the plan (the "intent") in Redis ->
-append + fsync -> one MULTI/EXEC with XACK, XDEL, the counters and the intent's removal. If the
-worker dies after the write and before the EXEC, the intent says which bytes of which files that
-batch may have written; whoever recovers the dead worker's entries first truncates those files
-back (see `_recovery.py`), so the retried batch never leaves a duplicate line.
+append + fsync -> one script call (or MULTI/EXEC with dead letters) with XACK, XDEL, the
+counters and the intent's removal. If the worker dies after the write and before the ack, the
+intent says which bytes of which files that batch may have written; whoever recovers the dead
+worker's entries first truncates those files back (see `_recovery.py`), so the retried batch
+never leaves a duplicate line.
+
+Pipelined, to keep the disk busy: the next batch's XREADGROUP (and its validation) runs while
+this batch is written, and this batch's acknowledgement runs while the next one is written. So
+a consumer has at most two unacknowledged batches, each under its own intent field
+(`intent_fields`); recovery undoes both. Reading our own pending entries waits for the
+acknowledgement in flight, so a batch is never read twice by its own consumer.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from vllm_middleware._partition import BatchPlan, is_valid_date
 
 from ._config import WorkerConfig
 from ._oom import ack_at_oom, group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
-from ._recovery import Recovery
+from ._recovery import Recovery, intent_fields
 
 __all__ = ["ConsumerStatus", "StreamConsumer"]
 
@@ -45,7 +52,7 @@ _MAX_HOST_LEN = 1024
 
 Entry = tuple[bytes, Any]  # (id, fields: dict, flat [field, value, ...] list, or None)
 
-# KEYS: stream, stats, inflight. ARGV: group, consumer, comma-joined ids, (counter, amount)...
+# KEYS: stream, stats, inflight. ARGV: group, intent field, comma-joined ids, (counter, amount)...
 # Stream ids are digits and "-", so a comma never occurs inside one.
 _ACK_BATCH = """
 local ids = {}
@@ -140,6 +147,10 @@ class StreamConsumer:
         # The next batch's XREADGROUP, sent while this batch is written and acknowledged, so
         # Redis's read time and the reply's parsing overlap the write + fsync.
         self._prefetch: asyncio.Task[_Sorted | None] | None = None
+        # The previous batch's acknowledgement, running while this batch is written. Each of
+        # the (at most) two unacknowledged batches has its own intent field (`_slot`).
+        self._ack_task: asyncio.Task[None] | None = None
+        self._slot = 0
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._own_pending = True  # re-read our own pending entries after a start or an error
@@ -167,12 +178,17 @@ class StreamConsumer:
                         self._own_pending = handled
                     if not handled:
                         handled = await self._consume(b">", block=not burst)
-                    if burst and not handled and await self._drained():
-                        return
+                    if burst and not handled:
+                        await self._settle_ack()
+                        if await self._drained():
+                            return
                     backoff = 0.1
                 except _TRANSIENT as exc:
                     self._note_error("redis", exc)
                     self.status.redis_failures += 1
+                    # Our pending entries are re-read next: a batch being acknowledged must
+                    # be done first (it retries until it is), or it would be read again.
+                    await self._settle_ack()
                     self._own_pending = True  # re-reads whatever a prefetch had taken
                     await self._drop_prefetch()
                     # After an outage (a Redis restart expires heartbeat keys by wall clock)
@@ -191,6 +207,9 @@ class StreamConsumer:
                         await self._process_sorted(ready)
         finally:
             await self._drop_prefetch()
+            if self._ack_task is not None:  # the data is on disk: finish its acknowledgement
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._ack_task)
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -273,6 +292,10 @@ class StreamConsumer:
             if ready is not None:
                 await self._process_sorted(ready, read_ahead=True)
                 return True
+        if start == b"0":
+            # Our pending entries: a batch still being acknowledged is among them until its
+            # ack lands, and must not be read (and written) a second time.
+            await self._settle_ack()
         entries = await self._read(start, block=block)
         if not entries:
             return False
@@ -316,12 +339,28 @@ class StreamConsumer:
         await self._process_sorted(self._sort(entries, undeliverable), read_ahead=read_ahead)
 
     async def _process_sorted(self, batch: _Sorted, *, read_ahead: bool = False) -> None:
+        """Write the batch (its own intent field), then start its acknowledgement, which runs
+        while the next batch is read and written; the previous one must be done first."""
         good_ids, records, poison, gone = batch
         plan = self.writer.plan(records)
         if read_ahead and self._prefetch is None and not self._stopping.is_set():
             self._prefetch = asyncio.create_task(self._read_sorted(), name="vllm-mw-read-ahead")
-        await self._write_durably(plan, records)
-        await self._acknowledge(plan, records, good_ids, poison, gone)
+        field = intent_fields(self.config.consumer)[self._slot]
+        self._slot ^= 1
+        await self._write_durably(plan, records, field)
+        # Before this batch's ack, and before the next batch reuses the previous one's field.
+        await self._settle_ack()
+        ack = self._acknowledge(plan, records, good_ids, poison, gone, field)
+        if poison:
+            await ack  # dead letters: rare, keep them simple
+        else:
+            self._ack_task = asyncio.create_task(ack, name="vllm-mw-ack")
+
+    async def _settle_ack(self) -> None:
+        """Wait for the previous batch's acknowledgement (it retries until it is done)."""
+        task, self._ack_task = self._ack_task, None
+        if task is not None:
+            await task
 
     def _sort(self, entries: Sequence[Entry], undeliverable: dict[bytes, str] | None) -> _Sorted:
         """Split a batch into (ids, records) to write, poison to dead-letter and deleted ids."""
@@ -418,7 +457,7 @@ class StreamConsumer:
             {"parts": [[str(p.path.relative_to(root)), p.offset] for p in plan.parts]}
         )
 
-    async def _write_durably(self, plan: BatchPlan, records: list[RecordEntry]) -> None:
+    async def _write_durably(self, plan: BatchPlan, records: list[RecordEntry], field: str) -> None:
         """Record the intent, then write and fsync; retry (re-planning) until it succeeds.
 
         After a failed write (disk full, read-only, permissions) the batch's bytes are cut
@@ -433,7 +472,7 @@ class StreamConsumer:
             try:
                 # Set even for an empty plan: its presence is how `_acknowledge` tells a lost
                 # EXEC reply from an EXEC that never ran.
-                await self._record_intent(plan)
+                await self._record_intent(plan, field)
                 if plan.parts:
                     await loop.run_in_executor(self._executor, self.writer.write, plan)
                 self.disk_error = None
@@ -456,14 +495,14 @@ class StreamConsumer:
             fresh = self.writer.plan(records)
             plan.parts, plan.new_files = fresh.parts, fresh.new_files
 
-    async def _record_intent(self, plan: BatchPlan) -> None:
+    async def _record_intent(self, plan: BatchPlan, field: str) -> None:
         intent = self._intent(plan)
         try:
-            await self.redis.hset(self.keys.inflight, self.config.consumer, intent)
+            await self.redis.hset(self.keys.inflight, field, intent)
         except ResponseError as exc:
             if not is_oom(exc):
                 raise
-            await hset_at_oom(self.redis, self.keys.inflight, self.config.consumer, intent)
+            await hset_at_oom(self.redis, self.keys.inflight, field, intent)
 
     async def _undo_until_clean(self, plan: BatchPlan) -> None:
         """Cut the files of a failed write back to their pre-batch sizes; retry until done."""
@@ -494,6 +533,7 @@ class StreamConsumer:
         ids: list[bytes],
         poison: list[tuple[bytes, dict[bytes, bytes], str]],
         gone: list[bytes],
+        field: str,
     ) -> None:
         keys = self.keys
         all_ids = ids + [p[0] for p in poison] + gone
@@ -513,7 +553,7 @@ class StreamConsumer:
         attempted = False
         while True:
             try:
-                if attempted and not await self.redis.hexists(keys.inflight, self.config.consumer):
+                if attempted and not await self.redis.hexists(keys.inflight, field):
                     break  # the earlier EXEC went through; its reply was lost
                 attempted = True
                 letters = []
@@ -523,7 +563,7 @@ class StreamConsumer:
                     letters.append(dead)
                 counters = {name: amount for name, amount in hincr.items() if amount}
                 if not letters:
-                    await self._ack_fast(all_ids, counters)
+                    await self._ack_fast(all_ids, counters, field)
                     break
                 pipe = self.redis.pipeline(transaction=True)
                 for dead in letters:
@@ -532,7 +572,7 @@ class StreamConsumer:
                 pipe.xdel(keys.stream, *all_ids)
                 for name, amount in counters.items():
                     pipe.hincrby(keys.stats, name, amount)
-                pipe.hdel(keys.inflight, self.config.consumer)
+                pipe.hdel(keys.inflight, field)
                 try:
                     await pipe.execute()
                 except ResponseError as exc:
@@ -541,9 +581,8 @@ class StreamConsumer:
                     # The same writes as one allow-oom script: acking frees the memory.
                     key_set = (keys.stream, keys.stats, keys.inflight, keys.dead_letter)
                     await ack_at_oom(
-                        self.redis, key_set, keys.group, self.config.consumer,
-                        all_ids, counters, letters,
-                    )  # fmt: skip
+                        self.redis, key_set, keys.group, field, all_ids, counters, letters
+                    )
                 break
             except _TRANSIENT as exc:
                 self.status.redis_failures += 1
@@ -557,11 +596,11 @@ class StreamConsumer:
         if poison:
             logger.warning("sent %d undeliverable entries to %s", len(poison), keys.dead_letter)
 
-    async def _ack_fast(self, ids: list[bytes], counters: dict[str, int]) -> None:
+    async def _ack_fast(self, ids: list[bytes], counters: dict[str, int], field: str) -> None:
         """XACK + XDEL + counters + intent removal as one script call (atomic, like the
         MULTI/EXEC used with dead letters); the ids travel as one argument, not 2 x 1000."""
         keys = self.keys
-        args: list[Any] = [keys.group, self.config.consumer, b",".join(ids)]
+        args: list[Any] = [keys.group, field, b",".join(ids)]
         for name, amount in counters.items():
             args += [name, amount]
         try:
@@ -571,9 +610,7 @@ class StreamConsumer:
                 raise
             # The same writes as one allow-oom script: acking frees the memory.
             key_set = (keys.stream, keys.stats, keys.inflight, keys.dead_letter)
-            await ack_at_oom(
-                self.redis, key_set, keys.group, self.config.consumer, ids, counters, []
-            )
+            await ack_at_oom(self.redis, key_set, keys.group, field, ids, counters, [])
 
     def _note_error(self, kind: str, exc: BaseException) -> None:
         self.status.errors_by_kind[kind] += 1

@@ -24,7 +24,7 @@ from ._config import WorkerConfig
 if TYPE_CHECKING:
     from ._consumer import StreamConsumer
 
-__all__ = ["Recovery"]
+__all__ = ["Recovery", "intent_fields"]
 
 logger = logging.getLogger("vllm_middleware_worker")
 
@@ -42,16 +42,23 @@ class Recovery:
         self.keys = consumer.keys
 
     async def undo_intent(self, name: str) -> int:
-        """Truncate the files of `name`'s unacknowledged batch; returns bytes removed."""
-        raw = await self.redis.hget(self.keys.inflight, name)
-        if raw is None:
+        """Truncate the files of `name`'s unacknowledged batches; returns bytes removed.
+
+        Two batches at most (one written, one being acknowledged), one intent field each;
+        cutting every file to each intent's offset leaves it at the lowest: both undone.
+        """
+        fields = intent_fields(name)
+        raws = await self.redis.hmget(self.keys.inflight, fields)
+        parts: list[Any] = []
+        for raw in raws:
+            if raw is None:
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                parts += orjson.loads(raw).get("parts", [])
+        if not any(raw is not None for raw in raws):
             return 0
-        try:
-            parts = orjson.loads(raw).get("parts", [])
-        except (orjson.JSONDecodeError, AttributeError):
-            parts = []
         removed = await asyncio.to_thread(self.truncate_parts, parts)
-        await self.redis.hdel(self.keys.inflight, name)
+        await self.redis.hdel(self.keys.inflight, *fields)
         if removed:
             logger.warning("removed %d unacknowledged bytes written by %s", removed, name)
         return removed
@@ -90,7 +97,8 @@ class Recovery:
             if name == me or await self.redis.exists(self.keys.heartbeat(name)):
                 continue
             idle = int(info.get("pending", 0)) == 0
-            if idle and await self.redis.hget(self.keys.inflight, name) is None:
+            intents = await self.redis.hmget(self.keys.inflight, intent_fields(name))
+            if idle and all(raw is None for raw in intents):
                 await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, name)
                 continue
             await self._recover(name)
@@ -132,6 +140,12 @@ class Recovery:
         finally:
             if await self.redis.get(lock) == me:
                 await self.redis.delete(lock)
+
+
+def intent_fields(consumer: str) -> tuple[str, str]:
+    """The two intent fields of a consumer in the inflight hash (batches alternate between
+    them); the first is the consumer's own name, as before read-ahead existed."""
+    return consumer, f"{consumer}\x00next"
 
 
 def _text(value: Any) -> str:
