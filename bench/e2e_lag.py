@@ -42,8 +42,10 @@ class TimedConsumer(StreamConsumer):
         self.sent = array.array("d")
         self.durable = array.array("d")
 
-    async def _write_durably(self, plan: BatchPlan, records: list[RecordEntry]) -> None:
-        await super()._write_durably(plan, records)
+    async def _write_durably(
+        self, plan: BatchPlan, records: list[RecordEntry], field: str
+    ) -> None:
+        await super()._write_durably(plan, records, field)
         now = time.monotonic()
         for record in records:
             data = record.data
