@@ -296,7 +296,8 @@ async def test_stream_fills_redis_to_maxmemory_while_workers_are_down(
             load.max_latency_ms(t_fault, t_end),
         )
         await until(lambda: len(stored(log_dir, "fill")) == topped, 30, "top-up stored")
-        assert max(stored(log_dir, "fill").values()) == 1
+        # Redis may already be too full for even one top-up entry: then there is none to count.
+        assert all(count == 1 for count in stored(log_dir, "fill").values())
         assert worker.poll() is None
         admin.close()
     finally:
