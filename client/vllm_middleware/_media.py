@@ -32,6 +32,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import orjson
 
 from ._call import shrink_record
+from ._partition import fsync_dir
 from ._record import encode_record
 
 __all__ = [
@@ -430,7 +431,7 @@ class MediaPipeline:
                 tmp.unlink()
             raise
         if self.fsync:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         self.stored += 1
         self._remember(name)
 
@@ -477,20 +478,6 @@ def media_pipeline(
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# -- read side ----------------------------------------------------------------------------------
 class RestoreCounts(Protocol):
     """Counters a restore pass updates (the reader's `ReadStats` has these fields)."""
 

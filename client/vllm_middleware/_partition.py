@@ -27,6 +27,7 @@ __all__ = [
     "BatchPlan",
     "PartitionWriter",
     "WriteResult",
+    "fsync_dir",
     "is_valid_date",
     "partition_dir",
     "sanitize_partition_value",
@@ -261,10 +262,10 @@ class PartitionWriter:
         self._files[key] = handle
         if self.fsync:
             # A new file's directory entry must be durable too, or a crash can lose the file.
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             if new_dir:
-                _fsync_dir(path.parent.parent)
-                _fsync_dir(self.log_dir)
+                fsync_dir(path.parent.parent)
+                fsync_dir(self.log_dir)
         return handle
 
     def _rollback(self, handle: _OpenFile, offset: int) -> None:
@@ -292,7 +293,8 @@ class PartitionWriter:
             self._forget(handle)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (a new file is lost in a crash without this)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._partition import fsync_dir
 from ._record import RecordEntry
 
 __all__ = ["Spool", "SpoolGroup"]
@@ -181,7 +182,7 @@ class Spool:
             path = self.directory / name
             os.rename(tmp, path)
             if self.fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -334,11 +335,3 @@ class Spool:
                 os.close(segment.fd)
         self._segments.clear()
         self._active = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
