@@ -36,14 +36,10 @@ class FileSink(Shipper):
             log_dir, owner, max_bytes=max_bytes, log_format=log_format, fsync=fsync
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-mw-writer")
-        self.records_written = 0
-        self.files_created = 0
 
     async def ship(self, batch: list[RecordEntry], *, dropped: int) -> None:
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, self.writer.write_batch, batch)
-        self.records_written += result.records
-        self.files_created += result.new_files
+        await loop.run_in_executor(self._executor, self.writer.write_batch, batch)
 
     async def close_sink(self) -> None:
         loop = asyncio.get_running_loop()

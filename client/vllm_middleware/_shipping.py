@@ -79,9 +79,6 @@ class BufferCounters:
     spool_damaged: int = 0  # damaged spool regions skipped (each a torn or corrupted frame)
     spool_bytes: int = 0  # bytes in the spool now
 
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
-
 
 class Shipper(ABC):
     """Owns the buffer and the flush task; subclasses say where a batch goes."""

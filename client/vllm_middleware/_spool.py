@@ -132,10 +132,6 @@ class Spool:
         """Bytes on disk in segments this process holds (replayed or not)."""
         return sum(seg.size for seg in self._segments)
 
-    @property
-    def pending_bytes(self) -> int:
-        return sum(seg.size - seg.read_offset for seg in self._segments)
-
     def __bool__(self) -> bool:
         return any(seg.read_offset < seg.size for seg in self._segments)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vllm_middleware import ConfigurationError
@@ -76,9 +76,6 @@ class WorkerConfig:
             values[name] = _convert(name, raw, str(types[name]), var)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    def with_overrides(self, **overrides: Any) -> WorkerConfig:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @property
     def heartbeat_interval_s(self) -> float:
