@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,22 @@ def entry(i: int) -> RecordEntry:
 
 def batch(start: int, count: int) -> list[RecordEntry]:
     return [entry(i) for i in range(start, start + count)]
+
+
+async def close_when(sink: RedisStreamSink, done: Callable[[], bool], seconds: float) -> None:
+    """Let the sink run (replaying) until `done()` or `seconds` pass, then close it."""
+    for _ in range(int(seconds / 0.05)):
+        if done():
+            break
+        await asyncio.sleep(0.05)
+    await sink.aclose()
+
+
+async def stream_records(url: str) -> list[bytes]:
+    check = aioredis.Redis.from_url(url)
+    rows = await check.xrange(KEYS.stream)
+    await check.aclose()
+    return [fields[b"rec"] for _, fields in rows]
 
 
 def drain(spool: Spool) -> list[tuple[str, int, bool, list[bytes]]]:
@@ -131,15 +148,9 @@ async def test_sink_spools_while_redis_is_down_and_replays_once(
     redis_server.start()
     for i in range(400, 500):
         sink.submit(entry(i))
-    for _ in range(200):
-        if sink.counters.replayed == sink.counters.spooled and sink.buffered == 0:
-            break
-        await asyncio.sleep(0.05)
-    await sink.aclose()
-    check = aioredis.Redis.from_url(redis_server.url)
-    rows = await check.xrange(KEYS.stream)
-    await check.aclose()
-    ids = [fields[b"rec"] for _, fields in rows]
+    counters = sink.counters
+    await close_when(sink, lambda: counters.replayed == counters.spooled and not sink.buffered, 10)
+    ids = await stream_records(redis_server.url)
     assert len(ids) == len(set(ids)) == 500
     assert not list((tmp_path / "spool").rglob("*.seg"))
 
@@ -157,15 +168,8 @@ async def test_replay_skips_a_batch_whose_flush_had_landed(
     spool.append("lost", batch(5, 5))
     spool.close()  # as if its process had died
     sink.submit(entry(10))
-    for _ in range(100):
-        if sink.counters.replayed == 10:
-            break
-        await asyncio.sleep(0.05)
-    await sink.aclose()
-    check = aioredis.Redis.from_url(redis_server.url)
-    rows = await check.xrange(KEYS.stream)
-    await check.aclose()
-    assert sorted(fields[b"rec"] for _, fields in rows) == sorted(e.data for e in batch(0, 11))
+    await close_when(sink, lambda: sink.counters.replayed == 10, 5)
+    assert sorted(await stream_records(redis_server.url)) == sorted(e.data for e in batch(0, 11))
 
 
 @pytest.mark.parametrize("fsync", [True, False])
@@ -194,11 +198,7 @@ async def test_damage_is_replayed_around_and_reported_to_redis(
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     sink.submit(entry(100))
-    for _ in range(100):
-        if sink.counters.replayed == 9:
-            break
-        await asyncio.sleep(0.05)
-    await sink.aclose()
+    await close_when(sink, lambda: sink.counters.replayed == 9, 5)
     check = aioredis.Redis.from_url(redis_server.url)
     assert await check.xlen(KEYS.stream) == 10  # 9 whole spooled records + the live one
     assert await check.hget(KEYS.stats, "spool_damaged") == b"1"
@@ -227,12 +227,5 @@ async def test_close_is_bounded_with_redis_hung_and_spools_the_rest(
     client = aioredis.Redis.from_url(redis_server.url)
     sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
     sink.submit(entry(5000))
-    for _ in range(200):
-        if sink.counters.replayed == 5000:
-            break
-        await asyncio.sleep(0.05)
-    await sink.aclose()
-    check = aioredis.Redis.from_url(redis_server.url)
-    rows = await check.xrange(KEYS.stream)
-    await check.aclose()
-    assert sorted(f[b"rec"] for _, f in rows) == sorted(e.data for e in batch(0, 5001))
+    await close_when(sink, lambda: sink.counters.replayed == 5000, 10)
+    assert sorted(await stream_records(redis_server.url)) == sorted(e.data for e in batch(0, 5001))
