@@ -25,7 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from _common import banner, base_parser, make_record, median, pct, print_table, today
 from vllm_middleware import RecordEntry, StreamKeys
-from vllm_middleware._partition import BatchPlan
+from vllm_middleware._partition import BatchPlan, PartitionLines
 from vllm_middleware._redis_sink import RedisStreamSink
 from vllm_middleware.testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
@@ -42,15 +42,14 @@ class TimedConsumer(StreamConsumer):
         self.sent = array.array("d")
         self.durable = array.array("d")
 
-    async def _write_durably(
-        self, plan: BatchPlan, records: list[RecordEntry], field: str
-    ) -> None:
-        await super()._write_durably(plan, records, field)
+    async def _write_durably(self, plan: BatchPlan, lines: PartitionLines, field: str) -> None:
+        await super()._write_durably(plan, lines, field)
         now = time.monotonic()
-        for record in records:
-            data = record.data
-            self.sent.append(float(data[len(PREFIX): data.index(b",", len(PREFIX))]))
-            self.durable.append(now)
+        for chunks in lines.chunks.values():
+            for chunk in chunks:  # a bundle: records joined by newlines
+                for data in chunk.split(b"\n"):
+                    self.sent.append(float(data[len(PREFIX): data.index(b",", len(PREFIX))]))
+                    self.durable.append(now)
 
 
 def consumer_process(redis_url: str, log_dir: str, out: str, ready: Any, stop: MpEvent) -> None:

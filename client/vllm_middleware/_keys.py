@@ -6,13 +6,18 @@ from dataclasses import dataclass
 
 __all__ = ["ENTRY_FIELDS", "StreamKeys"]
 
-# Stream entry fields: the partition keys travel beside the encoded record so that the worker
-# routes bytes without parsing them.
+# Stream entry fields, in this order: the partition keys travel beside the encoded records so
+# that the worker routes bytes without parsing them. An entry is a bundle: `rec` holds `n`
+# records of one (date, host) joined by newlines, `err` how many of them are errors. Redis's
+# cost is per entry (reply framing, pending-list node, XDEL), so a busy client's flush of 60
+# records costs Redis and the worker about as much as one record did. Entries without `n`
+# (written before bundles) hold one record, `err` then being "0" or "1".
 FIELD_DATE = b"date"
 FIELD_HOST = b"host"
 FIELD_ERROR = b"err"
+FIELD_COUNT = b"n"
 FIELD_RECORD = b"rec"
-ENTRY_FIELDS = (FIELD_DATE, FIELD_HOST, FIELD_ERROR, FIELD_RECORD)
+ENTRY_FIELDS = (FIELD_DATE, FIELD_HOST, FIELD_ERROR, FIELD_COUNT, FIELD_RECORD)
 
 
 @dataclass(frozen=True)

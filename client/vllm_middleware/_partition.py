@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,7 @@ from ._record import RecordEntry
 
 __all__ = [
     "BatchPlan",
+    "PartitionLines",
     "PartitionWriter",
     "WriteResult",
     "fsync_dir",
@@ -38,6 +40,10 @@ LogFormat = Literal["jsonl", "json"]
 _DATE_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_VALUE_LEN = 64
+_SYNC_THREADS = 4
+# Appends need the data and the new size durable, which is what fdatasync promises; fsync also
+# forces a journal commit for the timestamps. macOS has no fdatasync.
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 def is_valid_date(value: str) -> bool:
@@ -95,6 +101,54 @@ class BatchPlan:
         return sum(len(part.data) for part in self.parts)
 
 
+class PartitionLines:
+    """A batch grouped by raw (date, host), as `PartitionWriter.plan` takes it.
+
+    A chunk is one record or several joined by newlines (a bundle, as the stream carries them),
+    never with a trailing newline. The worker builds this directly from stream entries, so a
+    bundle reaches the file in one piece; `from_entries` groups single records.
+    """
+
+    __slots__ = ("chunks", "errors", "records")
+
+    def __init__(self) -> None:
+        self.chunks: dict[tuple[str, str], list[bytes]] = {}
+        self.records: dict[tuple[str, str], int] = {}
+        self.errors = 0
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[RecordEntry]) -> PartitionLines:
+        lines = cls()
+        chunks, records = lines.chunks, lines.records
+        errors = 0
+        for date, host, is_error, data in entries:
+            key = (date, host)
+            group = chunks.get(key)
+            if group is None:
+                group = chunks[key] = []
+                records[key] = 0
+            group.append(data)
+            records[key] += 1
+            errors += is_error
+        lines.errors = errors
+        return lines
+
+    def add(self, date: str, host: str, data: bytes, records: int = 1, errors: int = 0) -> None:
+        key = (date, host)
+        group = self.chunks.get(key)
+        if group is None:
+            self.chunks[key] = [data]
+            self.records[key] = records
+        else:
+            group.append(data)
+            self.records[key] += records
+        self.errors += errors
+
+    @property
+    def total(self) -> int:
+        return sum(self.records.values())
+
+
 @dataclass
 class WriteResult:
     records: int
@@ -132,6 +186,7 @@ class PartitionWriter:
         self._suffix = ".jsonl" if log_format == "jsonl" else ".json"
         self._files: dict[tuple[str, str], _OpenFile] = {}
         self._sanitized: dict[str, str] = {}  # host -> sanitize_partition_value(host)
+        self._sync_pool: ThreadPoolExecutor | None = None  # created for the first multi-file batch
 
     # -- planning ---------------------------------------------------------------------------
     def _encode_line(self, data: bytes) -> bytes:
@@ -141,46 +196,37 @@ class PartitionWriter:
         # holding only "}", which is how readers find record boundaries and torn tails.
         return orjson.dumps(orjson.loads(data), option=orjson.OPT_INDENT_2) + b"\n"
 
-    def plan(self, entries: Iterable[RecordEntry]) -> BatchPlan:
-        """Decide files and offsets for a batch without writing anything."""
-        # Group by the raw (date, host) first: one dict lookup per record, and the counts per
-        # partition for the statistics come for free (`BatchPlan.partitions`).
-        raw: dict[tuple[str, str], list[bytes]] = {}
-        plan = BatchPlan()
-        errors = 0
-        for date, host, is_error, data in entries:
-            key = (date, host)
-            group = raw.get(key)
-            if group is None:
-                group = raw[key] = []
-            group.append(data)
-            errors += is_error
-        plan.errors = errors
+    def plan(self, entries: Iterable[RecordEntry] | PartitionLines) -> BatchPlan:
+        """Decide files and offsets for a batch without writing anything (nor changing
+        `entries`: a failed write plans the same batch again)."""
+        lines = (
+            entries if isinstance(entries, PartitionLines) else PartitionLines.from_entries(entries)
+        )
+        plan = BatchPlan(errors=lines.errors, partitions=dict(lines.records))
+        plan.records = sum(lines.records.values())
         sanitized = self._sanitized
         if len(sanitized) > 10_000:  # bounded: distinct hosts seen recently
             sanitized.clear()
         grouped: dict[tuple[str, str], list[bytes]] = {}
-        for (date, host), datas in raw.items():
-            plan.partitions[(date, host)] = len(datas)
-            plan.records += len(datas)
+        for (date, host), chunks in lines.chunks.items():
             safe = sanitized.get(host)
             if safe is None:
                 safe = sanitized[host] = sanitize_partition_value(host)
             if (date, safe) in grouped:  # two raw hosts, one sanitized directory
-                grouped[(date, safe)] += datas
+                grouped[(date, safe)] = grouped[(date, safe)] + chunks
             else:
-                grouped[(date, safe)] = datas
-        for key, datas in grouped.items():
+                grouped[(date, safe)] = chunks
+        for key, chunks in grouped.items():
             current = self._files.get(key)
             if self.log_format == "jsonl" and current is not None:
                 # Common case: the whole group fits in the open file: one join, no per-line copy.
-                total = sum(map(len, datas)) + len(datas)
+                total = sum(map(len, chunks)) + len(chunks)
                 if current.size + total <= self.max_bytes:
-                    datas.append(b"")  # the join then ends with a newline too
-                    data = b"\n".join(datas)
+                    data = b"\n".join([*chunks, b""])  # ends with a newline too
                     plan.parts.append(_Part(key, current.path, current.size, data))
                     continue
-            self._plan_lines(plan, key, current, [self._encode_line(d) for d in datas])
+            encoded = [self._encode_line(line) for chunk in chunks for line in chunk.split(b"\n")]
+            self._plan_lines(plan, key, current, encoded)
         return plan
 
     def _plan_lines(
@@ -227,13 +273,24 @@ class PartitionWriter:
                     view = view[written:]
                 handle.size = part.offset + len(part.data)
             if self.fsync:
-                for handle, _ in done:
-                    if handle.fd >= 0:  # a file rotated away mid-batch was synced on close
-                        os.fsync(handle.fd)
+                # A file rotated away mid-batch was synced when it was closed.
+                self._sync([handle.fd for handle, _ in done if handle.fd >= 0])
         except BaseException:
             for handle, offset in done:
                 self._rollback(handle, offset)
             raise
+
+    def _sync(self, fds: list[int]) -> None:
+        """Make the files durable, several at once: each sync waits for the disk (and the
+        journal), and concurrent ones share commits - 4 files synced one after another are
+        3-4 times slower than 4 synced together on ext4."""
+        if len(fds) == 1:
+            _datasync(fds[0])
+            return
+        if self._sync_pool is None:
+            self._sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="vllm-mw-sync")
+        for _ in self._sync_pool.map(_datasync, fds):  # raises the first failure
+            pass
 
     def write_batch(self, entries: Sequence[RecordEntry]) -> WriteResult:
         plan = self.plan(entries)
@@ -248,7 +305,7 @@ class PartitionWriter:
             return current
         if current is not None:
             if self.fsync:
-                os.fsync(current.fd)
+                _datasync(current.fd)
             self._forget(current)
         new_dir = not path.parent.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +348,9 @@ class PartitionWriter:
     def close(self) -> None:
         for handle in list(self._files.values()):
             self._forget(handle)
+        if self._sync_pool is not None:
+            self._sync_pool.shutdown(wait=True)
+            self._sync_pool = None
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,10 +1,10 @@
 """Shipping records to the Redis stream the workers consume, with a local spool for outages.
 
-A batch goes out as one MULTI/EXEC transaction: the XADDs plus a short-lived marker key named
-after the batch. A transaction is all-or-nothing, so when a flush fails ambiguously (the
-connection broke after EXEC was sent) the retry asks whether the marker exists: if it does, the
-batch is already in the stream and is not sent again. That is what keeps producer retries from
-duplicating records.
+A batch goes out as one atomic script call: the XADDs (one per bundle of records, `_keys.py`)
+plus a short-lived marker key named after the batch. The call is all-or-nothing, so when a flush
+fails ambiguously (the connection broke after the call was sent) the retry asks whether the
+marker exists: if it does, the batch is already in the stream and is not sent again. That is
+what keeps producer retries from duplicating records.
 
 When a flush fails (Redis unreachable, hung past `redis_timeout`, out of memory, restarting),
 the batch is written to the spool (`_spool.py`) under its batch id, and the sink stops trying
@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from ._keys import FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD, StreamKeys
+from ._keys import FIELD_COUNT, FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD, StreamKeys
 from ._partition import sanitize_partition_value
 from ._record import RecordEntry
 from ._shipping import Shipper, ShippingSettings
@@ -54,71 +54,98 @@ _T = TypeVar("_T")
 
 # One batch as one script call instead of a MULTI/EXEC of XADDs: redis-py packs and parses every
 # pipelined command in Python (~10 µs per record); here the client sends a handful of arguments
-# per batch and Redis runs the XADD loop (~1 µs per record of client CPU).
+# per batch and Redis runs the XADD loop.
 # Atomic like the transaction it replaces: a script runs alone, and at `maxmemory` Redis refuses
 # its first write (a script that has not written yet), so an OOM batch writes nothing.
+# Each XADD is a bundle (`_keys.py`): records of one (date, host), joined by newlines.
 # KEYS: stream, marker, stats.
-# ARGV: marker ttl, dropped, damaged, k, k x (date, host, err), groups ('<I2' per record: which
-#       of the k triples), then chunks: (record count, '<I4' lengths, concatenated records)...
+# ARGV: marker ttl, dropped, damaged, k, k x (date, host), then chunks of bundles: (bundle
+#       count, '<I2' partition index, '<I4' records, '<I4' errors, '<I4' byte length - one of
+#       each per bundle - and the bundles concatenated)...
 _SHIP_BATCH = f"""
 local stream = KEYS[1]
-local k = tonumber(ARGV[4])
-local groups = ARGV[5 + 3 * k]
-local a = 6 + 3 * k
+local a = 5 + 2 * tonumber(ARGV[4])
 local r = 0
 while a <= #ARGV do
-  local count, lens, blob = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  local count, parts, ns, errs, lens, blob =
+    tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local pos = 1
   for j = 0, count - 1 do
     local len = struct.unpack('<I4', lens, 4 * j + 1)
-    local g = 4 + 3 * struct.unpack('<I2', groups, 2 * r + 1)
-    redis.call('XADD', stream, '*', '{FIELD_DATE.decode()}', ARGV[g + 1],
-      '{FIELD_HOST.decode()}', ARGV[g + 2], '{FIELD_ERROR.decode()}', ARGV[g + 3],
-      '{FIELD_RECORD.decode()}', string.sub(blob, pos, pos + len - 1))
+    local g = 3 + 2 * struct.unpack('<I2', parts, 2 * j + 1)
+    local n = struct.unpack('<I4', ns, 4 * j + 1)
+    redis.call('XADD', stream, '*', '{FIELD_DATE.decode()}', ARGV[g + 2],
+      '{FIELD_HOST.decode()}', ARGV[g + 3],
+      '{FIELD_ERROR.decode()}', struct.unpack('<I4', errs, 4 * j + 1),
+      '{FIELD_COUNT.decode()}', n, '{FIELD_RECORD.decode()}', string.sub(blob, pos, pos + len - 1))
     pos = pos + len
-    r = r + 1
+    r = r + n
   end
-  a = a + 3
+  a = a + 6
 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[3], 'dropped', ARGV[2]) end
 if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[3], 'spool_damaged', ARGV[3]) end
 return r
 """
-_CHUNK_BYTES = 8 * _MB  # records per blob argument: far below Redis's 512 MB bulk limit
+_CHUNK_BYTES = 8 * _MB  # bundles per blob argument: far below Redis's 512 MB bulk limit
+# A bundle ends at whichever comes first. Small enough that a worker's batch of entries stays
+# a bounded read (`WorkerConfig.batch_size` entries of at most this much, or one larger record).
+BUNDLE_RECORDS = 100
+BUNDLE_BYTES = 64 * 1024
 
 
-def pack_batch(batch: Sequence[RecordEntry], dropped: int, damaged: int) -> list[Any]:
+def pack_batch(
+    batch: Sequence[RecordEntry],
+    dropped: int,
+    damaged: int,
+    *,
+    bundle_records: int = BUNDLE_RECORDS,
+) -> list[Any]:
     """The `_SHIP_BATCH` arguments for `batch` (a few bytes objects, whatever its length)."""
-    triples: dict[tuple[str, str, bool], int] = {}
-    groups = array.array("H")
-    args: list[Any] = [_MARKER_TTL_S, dropped, damaged, 0]
-    chunks: list[Any] = []
-    lens = array.array("I")
-    datas: list[bytes] = []
-    size = 0
+    groups: dict[tuple[str, str], list[RecordEntry]] = {}
     for entry in batch:
-        key = (entry.date, entry.host, entry.is_error)
-        index = triples.get(key)
-        if index is None:
-            index = triples[key] = len(triples)
-            if index > 0xFFFF:
+        key = (entry.date, entry.host)
+        group = groups.get(key)
+        if group is None:
+            if len(groups) > 0xFFFF:
                 raise ValueError("more than 65536 partitions in one batch")
-            args += [entry.date, entry.host, b"1" if entry.is_error else b"0"]
-        groups.append(index)
-        data = entry.data
-        if size and size + len(data) > _CHUNK_BYTES:
-            chunks += [len(datas), _little(lens), b"".join(datas)]
-            lens, datas, size = array.array("I"), [], 0
-        lens.append(len(data))
-        datas.append(data)
-        size += len(data)
-    if datas:
-        chunks += [len(datas), _little(lens), b"".join(datas)]
-    args[3] = len(triples)
-    args.append(_little(groups))
-    args += chunks
-    return args
+            group = groups[key] = []
+        group.append(entry)
+    args: list[Any] = [_MARKER_TTL_S, dropped, damaged, len(groups)]
+    chunks: list[Any] = []
+    parts, counts, errors, lens = (array.array(code) for code in "HIII")
+    bundles: list[bytes] = []
+    size = 0
+    for index, ((date, host), entries) in enumerate(groups.items()):
+        args += [date, host]
+        start, total = 0, len(entries)
+        while start < total:
+            end, nbytes, errs = start, 0, 0
+            while end < total and end - start < bundle_records:
+                entry = entries[end]
+                nbytes += len(entry.data) + 1
+                if end > start and nbytes > BUNDLE_BYTES:
+                    break
+                errs += entry.is_error
+                end += 1
+            bundle = b"\n".join([entry.data for entry in entries[start:end]])
+            if size and size + len(bundle) > _CHUNK_BYTES:
+                chunks += [len(bundles), *map(_little, (parts, counts, errors, lens))]
+                chunks.append(b"".join(bundles))
+                parts, counts, errors, lens = (array.array(code) for code in "HIII")
+                bundles, size = [], 0
+            parts.append(index)
+            counts.append(end - start)
+            errors.append(errs)
+            lens.append(len(bundle))
+            bundles.append(bundle)
+            size += len(bundle)
+            start = end
+    if bundles:
+        chunks += [len(bundles), *map(_little, (parts, counts, errors, lens))]
+        chunks.append(b"".join(bundles))
+    return args + chunks
 
 
 def _little(values: array.array[int]) -> bytes:

@@ -25,7 +25,10 @@ class WorkerConfig:
     stream: str = "vllm:logs"
     #: this worker's name in the consumer group; also names the files it owns
     consumer: str = field(default_factory=_default_consumer)
-    batch_size: int = 1000
+    #: records per batch at most (one fsync per touched file per batch) ...
+    batch_size: int = 4000
+    #: ... and bytes per batch at most, whichever comes first (memory: ~3 batches in flight)
+    batch_bytes: int = 4 * 1024 * 1024
     block_ms: int = 1000
     fsync: bool = True
     #: a consumer whose heartbeat is older than this is dead: its entries are recovered
@@ -47,6 +50,7 @@ class WorkerConfig:
         "stream": "VLLM_MW_STREAM",
         "consumer": "VLLM_MW_CONSUMER",
         "batch_size": "VLLM_MW_BATCH_SIZE",
+        "batch_bytes": "VLLM_MW_BATCH_BYTES",
         "block_ms": "VLLM_MW_BLOCK_MS",
         "fsync": "VLLM_MW_FSYNC",
         "heartbeat_ttl_s": "VLLM_MW_HEARTBEAT_TTL_S",
@@ -59,8 +63,10 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.log_format not in ("jsonl", "json"):
             raise ConfigurationError(f"log_format must be jsonl or json, not {self.log_format!r}")
-        if self.batch_size <= 0 or self.block_ms <= 0 or self.max_log_size_mb <= 0:
-            raise ConfigurationError("batch_size, block_ms and max_log_size_mb must be positive")
+        if min(self.batch_size, self.batch_bytes, self.block_ms, self.max_log_size_mb) <= 0:
+            raise ConfigurationError(
+                "batch_size, batch_bytes, block_ms and max_log_size_mb must be positive"
+            )
         if self.heartbeat_ttl_s <= 0:
             raise ConfigurationError("heartbeat_ttl_s must be positive")
 

@@ -21,10 +21,9 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import orjson
@@ -32,12 +31,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from vllm_middleware import PartitionWriter, RecordEntry, StreamKeys
-from vllm_middleware._keys import FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD
-from vllm_middleware._partition import BatchPlan, is_valid_date
+from vllm_middleware import PartitionWriter, StreamKeys
+from vllm_middleware._partition import BatchPlan, PartitionLines
+from vllm_middleware._redis_sink import BUNDLE_BYTES, BUNDLE_RECORDS
 
+from ._ack import Acknowledger, batch_counters, dead_letters
 from ._config import WorkerConfig
-from ._oom import ack_at_oom, group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
+from ._entries import Entry, EntrySorter, Poison, SortedBatch
+from ._oom import group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
 from ._recovery import Recovery, intent_fields
 
 __all__ = ["ConsumerStatus", "StreamConsumer"]
@@ -48,56 +49,10 @@ logger = logging.getLogger("vllm_middleware_worker")
 # replies (OOM at `maxmemory`, READONLY during a failover, NOGROUP after a Redis lost its
 # data): the batch is kept, retried with backoff and reported, and the consumer never dies of it.
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, ResponseError)
-_MAX_HOST_LEN = 1024
-
-Entry = tuple[bytes, Any]  # (id, fields: dict, flat [field, value, ...] list, or None)
-
-# KEYS: stream, stats, inflight. ARGV: group, intent field, comma-joined ids, (counter, amount)...
-# Stream ids are digits and "-", so a comma never occurs inside one.
-_ACK_BATCH = """
-local ids = {}
-for id in string.gmatch(ARGV[3], '[^,]+') do ids[#ids + 1] = id end
-for i = 1, #ids, 1000 do
-  local last = math.min(i + 999, #ids)
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, last))
-  redis.call('XDEL', KEYS[1], unpack(ids, i, last))
-end
-for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('HDEL', KEYS[3], ARGV[2])
-return #ids
-"""
-
-_Sorted = tuple[
-    list[bytes], list[RecordEntry], list[tuple[bytes, dict[bytes, bytes], str]], list[bytes]
-]
-# tuple.__new__ bound to RecordEntry: a NamedTuple built in C (its own `_make` is Python).
-_new_entry: Callable[[tuple[str, str, bool, bytes]], RecordEntry] = partial(
-    tuple.__new__, RecordEntry
-)
 
 
 def _identity(response: Any, **options: Any) -> Any:
     return response
-
-
-def _as_dict(fields: Any) -> dict[bytes, bytes]:
-    if isinstance(fields, dict):
-        return fields
-    return dict(zip(fields[::2], fields[1::2], strict=False))
-
-
-def _check_partition(raw_date: bytes, raw_host: bytes) -> tuple[str, str] | str:
-    """(date, host) decoded and valid, or why not (the entry then goes to the dead letters)."""
-    try:
-        date = raw_date.decode("ascii")
-        host = raw_host.decode("utf-8")
-    except UnicodeDecodeError:
-        return "missing or undecodable date/host field"
-    if not is_valid_date(date):
-        return f"invalid date partition {date[:40]!r}"
-    if not host or len(host) > _MAX_HOST_LEN or "\x00" in host:
-        return "invalid host partition"
-    return date, host
 
 
 @dataclass
@@ -137,16 +92,20 @@ class StreamConsumer:
         self.recovery = Recovery(redis, config, self)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-mw-write")
         # The same connections, but XREADGROUP replies left as hiredis returns them: redis-py's
-        # reply callback builds a dict per entry (~1 us/record); `_fast_fields` reads the fixed
-        # field order our clients write instead, and falls back to a dict for anything else.
+        # reply callback builds a dict per entry; `EntrySorter` reads the fixed field order our
+        # clients write instead, and falls back to a dict for anything else.
         self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
         self._raw.set_response_callback("XREADGROUP", _identity)
-        self._ack_script = redis.register_script(_ACK_BATCH)
-        # (date bytes, host bytes) -> (date, host), or the reason they are invalid.
-        self._partitions: dict[tuple[bytes, bytes], tuple[str, str] | str] = {}
+        self._acker = Acknowledger(redis, self.keys)
+        self._sorter = EntrySorter(config.max_record_bytes)
+        # Entries per XREADGROUP: about `batch_size` records or `batch_bytes`, whatever the
+        # bundles hold (sized from the previous batch). The first read assumes full bundles.
+        self._read_count = max(
+            1, min(config.batch_size // BUNDLE_RECORDS, config.batch_bytes // BUNDLE_BYTES)
+        )
         # The next batch's XREADGROUP, sent while this batch is written and acknowledged, so
         # Redis's read time and the reply's parsing overlap the write + fsync.
-        self._prefetch: asyncio.Task[_Sorted | None] | None = None
+        self._prefetch: asyncio.Task[SortedBatch | None] | None = None
         # The previous batch's acknowledgement, running while this batch is written. Each of
         # the (at most) two unacknowledged batches has its own intent field (`_slot`).
         self._ack_task: asyncio.Task[None] | None = None
@@ -266,7 +225,7 @@ class StreamConsumer:
     # -- batches ----------------------------------------------------------------------------
     async def _read(self, start: bytes, *, block: bool = False) -> list[Entry]:
         args: list[Any] = ["XREADGROUP", "GROUP", self.keys.group, self.config.consumer]
-        args += ["COUNT", self.config.batch_size]
+        args += ["COUNT", self._read_count]
         if block:
             args += ["BLOCK", self.config.block_ms]
         args += ["STREAMS", self.keys.stream, start]
@@ -338,19 +297,19 @@ class StreamConsumer:
         """
         await self._process_sorted(self._sort(entries, undeliverable), read_ahead=read_ahead)
 
-    async def _process_sorted(self, batch: _Sorted, *, read_ahead: bool = False) -> None:
+    async def _process_sorted(self, batch: SortedBatch, *, read_ahead: bool = False) -> None:
         """Write the batch (its own intent field), then start its acknowledgement, which runs
         while the next batch is read and written; the previous one must be done first."""
-        good_ids, records, poison, gone = batch
-        plan = self.writer.plan(records)
+        lines, poison = batch.lines, batch.poison
+        plan = self.writer.plan(lines)
         if read_ahead and self._prefetch is None and not self._stopping.is_set():
             self._prefetch = asyncio.create_task(self._read_sorted(), name="vllm-mw-read-ahead")
         field = intent_fields(self.config.consumer)[self._slot]
         self._slot ^= 1
-        await self._write_durably(plan, records, field)
+        await self._write_durably(plan, lines, field)
         # Before this batch's ack, and before the next batch reuses the previous one's field.
         await self._settle_ack()
-        ack = self._acknowledge(plan, records, good_ids, poison, gone, field)
+        ack = self._acknowledge(plan, batch.ids, poison, field)
         if poison:
             await ack  # dead letters: rare, keep them simple
         else:
@@ -362,93 +321,23 @@ class StreamConsumer:
         if task is not None:
             await task
 
-    def _sort(self, entries: Sequence[Entry], undeliverable: dict[bytes, str] | None) -> _Sorted:
-        """Split a batch into (ids, records) to write, poison to dead-letter and deleted ids."""
-        good_ids: list[bytes] = []
-        records: list[RecordEntry] = []
-        poison: list[tuple[bytes, dict[bytes, bytes], str]] = []
-        gone: list[bytes] = []
-        partitions = self._partitions
-        if len(partitions) > 10_000:  # bounded: hosts x dates seen recently
-            partitions.clear()
-        max_bytes = self.config.max_record_bytes
-        for entry_id, fields in entries:
-            if fields is None:  # deleted while pending (trimmed by an operator): nothing to write
-                gone.append(entry_id)
-                continue
-            if undeliverable and entry_id in undeliverable:
-                poison.append((entry_id, _as_dict(fields), undeliverable[entry_id]))
-                continue
-            if (
-                type(fields) is list
-                and len(fields) == 8
-                and fields[0] == FIELD_DATE
-                and fields[2] == FIELD_HOST
-                and fields[4] == FIELD_ERROR
-                and fields[6] == FIELD_RECORD
-            ):
-                # Fast path, inlined (~1000 times per batch): the field order our clients
-                # write, a partition already validated, a record that is one JSON line.
-                data = fields[7]
-                known = partitions.get((fields[1], fields[3]))
-                if (
-                    type(known) is tuple
-                    and len(data) <= max_bytes
-                    and data[:1] == b"{"
-                    and data[-1:] == b"}"
-                    and b"\n" not in data
-                ):
-                    good_ids.append(entry_id)
-                    records.append(_new_entry((known[0], known[1], fields[5] == b"1", data)))
-                    continue
-                record, reason = self._validate_parts(fields[1], fields[3], fields[5], data)
-            else:
-                fields = _as_dict(fields)
-                record, reason = self._validate(fields)
-            if record is None:
-                poison.append((entry_id, _as_dict(fields), reason))
-            else:
-                good_ids.append(entry_id)
-                records.append(record)
-        return good_ids, records, poison, gone
+    def _sort(
+        self, entries: Sequence[Entry], undeliverable: dict[bytes, str] | None
+    ) -> SortedBatch:
+        batch = self._sorter.sort(list(entries), undeliverable)
+        # Size the next read from this one: bundles of 60 records would otherwise make a
+        # batch of `batch_size` entries 60 times the memory (and the fsync interval).
+        if batch.ids and batch.nbytes:
+            read = len(batch.ids)
+            by_records = self.config.batch_size * read / max(1, batch.lines.total)
+            by_bytes = self.config.batch_bytes * read / batch.nbytes
+            self._read_count = max(1, min(self.config.batch_size, int(min(by_records, by_bytes))))
+        return batch
 
-    async def _read_sorted(self) -> _Sorted | None:
+    async def _read_sorted(self) -> SortedBatch | None:
         """Read ahead: the next batch, already sorted (runs while the current one is written)."""
         entries = await self._read(b">")
         return self._sort(entries, None) if entries else None
-
-    def _validate(self, fields: dict[bytes, bytes]) -> tuple[RecordEntry | None, str]:
-        data = fields.get(FIELD_RECORD)
-        if data is None:
-            return None, "missing record field"
-        date = fields.get(FIELD_DATE)
-        host = fields.get(FIELD_HOST)
-        if date is None or host is None:
-            return None, "missing or undecodable date/host field"
-        return self._validate_parts(date, host, fields.get(FIELD_ERROR, b"0"), data)
-
-    def _validate_parts(
-        self, raw_date: bytes, raw_host: bytes, err: bytes, data: bytes
-    ) -> tuple[RecordEntry | None, str]:
-        if len(data) > self.config.max_record_bytes:
-            return None, f"record of {len(data)} bytes exceeds max_record_bytes"
-        partition = self._partitions.get((raw_date, raw_host))
-        if partition is None:
-            partition = self._partitions[(raw_date, raw_host)] = _check_partition(
-                raw_date, raw_host
-            )
-        if isinstance(partition, str):
-            return None, partition
-        if not data.startswith(b"{") or not data.endswith(b"}") or b"\n" in data:
-            # Lines must stay whole JSON objects; a newline would split one record in two.
-            try:
-                parsed = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return None, "record is not valid JSON"
-            if not isinstance(parsed, dict):
-                return None, "record is not a JSON object"
-            data = orjson.dumps(parsed)
-        return _new_entry((partition[0], partition[1], err == b"1", data)), ""
 
     def _intent(self, plan: BatchPlan) -> bytes:
         # Paths relative to log_dir: a recovering worker may have another working directory.
@@ -457,7 +346,7 @@ class StreamConsumer:
             {"parts": [[str(p.path.relative_to(root)), p.offset] for p in plan.parts]}
         )
 
-    async def _write_durably(self, plan: BatchPlan, records: list[RecordEntry], field: str) -> None:
+    async def _write_durably(self, plan: BatchPlan, lines: PartitionLines, field: str) -> None:
         """Record the intent, then write and fsync; retry (re-planning) until it succeeds.
 
         After a failed write (disk full, read-only, permissions) the batch's bytes are cut
@@ -492,7 +381,7 @@ class StreamConsumer:
             if disk_failed:
                 await self._undo_until_clean(plan)
             # The plan may be stale after a failure (a file was forgotten): plan again.
-            fresh = self.writer.plan(records)
+            fresh = self.writer.plan(lines)
             plan.parts, plan.new_files = fresh.parts, fresh.new_files
 
     async def _record_intent(self, plan: BatchPlan, field: str) -> None:
@@ -529,60 +418,22 @@ class StreamConsumer:
     async def _acknowledge(
         self,
         plan: BatchPlan,
-        records: list[RecordEntry],
-        ids: list[bytes],
-        poison: list[tuple[bytes, dict[bytes, bytes], str]],
-        gone: list[bytes],
+        all_ids: list[bytes],
+        poison: list[Poison],
         field: str,
     ) -> None:
-        keys = self.keys
-        all_ids = ids + [p[0] for p in poison] + gone
         if not all_ids:
             return
-        hincr: Counter[str] = Counter()
-        # One count per partition (the plan counted them), not per record.
-        for (date, host), count in plan.partitions.items():
-            hincr[f"requests:date:{date}"] += count
-            hincr[f"requests:host:{host}"] += count
-        hincr["requests"] = len(records)
-        hincr["errors"] = plan.errors
-        hincr["bytes"] = plan.nbytes
-        hincr["files_created"] = plan.new_files
-        hincr["dead_letters"] = len(poison)
+        counters = batch_counters(plan, poison)
+        letters = dead_letters(poison)
         backoff = 0.1
         attempted = False
         while True:
             try:
-                if attempted and not await self.redis.hexists(keys.inflight, field):
-                    break  # the earlier EXEC went through; its reply was lost
+                if attempted and not await self.redis.hexists(self.keys.inflight, field):
+                    break  # the earlier attempt went through; its reply was lost
                 attempted = True
-                letters = []
-                for entry_id, fields, reason in poison:
-                    dead = dict(fields)
-                    dead.update({b"reason": reason.encode(), b"source_id": entry_id})
-                    letters.append(dead)
-                counters = {name: amount for name, amount in hincr.items() if amount}
-                if not letters:
-                    await self._ack_fast(all_ids, counters, field)
-                    break
-                pipe = self.redis.pipeline(transaction=True)
-                for dead in letters:
-                    pipe.xadd(keys.dead_letter, dead, maxlen=100_000, approximate=True)
-                pipe.xack(keys.stream, keys.group, *all_ids)
-                pipe.xdel(keys.stream, *all_ids)
-                for name, amount in counters.items():
-                    pipe.hincrby(keys.stats, name, amount)
-                pipe.hdel(keys.inflight, field)
-                try:
-                    await pipe.execute()
-                except ResponseError as exc:
-                    if not is_oom(exc):
-                        raise
-                    # The same writes as one allow-oom script: acking frees the memory.
-                    key_set = (keys.stream, keys.stats, keys.inflight, keys.dead_letter)
-                    await ack_at_oom(
-                        self.redis, key_set, keys.group, field, all_ids, counters, letters
-                    )
+                await self._acker.send(all_ids, counters, letters, field)
                 break
             except _TRANSIENT as exc:
                 self.status.redis_failures += 1
@@ -590,27 +441,11 @@ class StreamConsumer:
                 await asyncio.sleep(backoff)  # not cancellable by stop: the data is on disk
                 backoff = min(backoff * 2, 5.0)
         self.status.batches += 1
-        self.status.records += len(records)
-        self.status.dead_letters += len(poison)
+        self.status.records += plan.records
+        self.status.dead_letters += counters.get("dead_letters", 0)
         self.status.last_batch_at = time.time()
         if poison:
-            logger.warning("sent %d undeliverable entries to %s", len(poison), keys.dead_letter)
-
-    async def _ack_fast(self, ids: list[bytes], counters: dict[str, int], field: str) -> None:
-        """XACK + XDEL + counters + intent removal as one script call (atomic, like the
-        MULTI/EXEC used with dead letters); the ids travel as one argument, not 2 x 1000."""
-        keys = self.keys
-        args: list[Any] = [keys.group, field, b",".join(ids)]
-        for name, amount in counters.items():
-            args += [name, amount]
-        try:
-            await self._ack_script(keys=[keys.stream, keys.stats, keys.inflight], args=args)
-        except ResponseError as exc:
-            if not is_oom(exc):
-                raise
-            # The same writes as one allow-oom script: acking frees the memory.
-            key_set = (keys.stream, keys.stats, keys.inflight, keys.dead_letter)
-            await ack_at_oom(self.redis, key_set, keys.group, field, ids, counters, [])
+            logger.warning("dead-lettered %d entries or records", len(poison))
 
     def _note_error(self, kind: str, exc: BaseException) -> None:
         self.status.errors_by_kind[kind] += 1

@@ -28,7 +28,7 @@ __all__ = ["Recovery", "intent_fields"]
 
 logger = logging.getLogger("vllm_middleware_worker")
 
-_CLAIM_PAGE = 500
+_CLAIM_PAGE = 64  # entries: bundles of up to 64 KiB, so a page stays a few MB
 _LOCK_TTL_MS = 120_000
 
 

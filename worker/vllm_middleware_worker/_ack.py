@@ -1,0 +1,100 @@
+"""Acknowledging a written batch: XACK + XDEL, the statistics, the dead letters and the removal
+of the batch's intent, all in one atomic step, so the counters can never disagree with the files.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+from vllm_middleware import StreamKeys
+from vllm_middleware._partition import BatchPlan
+
+from ._entries import Poison, records_in
+from ._oom import ack_at_oom, is_oom
+
+__all__ = ["Acknowledger", "batch_counters", "dead_letters"]
+
+# KEYS: stream, stats, inflight. ARGV: group, intent field, comma-joined ids, (counter, amount)...
+# Stream ids are digits and "-", so a comma never occurs inside one.
+_ACK_BATCH = """
+local ids = {}
+for id in string.gmatch(ARGV[3], '[^,]+') do ids[#ids + 1] = id end
+for i = 1, #ids, 1000 do
+  local last = math.min(i + 999, #ids)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, last))
+  redis.call('XDEL', KEYS[1], unpack(ids, i, last))
+end
+for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HDEL', KEYS[3], ARGV[2])
+return #ids
+"""
+
+
+def batch_counters(plan: BatchPlan, poison: list[Poison]) -> dict[str, int]:
+    """The stats hash increments for a batch (zeros left out)."""
+    hincr: Counter[str] = Counter()
+    # One count per partition (the plan counted them), not per record.
+    for (date, host), count in plan.partitions.items():
+        hincr[f"requests:date:{date}"] += count
+        hincr[f"requests:host:{host}"] += count
+    hincr["requests"] = plan.records
+    hincr["errors"] = plan.errors
+    hincr["bytes"] = plan.nbytes
+    hincr["files_created"] = plan.new_files
+    hincr["dead_letters"] = sum(records_in(fields) for _, fields, _ in poison)
+    return {name: amount for name, amount in hincr.items() if amount}
+
+
+def dead_letters(poison: list[Poison]) -> list[dict[bytes, bytes]]:
+    """Dead-letter entries: the source entry's fields, the reason and the source id."""
+    letters = []
+    for entry_id, fields, reason in poison:
+        dead = dict(fields)
+        dead.update({b"reason": reason.encode(), b"source_id": entry_id})
+        letters.append(dead)
+    return letters
+
+
+class Acknowledger:
+    """One acknowledgement attempt per `send`; the caller retries (and checks the intent)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: StreamKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._script = redis.register_script(_ACK_BATCH)
+
+    async def send(
+        self,
+        ids: list[bytes],
+        counters: dict[str, int],
+        letters: list[dict[bytes, bytes]],
+        field: str,
+    ) -> None:
+        keys = self.keys
+        try:
+            if not letters:
+                # One script call; the ids travel as one argument, not 2 x 1000.
+                args: list[Any] = [keys.group, field, b",".join(ids)]
+                for name, amount in counters.items():
+                    args += [name, amount]
+                await self._script(keys=[keys.stream, keys.stats, keys.inflight], args=args)
+                return
+            # Dead letters are rare: a plain transaction.
+            pipe = self.redis.pipeline(transaction=True)
+            for dead in letters:
+                pipe.xadd(keys.dead_letter, dead, maxlen=100_000, approximate=True)
+            pipe.xack(keys.stream, keys.group, *ids)
+            pipe.xdel(keys.stream, *ids)
+            for name, amount in counters.items():
+                pipe.hincrby(keys.stats, name, amount)
+            pipe.hdel(keys.inflight, field)
+            await pipe.execute()
+        except ResponseError as exc:
+            if not is_oom(exc):
+                raise
+            # The same writes as one allow-oom script: acknowledging frees the memory.
+            key_set = (keys.stream, keys.stats, keys.inflight, keys.dead_letter)
+            await ack_at_oom(self.redis, key_set, keys.group, field, ids, counters, letters)
