@@ -7,8 +7,10 @@ non-streaming response to the same request.
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import httpx
 import orjson
 import pytest
 from vllm_middleware import APIConnectionError, APIStatusError, VLLMMiddleware, load_logs
+from vllm_middleware import _streaming as streaming
 from vllm_middleware._reassembly import SSEParser
 from vllm_middleware.testing import FakeVLLMServer
 
@@ -313,3 +316,104 @@ async def test_crlf_and_multiline_data(tmp_path: Path) -> None:
     assert got == [first, last]
     (record,) = load_logs(tmp_path)
     assert record["response"]["choices"][0]["message"] == {"role": "assistant", "content": "a"}
+
+
+def sse_chunks(*contents: str, finish: str = "stop") -> list[dict[str, Any]]:
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    chunks = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    chunks += [{**head, "choices": [{"index": 0, "delta": {"content": c}}]} for c in contents]
+    chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    return chunks
+
+
+async def stream_through(
+    tmp_path: Path, parts: Sequence[bytes | float], headers: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], Any]:
+    """Stream a canned body (bytes, with float pauses between them) through the middleware."""
+
+    async def body() -> Any:
+        for part in parts:
+            if isinstance(part, float):
+                await asyncio.sleep(part)
+            else:
+                yield part
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent = {"content-type": "text/event-stream", **(headers or {})}
+        return httpx.Response(200, content=body(), headers=sent)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x/v1")
+    client = VLLMMiddleware("http://x/v1", log_dir=tmp_path, redis_url="", http_client=http)
+    stream = await client.chat_completion(
+        [{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": False}
+    )
+    async with stream:
+        got = [c async for c in stream]
+    await client.close()
+    await http.aclose()
+    (record,) = load_logs(tmp_path)
+    return got, record
+
+
+def frames(chunks: list[dict[str, Any]], end: bytes = b"\n\n") -> list[bytes]:
+    return [b"data: " + orjson.dumps(c) + end for c in chunks] + [b"data: [DONE]" + end]
+
+
+async def test_unicode_line_separators_inside_json(tmp_path: Path) -> None:
+    # orjson, serde_json and pydantic write U+2028/U+2029/U+0085 raw; only CR and LF end an
+    # SSE line (httpx's aiter_lines would split there and break the JSON).
+    text = "a\u2028b\u2029c\x85d"
+    chunks = sse_chunks(text)
+    got, record = await stream_through(tmp_path, frames(chunks))
+    assert got == chunks
+    assert record["stream_end"] == "completed"
+    assert record["response"]["choices"][0]["message"]["content"] == text
+
+
+async def test_events_split_and_batched_across_body_chunks(tmp_path: Path) -> None:
+    chunks = sse_chunks("one", "two", "three")
+    body = b"".join(frames(chunks, end=b"\r\n\r\n"))
+    parts: list[bytes | float] = [body[i : i + 7] for i in range(0, len(body), 7)]
+    got, record = await stream_through(tmp_path, parts)
+    assert got == chunks and record["chunks"] == len(chunks)
+    got, record = await stream_through(tmp_path / "one", [body])
+    assert got == chunks and record["stream_end"] == "completed"
+
+
+async def test_declared_charset_and_invalid_utf8(tmp_path: Path) -> None:
+    chunks = sse_chunks("caf\u00e9")
+    latin = [part.decode().encode("latin-1") for part in frames(chunks)]
+    headers = {"content-type": "text/event-stream; charset=latin-1"}
+    got, _ = await stream_through(tmp_path, latin, headers)
+    assert got == chunks
+    # Invalid UTF-8 is replaced, as httpx's text decoding does, rather than failing the stream.
+    broken = frames(chunks)
+    broken[1] = broken[1].replace(b"caf\xc3\xa9", b"caf\xe9")
+    got, record = await stream_through(tmp_path / "bad", broken)
+    assert got[1]["choices"][0]["delta"]["content"] == "caf\ufffd"
+    assert record["stream_end"] == "completed"
+
+
+async def test_compressed_body(tmp_path: Path) -> None:
+    chunks = sse_chunks("zipped")
+    body = gzip.compress(b"".join(frames(chunks)))
+    got, record = await stream_through(tmp_path, [body], {"content-encoding": "gzip"})
+    assert got == chunks and record["stream_end"] == "completed"
+
+
+async def test_end_of_body_after_done_arrives_later(tmp_path: Path) -> None:
+    chunks = sse_chunks("late", "end")
+    parts: list[bytes | float] = [*frames(chunks), 0.05, b": trailing comment\n\n"]
+    got, record = await stream_through(tmp_path, parts)
+    assert got == chunks and record["stream_end"] == "completed"
+
+
+async def test_server_keeping_the_stream_open_after_done_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streaming, "_DRAIN_TIMEOUT", 0.1)
+    chunks = sse_chunks("open")
+    started = time.perf_counter()
+    got, record = await stream_through(tmp_path, [*frames(chunks), 30.0])
+    assert time.perf_counter() - started < 5
+    assert got == chunks and record["stream_end"] == "completed"

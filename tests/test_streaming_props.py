@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import tempfile
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vllm_middleware import VLLMMiddleware, load_logs
+from vllm_middleware._reassembly import SSEDecoder
 from vllm_middleware.testing import FakeVLLMServer
 
 TOOL = {
@@ -86,3 +88,51 @@ def test_random_chunkings(
 ) -> None:
     with FakeVLLMServer(chunker=random_chunker(seed, max_piece)) as server:
         asyncio.run(scenario(server, " ".join(words) or "x", n, tools, flavor))
+
+
+def reference_events(body: bytes) -> list[bytes]:
+    """The SSE specification's framing, written plainly: CRLF, LF and CR all end a line."""
+    text = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    events, data = [], []
+    for line in text.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line == b"data":
+            data.append(b"")
+        elif not line and data:
+            events.append(b"\n".join(data))
+            data = []
+    if data:  # the end of the body dispatches a pending event, as the client always did
+        events.append(b"\n".join(data))
+    return events
+
+
+SSE_LINES = st.sampled_from(
+    [
+        b'data: {"a": 1}',
+        b"data:x",
+        b"data",
+        b": keep-alive",
+        b"event: message",
+        b"id: 7",
+        b"data: \xe2\x80\xa8 \xc2\x85 \xe2\x80\xa9",  # U+2028, U+0085, U+2029 are not line ends
+        b"data: [DONE]",
+        b"",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.tuples(SSE_LINES, st.sampled_from([b"\n", b"\r\n", b"\r"])), max_size=12),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+)
+def test_sse_decoder_any_chunking(lines: list[tuple[bytes, bytes]], cuts: list[int]) -> None:
+    body = b"".join(line + end for line, end in lines)
+    bounds = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})
+    decoder = SSEDecoder()
+    events: list[bytes] = []
+    for start, stop in itertools.pairwise(bounds):
+        events += decoder.feed(body[start:stop])
+    events += decoder.close()
+    assert events == reference_events(body)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["SSEParser", "StreamAccumulator"]
+__all__ = ["SSEDecoder", "SSEParser", "StreamAccumulator"]
 
 
 class SSEParser:
@@ -44,6 +44,65 @@ class SSEParser:
         return data
 
 
+class SSEDecoder:
+    """`SSEParser` for the raw body: bytes in, the `data` payload (bytes) of each event out.
+
+    Working on bytes spares the text decoding and line splitting layers of `aiter_lines`, and
+    orjson parses the payload bytes directly. Lines end at CRLF, LF or CR, as the SSE
+    specification says (`str.splitlines` would also split a JSON string at U+2028 or U+0085).
+    """
+
+    __slots__ = ("_data", "_tail")
+
+    def __init__(self) -> None:
+        self._data: list[bytes] = []
+        self._tail = b""  # the start of a line whose end has not arrived
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The payloads of the events that `chunk` completes (usually one, often none)."""
+        if self._tail:
+            chunk = self._tail + chunk
+        elif (
+            # The usual body chunk from vLLM: exactly one event of one data line.
+            chunk[:6] == b"data: "
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1:] == b"\n"
+            and not self._data
+            and b"\r" not in chunk
+        ):
+            return [chunk[6:-2]]
+        if b"\r" in chunk:
+            # A CR at the end may be half of a CRLF: keep it until the next chunk says.
+            held = chunk[-1:] == b"\r"
+            if held:
+                chunk = chunk[:-1]
+            lines = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            self._tail = lines.pop() + b"\r" if held else lines.pop()
+        else:
+            lines = chunk.split(b"\n")
+            self._tail = lines.pop()
+        events: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if line[:5] == b"data:":
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line:
+                if line == b"data":  # a field with no colon has an empty value
+                    data.append(b"")
+            elif data:
+                events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                data.clear()
+        return events
+
+    def close(self) -> list[bytes]:
+        """At the end of the body: an unterminated last line, then any undispatched event."""
+        tail, self._tail = self._tail, b""
+        events = self.feed(tail.removesuffix(b"\r") + b"\n\n") if tail else []
+        if self._data:
+            events += self.feed(b"\n")
+        return events
+
+
 def _merge_logprobs(current: Any, new: Any) -> Any:
     # Chat logprobs are {"content": [...]}, completions' legacy ones are parallel lists: both
     # concatenate list values across chunks.
@@ -76,23 +135,29 @@ class _Choice:
     def add(self, raw: dict[str, Any], chat: bool) -> bool:
         """Fold one chunk's choice in; True if it carried output (for time-to-first-token)."""
         carried = False
+        extra = self.extra
+        output = "delta" if chat else "text"
         for key, value in raw.items():
-            if key == "delta" and chat:
-                if isinstance(value, dict):
-                    carried = self._add_delta(value)
-            elif key == "text" and not chat:
-                if isinstance(value, str):
+            if value is None:
+                # Most fields are null in most chunks: a null only fills a field not seen yet.
+                if key not in extra and key != output and key != "index":
+                    extra[key] = None
+            elif key == output:
+                if chat:
+                    if isinstance(value, dict):
+                        carried = self._add_delta(value)
+                elif isinstance(value, str):
                     if self.content is None:
                         self.content = []
                     self.content.append(value)
-                    carried = carried or bool(value)
+                    carried = bool(value)
             elif key == "logprobs":
-                self.extra[key] = _merge_logprobs(self.extra.get(key), value)
+                extra[key] = _merge_logprobs(extra.get(key), value)
             elif key == "token_ids" and isinstance(value, list):
-                old = self.extra.get(key)
-                self.extra[key] = old + value if isinstance(old, list) else value
-            elif key != "index" and (value is not None or key not in self.extra):
-                self.extra[key] = value
+                old = extra.get(key)
+                extra[key] = old + value if isinstance(old, list) else value
+            elif key != "index":
+                extra[key] = value
         return carried
 
     def _add_delta(self, delta: dict[str, Any]) -> bool:
@@ -194,31 +259,38 @@ class StreamAccumulator:
         self.chunks = 0
         self.ttft_ms: float | None = None
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add(self, chunk: dict[str, Any]) -> bool:
+        """Fold one chunk in; True if one of its choices finished (has a finish_reason)."""
         self.chunks += 1
         top = self.top
+        choices = None
         for key, value in chunk.items():
             if key == "choices":
-                continue
-            if key == "usage":
+                choices = value
+            elif key == "usage":
                 if value is not None:
                     self.usage = value  # continuous stats: the last one is the running total
             elif value is not None or key not in top:
                 top[key] = value
-        choices = chunk.get("choices")
         if not isinstance(choices, list):
-            return
-        carried = False
+            return False
+        carried = finished = False
+        chat = self.chat
+        known = self.choices
         for raw in choices:
             if not isinstance(raw, dict):
                 continue
             index = raw.get("index", 0)
-            choice = self.choices.get(index)
+            choice = known.get(index)
             if choice is None:
-                choice = self.choices[index] = _Choice(index)
-            carried = choice.add(raw, self.chat) or carried
+                choice = known[index] = _Choice(index)
+            if choice.add(raw, chat):
+                carried = True
+            if raw.get("finish_reason") is not None:
+                finished = True
         if carried and self.ttft_ms is None:
             self.ttft_ms = round((time.perf_counter() - self.started) * 1000, 3)
+        return finished
 
     def all_finished(self) -> bool:
         return bool(self.choices) and all(choice.finished for choice in self.choices.values())

@@ -7,10 +7,11 @@ whatever ends the stream) holds the chunks folded back into the non-streaming re
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
-import weakref
+import types
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,7 +20,7 @@ import orjson
 
 from ._exceptions import APIConnectionError, APIError, APIStatusError, status_error_class
 from ._http import exception_from_response, exception_from_transport
-from ._reassembly import SSEParser, StreamAccumulator
+from ._reassembly import SSEDecoder, StreamAccumulator
 
 if TYPE_CHECKING:
     from ._call import Call
@@ -66,8 +67,82 @@ def error_from_event(body: dict[str, Any], request_id: str) -> APIStatusError:
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
 
+def _body_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as it arrives, as UTF-8 bytes, through as few of httpx's layers as will do."""
+    headers = response.headers
+    if not _is_utf8(response):
+        return _reencoded(response)
+    if headers.get("content-encoding") is not None or response.is_stream_consumed:
+        return response.aiter_bytes()  # decompressed, or the body already read into memory
+    return response.aiter_raw()
+
+
+def _is_utf8(response: httpx.Response) -> bool:
+    """Whether httpx would decode this body as UTF-8.
+
+    `response.encoding` parses the header with the email package, slowly: the usual headers
+    are decided here without it.
+    """
+    content_type = response.headers.get("content-type", "").lower()
+    if "charset" not in content_type:
+        if response.default_encoding == "utf-8":
+            return True
+    elif content_type.endswith("charset=utf-8") and content_type.count("charset") == 1:
+        return True
+    return codecs.lookup(response.encoding or "utf-8").name == "utf-8"
+
+
+async def _reencoded(response: httpx.Response) -> AsyncIterator[bytes]:
+    async for text in response.aiter_text():
+        yield text.encode()
+
+
+@types.coroutine
+def _resume(step: Any, yielded: Any) -> Generator[Any, Any, Any]:
+    """Await the rest of `step`, an awaitable already driven until it first yielded `yielded`.
+
+    This lets a read be tried without a timer and put under one only when it has to wait.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # cancellation and close go to the read, as in an await
+            try:
+                yielded = step.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = step.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
 class StreamState:
     """Everything a stream needs, kept apart from `AsyncStream` so a finalizer can use it."""
+
+    __slots__ = (
+        "acc",
+        "body",
+        "call",
+        "connected",
+        "decoder",
+        "discard",
+        "done",
+        "drain",
+        "events",
+        "held",
+        "hide_usage",
+        "hold_finish",
+        "logged",
+        "loop",
+        "pending_error",
+        "ready",
+        "receive",
+        "response",
+        "spawn",
+        "started",
+    )
 
     def __init__(
         self,
@@ -82,8 +157,10 @@ class StreamState:
         self.call = call
         self.started = started
         self.response = response
-        self.lines: AsyncIterator[str] = response.aiter_lines()
-        self.parser = SSEParser()
+        self.body = _body_bytes(response)
+        self.receive = self.body.__anext__
+        self.decoder = SSEDecoder()
+        self.events: deque[bytes] = deque()  # payloads received but not handled yet
         self.acc = StreamAccumulator(chat, started)
         self.hide_usage = hide_usage
         # With include_usage injected, vLLM moves system_fingerprint from the finish chunks to
@@ -94,87 +171,102 @@ class StreamState:
         self.pending_error: APIError | None = None
         self.discard = False
         self.done = False
+        self.drain = False  # read the rest of the body before closing (keeps the connection)
+        self.connected = True
         self.logged = False
         self.spawn = spawn
         self.loop = asyncio.get_running_loop()
 
     # -- iteration --------------------------------------------------------------------------
     async def next_chunk(self) -> dict[str, Any]:
-        while True:
-            if self.ready:
-                return self.ready.popleft()
-            if self.pending_error is not None:
-                error, self.pending_error = self.pending_error, None
-                raise error
-            if self.done:
-                raise StopAsyncIteration
-            try:
-                await self._read()
-            except asyncio.CancelledError:
+        """The next chunk for the caller; reads only as far as that needs (one event a time)."""
+        ready = self.ready
+        events = self.events
+        try:
+            while not ready:
+                if self.done:
+                    if self.pending_error is not None:
+                        error, self.pending_error = self.pending_error, None
+                        raise error
+                    raise StopAsyncIteration
+                if events:
+                    self._handle(events.popleft())
+                else:
+                    try:
+                        data = await self.receive()
+                    except StopAsyncIteration:
+                        for event in self.decoder.close():
+                            self._handle(event)
+                        if not self.done:
+                            self._ended_early()
+                    except httpx.HTTPError as exc:
+                        error = exception_from_transport(exc, self._rid)
+                        self._settle("disconnected", error)
+                    else:
+                        fresh = self.decoder.feed(data)
+                        if len(fresh) == 1:
+                            self._handle(fresh[0])
+                        else:
+                            events.extend(fresh)
+                if self.done and self.connected:
+                    await self._disconnect()
+        except asyncio.CancelledError:
+            # In close() the wait is cancelled by its own timeout: close() records the end.
+            if not self.discard:
                 message = f"cancelled by the caller after {self.acc.chunks} chunks"
-                await self._finish("cancelled", APIError(message, request_id=self._rid))
+                self._settle("cancelled", APIError(message, request_id=self._rid))
                 self.ready.clear()
-                raise
+                if self.connected:
+                    self.connected = False
+                    await self.close_transport()
+            raise
+        return ready.popleft()
 
     @property
     def _rid(self) -> str:
         return self.call.request_id
 
-    async def _read(self) -> None:
-        """Read until a chunk is ready for the caller or the stream ended."""
-        parser = self.parser
-        try:
-            while not self.done and not self.ready:
-                try:
-                    line = await anext(self.lines)
-                except StopAsyncIteration:
-                    data = parser.flush()
-                    if data is not None:
-                        await self._handle(data)
-                    if not self.done:
-                        await self._ended_early()
-                    return
-                data = parser.feed(line)
-                if data is not None:
-                    await self._handle(data)
-        except httpx.HTTPError as exc:
-            await self._finish("disconnected", exception_from_transport(exc, self._rid))
-
-    async def _ended_early(self) -> None:
+    def _ended_early(self) -> None:
         if self.acc.all_finished():  # a server that does not send [DONE]
-            await self._finish("completed", None)
+            self._settle("completed", None)
             return
         error = APIConnectionError("stream ended before [DONE]", request_id=self._rid)
-        await self._finish("disconnected", error)
+        self._settle("disconnected", error)
 
-    async def _handle(self, data: str) -> None:
-        if data == "[DONE]":
-            await self._finish("completed", None, drain=True)
+    def _handle(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            self._settle("completed", None, drain=True)
             return
         try:
             chunk = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            error = APIError(f"invalid JSON in stream: {exc}", request_id=self._rid)
-            await self._finish("protocol_error", error)
-            return
+        except orjson.JSONDecodeError:
+            # What httpx's text decoding hands on: invalid UTF-8 replaced, not an error.
+            try:
+                chunk = orjson.loads(data.decode("utf-8", "replace"))
+            except orjson.JSONDecodeError as exc:
+                error = APIError(f"invalid JSON in stream: {exc}", request_id=self._rid)
+                self._settle("protocol_error", error)
+                return
         if not isinstance(chunk, dict):
             error = APIError("stream event is not a JSON object", request_id=self._rid)
-            await self._finish("protocol_error", error)
+            self._settle("protocol_error", error)
             return
         if "error" in chunk and "choices" not in chunk:
-            await self._finish("error_event", error_from_event(chunk, self._rid), drain=True)
+            self._settle("error_event", error_from_event(chunk, self._rid), drain=True)
             return
-        self.acc.add(chunk)
+        finished = self.acc.add(chunk)
         if self.discard:
             return
-        choices = chunk.get("choices")
-        if self.hide_usage and choices == []:
-            self._release_held(chunk.get("system_fingerprint"))
-            return
-        if self.hold_finish and choices and _has_finish(choices):
-            self.held.append(chunk)
-            return
-        self._release_held(None)
+        if self.hide_usage:
+            choices = chunk.get("choices")
+            if not choices and isinstance(choices, list):
+                self._release_held(chunk.get("system_fingerprint"))
+                return
+            if finished and self.hold_finish:
+                self.held.append(chunk)
+                return
+        if self.held:
+            self._release_held(None)
         self.ready.append(chunk)
 
     def _release_held(self, fingerprint: Any) -> None:
@@ -187,53 +279,90 @@ class StreamState:
         self.held = []
 
     # -- ending -----------------------------------------------------------------------------
-    async def _finish(self, end: StreamEnd, error: APIError | None, *, drain: bool = False) -> None:
-        """End the stream once: record it, then give the connection back."""
+    def _settle(self, end: StreamEnd, error: APIError | None, *, drain: bool = False) -> None:
+        """End the stream once and record it; the connection is given back by the caller."""
         if self.done:
             return
         self.done = True
+        self.drain = drain
+        self.events.clear()
         self._release_held(None)
         self._log(end, error)
         if error is not None and end not in ("cancelled", "abandoned"):
             self.pending_error = error
-        if drain:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_DRAIN_TIMEOUT):
-                    async for _ in self.lines:
-                        pass
+
+    async def _disconnect(self) -> None:
+        """Give the connection back: after [DONE] only the body's end should be left to read."""
+        if self.drain:
+            try:
+                await self._drain()
+            except Exception:  # the connection is closed instead of reused
+                pass
+            else:
+                if self.response.is_closed:  # httpx closes it when the body is read to the end
+                    self.connected = False
+                    return
+        self.connected = False
         await self.close_transport()
+
+    async def _drain(self) -> None:
+        # Usually the end of the body is already here: try a read without arming a timer (a
+        # timer costs more than the rest of the drain), and bound it only if it has to wait.
+        while True:
+            step: Any = self.receive()  # an async generator's step: a coroutine-like object
+            try:
+                yielded = step.send(None)
+            except StopIteration:
+                continue  # bytes after [DONE]: skipped
+            except StopAsyncIteration:
+                return
+            break
+        # A server that keeps the stream open gets cut instead.
+        async with asyncio.timeout(_DRAIN_TIMEOUT):
+            with contextlib.suppress(StopAsyncIteration):
+                await _resume(step, yielded)
+                async for _ in self.body:
+                    pass
 
     async def close_transport(self) -> None:
         with contextlib.suppress(Exception):
-            await self.lines.aclose()  # type: ignore[attr-defined]
+            await self.body.aclose()  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             await self.response.aclose()
 
     async def close(self) -> None:
         """The caller closed the stream (`aclose`, or leaving `async with`)."""
         if self.done:
-            await self.close_transport()
+            if self.connected:
+                self.connected = False
+                await self.close_transport()
             return
         if self.acc.all_finished():
+            # Only the usage chunk and [DONE] are missing: read them so the record is whole.
             self.discard = True
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(_FINISHED_CLOSE_TIMEOUT):
-                    while not self.done:
-                        await self._read()
+                    while True:
+                        await self.next_chunk()
             self.pending_error = None
         if not self.done:
             message = f"stream closed by the caller after {self.acc.chunks} chunks"
-            await self._finish("abandoned", APIError(message, request_id=self._rid))
+            self._settle("abandoned", APIError(message, request_id=self._rid))
+        if self.connected:
+            self.connected = False
+            await self.close_transport()
         self.ready.clear()
 
     def collect(self) -> None:
         """Finalizer: the stream object was garbage-collected without being closed."""
-        if self.done:
+        if not self.done:
+            self.done = True
+            message = f"stream garbage-collected unclosed after {self.acc.chunks} chunks"
+            self._log("abandoned", APIError(message, request_id=self._rid))
+        if not self.connected:
             return
-        self.done = True
-        message = f"stream garbage-collected unclosed after {self.acc.chunks} chunks"
-        self._log("abandoned", APIError(message, request_id=self._rid))
         # The connection is still checked out of the pool: close it on the loop.
+        self.connected = False
         loop = self.loop
         if not loop.is_closed():
             with contextlib.suppress(RuntimeError):
@@ -258,10 +387,6 @@ class StreamState:
             call.client._logging_failed(call.request_id)
 
 
-def _has_finish(choices: list[Any]) -> bool:
-    return any(isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
-
-
 class AsyncStream:
     """The chunks of one streaming call, as parsed dicts, in the order the server sent them.
 
@@ -275,8 +400,13 @@ class AsyncStream:
 
     def __init__(self, state: StreamState) -> None:
         self._state = state
-        finalizer = weakref.finalize(self, state.collect)
-        finalizer.atexit = False
+
+    def __del__(self) -> None:
+        # A stream dropped unclosed is still logged and its connection freed (a `__del__`
+        # costs a fraction of a `weakref.finalize` per stream).
+        state = self._state
+        if not state.done or state.connected:
+            state.collect()
 
     @property
     def request_id(self) -> str:
@@ -295,8 +425,8 @@ class AsyncStream:
     def __aiter__(self) -> AsyncStream:
         return self
 
-    async def __anext__(self) -> dict[str, Any]:
-        return await self._state.next_chunk()
+    def __anext__(self) -> Awaitable[dict[str, Any]]:
+        return self._state.next_chunk()  # no coroutine of its own: one frame less per chunk
 
     async def __aenter__(self) -> AsyncStream:
         return self
