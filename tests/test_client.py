@@ -138,12 +138,12 @@ async def test_invalid_json_from_the_server(tmp_path: Path) -> None:
 async def test_logging_failure_never_reaches_the_caller(
     fake_vllm: FakeVLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vllm_middleware._client as client_module
+    import vllm_middleware._call as call_module
 
     def broken(record: object) -> bytes:
         raise RuntimeError("encoder exploded")
 
-    monkeypatch.setattr(client_module, "encode_record", broken)
+    monkeypatch.setattr(call_module, "encode_record", broken)
     async with VLLMMiddleware(base_url=fake_vllm.base_url, log_dir=tmp_path) as client:
         result = await client.completions(prompt="x", model=MODEL)
         assert result["object"] == "text_completion"

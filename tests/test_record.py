@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import multiprocessing
+import random
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
 from vllm_middleware import LogRecord, new_request_id
-from vllm_middleware._record import encode_record
+from vllm_middleware._record import encode_record, record_identity
 
 ID_RE = re.compile(r"^req_\d{8}_\d{6}_[0-9a-f]{10}_\d+$")
 
@@ -67,3 +68,33 @@ def test_log_record_reads_like_the_original() -> None:
     assert record["usage"] == {"a": 1}
     assert dict(record) == {"request_id": "r1", "latency_ms": 3.5, "error": None, "usage": {"a": 1}}
     assert record.parameters == {} and record.metadata == {}
+
+
+def test_record_identity_matches_isoformat_over_random_instants() -> None:
+    """The record's `timestamp` is the datetime itself, written by orjson: byte-identical to
+    `isoformat()` (with and without microseconds), with the date and id prefix of its second."""
+    rng = random.Random(7)
+    start = datetime(2000, 1, 1, tzinfo=UTC)
+    instants = [
+        start + timedelta(microseconds=rng.randrange(40 * 365 * 86_400 * 10**6))
+        for _ in range(20_000)
+    ]
+    instants += [moment.replace(microsecond=0) for moment in instants[:2_000]]
+    instants += [
+        datetime(2026, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    ]  # the cached second must roll over
+    for now in instants:
+        rid, date, stamp = record_identity(now)
+        assert orjson.dumps({"timestamp": stamp}) == orjson.dumps({"timestamp": now.isoformat()})
+        assert date == now.isoformat()[:10]
+        assert rid.startswith(f"req_{now:%Y%m%d_%H%M%S}_") and ID_RE.match(rid)
+
+
+def test_record_identity_outside_utc_keeps_the_local_text() -> None:
+    now = datetime(2026, 3, 1, 0, 30, tzinfo=timezone(timedelta(hours=2)))
+    rid, date, stamp = record_identity(now)
+    assert stamp == "2026-03-01T00:30:00+02:00" and date == "2026-03-01"
+    assert rid.startswith("req_20260301_003000_")
+    naive = datetime(2026, 3, 1, 12, 0, 0, 5)
+    assert record_identity(naive)[2] == naive.isoformat()

@@ -1,4 +1,4 @@
-"""One call's record: what the request path knows, built into a record dict exactly once."""
+"""One call: its request body and headers, and its record, built and submitted exactly once."""
 
 from __future__ import annotations
 
@@ -7,14 +7,29 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import httpx
+import orjson
+
 from ._exceptions import APIError, InvalidRequestError
 from ._http import error_details
-from ._record import SCHEMA_VERSION, encode_record, request_id_and_timestamp
+from ._record import SCHEMA_VERSION, RecordEntry, encode_record, record_identity
 
 if TYPE_CHECKING:
     from ._client import VLLMMiddleware
 
-__all__ = ["Call", "collect", "header_request_id", "shrink_record"]
+__all__ = [
+    "JSON_HEADERS",
+    "SSE_HEADERS",
+    "Call",
+    "collect",
+    "header_request_id",
+    "missing_headers",
+    "shrink_record",
+    "start_call",
+]
+
+JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
 # What a truncated record keeps: enough to count, attribute and debug the call.
 _KEPT_FIELDS = (
@@ -39,10 +54,17 @@ _KEPT_FIELDS = (
 )
 _SMALL_FIELDS = ("parameters", "metadata", "error_detail")  # kept only when small
 _SMALL_BYTES = 16 * 1024
+_new_entry = tuple.__new__
 
 
 def collect(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
+
+
+def missing_headers(client: httpx.AsyncClient, wanted: Mapping[str, str]) -> dict[str, str] | None:
+    """What `wanted` adds to the client's own default headers (None: nothing)."""
+    missing = {k: v for k, v in wanted.items() if client.headers.get(k) != v}
+    return missing or None
 
 
 def header_request_id(headers: Mapping[str, str]) -> str | None:
@@ -58,10 +80,10 @@ class Call:
     __slots__ = (
         "client",
         "client_request_id",
+        "date",
         "endpoint",
         "metadata",
         "model",
-        "now",
         "params",
         "payload",
         "payload_key",
@@ -87,8 +109,7 @@ class Call:
         self.model = model
         self.params = params
         self.metadata = metadata
-        self.now = now
-        self.request_id, self.timestamp = request_id_and_timestamp(now)
+        self.request_id, self.date, self.timestamp = record_identity(now)
         self.client_request_id: Any = None
 
     def log(
@@ -102,41 +123,106 @@ class Call:
         ttft_ms: float | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
+        """Build this call's record and hand it to the sink; never raises (a failure to log
+        is counted instead). A record with media is finished off the loop and shipped from
+        there (`MediaPipeline.defer`)."""
+        client = self.client
+        sink = client._sink
+        if sink is None:  # logging off: no record to build
+            return
         # Microseconds, as milliseconds with 3 decimals (round(x, 3) costs ~0.5 µs more).
         latency_ms = int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000
-        client = self.client
-        model = self.model
-        if model is None and isinstance(response, dict):
-            model = response.get("model")
-        metadata = client.metadata
-        if self.metadata:
-            metadata = {**metadata, **self.metadata}
-        timestamp = self.timestamp
-        record: dict[str, Any] = {
-            "timestamp": timestamp,
-            "request_id": self.request_id,
-            "model": model,
-            self.payload_key: self.payload,
-            "response": response,
-            "parameters": self.params,
-            "latency_ms": latency_ms,
-            "error": None if error is None else str(error),
-            "metadata": metadata,
-            "schema_version": SCHEMA_VERSION,
-            "host": client.host,
-            "endpoint": self.endpoint,
-            "status_code": status_code,
-            "usage": response.get("usage") if isinstance(response, dict) else None,
-            "stream": stream,
-            "ttft_ms": ttft_ms,
-        }
-        if self.client_request_id is not None:
-            record["client_request_id"] = self.client_request_id
-        if error is not None:
-            record["error_detail"] = error_details(error)
-        if extra:
-            record.update(extra)
-        client._submit(record, timestamp[:10], error is not None)
+        try:
+            model = self.model
+            usage = None
+            if isinstance(response, dict):
+                usage = response.get("usage")
+                if model is None:
+                    model = response.get("model")
+            metadata = client.metadata
+            if self.metadata:
+                metadata = {**metadata, **self.metadata}
+            is_error = error is not None
+            record: dict[str, Any] = {
+                "timestamp": self.timestamp,
+                "request_id": self.request_id,
+                "model": model,
+                self.payload_key: self.payload,
+                "response": response,
+                "parameters": self.params,
+                "latency_ms": latency_ms,
+                "error": str(error) if is_error else None,
+                "metadata": metadata,
+                "schema_version": SCHEMA_VERSION,
+                "host": client.host,
+                "endpoint": self.endpoint,
+                "status_code": status_code,
+                "usage": usage,
+                "stream": stream,
+                "ttft_ms": ttft_ms,
+            }
+            if self.client_request_id is not None:
+                record["client_request_id"] = self.client_request_id
+            if error is not None:
+                record["error_detail"] = error_details(error)
+            if extra:
+                record.update(extra)
+            media = client._media
+            if media is not None and (job := media.prepare(record)) is not None:
+                ship = client._ship(self.date, is_error)
+                media.defer(job, record, ship, client._logging_failed)
+                return
+            data = encode_record(record)
+            if len(data) > client.max_record_bytes:
+                data = shrink_record(record, len(data), client.max_record_bytes)
+                client.records_truncated += 1
+            # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level frame.
+            sink.submit(_new_entry(RecordEntry, (self.date, client.host, is_error, data)))
+        except Exception:
+            client._logging_failed(self.request_id)
+
+
+def start_call(
+    client: VLLMMiddleware,
+    endpoint: str,
+    payload_key: str,
+    payload: Any,
+    model: str | None,
+    params: dict[str, Any],
+    metadata: Mapping[str, Any] | None,
+    headers: Mapping[str, str] | None,
+    now: datetime,
+    stream: bool = False,
+) -> tuple[Call, float, bytes, Mapping[str, str] | None]:
+    """Start a call made at `now`: (its `Call`, its perf_counter start, the encoded body, the
+    headers to send).
+
+    Raises `InvalidRequestError` (after logging it) when the body cannot be encoded.
+    """
+    started = time.perf_counter()
+    client.total_requests += 1
+    call = Call(client, endpoint, payload_key, payload, model, params, metadata, now)
+    body = dict(params)
+    if stream and params.get("stream_options") is None:
+        # Usage is only sent when asked for; ask for it when the caller did not decide
+        # (the stream hides the extra chunk). `parameters` stay the caller's own.
+        body["stream_options"] = {"include_usage": True}
+    if model is not None:
+        body["model"] = model
+    body[payload_key] = payload
+    send_headers = client._sse_headers if stream else client._json_headers
+    if headers:
+        send_headers = {**(send_headers or {}), **headers}
+        call.client_request_id = header_request_id(headers)
+    if "request_id" in params and call.client_request_id is None:
+        call.client_request_id = params["request_id"]
+    try:
+        content = orjson.dumps(body)
+    except TypeError as exc:
+        error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
+        call.log(started, error=error, stream=stream)
+        raise error from exc
+    return call, started, content, send_headers
 
 
 def shrink_record(record: Mapping[str, Any], original_bytes: int, max_bytes: int) -> bytes:

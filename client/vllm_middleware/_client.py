@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import replace
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -20,25 +18,22 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
-from ._call import Call, header_request_id, shrink_record
-from ._exceptions import APIError, ConfigurationError, InvalidRequestError
-from ._file_sink import FileSink
+from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
+from ._destination import mode_of, open_destination
+from ._exceptions import APIError, ConfigurationError
 from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
-from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy, media_pipeline
+from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
 from ._partition import LogFormat
-from ._record import RecordEntry, default_host, encode_record, utc_now
-from ._redis_sink import RedisStreamSink
+from ._record import RecordEntry, default_host, utc_now
 from ._shipping import Shipper, ShippingSettings
-from ._stats import ClientStatistics
+from ._stats import ClientStatistics, local_statistics
 from ._streaming import AsyncStream, StreamState, fail_before_stream
 
 __all__ = ["VLLMMiddleware"]
 
 logger = logging.getLogger("vllm_middleware")
 
-_JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
-_SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 _ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
 
@@ -111,7 +106,7 @@ class VLLMMiddleware:
 
         self._owns_http = http_client is None
         if http_client is None:
-            headers = dict(_JSON_HEADERS)
+            headers = dict(JSON_HEADERS)
             if api_key:
                 headers["authorization"] = f"Bearer {api_key}"
             http_client = httpx.AsyncClient(
@@ -123,8 +118,8 @@ class VLLMMiddleware:
         self._http = http_client
         # Per-request headers cost a merge on every call: send them only when the client's
         # own defaults do not already say JSON (an injected client may not).
-        self._json_headers: Mapping[str, str] | None = _missing_headers(http_client, _JSON_HEADERS)
-        self._sse_headers: Mapping[str, str] | None = _missing_headers(http_client, _SSE_HEADERS)
+        self._json_headers: Mapping[str, str] | None = missing_headers(http_client, JSON_HEADERS)
+        self._sse_headers: Mapping[str, str] | None = missing_headers(http_client, SSE_HEADERS)
 
         self.total_requests = 0
         self.logging_errors = 0
@@ -137,38 +132,23 @@ class VLLMMiddleware:
         self._sink: Shipper | None = None
         self._durable = False
         if enable_file_logging:
-            shipping = ShippingSettings(max_buffer, batch_size, flush_interval)
-            if durable is not None:
-                shipping = replace(shipping, durable=durable)
-            self._durable = shipping.durable
-            if redis_client is not None or self.redis_url:
-                owns = redis_client is None
-                if redis_client is None:
-                    assert self.redis_url is not None
-                    redis_client = aioredis.Redis.from_url(
-                        self.redis_url, socket_timeout=5, socket_connect_timeout=2
-                    )
-                self._redis = redis_client
-                self._sink = RedisStreamSink(
-                    redis_client, keys=self.keys, owns_client=owns, shipping=shipping
-                )
-            else:
-                self._sink = FileSink(
-                    log_dir,
-                    max_bytes=int(max_log_size_mb * 1024 * 1024),
-                    log_format=log_format,
-                    fsync=fsync,
-                    shipping=shipping,
-                )
-            self._media = media_pipeline(
-                media_policy,
-                log_dir=self.log_dir,
-                media_dir=media_dir,
-                shared=self.mode == "redis",
-                min_bytes=media_min_bytes,
-                max_record_bytes=max_record_bytes,
+            destination = open_destination(
+                log_dir=log_dir,
+                redis_url=self.redis_url,
+                redis_client=redis_client,
+                keys=self.keys,
+                shipping=ShippingSettings(max_buffer, batch_size, flush_interval),
+                durable=durable,
+                max_log_size_mb=max_log_size_mb,
+                log_format=log_format,
                 fsync=fsync,
+                media_policy=media_policy,
+                media_dir=media_dir,
+                media_min_bytes=media_min_bytes,
+                max_record_bytes=max_record_bytes,
             )
+            self._sink, self._media = destination.sink, destination.media
+            self._redis, self._durable = destination.redis, destination.durable
             if self._media is not None:
                 self.media_policy = self._media.policy
         self._stats = ClientStatistics(
@@ -181,9 +161,7 @@ class VLLMMiddleware:
 
     @property
     def mode(self) -> str:
-        if self._sink is None:
-            return "disabled"
-        return "redis" if isinstance(self._sink, RedisStreamSink) else "embedded"
+        return mode_of(self._sink)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> VLLMMiddleware:
@@ -287,9 +265,12 @@ class VLLMMiddleware:
             return await self._open_stream(
                 "chat/completions", "messages", messages, model, params, metadata, headers
             )
-        return await self._call(
+        call = self._call(
             "chat/completions", "messages", messages, model, params, metadata, headers
         )
+        if self._durable:
+            return await self._wait_durable(call)
+        return await call
 
     @overload
     async def completions(
@@ -344,7 +325,10 @@ class VLLMMiddleware:
             return await self._open_stream(
                 "completions", "prompt", prompt, model, params, metadata, headers
             )
-        return await self._call("completions", "prompt", prompt, model, params, metadata, headers)
+        call = self._call("completions", "prompt", prompt, model, params, metadata, headers)
+        if self._durable:
+            return await self._wait_durable(call)
+        return await call
 
     async def models(self) -> dict[str, Any]:
         """GET /models: the served models, as the server's JSON.
@@ -374,48 +358,6 @@ class VLLMMiddleware:
             return False
         return response.status_code == 200
 
-    def _prepare(
-        self,
-        endpoint: _Endpoint,
-        payload_key: str,
-        payload: Any,
-        model: str | None,
-        params: dict[str, Any],
-        metadata: Mapping[str, Any] | None,
-        headers: Mapping[str, str] | None,
-        *,
-        stream: bool,
-    ) -> tuple[Call, float, bytes, Mapping[str, str] | None]:
-        """Start a call: its record's identity, the encoded body and the headers to send.
-
-        Raises `InvalidRequestError` (after logging it) when the body cannot be encoded.
-        """
-        started = time.perf_counter()
-        now = utc_now()
-        self.total_requests += 1
-        call = Call(self, endpoint, payload_key, payload, model, params, metadata, now)
-        body = dict(params)
-        if stream and params.get("stream_options") is None:
-            # Usage is only sent when asked for; ask for it when the caller did not decide
-            # (the stream hides the extra chunk). `parameters` stay the caller's own.
-            body["stream_options"] = {"include_usage": True}
-        if model is not None:
-            body["model"] = model
-        body[payload_key] = payload
-        send_headers = self._sse_headers if stream else self._json_headers
-        if headers:
-            send_headers = {**(send_headers or {}), **headers}
-            call.client_request_id = header_request_id(headers)
-        if call.client_request_id is None and "request_id" in params:
-            call.client_request_id = params["request_id"]
-        try:
-            content = orjson.dumps(body)
-        except TypeError as exc:
-            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
-            call.log(started, error=error, stream=stream)
-            raise error from exc
-        return call, started, content, send_headers
-
     async def _call(
         self,
         endpoint: _Endpoint,
@@ -426,61 +368,48 @@ class VLLMMiddleware:
         metadata: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        call, started, content, send_headers = self._prepare(
-            endpoint, payload_key, payload, model, params, metadata, headers, stream=False
+        """A non-streaming call: the HTTP exchange, its record logged whatever happens."""
+        call, started, content, send_headers = start_call(
+            self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now()
         )
-        if not self._durable:
-            return await self._exchange(endpoint, call, started, content, send_headers)
-        try:
-            return await self._exchange(endpoint, call, started, content, send_headers)
-        finally:
-            task = asyncio.current_task()
-            if task is None or not task.cancelling():
-                await self._wait_durable()
-
-    async def _exchange(
-        self,
-        endpoint: _Endpoint,
-        call: Call,
-        started: float,
-        content: bytes,
-        send_headers: Mapping[str, str] | None,
-    ) -> dict[str, Any]:
-        """The HTTP exchange of a non-streaming call; logs its record whatever happens."""
-        request_id = call.request_id
         try:
             response = await self._http.post(endpoint, content=content, headers=send_headers)
         except httpx.HTTPError as exc:
-            api_error = exception_from_transport(exc, request_id)
+            api_error = exception_from_transport(exc, call.request_id)
             call.log(started, error=api_error)
             raise api_error from exc
         except asyncio.CancelledError:
             call.log(started, error=APIError("cancelled by the caller before the response"))
             raise
-        if response.status_code >= 400:
-            status_error = exception_from_response(response, request_id)
-            call.log(started, error=status_error, status_code=response.status_code)
+        status_code = response.status_code
+        if status_code >= 400:
+            status_error = exception_from_response(response, call.request_id)
+            call.log(started, error=status_error, status_code=status_code)
             raise status_error
         try:
             result = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
-            bad = APIError(f"server returned invalid JSON: {exc}", request_id=request_id)
-            call.log(started, error=bad, status_code=response.status_code)
+            bad = APIError(f"server returned invalid JSON: {exc}", request_id=call.request_id)
+            call.log(started, error=bad, status_code=status_code)
             raise bad from exc
-        call.log(started, response=result, status_code=response.status_code)
+        call.log(started, response=result, status_code=status_code)
         return result  # type: ignore[no-any-return]
 
-    async def _wait_durable(self) -> None:
-        """`durable=True`: wait until this call's record is in Redis, the spool or the files."""
-        sink = self._sink
-        if sink is None:
-            return
+    async def _wait_durable(self, call: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        """`durable=True`: run `call`, then wait until its record is in Redis, the spool or the
+        files (not when the caller cancelled it)."""
         try:
-            if self._media is not None:
-                await self._media.drain(sink.settings.redis_timeout * 2 + 1)
-            await sink.wait_durable(sink.settings.redis_timeout * 2 + 1)
-        except Exception:
-            self._logging_failed(None)
+            return await call
+        finally:
+            task = asyncio.current_task()
+            sink = self._sink
+            if sink is not None and (task is None or not task.cancelling()):
+                try:
+                    if self._media is not None:
+                        await self._media.drain(sink.settings.redis_timeout * 2 + 1)
+                    await sink.wait_durable(sink.settings.redis_timeout * 2 + 1)
+                except Exception:
+                    self._logging_failed(None)
 
     async def _open_stream(
         self,
@@ -492,8 +421,8 @@ class VLLMMiddleware:
         metadata: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
     ) -> AsyncStream:
-        call, started, content, send_headers = self._prepare(
-            endpoint, payload_key, payload, model, params, metadata, headers, stream=True
+        call, started, content, send_headers = start_call(
+            self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now(), True
         )
         request_id = call.request_id
         hide_usage = params.get("stream_options") is None
@@ -533,28 +462,6 @@ class VLLMMiddleware:
         if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
             logger.error("could not log request %s", request_id, exc_info=exc or True)
 
-    def _submit(self, record: dict[str, Any], date: str, is_error: bool) -> None:
-        """Hand a record to the sink; never raises (a logging failure is counted instead).
-
-        A record with media is finished off the loop and submitted from there
-        (`MediaPipeline.defer`).
-        """
-        sink = self._sink
-        if sink is None:
-            return
-        try:
-            media = self._media
-            if media is not None and (job := media.prepare(record)) is not None:
-                media.defer(job, record, self._ship(date, is_error), self._logging_failed)
-                return
-            data = encode_record(record)
-            if len(data) > self.max_record_bytes:
-                data = shrink_record(record, len(data), self.max_record_bytes)
-                self.records_truncated += 1
-            sink.submit(RecordEntry(date, self.host, is_error, data))
-        except Exception:
-            self._logging_failed(record.get("request_id"))
-
     def _ship(self, date: str, is_error: bool) -> Callable[[bytes], None]:
         def ship(data: bytes) -> None:
             if self._sink is not None:
@@ -564,27 +471,15 @@ class VLLMMiddleware:
 
     # -- statistics -------------------------------------------------------------------------
     def _local_statistics(self) -> dict[str, Any]:
-        counters = self._sink.counters if self._sink is not None else None
-        media = self._media
-        return {
-            "mode": self.mode,
-            "requests": self.total_requests,
-            "buffered": self._sink.buffered if self._sink is not None else 0,
-            "submitted": counters.submitted if counters else 0,
-            "shipped": counters.shipped if counters else 0,
-            "dropped": counters.dropped if counters else 0,
-            "failed_batches": counters.failed_batches if counters else 0,
-            "last_error": counters.last_error if counters else None,
-            "spooled": counters.spooled if counters else 0,
-            "replayed": counters.replayed if counters else 0,
-            "spool_damaged": counters.spool_damaged if counters else 0,
-            "spool_bytes": counters.spool_bytes if counters else 0,
-            "redis_healthy": getattr(self._sink, "healthy", None),
-            "logging_errors": self.logging_errors,
-            "truncated": self.records_truncated + (media.truncated if media else 0),
-            "media_policy": self.media_policy,
-            **(media.statistics() if media else {}),
-        }
+        return local_statistics(
+            self.mode,
+            self.total_requests,
+            self._sink,
+            self._media,
+            logging_errors=self.logging_errors,
+            truncated=self.records_truncated,
+            media_policy=self.media_policy,
+        )
 
     def get_statistics(self) -> dict[str, Any]:
         """Usage statistics; includes the original tool's keys.
@@ -597,8 +492,3 @@ class VLLMMiddleware:
     async def aget_statistics(self) -> dict[str, Any]:
         """`get_statistics` without blocking the event loop on Redis or the file scan."""
         return await self._stats.aread(self._local_statistics(), self.total_requests)
-
-
-def _missing_headers(client: httpx.AsyncClient, wanted: Mapping[str, str]) -> dict[str, str] | None:
-    missing = {k: v for k, v in wanted.items() if client.headers.get(k) != v}
-    return missing or None

@@ -12,17 +12,53 @@ import redis
 import redis.asyncio as aioredis
 
 from ._keys import StreamKeys
+from ._media import MediaPipeline
 from ._reader import iter_log_files, iter_logs
+from ._shipping import Shipper
 
 __all__ = [
     "ClientStatistics",
     "get_statistics",
+    "local_statistics",
     "read_statistics",
     "read_statistics_sync",
     "scan_log_tree",
 ]
 
 _MB = 1024 * 1024
+
+
+def local_statistics(
+    mode: str,
+    requests: int,
+    sink: Shipper | None,
+    media: MediaPipeline | None,
+    *,
+    logging_errors: int,
+    truncated: int,
+    media_policy: str,
+) -> dict[str, Any]:
+    """This process's own counters: `get_statistics()["client"]`."""
+    counters = sink.counters if sink is not None else None
+    return {
+        "mode": mode,
+        "requests": requests,
+        "buffered": sink.buffered if sink is not None else 0,
+        "submitted": counters.submitted if counters else 0,
+        "shipped": counters.shipped if counters else 0,
+        "dropped": counters.dropped if counters else 0,
+        "failed_batches": counters.failed_batches if counters else 0,
+        "last_error": counters.last_error if counters else None,
+        "spooled": counters.spooled if counters else 0,
+        "replayed": counters.replayed if counters else 0,
+        "spool_damaged": counters.spool_damaged if counters else 0,
+        "spool_bytes": counters.spool_bytes if counters else 0,
+        "redis_healthy": getattr(sink, "healthy", None),
+        "logging_errors": logging_errors,
+        "truncated": truncated + (media.truncated if media else 0),
+        "media_policy": media_policy,
+        **(media.statistics() if media else {}),
+    }
 
 
 def _as_int(raw: Mapping[str, str], key: str) -> int:
