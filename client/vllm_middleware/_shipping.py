@@ -120,10 +120,11 @@ class Shipper(ABC):
                 )
             return
         pending = self._pending
-        if len(pending) >= self.batch_size:
-            # The buffer is backing up (sink slow or down), so this record will be held a
-            # while: keep a right-sized copy. orjson's bytes keep their whole output buffer
-            # allocated (~8 KiB held for a 1 KB record); the copy costs ~0.5 µs, paid only here.
+        if self._inflight and len(pending) >= self.batch_size:
+            # The buffer is backing up behind a batch the sink has not taken (slow or down),
+            # so this record will be held a while: keep a right-sized copy. orjson's bytes keep
+            # their whole output buffer allocated (~8 KiB held for a 1 KB record); the copy
+            # costs ~0.5 µs, paid only here.
             entry = RecordEntry(
                 entry.date, entry.host, entry.is_error, bytes(memoryview(entry.data))
             )
@@ -131,8 +132,8 @@ class Shipper(ABC):
         self._accepted += 1
         if self._task is None:
             self._start()
-        elif len(self._pending) >= self.batch_size and self._wakeup is not None:
-            self._wakeup.set()
+        elif len(pending) == self.batch_size and self._wakeup is not None:
+            self._wakeup.set()  # a full batch is ready: no need to wait for the timer
 
     @property
     def buffered(self) -> int:

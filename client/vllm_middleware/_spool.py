@@ -45,6 +45,10 @@ _MAGIC = b"\xf5VMS"
 _HEADER = struct.Struct("<4sII")
 _FIXED = struct.Struct("<BIIB")
 _MAX_FRAME = 256 * 1024 * 1024
+# Frames are read from a window of this size, not with two preads each: a replay runs in a
+# thread, and every syscall gives up the GIL, which a busy event loop then holds for up to a
+# switch interval (5 ms) - 200 syscalls per 100-record group made a replay crawl under load.
+_READ_AHEAD = 1024 * 1024
 _SUFFIX = ".seg"
 _TMP_PREFIX = ".tmp-"
 
@@ -268,8 +272,9 @@ class Spool:
     def _read_group(self, segment: _Segment) -> SpoolGroup | None:
         offset = segment.read_offset
         group: SpoolGroup | None = None
+        window = _Window(segment)
         while offset < segment.size:
-            frame = self._read_frame(segment, offset)
+            frame = self._read_frame(segment, offset, window)
             if frame is None:
                 if group is not None:
                     break  # replay what we have; the damage is handled on the next read
@@ -288,15 +293,16 @@ class Spool:
         return group
 
     def _read_frame(
-        self, segment: _Segment, offset: int
+        self, segment: _Segment, offset: int, window: _Window | None = None
     ) -> tuple[tuple[str, int, int, RecordEntry], int] | None:
-        header = os.pread(segment.fd, _HEADER.size, offset)
+        window = window or _Window(segment)
+        header = window.read(offset, _HEADER.size)
         if len(header) < _HEADER.size:
             return None
         magic, length, crc = _HEADER.unpack(header)
         if magic != _MAGIC or length > _MAX_FRAME or offset + _HEADER.size + length > segment.size:
             return None
-        payload = os.pread(segment.fd, length, offset + _HEADER.size)
+        payload = window.read(offset + _HEADER.size, length)
         if len(payload) != length or zlib.crc32(payload) != crc:
             return None
         try:
@@ -308,13 +314,14 @@ class Spool:
     def _resync(self, segment: _Segment, offset: int) -> int:
         """Skip a damaged region: find the next verifiable frame; count what was skipped."""
         rest = os.pread(segment.fd, segment.size - offset, offset)
+        window = _Window(segment)
         pos = 1
         while True:
             pos = rest.find(_MAGIC, pos)
             if pos < 0:
                 pos = len(rest)
                 break
-            if self._read_frame(segment, offset + pos) is not None:
+            if self._read_frame(segment, offset + pos, window) is not None:
                 break
             pos += 1
         self.damaged_regions += 1
@@ -331,3 +338,21 @@ class Spool:
                 os.close(segment.fd)
         self._segments.clear()
         self._active = None
+
+
+class _Window:
+    """Reads of one segment served from one larger pread (see `_READ_AHEAD`)."""
+
+    __slots__ = ("data", "segment", "start")
+
+    def __init__(self, segment: _Segment) -> None:
+        self.segment = segment
+        self.start = 0
+        self.data = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        begin = offset - self.start
+        if begin < 0 or begin + length > len(self.data):
+            self.start, begin = offset, 0
+            self.data = os.pread(self.segment.fd, max(length, _READ_AHEAD), offset)
+        return self.data[begin : begin + length]
