@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +34,25 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServerProcess) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client of `redis_server`."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def drain(cfg: WorkerConfig, timeout: float = 30) -> StreamConsumer:
+    """Run an in-process consumer with `cfg` until the stream is drained (burst mode)."""
+    client = open_consumer_redis(cfg)
+    consumer = StreamConsumer(client, cfg)
+    try:
+        await asyncio.wait_for(consumer.run(burst=True), timeout)
+    finally:
+        await client.aclose()
+    return consumer
 
 
 @pytest.fixture(scope="session")

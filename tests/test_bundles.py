@@ -3,11 +3,9 @@ through the worker's checks to the files, including damaged bundles and the read
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import orjson
-import pytest
 import redis.asyncio as aioredis
 from vllm_middleware import (
     PartitionWriter,
@@ -22,6 +20,8 @@ from vllm_middleware._partition import PartitionLines
 from vllm_middleware._redis_sink import _SHIP_BATCH, BUNDLE_BYTES, BUNDLE_RECORDS, pack_batch
 from vllm_middleware.testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
+
+from .conftest import drain
 
 KEYS = StreamKeys()
 
@@ -41,24 +41,12 @@ def bundle(date: str, host: str, lines: list[bytes], *, count: int | None = None
     }
 
 
-@pytest.fixture
-async def redis(redis_server: RedisServerProcess) -> aioredis.Redis:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client  # type: ignore[misc]
-    await client.aclose()
-
-
-async def drain(redis_server: RedisServerProcess, log_dir: Path, **kw: object) -> StreamConsumer:
-    cfg = WorkerConfig(
-        redis_url=redis_server.url, log_dir=str(log_dir), consumer="w1", block_ms=100, **kw
+async def drain_to(redis_server: RedisServerProcess, log_dir: Path, **kw: object) -> StreamConsumer:
+    return await drain(
+        WorkerConfig(
+            redis_url=redis_server.url, log_dir=str(log_dir), consumer="w1", block_ms=100, **kw
+        )
     )
-    client = open_consumer_redis(cfg)
-    consumer = StreamConsumer(client, cfg)
-    try:
-        await asyncio.wait_for(consumer.run(burst=True), 30)
-    finally:
-        await client.aclose()
-    return consumer
 
 
 def request_ids(log_dir: Path) -> list[str]:
@@ -114,7 +102,7 @@ async def test_worker_writes_bundles_whole_and_counts_records(
         for i in range(3000)
     ]
     await script(keys=[KEYS.stream, "m", KEYS.stats], args=pack_batch(batch, 0, 0))
-    consumer = await drain(redis_server, tmp_path / "logs", batch_size=500)
+    consumer = await drain_to(redis_server, tmp_path / "logs", batch_size=500)
     assert sorted(request_ids(tmp_path / "logs")) == sorted(f"r{i}" for i in range(3000))
     # Reads are sized in records, not entries: batches of about 500 records, not 500 bundles.
     assert consumer.status.batches >= 5
@@ -135,7 +123,7 @@ async def test_a_damaged_bundle_is_taken_apart_and_only_bad_records_dead_lettere
     await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [b'{"a":', b'1}'], count=1))
     await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [good[3], record(9, error=True)],
                                          count=5, errors=4))  # fmt: skip
-    await drain(redis_server, tmp_path / "logs")
+    await drain_to(redis_server, tmp_path / "logs")
     assert sorted(request_ids(tmp_path / "logs")) == ["r0", "r1", "r2", "r3", "r9"]
     lines = b"".join(p.read_bytes() for p in (tmp_path / "logs").rglob("*.jsonl")).splitlines()
     assert b'{"a":1}' in lines  # the one-record entry's newline was JSON whitespace

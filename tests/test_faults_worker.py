@@ -16,7 +16,7 @@ import redis
 from vllm_middleware import StreamKeys, VLLMMiddleware, get_statistics
 from vllm_middleware.testing import RedisServerProcess
 
-from .conftest import WorkerFactory
+from .conftest import WorkerFactory, drain
 from .faults_support import Load, check_all_stored, mock_http, stored, until, worker_env
 
 pytestmark = pytest.mark.slow
@@ -179,7 +179,7 @@ async def test_read_only_disk_whose_rollback_also_fails(
     import os as real_os
 
     import vllm_middleware._partition as partition
-    from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
+    from vllm_middleware_worker import WorkerConfig
 
     log_dir = tmp_path / "logs"
     admin = redis.Redis.from_url(redis_server.url)
@@ -219,12 +219,7 @@ async def test_read_only_disk_whose_rollback_also_fails(
         block_ms=100,
         batch_size=100,
     )
-    client = open_consumer_redis(cfg)
-    consumer = StreamConsumer(client, cfg)
-    try:
-        await asyncio.wait_for(consumer.run(burst=True), 60)
-    finally:
-        await client.aclose()
+    consumer = await drain(cfg, timeout=60)
     monkeypatch.undo()
     found = stored(log_dir, "ro")
     assert set(found) == {("ro", s) for s in range(300)}

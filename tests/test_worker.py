@@ -22,7 +22,7 @@ from vllm_middleware_worker import (
     open_consumer_redis,
 )
 
-from .conftest import WorkerFactory, wait_for
+from .conftest import WorkerFactory, drain, wait_for
 
 KEYS = StreamKeys()
 
@@ -39,29 +39,12 @@ def fields(
     }
 
 
-@pytest.fixture
-async def redis(redis_server: RedisServerProcess) -> aioredis.Redis:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client  # type: ignore[misc]
-    await client.aclose()
-
-
 def config(
     redis_server: RedisServerProcess, log_dir: Path, name: str, **kw: object
 ) -> WorkerConfig:
     return WorkerConfig(
         redis_url=redis_server.url, log_dir=str(log_dir), consumer=name, block_ms=100, **kw
     )
-
-
-async def drain(cfg: WorkerConfig) -> StreamConsumer:
-    client = open_consumer_redis(cfg)
-    consumer = StreamConsumer(client, cfg)
-    try:
-        await asyncio.wait_for(consumer.run(burst=True), 30)
-    finally:
-        await client.aclose()
-    return consumer
 
 
 async def test_poison_entries_go_to_the_dead_letter_stream(
