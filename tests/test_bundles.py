@@ -15,9 +15,17 @@ from vllm_middleware import (
     iter_logs,
     load_logs,
 )
-from vllm_middleware._keys import FIELD_COUNT, FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD
+from vllm_middleware._keys import (
+    BUNDLE_BYTES,
+    BUNDLE_RECORDS,
+    FIELD_COUNT,
+    FIELD_DATE,
+    FIELD_ERROR,
+    FIELD_HOST,
+    FIELD_RECORD,
+)
 from vllm_middleware._partition import PartitionLines
-from vllm_middleware._redis_sink import _SHIP_BATCH, BUNDLE_BYTES, BUNDLE_RECORDS, pack_batch
+from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
 from vllm_middleware.testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ENTRY_FIELDS", "StreamKeys"]
+__all__ = ["BUNDLE_BYTES", "BUNDLE_RECORDS", "ENTRY_FIELDS", "StreamKeys"]
 
 # Stream entry fields, in this order: the partition keys travel beside the encoded records so
 # that the worker routes bytes without parsing them. An entry is a bundle: `rec` holds `n`
@@ -18,6 +18,10 @@ FIELD_ERROR = b"err"
 FIELD_COUNT = b"n"
 FIELD_RECORD = b"rec"
 ENTRY_FIELDS = (FIELD_DATE, FIELD_HOST, FIELD_ERROR, FIELD_COUNT, FIELD_RECORD)
+# A bundle ends at whichever comes first (a larger record travels alone). Small enough that a
+# worker's read of bundles stays bounded; large enough that per-entry costs disappear.
+BUNDLE_RECORDS = 100
+BUNDLE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)

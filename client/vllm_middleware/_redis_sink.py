@@ -34,7 +34,16 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from ._keys import FIELD_COUNT, FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD, StreamKeys
+from ._keys import (
+    BUNDLE_BYTES,
+    BUNDLE_RECORDS,
+    FIELD_COUNT,
+    FIELD_DATE,
+    FIELD_ERROR,
+    FIELD_HOST,
+    FIELD_RECORD,
+    StreamKeys,
+)
 from ._partition import sanitize_partition_value
 from ._record import RecordEntry
 from ._shipping import Shipper, ShippingSettings
@@ -92,10 +101,6 @@ if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[3], 'spool_damaged', ARGV[3]) 
 return r
 """
 _CHUNK_BYTES = 8 * _MB  # bundles per blob argument: far below Redis's 512 MB bulk limit
-# A bundle ends at whichever comes first. Small enough that a worker's batch of entries stays
-# a bounded read (`WorkerConfig.batch_size` entries of at most this much, or one larger record).
-BUNDLE_RECORDS = 100
-BUNDLE_BYTES = 64 * 1024
 
 
 def pack_batch(

@@ -32,8 +32,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from vllm_middleware import PartitionWriter, StreamKeys
+from vllm_middleware._keys import BUNDLE_BYTES, BUNDLE_RECORDS
 from vllm_middleware._partition import BatchPlan, PartitionLines
-from vllm_middleware._redis_sink import BUNDLE_BYTES, BUNDLE_RECORDS
 
 from ._ack import Acknowledger, batch_counters, dead_letters
 from ._config import WorkerConfig
