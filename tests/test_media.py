@@ -17,7 +17,9 @@ import orjson
 import pytest
 import vllm_middleware._media as media_module
 from vllm_middleware import ConfigurationError, ReadStats, VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+
+from .conftest import WorkerFactory, wait_for
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 
@@ -493,3 +495,32 @@ async def test_media_thread_failure_is_counted_never_raised(
     assert client.get_statistics()["client"]["logging_errors"] == 1
     (record,) = load_logs(tmp_path)  # the media record is lost, counted; the other is kept
     assert record["messages"][0]["content"] == "text only"
+
+
+async def test_redis_mode_with_a_shared_media_dir_restores_through_the_worker(
+    fake_vllm: FakeVLLMServer,
+    redis_server: RedisServerProcess,
+    start_worker: WorkerFactory,
+    tmp_path: Path,
+) -> None:
+    """The whole pipeline: blobs go to the shared media dir from the app, the record (with
+    references) through Redis and a worker process into the files, and a reader restores it."""
+    logs, shared = tmp_path / "logs", tmp_path / "shared-media"
+    start_worker(redis_server.url, logs, "w-media")
+    messages = omni_messages()
+    async with VLLMMiddleware(
+        base_url=fake_vllm.base_url, log_dir=logs, redis_url=redis_server.url, media_dir=shared
+    ) as client:
+        assert client.media_policy == "reference"
+        for _ in range(3):  # identical blobs: stored once, referenced by three records
+            await client.chat_completion(messages, model=MODEL)
+    wait_for(lambda: logs.is_dir() and len(load_logs(logs)) == 3)
+    records = load_logs(logs)
+    raw = orjson.dumps([r["messages"] for r in records])
+    assert b64(IMAGE).encode() not in raw and b64(VIDEO).encode() not in raw  # referenced
+    # Content-addressed: png, jpeg, wav, mp4 (one image under two types), whatever the count.
+    assert len([p for p in shared.rglob("*") if p.is_file()]) == 4
+    stats = ReadStats()
+    restored = load_logs(logs, restore_media=True, media_dir=shared, stats=stats)
+    assert [r.messages for r in restored] == [messages] * 3
+    assert stats.media_missing == 0 and stats.media_restored == 15  # 5 blobs x 3 records
