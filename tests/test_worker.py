@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -21,6 +22,7 @@ from vllm_middleware_worker import (
     make_worker_settings,
     open_consumer_redis,
 )
+from vllm_middleware_worker._ack import Acknowledger
 
 from .conftest import WorkerFactory, drain, wait_for
 
@@ -230,3 +232,31 @@ def test_worker_reports_bad_configuration_clearly(
     assert result.returncode == 2
     assert "VLLM_MW_BATCH_SIZE='many'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_pending_entries_rewritten_after_a_restart_are_not_undone(
+    redis: aioredis.Redis,
+    redis_server: RedisServerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Entries delivered to a consumer that died before writing them are re-read and written
+    when it comes back, over several batches, each acknowledged while the next is read. The
+    undo of a previous life's batch must run once, not again while such an ack is in flight
+    (it would cut the rewritten batch, which the ack then removes from the stream: lost)."""
+    for i in range(30):
+        await redis.xadd(KEYS.stream, fields(i))
+    await redis.xgroup_create(KEYS.stream, KEYS.group, id="0")
+    # A previous life read them all (pending) and died before writing anything.
+    await redis.xreadgroup(KEYS.group, "w1", {KEYS.stream: ">"}, count=100)
+    send = Acknowledger.send
+
+    async def slow_send(self: Acknowledger, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.2)  # the ack is still in flight when the loop comes around
+        await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(Acknowledger, "send", slow_send)
+    consumer = await drain(config(redis_server, tmp_path / "logs", "w1", batch_size=10))
+    ids = sorted(r["request_id"] for r in load_logs(tmp_path / "logs"))
+    assert ids == sorted(f"r{i}" for i in range(30))
+    assert consumer.status.records == 30 and await redis.xlen(KEYS.stream) == 0

@@ -113,6 +113,11 @@ class StreamConsumer:
         self._stopping = asyncio.Event()
         self._next_claim = 0.0
         self._own_pending = True  # re-read our own pending entries after a start or an error
+        # Undo a previous life's unacknowledged batch: once per start or error, with no ack of
+        # ours in flight. Not on every pass that re-reads pending entries: the batch just
+        # rewritten from them would still be in its intent, its ack in flight, and cutting it
+        # while the ack then removes its entries from the stream would lose it.
+        self._undo_pending = True
         self.disk_error: str | None = None  # set while writes fail, cleared by the next success
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -123,11 +128,12 @@ class StreamConsumer:
         try:
             while not self._stopping.is_set():
                 try:
-                    if self._own_pending:
+                    if self._undo_pending:
                         await self._ensure_group()
                         await self._beat()
                         # A previous life of this consumer may have died mid-batch.
                         await self.recovery.undo_intent(self.config.consumer)
+                        self._undo_pending = False
                     if time.monotonic() >= self._next_claim:
                         self._next_claim = time.monotonic() + self.config.claim_interval_s
                         await self.recovery.recover_dead_consumers()
@@ -149,6 +155,7 @@ class StreamConsumer:
                     # be done first (it retries until it is), or it would be read again.
                     await self._settle_ack()
                     self._own_pending = True  # re-reads whatever a prefetch had taken
+                    self._undo_pending = True
                     await self._drop_prefetch()
                     # After an outage (a Redis restart expires heartbeat keys by wall clock)
                     # every peer looks dead until its next beat: give them one TTL to beat
