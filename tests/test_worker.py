@@ -260,3 +260,51 @@ async def test_pending_entries_rewritten_after_a_restart_are_not_undone(
     ids = sorted(r["request_id"] for r in load_logs(tmp_path / "logs"))
     assert ids == sorted(f"r{i}" for i in range(30))
     assert consumer.status.records == 30 and await redis.xlen(KEYS.stream) == 0
+
+
+async def test_after_undoing_its_own_batch_the_writer_plans_from_the_real_file_size(
+    redis: aioredis.Redis,
+    redis_server: RedisServerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis error mid-run makes the consumer undo its own unacknowledged batch (here: an
+    intent left as a lost ack would leave it). The cut happens behind the writer's back, so the
+    writer must not go on planning batches, and recording intents, at the old file size."""
+    cfg = config(redis_server, tmp_path / "logs", "w1", batch_size=10)
+    client = open_consumer_redis(cfg)
+    consumer = StreamConsumer(client, cfg)
+    planned: list[tuple[int, int]] = []  # (offset in the plan, real size of the file)
+    plan = consumer.writer.plan
+
+    def spy(entries: Any) -> Any:
+        result = plan(entries)
+        for part in result.parts:
+            real = part.path.stat().st_size if part.path.exists() else 0
+            planned.append((part.offset, real))
+        return result
+
+    monkeypatch.setattr(consumer.writer, "plan", spy)
+    task = asyncio.create_task(consumer.run())
+    try:
+        for i in range(10):
+            await redis.xadd(KEYS.stream, fields(i))
+        await asyncio.sleep(0.5)
+        (path,) = (tmp_path / "logs").rglob("*.jsonl")
+        size = path.stat().st_size
+        # A batch whose ack was lost: its intent names the last 3 lines of the file.
+        cut = size - sum(len(line) + 1 for line in path.read_bytes().splitlines()[-3:])
+        relative = str(path.relative_to(tmp_path / "logs"))
+        await redis.hset(KEYS.inflight, "w1", orjson.dumps({"parts": [[relative, cut]]}))
+        redis_server.stop()  # the consumer sees an error: it undoes its intent when back
+        await asyncio.sleep(0.5)
+        redis_server.start()
+        await asyncio.sleep(1.0)
+        for i in range(10, 20):
+            await redis.xadd(KEYS.stream, fields(i))
+        await asyncio.sleep(1.0)
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+    assert planned and all(offset == real for offset, real in planned), planned

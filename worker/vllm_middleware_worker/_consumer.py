@@ -132,7 +132,8 @@ class StreamConsumer:
                         await self._ensure_group()
                         await self._beat()
                         # A previous life of this consumer may have died mid-batch.
-                        await self.recovery.undo_intent(self.config.consumer)
+                        if await self.recovery.undo_intent(self.config.consumer):
+                            await self._forget_files()
                         self._undo_pending = False
                     if time.monotonic() >= self._next_claim:
                         self._next_claim = time.monotonic() + self.config.claim_interval_s
@@ -183,6 +184,11 @@ class StreamConsumer:
             self._executor.shutdown(wait=True)
             with contextlib.suppress(*_TRANSIENT):
                 await self.redis.delete(self.keys.heartbeat(self.config.consumer))
+
+    async def _forget_files(self) -> None:
+        """Close our open files after they were cut back behind the writer's back: it would
+        otherwise plan the next batches (and record their intents) at the old sizes."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.writer.close)
 
     def stop(self) -> None:
         """Finish the current batch, then return from `run`."""
