@@ -202,8 +202,7 @@ class PartitionWriter:
         lines = (
             entries if isinstance(entries, PartitionLines) else PartitionLines.from_entries(entries)
         )
-        plan = BatchPlan(errors=lines.errors, partitions=dict(lines.records))
-        plan.records = sum(lines.records.values())
+        plan = BatchPlan(records=lines.total, errors=lines.errors, partitions=dict(lines.records))
         sanitized = self._sanitized
         if len(sanitized) > 10_000:  # bounded: distinct hosts seen recently
             sanitized.clear()

@@ -121,10 +121,8 @@ def pack_batch(
             group = groups[key] = []
         group.append(entry)
     args: list[Any] = [_MARKER_TTL_S, dropped, damaged, len(groups)]
-    chunks: list[Any] = []
-    parts, counts, errors, lens = (array.array(code) for code in "HIII")
-    bundles: list[bytes] = []
-    size = 0
+    chunk = _Chunk()
+    chunks = [chunk]
     for index, ((date, host), entries) in enumerate(groups.items()):
         args += [date, host]
         start, total = 0, len(entries)
@@ -138,22 +136,42 @@ def pack_batch(
                 errs += entry.is_error
                 end += 1
             bundle = b"\n".join([entry.data for entry in entries[start:end]])
-            if size and size + len(bundle) > _CHUNK_BYTES:
-                chunks += [len(bundles), *map(_little, (parts, counts, errors, lens))]
-                chunks.append(b"".join(bundles))
-                parts, counts, errors, lens = (array.array(code) for code in "HIII")
-                bundles, size = [], 0
-            parts.append(index)
-            counts.append(end - start)
-            errors.append(errs)
-            lens.append(len(bundle))
-            bundles.append(bundle)
-            size += len(bundle)
+            if chunk.size and chunk.size + len(bundle) > _CHUNK_BYTES:
+                chunk = _Chunk()
+                chunks.append(chunk)
+            chunk.add(index, end - start, errs, bundle)
             start = end
-    if bundles:
-        chunks += [len(bundles), *map(_little, (parts, counts, errors, lens))]
-        chunks.append(b"".join(bundles))
-    return args + chunks
+    for chunk in chunks:
+        if chunk.bundles:
+            args += chunk.args()
+    return args
+
+
+class _Chunk:
+    """The bundles of one blob argument, with one partition index, record count, error count
+    and byte length each (packed as `_SHIP_BATCH` reads them)."""
+
+    __slots__ = ("bundles", "counts", "errors", "lens", "parts", "size")
+
+    def __init__(self) -> None:
+        self.parts = array.array("H")
+        self.counts = array.array("I")
+        self.errors = array.array("I")
+        self.lens = array.array("I")
+        self.bundles: list[bytes] = []
+        self.size = 0
+
+    def add(self, part: int, count: int, errors: int, bundle: bytes) -> None:
+        self.parts.append(part)
+        self.counts.append(count)
+        self.errors.append(errors)
+        self.lens.append(len(bundle))
+        self.bundles.append(bundle)
+        self.size += len(bundle)
+
+    def args(self) -> list[Any]:
+        packed = [_little(a) for a in (self.parts, self.counts, self.errors, self.lens)]
+        return [len(self.bundles), *packed, b"".join(self.bundles)]
 
 
 def _little(values: array.array[int]) -> bytes:

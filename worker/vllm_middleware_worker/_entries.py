@@ -77,11 +77,8 @@ class EntrySorter:
         batch = SortedBatch()
         ids, poison = batch.ids, batch.poison
         lines = batch.lines
-        chunks, records = lines.chunks, lines.records
-        errors = 0
-        partitions = self._partitions
-        if len(partitions) > _MAX_PARTITIONS:
-            partitions.clear()
+        if len(self._partitions) > _MAX_PARTITIONS:
+            self._partitions.clear()
         max_bytes = self.max_record_bytes
         nbytes = 0
         for entry_id, fields in entries:
@@ -91,9 +88,9 @@ class EntrySorter:
             if undeliverable and entry_id in undeliverable:
                 poison.append((entry_id, as_dict(fields), undeliverable[entry_id]))
                 continue
-            # Fast path, inlined (once per entry): the field order our clients write, a
-            # partition already checked, whole JSON-object lines (`{` ... `}` around every
-            # newline, as many newlines as records less one), counts that add up.
+            # Fast path: the field order our clients write, a valid partition, whole
+            # JSON-object lines (`{` ... `}` around every newline, as many newlines as
+            # records less one), counts that add up.
             if (
                 type(fields) is list
                 and len(fields) == 10
@@ -104,20 +101,11 @@ class EntrySorter:
                 and fields[8] == FIELD_RECORD
             ):
                 data = fields[9]
-                known = partitions.get((fields[1], fields[3]))
-                if known is None:
-                    known = self._partition(fields[1], fields[3])
+                known = self._partition(fields[1], fields[3])
                 if type(known) is tuple and len(data) <= max_bytes:
                     counts = _whole_bundle(data, fields[7], fields[5])
                     if counts is not None:
-                        group = chunks.get(known)
-                        if group is None:
-                            chunks[known] = [data]
-                            records[known] = counts[0]
-                        else:
-                            group.append(data)
-                            records[known] += counts[0]
-                        errors += counts[1]
+                        lines.add(known[0], known[1], data, *counts)
                         nbytes += len(data)
                         continue
             fields = as_dict(fields)
@@ -126,7 +114,6 @@ class EntrySorter:
             for date, host, line, count, errs in good:
                 lines.add(date, host, line, count, errs)
             poison += [(entry_id, dead, reason) for dead, reason in bad]
-        lines.errors += errors
         batch.nbytes = nbytes
         return batch
 
