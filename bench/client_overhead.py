@@ -15,6 +15,9 @@ one body chunk per event). The bare streaming client parses every event with orj
 the chunks, as an app would; the middleware also reassembles the reply for its record.
 
 CPU is `time.process_time()` of this process (all threads: the embedded writer thread too).
+Embedded mode runs twice: with its writer process (the default; that process's CPU in the
+window, read from /proc, is shown in its own column, like Redis's CPU it runs on the other
+core) and with the writer thread (`VLLM_MW_EMBEDDED_WRITER=thread`).
 Throughput is requests / wall time of the request phase. "Added" is the median over
 repetitions of the paired difference (middleware run minus the bare run of the same round).
 """
@@ -40,7 +43,8 @@ from vllm_middleware import VLLMMiddleware
 from vllm_middleware.testing import RedisServerProcess
 
 MODEL = "vllm:qwen-2.5-omni-7b"
-MODES = ("bare", "nolog", "redis", "embedded")  # nolog: the wrapper with logging off
+# nolog: the wrapper with logging off; embedded-thread: the files written from a thread
+MODES = ("bare", "nolog", "redis", "embedded", "embedded-thread")
 
 
 async def mock_handler(request: httpx.Request) -> httpx.Response:
@@ -108,6 +112,7 @@ async def sse_handler(request: httpx.Request) -> httpx.Response:
 @dataclass
 class Result:
     cpu_us: list[float] = field(default_factory=list)
+    writer_us: list[float] = field(default_factory=list)  # the embedded writer process's CPU
     rps: list[float] = field(default_factory=list)
 
 
@@ -167,8 +172,8 @@ async def one_run(
     total: int,
     concurrency: int,
     stream: bool = False,
-) -> tuple[float, float]:
-    """(client CPU µs per request, requests/s) of one run."""
+) -> tuple[float, float, float]:
+    """(client CPU µs per request, requests/s, writer process CPU µs per request) of one run."""
     messages = sample_messages()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     if transport == "mock":
@@ -210,6 +215,7 @@ async def one_run(
     if mode == "bare":
         call: Callable[[], Awaitable[Any]] = bare_stream if stream else bare_call
     else:
+        os.environ["VLLM_MW_EMBEDDED_WRITER"] = "thread" if mode == "embedded-thread" else "auto"
         mw = VLLMMiddleware(
             base_url,
             log_dir=log_dir,
@@ -237,6 +243,7 @@ async def one_run(
     await drive(call, 64, min(concurrency, 8))
     if mw is not None:
         await wait_shipped(mw)
+    writer_cpu0 = writer_cpu(mw)
     with quiet_gc():
         cpu0 = time.process_time()
         wall0 = time.perf_counter()
@@ -245,12 +252,24 @@ async def one_run(
         if mw is not None:
             await wait_shipped(mw)
         cpu = time.process_time() - cpu0
+    writer = writer_cpu(mw) - writer_cpu0
     if mw is not None:
         assert mw._sink is None or mw._sink.counters.dropped == 0
         await mw.close()
     await http.aclose()
     shutil.rmtree(log_dir, ignore_errors=True)
-    return cpu / total * 1e6, total / wall
+    return cpu / total * 1e6, total / wall, writer / total * 1e6
+
+
+def writer_cpu(mw: VLLMMiddleware | None) -> float:
+    """CPU seconds (user + system) the embedded writer process has used so far; 0 without one."""
+    process = getattr(mw._sink, "process", None) if mw is not None else None
+    pid = process.pid if process is not None else None
+    if pid is None:
+        return 0.0
+    # schedstat's first field is the task's time on a CPU in ns (stat counts 10 ms ticks).
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return sum(int((task / "schedstat").read_text().split()[0]) for task in tasks) / 1e9
 
 
 def record_size(base_url: str, log_root: Path) -> float:
@@ -295,10 +314,11 @@ async def main_async(args: Any, redis_url: str, fake_url: str, log_root: Path) -
         for rep in range(repeats):
             order = MODES[rep % len(MODES):] + MODES[: rep % len(MODES)]  # rotate who goes first
             for mode in order:
-                cpu_us, rps = await one_run(
+                cpu_us, rps, writer_us = await one_run(
                     mode, transport, base_url, redis_url, log_root, total, concurrency, stream
                 )
                 results[mode].cpu_us.append(cpu_us)
+                results[mode].writer_us.append(writer_us)
                 results[mode].rps.append(rps)
         bare = results["bare"]
         for mode in MODES:
@@ -310,8 +330,9 @@ async def main_async(args: Any, redis_url: str, fake_url: str, log_root: Path) -
                 median(res.cpu_us), min(res.cpu_us), median(res.rps),
                 "" if mode == "bare" else f"{median(added):+.1f}",
                 "" if mode == "bare" else f"{median(ratio):.1f}%",
+                f"{median(res.writer_us):.1f}" if mode == "embedded" else "",
             ])
-            if mode in ("redis", "embedded"):
+            if mode in ("redis", "embedded", "embedded-thread"):
                 summary.append([
                     transport, kind, concurrency, mode, f"{median(added):+.1f}",
                     f"{median(ratio):.1f}%",
@@ -321,7 +342,7 @@ async def main_async(args: Any, redis_url: str, fake_url: str, log_root: Path) -
     print_table(
         "Client CPU and throughput per mode (medians over repetitions)",
         ["transport", "reply", "conc", "client", "req/run", "reps", "CPU µs/req", "min CPU µs/req",
-         "req/s", "added µs/req", "throughput vs bare"],
+         "req/s", "added µs/req", "throughput vs bare", "writer process µs/req"],
         rows,
     )
     print_table(

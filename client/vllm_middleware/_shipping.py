@@ -51,6 +51,12 @@ class ShippingSettings:
     redis_timeout: float = field(default_factory=lambda: _env_float("VLLM_MW_REDIS_TIMEOUT", 2.0))
     #: wait for each record to be durable (Redis or spool) before the call returns
     durable: bool = field(default_factory=lambda: _env_flag("VLLM_MW_DURABLE", False))
+    # -- embedded sink only --
+    #: who writes the files (env VLLM_MW_EMBEDDED_WRITER): "process" (a writer process beside
+    #: the app), "thread" (a thread in the app), or "auto": the process where it can start
+    embedded_writer: str = field(
+        default_factory=lambda: os.environ.get("VLLM_MW_EMBEDDED_WRITER", "auto").strip() or "auto"
+    )
 
 
 def _env_flag(name: str, default: bool) -> bool:

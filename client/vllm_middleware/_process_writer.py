@@ -1,0 +1,320 @@
+"""The app's side of the embedded writer process (`_writer_main`): start it, feed it, watch it.
+
+Everything here runs on the event loop and never blocks it: batches go down a non-blocking
+pipe (the loop waits for room with `add_writer`), replies come back through `add_reader`.
+
+If the writer dies, the batch it was writing fails with `WriterProcessError` and the shipper
+retries it; the next batch starts a new writer, which first cuts back whatever the dead one
+had written of unfinished batches (the `PLAN` it sent before writing says where), so the retry
+neither duplicates nor tears a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import orjson
+
+from ._partition import PartitionLines
+from ._record import RecordEntry
+from ._writer_main import BATCH, DONE, FAILED, HEADER, PLAN, READY, UNDO, encode_batch, frame
+
+__all__ = ["ProcessWriter", "WriterProcessError", "WriterProcessUnavailable"]
+
+# Starts the writer without running the package's __init__, which imports the whole client
+# (httpx, redis, pydantic): ~0.3 s and ~35 MB for a process that needs only the file writer.
+_BOOTSTRAP = (
+    "import sys, types\n"
+    "package = types.ModuleType('vllm_middleware')\n"
+    "package.__path__ = [sys.argv[1]]\n"
+    "sys.modules['vllm_middleware'] = package\n"
+    "from vllm_middleware._writer_main import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PIPE_BYTES = 1 << 20  # room for a whole batch of 1 KB records without waiting for the writer
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in the fcntl module only on Linux
+
+
+def _widen(fd: int) -> None:
+    """Ask for a larger pipe (Linux; the default 64 KiB holds ~60 records)."""
+    with contextlib.suppress(ImportError, OSError):
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():  # close_send may have failed it since this callback was queued
+        future.set_result(None)
+
+
+class WriterProcessError(OSError):
+    """The writer process failed a batch, or died while writing it."""
+
+
+class WriterProcessUnavailable(WriterProcessError):
+    """The writer process could not be started."""
+
+
+class _Life:
+    """One writer process and its two pipe ends, from start to exit."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], send_fd: int, recv_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.proc = proc
+        self.send_fd = send_fd
+        self.recv_fd = recv_fd
+        self.buffer = bytearray()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.waiting: dict[int, asyncio.Future[None]] = {}
+        self.plans: dict[int, list[list[object]]] = {}  # PLAN received, DONE/FAILED not yet
+        self.room: asyncio.Future[None] | None = None  # a send waiting for room in the pipe
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done() and self.send_fd >= 0
+
+    def close_send(self) -> None:
+        if self.send_fd < 0:
+            return
+        fd, self.send_fd = self.send_fd, -1
+        room, self.room = self.room, None
+        if room is not None:
+            # Unregistered before the close: the selector must not keep a closed fd.
+            asyncio.get_running_loop().remove_writer(fd)
+            if not room.done():
+                room.set_exception(WriterProcessError("the writer process exited"))
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class ProcessWriter:
+    """Appends batches through a writer process; one per `FileSink`, started on first use."""
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        owner: str,
+        *,
+        max_bytes: int,
+        log_format: str,
+        fsync: bool,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.settings: dict[str, object] = {
+            "log_dir": os.fspath(log_dir),
+            "owner": owner,
+            "max_bytes": max_bytes,
+            "log_format": log_format,
+            "fsync": fsync,
+        }
+        self.start_timeout = start_timeout
+        self.starts = 0  # writers started so far (restarts after a death included)
+        self.fault: str | None = None  # test seam: passed to the next writer started
+        self._life: _Life | None = None
+        self._owner_pid = os.getpid()
+        self._undo: list[list[object]] = []  # parts a dead writer may have left half written
+        self._seq = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._life.proc.pid if self._life is not None and self._life.alive else None
+
+    async def write(self, batch: Sequence[RecordEntry]) -> None:
+        """Append `batch` durably, or raise `WriterProcessError` (nothing of it is kept)."""
+        life = await self._running()
+        self._seq += 1
+        seq = self._seq
+        done = asyncio.get_running_loop().create_future()
+        life.waiting[seq] = done
+        try:
+            body = encode_batch(PartitionLines.from_entries(batch))
+            await self._send(life, frame(BATCH, seq, body))
+            await done
+        finally:
+            life.waiting.pop(seq, None)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Let the writer finish what it was sent, then wait (bounded) for it to exit."""
+        life, self._life = self._life, None
+        if life is None:
+            return
+        life.close_send()  # end of input: the writer finishes, closes its files and exits
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(life.exited), timeout)
+        # Its output has ended, so it is exiting: reap it rather than leave a zombie behind.
+        deadline = time.monotonic() + min(1.0, timeout)
+        while life.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        # Still running: it is stuck in the disk. It exits by itself once the write returns;
+        # killing it could tear the line it is writing.
+        if not life.exited.done():
+            self._lost(life)
+
+    # -- starting -----------------------------------------------------------------------------
+    async def _running(self) -> _Life:
+        life = self._life
+        if life is not None and self._owner_pid != os.getpid():
+            # A forked copy of the app: that writer belongs to the parent; leave it alone.
+            with contextlib.suppress(OSError):
+                asyncio.get_running_loop().remove_reader(life.recv_fd)
+            self._life = life = None
+            self._owner_pid = os.getpid()
+            self.settings["owner"] = f"{self.settings['owner']}-fork{os.getpid()}"
+        if life is not None and life.alive:
+            return life
+        if life is not None:
+            life.close_send()
+        self._life = life = await self._start()
+        if self._undo:
+            self._seq += 1
+            undone = asyncio.get_running_loop().create_future()
+            life.waiting[self._seq] = undone
+            await self._send(life, frame(UNDO, self._seq, orjson.dumps(self._undo)))
+            await undone
+            self._undo = []
+        return life
+
+    async def _start(self) -> _Life:
+        settings = dict(self.settings)
+        if self.fault:
+            settings["fault"], self.fault = self.fault, None
+        request_read, request_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        try:
+            # vfork and exec: about a millisecond, once per writer life; asyncio's subprocess
+            # API would add a child-watcher thread to the app for nothing.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOTSTRAP,
+                    _PACKAGE_DIR,
+                    str(request_read),
+                    str(reply_write),
+                    orjson.dumps(settings).decode(),
+                ],
+                pass_fds=(request_read, reply_write),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            for fd in (request_read, request_write, reply_read, reply_write):
+                os.close(fd)
+            raise WriterProcessUnavailable(f"cannot start the writer process: {exc}") from exc
+        os.close(request_read)
+        os.close(reply_write)
+        _widen(request_write)
+        os.set_blocking(request_write, False)
+        os.set_blocking(reply_read, False)
+        life = _Life(proc, request_write, reply_read)
+        asyncio.get_running_loop().add_reader(reply_read, self._on_readable, life)
+        try:
+            await asyncio.wait_for(asyncio.shield(life.ready), self.start_timeout)
+        except (TimeoutError, WriterProcessError) as exc:
+            life.close_send()
+            if proc.poll() is None:
+                proc.kill()
+            self._lost(life)
+            raise WriterProcessUnavailable(
+                f"the writer process did not start (exit code {proc.poll()})"
+            ) from exc
+        self.starts += 1
+        return life
+
+    # -- the pipes ----------------------------------------------------------------------------
+    async def _send(self, life: _Life, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        try:
+            while view:
+                if not life.alive:
+                    raise WriterProcessError("the writer process exited")
+                try:
+                    view = view[os.write(life.send_fd, view) :]
+                except BlockingIOError:
+                    life.room = room = loop.create_future()
+                    loop.add_writer(life.send_fd, _wake, room)
+                    try:
+                        await room
+                    finally:
+                        if life.room is room:  # else close_send has unregistered it
+                            life.room = None
+                            loop.remove_writer(life.send_fd)
+        except BrokenPipeError as exc:
+            raise WriterProcessError("the writer process exited") from exc
+        except BaseException:
+            if view and len(view) < len(data):
+                # Cut off mid-frame (cancelled): the stream is out of step. The writer drops
+                # the partial frame at end of input and exits; the next batch starts anew.
+                life.close_send()
+            raise
+
+    def _on_readable(self, life: _Life) -> None:
+        try:
+            data = os.read(life.recv_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost(life)
+            return
+        buffer = life.buffer
+        buffer += data
+        size = HEADER.size
+        while len(buffer) >= size:
+            kind, length, seq = HEADER.unpack_from(buffer)
+            if len(buffer) < size + length:
+                break
+            body = bytes(buffer[size : size + length])
+            del buffer[: size + length]
+            self._on_reply(life, kind, seq, body)
+
+    def _on_reply(self, life: _Life, kind: int, seq: int, body: bytes) -> None:
+        if kind == READY:
+            if not life.ready.done():
+                life.ready.set_result(None)
+            return
+        if kind == PLAN:
+            life.plans[seq] = orjson.loads(body)
+            return
+        life.plans.pop(seq, None)
+        waiter = life.waiting.pop(seq, None)
+        if waiter is None or waiter.done():
+            return
+        if kind == DONE:
+            waiter.set_result(None)
+        elif kind == FAILED:
+            waiter.set_exception(WriterProcessError(body.decode("utf-8", "replace")))
+
+    def _lost(self, life: _Life) -> None:
+        """The writer's output ended: it exited (or was killed). Fail what it still owed."""
+        if life.exited.done():
+            return
+        life.exited.set_result(None)
+        with contextlib.suppress(OSError, RuntimeError):
+            asyncio.get_running_loop().remove_reader(life.recv_fd)
+        with contextlib.suppress(OSError):
+            os.close(life.recv_fd)
+        life.close_send()
+        for parts in life.plans.values():
+            self._undo.extend(parts)
+        life.plans.clear()
+        code = life.proc.poll()
+        error = WriterProcessError(f"the writer process exited (code {code})")
+        if not life.ready.done():
+            life.ready.set_exception(error)
+            life.ready.exception()  # retrieved: only `_start` may be waiting for it
+        for waiter in life.waiting.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        life.waiting.clear()
