@@ -158,7 +158,10 @@ async def test_broken_sink_never_reaches_the_caller(
     client = VLLMMiddleware(base_url=fake_vllm.base_url, log_dir=blocker, flush_interval=0.01)
     for _ in range(5):
         await client.completions(prompt="x", model=MODEL)
-    await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 10  # the writer process starts first, then fails the batch
+    while not client.get_statistics()["client"]["failed_batches"]:
+        assert time.monotonic() < deadline, "the broken sink was never tried"
+        await asyncio.sleep(0.01)
     stats = client.get_statistics()["client"]
     assert stats["failed_batches"] >= 1 and "NotADirectoryError" in stats["last_error"]
     assert stats["buffered"] == 5  # kept for a retry, not lost yet

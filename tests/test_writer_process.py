@@ -258,3 +258,40 @@ def test_the_writer_exits_when_the_app_dies(tmp_path: Path) -> None:
 def test_an_unknown_writer_kind_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="VLLM_MW_EMBEDDED_WRITER"):
         make_sink(tmp_path, writer="fork")
+
+
+async def test_close_while_the_writer_starts_leaves_no_process(tmp_path: Path) -> None:
+    sink = make_sink(tmp_path)
+    for entry in entries(0, 60):  # more than a batch: flushed at once
+        sink.submit(entry)
+    assert sink.process is not None
+    for _ in range(1000):
+        if sink.process._life is not None:
+            break
+        await asyncio.sleep(0.001)
+    life = sink.process._life
+    assert life is not None and not life.ready.done(), "the writer was not starting"
+    await sink.aclose(timeout=0.01)  # cancels the batch waiting for the writer to start
+    assert gone(life.proc.pid), "a writer cut off while starting was left running"
+    counters = sink.counters
+    assert counters.shipped + counters.dropped == 60
+    assert len(ids_in(tmp_path)) == counters.shipped
+
+
+async def test_a_forked_child_lets_go_of_the_parents_writer(tmp_path: Path) -> None:
+    sink = make_sink(tmp_path)
+    await ship(sink, entries(0, 10))
+    assert sink.process is not None and sink.process._life is not None
+    owner = sink.process.settings["owner"]
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        ok = sink.process._life is None and sink.process.settings["owner"] != owner
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)  # noqa: ASYNC222 - the child exits at once
+    assert os.waitstatus_to_exitcode(status) == 0
+    pid = sink.process.pid
+    await ship(sink, entries(10, 10))  # the parent's writer is untouched
+    assert sink.process.pid == pid
+    await sink.aclose()
+    assert gone(pid), "the writer did not see end of input: a forked copy kept its pipe open"
+    assert_exactly(tmp_path, 20)

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Sequence
 
 import orjson
@@ -40,6 +41,18 @@ _BOOTSTRAP = (
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _PIPE_BYTES = 1 << 20  # room for a whole batch of 1 KB records without waiting for the writer
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in the fcntl module only on Linux
+
+
+_INSTANCES: weakref.WeakSet[ProcessWriter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_INSTANCES):
+        writer._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _widen(fd: int) -> None:
@@ -120,9 +133,9 @@ class ProcessWriter:
         self.starts = 0  # writers started so far (restarts after a death included)
         self.fault: str | None = None  # test seam: passed to the next writer started
         self._life: _Life | None = None
-        self._owner_pid = os.getpid()
         self._undo: list[list[object]] = []  # parts a dead writer may have left half written
         self._seq = 0
+        _INSTANCES.add(self)
 
     @property
     def pid(self) -> int | None:
@@ -162,18 +175,12 @@ class ProcessWriter:
     # -- starting -----------------------------------------------------------------------------
     async def _running(self) -> _Life:
         life = self._life
-        if life is not None and self._owner_pid != os.getpid():
-            # A forked copy of the app: that writer belongs to the parent; leave it alone.
-            with contextlib.suppress(OSError):
-                asyncio.get_running_loop().remove_reader(life.recv_fd)
-            self._life = life = None
-            self._owner_pid = os.getpid()
-            self.settings["owner"] = f"{self.settings['owner']}-fork{os.getpid()}"
-        if life is not None and life.alive:
-            return life
-        if life is not None:
-            life.close_send()
-        self._life = life = await self._start()
+        if life is None or not life.alive:
+            if life is not None:
+                life.close_send()
+            self._life = life = self._spawn()
+        if not life.ready.done():  # a start in progress (or one a cancelled batch left)
+            await self._await_ready(life)
         if self._undo:
             self._seq += 1
             undone = asyncio.get_running_loop().create_future()
@@ -183,7 +190,7 @@ class ProcessWriter:
             self._undo = []
         return life
 
-    async def _start(self) -> _Life:
+    def _spawn(self) -> _Life:
         settings = dict(self.settings)
         if self.fault:
             settings["fault"], self.fault = self.fault, None
@@ -192,20 +199,13 @@ class ProcessWriter:
         try:
             # vfork and exec: about a millisecond, once per writer life; asyncio's subprocess
             # API would add a child-watcher thread to the app for nothing.
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                [
-                    sys.executable,
-                    "-c",
-                    _BOOTSTRAP,
-                    _PACKAGE_DIR,
-                    str(request_read),
-                    str(reply_write),
-                    orjson.dumps(settings).decode(),
-                ],
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_DIR, str(request_read),
+                 str(reply_write), orjson.dumps(settings).decode()],
                 pass_fds=(request_read, reply_write),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-            )
+            )  # fmt: skip
         except OSError as exc:
             for fd in (request_read, request_write, reply_read, reply_write):
                 os.close(fd)
@@ -217,18 +217,34 @@ class ProcessWriter:
         os.set_blocking(reply_read, False)
         life = _Life(proc, request_write, reply_read)
         asyncio.get_running_loop().add_reader(reply_read, self._on_readable, life)
+        return life
+
+    async def _await_ready(self, life: _Life) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(life.ready), self.start_timeout)
         except (TimeoutError, WriterProcessError) as exc:
             life.close_send()
-            if proc.poll() is None:
-                proc.kill()
+            if life.proc.poll() is None:
+                life.proc.kill()
             self._lost(life)
+            if self._life is life:
+                self._life = None
             raise WriterProcessUnavailable(
-                f"the writer process did not start (exit code {proc.poll()})"
+                f"the writer process did not start (exit code {life.proc.poll()})"
             ) from exc
         self.starts += 1
-        return life
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the writer and its pipes are the parent's. Close our copies (the
+        parent's writer sees end of input only once every copy is closed) and start afresh,
+        under an owner name of our own."""
+        life, self._life = self._life, None
+        if life is not None:
+            for fd in (life.send_fd, life.recv_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._undo = []
+        self.settings["owner"] = f"{self.settings['owner']}-fork{os.getpid()}"
 
     # -- the pipes ----------------------------------------------------------------------------
     async def _send(self, life: _Life, data: bytes) -> None:
@@ -313,7 +329,7 @@ class ProcessWriter:
         error = WriterProcessError(f"the writer process exited (code {code})")
         if not life.ready.done():
             life.ready.set_exception(error)
-            life.ready.exception()  # retrieved: only `_start` may be waiting for it
+            life.ready.exception()  # retrieved: only `_await_ready` may be waiting for it
         for waiter in life.waiting.values():
             if not waiter.done():
                 waiter.set_exception(error)
