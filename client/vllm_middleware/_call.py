@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -55,6 +56,37 @@ _KEPT_FIELDS = (
 _SMALL_FIELDS = ("parameters", "metadata", "error_detail")  # kept only when small
 _SMALL_BYTES = 16 * 1024
 _new_entry = tuple.__new__
+_UNKNOWN_SIZE = sys.maxsize  # an encoded size not known: assume it could hold media
+
+
+# A record's fields in order; the payload ("messages" or "prompt") goes between the two.
+_HEAD_FIELDS = ("timestamp", "request_id", "model")
+_TAIL_FIELDS = (
+    "response",
+    "parameters",
+    "latency_ms",
+    "error",
+    "metadata",
+    "schema_version",
+    "host",
+    "endpoint",
+    "status_code",
+    "usage",
+    "stream",
+    "ttft_ms",
+)
+
+
+def _template(payload_key: str) -> dict[str, Any]:
+    """A record's fields in their order, with the values no call changes filled in."""
+    template: dict[str, Any] = dict.fromkeys((*_HEAD_FIELDS, payload_key, *_TAIL_FIELDS))
+    template["schema_version"] = SCHEMA_VERSION
+    return template
+
+
+# Copying a sized dict and storing into it is cheaper than a 16-key literal, which CPython
+# grows key by key (two resizes).
+_TEMPLATES = {key: _template(key) for key in ("messages", "prompt")}
 
 
 def collect(**values: Any) -> dict[str, Any]:
@@ -78,6 +110,7 @@ class Call:
     """What one call knows for its record; `log` builds and submits it exactly once."""
 
     __slots__ = (
+        "body_bytes",
         "client",
         "client_request_id",
         "date",
@@ -111,6 +144,8 @@ class Call:
         self.metadata = metadata
         self.request_id, self.date, self.timestamp = record_identity(now)
         self.client_request_id: Any = None
+        # Length of the encoded request body, once it is encoded (`start_call`).
+        self.body_bytes = _UNKNOWN_SIZE
 
     def log(
         self,
@@ -122,10 +157,14 @@ class Call:
         stream: bool = False,
         ttft_ms: float | None = None,
         extra: Mapping[str, Any] | None = None,
+        reply_bytes: int | None = None,
     ) -> None:
         """Build this call's record and hand it to the sink; never raises (a failure to log
         is counted instead). A record with media is finished off the loop and shipped from
-        there (`MediaPipeline.defer`)."""
+        there (`MediaPipeline.defer`).
+
+        `reply_bytes`: the length of the JSON `response` was parsed from, when there is one.
+        """
         client = self.client
         sink = client._sink
         if sink is None:  # logging off: no record to build
@@ -143,24 +182,25 @@ class Call:
             if self.metadata:
                 metadata = {**metadata, **self.metadata}
             is_error = error is not None
-            record: dict[str, Any] = {
-                "timestamp": self.timestamp,
-                "request_id": self.request_id,
-                "model": model,
-                self.payload_key: self.payload,
-                "response": response,
-                "parameters": self.params,
-                "latency_ms": latency_ms,
-                "error": str(error) if is_error else None,
-                "metadata": metadata,
-                "schema_version": SCHEMA_VERSION,
-                "host": client.host,
-                "endpoint": self.endpoint,
-                "status_code": status_code,
-                "usage": usage,
-                "stream": stream,
-                "ttft_ms": ttft_ms,
-            }
+            payload_key = self.payload_key
+            template = _TEMPLATES.get(payload_key)
+            record = (template or _template(payload_key)).copy()
+            record["timestamp"] = self.timestamp
+            record["request_id"] = self.request_id
+            record["model"] = model
+            record[payload_key] = self.payload
+            record["response"] = response
+            record["parameters"] = self.params
+            record["latency_ms"] = latency_ms
+            if is_error:
+                record["error"] = str(error)
+            record["metadata"] = metadata
+            record["host"] = client.host
+            record["endpoint"] = self.endpoint
+            record["status_code"] = status_code
+            record["usage"] = usage
+            record["stream"] = stream
+            record["ttft_ms"] = ttft_ms
             if self.client_request_id is not None:
                 record["client_request_id"] = self.client_request_id
             if error is not None:
@@ -168,10 +208,18 @@ class Call:
             if extra:
                 record.update(extra)
             media = client._media
-            if media is not None and (job := media.prepare(record)) is not None:
-                ship = client._ship(self.date, is_error)
-                media.defer(job, record, ship, client._logging_failed)
-                return
+            if media is not None:
+                # A blob is at least `min_chars` characters of one JSON string, so JSON shorter
+                # than that holds none: most chats skip the walk on two integer comparisons.
+                min_chars = media.min_chars
+                in_request = self.body_bytes >= min_chars
+                in_reply = reply_bytes is None or reply_bytes >= min_chars
+                if (in_request or in_reply) and (
+                    job := media.prepare(record, messages=in_request, response=in_reply)
+                ) is not None:
+                    ship = client._ship(self.date, is_error)
+                    media.defer(job, record, ship, client._logging_failed)
+                    return
             data = encode_record(record)
             if len(data) > client.max_record_bytes:
                 data = shrink_record(record, len(data), client.max_record_bytes)
@@ -222,6 +270,7 @@ def start_call(
         error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
         call.log(started, error=error, stream=stream)
         raise error from exc
+    call.body_bytes = len(content)
     return call, started, content, send_headers
 
 

@@ -386,13 +386,14 @@ class VLLMMiddleware:
             status_error = exception_from_response(response, call.request_id)
             call.log(started, error=status_error, status_code=status_code)
             raise status_error
+        raw = response.content
         try:
-            result = orjson.loads(response.content)
+            result = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             bad = APIError(f"server returned invalid JSON: {exc}", request_id=call.request_id)
             call.log(started, error=bad, status_code=status_code)
             raise bad from exc
-        call.log(started, response=result, status_code=status_code)
+        call.log(started, response=result, status_code=status_code, reply_bytes=len(raw))
         return result  # type: ignore[no-any-return]
 
     async def _wait_durable(self, call: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:

@@ -261,27 +261,33 @@ class MediaPipeline:
         self.truncated = 0
 
     # -- request path -----------------------------------------------------------------------
-    def prepare(self, record: dict[str, Any]) -> MediaJob | None:
-        """Swap blobs in `record` for tokens (copy-on-write); None when it has none."""
+    def prepare(
+        self, record: dict[str, Any], *, messages: bool = True, response: bool = True
+    ) -> MediaJob | None:
+        """Swap blobs in `record` for tokens (copy-on-write); None when it has none.
+
+        `messages` / `response` False: the caller knows that part holds no blob (its encoded
+        JSON is shorter than `min_chars`), so it is not walked.
+        """
         # The walker is only built when a list content or a reply audio is seen: text chats
         # cost a type check per message and per choice.
         walk: _Walk | None = None
-        messages = record.get("messages")
-        if type(messages) is list:
-            for message in messages:
+        chat = record.get("messages") if messages else None
+        if type(chat) is list:
+            for message in chat:
                 if type(message) is dict and type(message.get("content")) is list:
                     walk = _Walk(self.min_chars)
-                    if (changed := walk.messages(messages)) is not None:
+                    if (changed := walk.messages(chat)) is not None:
                         record["messages"] = changed
                     break
-        response = record.get("response")
-        choices = response.get("choices") if type(response) is dict else None
-        if type(choices) is list and response is not None:
+        reply = record.get("response") if response else None
+        choices = reply.get("choices") if type(reply) is dict else None
+        if type(choices) is list and reply is not None:
             for choice in choices:
                 message = choice.get("message") if type(choice) is dict else None
                 if type(message) is dict and message.get("audio") is not None:
                     walk = walk or _Walk(self.min_chars)
-                    if (replaced := walk.response(response)) is not None:
+                    if (replaced := walk.response(reply)) is not None:
                         record["response"] = replaced
                     break
         if walk is None or not walk.blobs:
