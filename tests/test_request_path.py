@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ import orjson
 import pytest
 from vllm_middleware import VLLMMiddleware, load_logs
 from vllm_middleware._media import MediaPipeline
+
+from .test_media import blob
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 # media_min_bytes=300: a blob is moved from 400 base64 characters on (ceil(300 * 4 / 3)).
@@ -40,15 +41,6 @@ FIELDS = [
 @pytest.fixture(autouse=True)
 def _embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_MW_REDIS_URL", raising=False)
-
-
-def blob(size: int, seed: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def reply(message: dict[str, Any]) -> dict[str, Any]:

@@ -32,27 +32,6 @@ __all__ = [
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
-# What a truncated record keeps: enough to count, attribute and debug the call.
-_KEPT_FIELDS = (
-    "timestamp",
-    "request_id",
-    "model",
-    "parameters",
-    "latency_ms",
-    "error",
-    "error_detail",
-    "metadata",
-    "schema_version",
-    "host",
-    "endpoint",
-    "status_code",
-    "usage",
-    "stream",
-    "ttft_ms",
-    "client_request_id",
-    "chunks",
-    "stream_end",
-)
 _SMALL_FIELDS = ("parameters", "metadata", "error_detail")  # kept only when small
 _SMALL_BYTES = 16 * 1024
 _new_entry = tuple.__new__
@@ -74,6 +53,17 @@ _TAIL_FIELDS = (
     "usage",
     "stream",
     "ttft_ms",
+)
+
+
+# What a truncated record keeps: enough to count, attribute and debug the call.
+_KEPT_FIELDS = (
+    *_HEAD_FIELDS,
+    *(field for field in _TAIL_FIELDS if field != "response"),
+    "error_detail",
+    "client_request_id",
+    "chunks",
+    "stream_end",
 )
 
 
