@@ -4,6 +4,7 @@ failures, and the app falls back to a writer thread when no process can start.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -295,3 +296,34 @@ async def test_a_forked_child_lets_go_of_the_parents_writer(tmp_path: Path) -> N
     await sink.aclose()
     assert gone(pid), "the writer did not see end of input: a forked copy kept its pipe open"
     assert_exactly(tmp_path, 20)
+
+
+def test_a_sink_never_closed_does_not_keep_its_writer(tmp_path: Path) -> None:
+    """An app that drops its client without close (its loop ends): the writer still sees
+    end of input, writes what it was sent and exits, instead of living as long as the app."""
+    pids: list[int | None] = []
+
+    async def main() -> None:
+        sink = make_sink(tmp_path)
+        await ship(sink, entries(0, 30))
+        assert sink.process is not None
+        pids.append(sink.process.pid)
+
+    asyncio.run(main())
+    gc.collect()
+    assert pids[0] is not None and gone(pids[0]), "an unclosed sink's writer kept running"
+    assert_exactly(tmp_path, 30)
+
+
+async def test_the_writer_keeps_the_log_dir_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative log_dir means the directory at construction, not wherever the app's cwd is
+    when the writer process starts."""
+    monkeypatch.chdir(tmp_path)
+    sink = make_sink(Path("logs"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    await ship(sink, entries(0, 10))
+    await sink.aclose()
+    assert_exactly(tmp_path / "logs", 10)

@@ -108,6 +108,20 @@ class _Life:
         with contextlib.suppress(OSError):
             os.close(fd)
 
+    def close_fds(self) -> None:
+        """Close both pipe ends without the event loop (after a fork, or when collected)."""
+        for name in ("send_fd", "recv_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def __del__(self) -> None:
+        # A client dropped without close, its loop gone: closing our ends is the writer's
+        # end of input, so it finishes and exits instead of living as long as the app.
+        self.close_fds()
+
 
 class ProcessWriter:
     """Appends batches through a writer process; one per `FileSink`, started on first use."""
@@ -123,7 +137,8 @@ class ProcessWriter:
         start_timeout: float = 10.0,
     ) -> None:
         self.settings: dict[str, object] = {
-            "log_dir": os.fspath(log_dir),
+            # Absolute: the process starts at the first flush, in the cwd of that moment.
+            "log_dir": os.path.abspath(log_dir),
             "owner": owner,
             "max_bytes": max_bytes,
             "log_format": log_format,
@@ -240,9 +255,7 @@ class ProcessWriter:
         under an owner name of our own."""
         life, self._life = self._life, None
         if life is not None:
-            for fd in (life.send_fd, life.recv_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            life.close_fds()
         self._undo = []
         self.settings["owner"] = f"{self.settings['owner']}-fork{os.getpid()}"
 
@@ -319,9 +332,8 @@ class ProcessWriter:
         life.exited.set_result(None)
         with contextlib.suppress(OSError, RuntimeError):
             asyncio.get_running_loop().remove_reader(life.recv_fd)
-        with contextlib.suppress(OSError):
-            os.close(life.recv_fd)
         life.close_send()
+        life.close_fds()
         for parts in life.plans.values():
             self._undo.extend(parts)
         life.plans.clear()
