@@ -40,11 +40,13 @@ def entries(start: int, count: int, host: str = "app-1", pad: int = 0) -> list[R
     ]
 
 
-def make_sink(log_dir: Path, writer: str = "auto", **kwargs: object) -> FileSink:
+def make_sink(
+    log_dir: Path, writer: str = "auto", backoff: tuple[float, float] = (0.01, 0.05)
+) -> FileSink:
     settings = ShippingSettings(
-        batch_size=50, flush_interval=0.01, retry_backoff=(0.01, 0.05), embedded_writer=writer
+        batch_size=50, flush_interval=0.01, retry_backoff=backoff, embedded_writer=writer
     )
-    return FileSink(log_dir, max_bytes=int(kwargs.pop("max_bytes", 1 << 20)), shipping=settings)
+    return FileSink(log_dir, max_bytes=1 << 20, shipping=settings)
 
 
 async def ship(sink: FileSink, batch: list[RecordEntry], timeout: float = 20) -> None:
@@ -156,6 +158,30 @@ async def test_a_writer_dying_between_write_and_done_is_undone(
     assert_exactly(tmp_path, 150)
     files = list(tmp_path.rglob("*.jsonl"))
     assert all(path.stat().st_size > 0 for path in files)
+
+
+async def test_closing_before_a_successful_retry_still_cuts_the_dead_writers_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer died after writing a batch, and no new one starts before the app closes: the
+    batch is counted as dropped, so it must not be left in the files either."""
+    sink = make_sink(tmp_path)
+    assert sink.process is not None
+    sink.process.fault = "exit-after-write:1"
+    for entry in entries(0, 50):
+        sink.submit(entry)
+    deadline = time.monotonic() + 10
+    while sink.process._life is None:
+        assert time.monotonic() < deadline, "the writer was not started"
+        await asyncio.sleep(0.001)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # no replacement can start
+    while not sink.counters.failed_batches:
+        assert time.monotonic() < deadline, "the writer did not die"
+        await asyncio.sleep(0.01)
+    await sink.aclose(timeout=0.5)
+    assert sink.counters.dropped == 50
+    assert ids_in(tmp_path) == []
+    assert not list(tmp_path.rglob("*.jsonl")), "the dead writer's new file was left behind"
 
 
 async def test_a_failed_write_is_retried_and_lands_once(tmp_path: Path) -> None:

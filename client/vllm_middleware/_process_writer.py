@@ -24,7 +24,18 @@ import orjson
 
 from ._partition import PartitionLines
 from ._record import RecordEntry
-from ._writer_main import BATCH, DONE, FAILED, HEADER, PLAN, READY, UNDO, encode_batch, frame
+from ._writer_main import (
+    BATCH,
+    DONE,
+    FAILED,
+    HEADER,
+    PLAN,
+    READY,
+    UNDO,
+    encode_batch,
+    frame,
+    undo,
+)
 
 __all__ = ["ProcessWriter", "WriterProcessError", "WriterProcessUnavailable"]
 
@@ -173,8 +184,17 @@ class ProcessWriter:
     async def aclose(self, timeout: float = 10.0) -> None:
         """Let the writer finish what it was sent, then wait (bounded) for it to exit."""
         life, self._life = self._life, None
-        if life is None:
-            return
+        if life is not None:
+            await self._retire(life, timeout)
+        if self._undo:
+            # A dead writer's unfinished batch that no new writer was started to cut back
+            # (closing before the retry): cut it here, so what the app counts as dropped is
+            # not in the files. Those files are the dead writer's; no one appends to them.
+            with contextlib.suppress(OSError):
+                undo(self._undo)
+                self._undo = []
+
+    async def _retire(self, life: _Life, timeout: float) -> None:
         life.close_send()  # end of input: the writer finishes, closes its files and exits
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(life.exited), timeout)
@@ -185,7 +205,7 @@ class ProcessWriter:
         # Still running: it is stuck in the disk. It exits by itself once the write returns;
         # killing it could tear the line it is writing.
         if not life.exited.done():
-            self._lost(life)
+            self._lost(life, running=True)
 
     # -- starting -----------------------------------------------------------------------------
     async def _running(self) -> _Life:
@@ -325,8 +345,12 @@ class ProcessWriter:
         elif kind == FAILED:
             waiter.set_exception(WriterProcessError(body.decode("utf-8", "replace")))
 
-    def _lost(self, life: _Life) -> None:
-        """The writer's output ended: it exited (or was killed). Fail what it still owed."""
+    def _lost(self, life: _Life, *, running: bool = False) -> None:
+        """The writer's output ended: it exited (or was killed). Fail what it still owed.
+
+        `running`: given up on while still alive (stuck in the disk at close). What it was
+        writing is not cut back then: it may still be writing there.
+        """
         if life.exited.done():
             return
         life.exited.set_result(None)
@@ -334,8 +358,9 @@ class ProcessWriter:
             asyncio.get_running_loop().remove_reader(life.recv_fd)
         life.close_send()
         life.close_fds()
-        for parts in life.plans.values():
-            self._undo.extend(parts)
+        if not running:
+            for parts in life.plans.values():
+                self._undo.extend(parts)
         life.plans.clear()
         code = life.proc.poll()
         error = WriterProcessError(f"the writer process exited (code {code})")
