@@ -40,9 +40,11 @@ __all__ = [
     "PLAN",
     "READY",
     "UNDO",
+    "decode_batch",
     "encode_batch",
     "frame",
     "main",
+    "undo",
 ]
 
 HEADER = struct.Struct("<BIQ")  # kind, body length, sequence number
