@@ -184,6 +184,27 @@ async def test_closing_before_a_successful_retry_still_cuts_the_dead_writers_bat
     assert not list(tmp_path.rglob("*.jsonl")), "the dead writer's new file was left behind"
 
 
+async def test_close_cuts_nothing_under_a_writer_still_writing(tmp_path: Path) -> None:
+    """Close gives up on a writer stuck in the disk; the batch it is writing is left to it,
+    whole: cutting its files back then would lose the records it writes next."""
+    sink = make_sink(tmp_path)
+    assert sink.process is not None
+    sink.process.fault = "stall-after-write:1.5"
+    sink.process.close_timeout = 0.2
+    for entry in entries(0, 50):
+        sink.submit(entry)
+    deadline = time.monotonic() + 10
+    while sink.process._life is None or not sink.process._life.plans:
+        assert time.monotonic() < deadline, "the writer never planned the batch"
+        await asyncio.sleep(0.01)
+    pid = sink.process.pid
+    assert pid is not None
+    await sink.aclose(timeout=0.3)
+    assert sink.counters.dropped == 50  # given up on, and counted
+    assert gone(pid), "the stalled writer did not finish and exit"
+    assert_exactly(tmp_path, 50)  # ... yet it landed whole: nothing was cut under it
+
+
 async def test_a_failed_write_is_retried_and_lands_once(tmp_path: Path) -> None:
     blocker = tmp_path / f"date={DATE}"
     blocker.write_text("not a directory")  # the partition cannot be made

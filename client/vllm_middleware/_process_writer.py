@@ -156,6 +156,7 @@ class ProcessWriter:
             "fsync": fsync,
         }
         self.start_timeout = start_timeout
+        self.close_timeout = 10.0  # how long close waits for the writer to finish and exit
         self.starts = 0  # writers started so far (restarts after a death included)
         self.fault: str | None = None  # test seam: passed to the next writer started
         self._life: _Life | None = None
@@ -181,11 +182,11 @@ class ProcessWriter:
         finally:
             life.waiting.pop(seq, None)
 
-    async def aclose(self, timeout: float = 10.0) -> None:
+    async def aclose(self, timeout: float | None = None) -> None:
         """Let the writer finish what it was sent, then wait (bounded) for it to exit."""
         life, self._life = self._life, None
         if life is not None:
-            await self._retire(life, timeout)
+            await self._retire(life, self.close_timeout if timeout is None else timeout)
         if self._undo:
             # A dead writer's unfinished batch that no new writer was started to cut back
             # (closing before the retry): cut it here, so what the app counts as dropped is

@@ -25,6 +25,7 @@ import os
 import signal
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -132,8 +133,11 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
         while data:
             data = data[os.write(reply_fd, data) :]
 
-    # Test seam: "exit-after-write:N" dies between the Nth batch's write and its DONE.
-    die_after = int(fault.rpartition(":")[2]) if fault else 0
+    # Test seams: "exit-after-write:N" dies between the Nth batch's write and its DONE;
+    # "stall-after-write:S" sleeps S seconds between each write and its DONE (a slow fsync).
+    fault_kind, _, fault_arg = (fault or "").partition(":")
+    die_after = int(fault_arg) if fault_kind == "exit-after-write" else 0
+    stall = float(fault_arg) if fault_kind == "stall-after-write" else 0.0
     batches = 0
     reply(READY, os.getpid())
     for kind, seq, body in _frames(source):
@@ -142,6 +146,8 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
                 plan = writer.plan(decode_batch(body))
                 reply(PLAN, seq, orjson.dumps([[str(p.path), p.offset] for p in plan.parts]))
                 writer.write(plan)
+                if stall:
+                    time.sleep(stall)
                 batches += 1
                 if batches == die_after:
                     os._exit(17)
