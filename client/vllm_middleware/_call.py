@@ -173,8 +173,7 @@ class Call:
                 metadata = {**metadata, **self.metadata}
             is_error = error is not None
             payload_key = self.payload_key
-            template = _TEMPLATES.get(payload_key)
-            record = (template or _template(payload_key)).copy()
+            record = _TEMPLATES[payload_key].copy()
             record["timestamp"] = self.timestamp
             record["request_id"] = self.request_id
             record["model"] = model
