@@ -68,6 +68,25 @@ def test_restart_kill_flag_and_graceful_restart(tmp_path: Path) -> None:
         client.close()
 
 
+def test_start_returns_only_after_the_aof_is_loaded(tmp_path: Path) -> None:
+    # Redis answers INFO while it loads the AOF but refuses data commands with LOADING; a slow
+    # load (delayed per key, events served often) makes that window wide enough to hit.
+    slow_load = ["--key-load-delay", "100", "--loading-process-events-interval-bytes", "1024"]
+    with RedisServerProcess(tmp_dir=tmp_path, appendonly=True, extra_args=slow_load) as server:
+        client = redis.Redis.from_url(server.url)
+        pipe = client.pipeline(transaction=False)
+        for i in range(3000):
+            pipe.set(f"k{i}", "v")
+        pipe.execute()
+        client.bgrewriteaof()  # the delay applies to the RDB base file the rewrite makes
+        while client.info("persistence")["aof_rewrite_in_progress"]:
+            time.sleep(0.05)
+        server.restart(kill=True)
+        client.set("after", "restart")  # BusyLoadingError if start() returned mid-load
+        assert client.dbsize() == 3001
+        client.close()
+
+
 def test_without_aof_kill_loses_data(tmp_path: Path) -> None:
     with RedisServerProcess(tmp_dir=tmp_path) as server:
         client = redis.Redis.from_url(server.url)

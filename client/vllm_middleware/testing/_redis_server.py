@@ -210,8 +210,9 @@ class RedisServerProcess:
                 raise RedisServerError(
                     f"redis-server exited with {process.returncode}: {self._log_tail()}"
                 )
-            answering = self._answering_pid(timeout=0.5)
-            if answering == process.pid:
+            # INFO is answered while the AOF is still loading (PING is not): ours is up only
+            # when it owns the port and has finished loading.
+            if self._answering_pid(timeout=0.5) == process.pid and self.ping(timeout=0.5):
                 return
             # Another server owns the port (ours will fail to bind): keep polling until ours
             # exits, so the error carries its log rather than a misleading success.
