@@ -16,6 +16,7 @@ __all__ = [
     "InvalidRequestError",
     "LogReadError",
     "NotFoundError",
+    "QueryError",
     "RateLimitError",
     "ServiceUnavailableError",
     "VLLMMiddlewareError",
@@ -32,6 +33,10 @@ class ConfigurationError(VLLMMiddlewareError, ValueError):
 
 class LogReadError(VLLMMiddlewareError):
     """The log tree could not be read (missing directory, unreadable file)."""
+
+
+class QueryError(VLLMMiddlewareError):
+    """A query over the log tree failed (bad SQL, unreadable data); the message is one line."""
 
 
 class APIError(VLLMMiddlewareError):

@@ -1,0 +1,107 @@
+"""The `vllm-mw` subcommands that use the logs: tail, query, export.
+
+`_cli.main` calls `add_commands` once; every handler returns an exit code and raises only
+`VLLMMiddlewareError`s, which `main` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ._record_view import RecordFilter, parse_meta
+
+__all__ = ["add_commands"]
+
+
+def _log_dir(args: argparse.Namespace) -> Path:
+    return Path(args.log_dir or os.environ.get("VLLM_MW_LOG_DIR") or "./logs/vllm")
+
+
+def _add_log_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-dir", help="root of the log tree (env VLLM_MW_LOG_DIR)")
+
+
+def _add_filters(parser: argparse.ArgumentParser, *, dates: bool = True) -> None:
+    if dates:
+        parser.add_argument("--since", help="first UTC date, YYYY-MM-DD (inclusive)")
+        parser.add_argument("--until", help="last UTC date, YYYY-MM-DD (inclusive)")
+    parser.add_argument("--host", help="only this host's partitions")
+    parser.add_argument("--model", help="only this model")
+    parser.add_argument(
+        "--meta", action="append", metavar="KEY=VALUE", help="metadata key equals value"
+    )
+
+
+def _filter(args: argparse.Namespace, **extra: Any) -> RecordFilter:
+    return RecordFilter(
+        since=getattr(args, "since", None),
+        until=getattr(args, "until", None),
+        host=args.host,
+        model=args.model,
+        meta=parse_meta(args.meta),
+        **extra,
+    )
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from ._tail import format_line, tail
+
+    def render(record: Mapping[str, Any]) -> str:
+        if args.json:
+            return orjson.dumps(record).decode()
+        return format_line(record, full=args.full)
+
+    flt = _filter(args, errors_only=args.errors)
+    return tail(
+        _log_dir(args),
+        flt,
+        count=args.lines,
+        follow=args.follow,
+        interval=args.interval,
+        out=sys.stdout,
+        render=render,
+    )
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from ._query import run_query, write_result
+
+    sql = args.sql
+    if sql == "-":
+        sql = sys.stdin.read()
+    result = run_query(_log_dir(args), sql)
+    write_result(result, sys.stdout, args.format, max_rows=args.max_rows)
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """Register tail, query and export on `vllm-mw`'s subparsers."""
+    tail = commands.add_parser("tail", help="the latest records, one line each (-f: follow)")
+    _add_log_dir(tail)
+    _add_filters(tail, dates=False)
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    tail.add_argument("-n", "--lines", type=int, default=20, help="records shown first (20)")
+    tail.add_argument("--errors", action="store_true", help="only failed calls")
+    tail.add_argument("--full", action="store_true", help="whole prompt and answer")
+    tail.add_argument("--json", action="store_true", help="the records as JSON lines")
+    tail.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    tail.set_defaults(handler=_cmd_tail)
+
+    query = commands.add_parser(
+        "query", help="SQL over the logs with DuckDB (view `logs`; needs the [analytics] extra)"
+    )
+    _add_log_dir(query)
+    query.add_argument("sql", help='the SQL, e.g. "SELECT model, count(*) FROM logs GROUP BY 1"')
+    query.add_argument("--format", choices=("table", "csv", "json", "jsonl"), default="table")
+    query.add_argument("--json", dest="format", action="store_const", const="json")
+    query.add_argument(
+        "--max-rows", type=int, default=1000, help="rows a table shows (csv/json: all)"
+    )
+    query.set_defaults(handler=_cmd_query)
