@@ -81,6 +81,46 @@ def _cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ._export import ExportOptions, export
+
+    fine_tuning = args.format != "otlp-json"
+    flt = _filter(
+        args,
+        exclude_errors=fine_tuning and not args.include_errors,
+        finish_reason=args.finish_reason,
+    )
+    options = ExportOptions(
+        media=args.media,
+        dedupe=args.dedupe,
+        otlp_content=args.otlp_content,
+        service_name=args.service_name,
+        server_address=args.server_address,
+    )
+    result = export(_log_dir(args), args.out, args.format, flt, options, progress=True)
+    summary = {
+        "format": args.format,
+        "out": args.out,
+        "written": result.written,
+        "records_read": result.read.records,
+        "skipped": dict(result.skipped),
+        "bad_lines": result.read.bad_lines,
+        "torn_tails": result.read.torn_tails,
+        "media_missing": result.read.media_missing,
+    }
+    if args.json and args.out != "-":
+        print(orjson.dumps(summary).decode())
+    else:
+        unit = "spans" if not fine_tuning else "examples"
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items())) or "none"
+        print(
+            f"wrote {result.written} {unit} to {args.out} from {result.read.records} records "
+            f"(skipped: {skipped})",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def add_commands(commands: Any) -> None:
     """Register tail, query and export on `vllm-mw`'s subparsers."""
     tail = commands.add_parser("tail", help="the latest records, one line each (-f: follow)")
@@ -105,3 +145,35 @@ def add_commands(commands: Any) -> None:
         "--max-rows", type=int, default=1000, help="rows a table shows (csv/json: all)"
     )
     query.set_defaults(handler=_cmd_query)
+
+    export = commands.add_parser(
+        "export", help="fine-tuning sets (OpenAI chat/completions, ShareGPT) or OTLP/JSON spans"
+    )
+    _add_log_dir(export)
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=("openai-chat", "openai-completions", "sharegpt", "otlp-json"),
+    )
+    export.add_argument("--out", required=True, help="output file ('-': stdout)")
+    _add_filters(export)
+    export.add_argument("--finish-reason", help="only records with this finish reason (stop...)")
+    export.add_argument(
+        "--include-errors", action="store_true", help="fine-tuning: keep failed calls too"
+    )
+    export.add_argument(
+        "--dedupe", action="store_true", help="one example per distinct conversation"
+    )
+    export.add_argument(
+        "--media",
+        choices=("keep", "drop"),
+        default="keep",
+        help="images and audio: restored from the media store (keep) or left out (drop)",
+    )
+    export.add_argument(
+        "--otlp-content", action="store_true", help="otlp-json: include message contents"
+    )
+    export.add_argument("--service-name", default="vllm-middleware", help="otlp: service.name")
+    export.add_argument("--server-address", help="otlp: the model server, HOST[:PORT]")
+    export.add_argument("--json", action="store_true", help="print the summary as JSON")
+    export.set_defaults(handler=_cmd_export)

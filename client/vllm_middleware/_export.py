@@ -1,0 +1,325 @@
+"""`vllm-mw export`: fine-tuning sets and OTLP spans from the log tree, in constant memory.
+
+Each format is a pure function from one record to zero or more output objects (`None` when the
+record cannot make one, with the reason counted); `export` streams the reader's records through
+it into a file written beside its target and renamed into place when complete, so a failed or
+interrupted export never leaves a half-written set under the final name.
+
+Fine-tuning formats (one training example per successful record):
+- `openai-chat`: `{"messages": [...], "tools": [...]}` as OpenAI's chat fine-tuning accepts it:
+  the request's turns, then the answer as an assistant turn with its tool calls.
+- `openai-completions`: `{"prompt": ..., "completion": ...}` for `/completions` records.
+- `sharegpt`: `{"conversations": [{"from": "human"|"gpt"|"function_call"|"observation", ...}],
+  "system": ..., "tools": "<JSON>"}`, the layout LLaMA-Factory and similar trainers read
+  (text only: media parts are dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import orjson
+
+from ._exceptions import ConfigurationError
+from ._reader import ReadStats
+from ._record_view import RecordFilter, first_choice, iter_filtered
+
+__all__ = ["FORMATS", "ExportOptions", "ExportResult", "export", "to_chat", "to_completion"]
+
+MediaChoice = Literal["keep", "drop"]
+FORMATS = ("openai-chat", "openai-completions", "sharegpt", "otlp-json")
+
+_MEDIA_PARTS = frozenset(("image_url", "input_audio", "audio_url", "video_url", "file"))
+_WRITE_BYTES = 1 << 20  # output written in pieces of about this size
+_CHAT_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+@dataclass
+class ExportOptions:
+    """How records become output lines (besides which records: see `RecordFilter`)."""
+
+    media: MediaChoice = "keep"  # keep: restored from the media store; drop: text only
+    dedupe: bool = False  # one example per distinct conversation (the first seen)
+    otlp_content: bool = False  # otlp-json: message contents as span attributes (opt-in)
+    service_name: str = "vllm-middleware"
+    server_address: str | None = None  # otlp-json: where the model server was
+
+
+@dataclass
+class ExportResult:
+    written: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    read: ReadStats = field(default_factory=ReadStats)
+
+
+class _Skip(Exception):
+    """This record makes no example; the message is the reason counted."""
+
+
+def _media_part(part: Mapping[str, Any]) -> bool:
+    return part.get("type") in _MEDIA_PARTS or any(k in part for k in _MEDIA_PARTS)
+
+
+def _has_ref(value: Any) -> bool:
+    # A media reference left in place: the file was not stored or is missing.
+    return b'"media_ref"' in orjson.dumps(value)
+
+
+def _clean_content(content: Any, media: MediaChoice) -> Any:
+    if not isinstance(content, list):
+        return content
+    parts = []
+    for part in content:
+        if not isinstance(part, Mapping):
+            continue
+        if _media_part(part) and (media == "drop" or _has_ref(part)):
+            continue
+        parts.append(part)
+    if not parts:
+        return ""
+    return parts
+
+
+def _clean_message(message: Any, media: MediaChoice) -> dict[str, Any]:
+    if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+        raise _Skip("malformed message")
+    out = {key: message[key] for key in _CHAT_KEYS if message.get(key) is not None}
+    if "content" in out:
+        out["content"] = _clean_content(out["content"], media)
+    elif message["role"] != "assistant":
+        out["content"] = ""
+    return out
+
+
+def _answer(record: Mapping[str, Any]) -> dict[str, Any]:
+    choice = first_choice(record)
+    message = choice.get("message") if choice is not None else None
+    if not isinstance(message, Mapping):
+        raise _Skip("no answer")
+    answer: dict[str, Any] = {"role": "assistant"}
+    content = message.get("content")
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        answer["tool_calls"] = [
+            {
+                "id": call.get("id") or f"call_{i}",
+                "type": "function",
+                "function": {
+                    "name": call["function"].get("name"),
+                    "arguments": call["function"].get("arguments") or "{}",
+                },
+            }
+            for i, call in enumerate(calls)
+            if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping)
+        ]
+        if content:
+            answer["content"] = content
+    elif isinstance(content, str) and content:
+        answer["content"] = content
+    else:
+        raise _Skip("no answer")
+    return answer
+
+
+def to_chat(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]:
+    """One `openai-chat` example (raises `_Skip` with the reason when there is none)."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Skip("no messages (a completions or metadata-only record)")
+    turns = [_clean_message(m, options.media) for m in messages]
+    turns.append(_answer(record))
+    example: dict[str, Any] = {"messages": turns}
+    params = record.get("parameters")
+    if isinstance(params, Mapping):
+        tools = params.get("tools")
+        if isinstance(tools, list) and tools:
+            example["tools"] = tools
+            if isinstance(params.get("parallel_tool_calls"), bool):
+                example["parallel_tool_calls"] = params["parallel_tool_calls"]
+    return example
+
+
+def to_completion(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]:
+    """One `openai-completions` example: the prompt text and the first choice's text."""
+    del options
+    prompt = record.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _Skip("no text prompt (a chat, token-id or metadata-only record)")
+    choice = first_choice(record)
+    text = choice.get("text") if choice is not None else None
+    if not isinstance(text, str) or not text:
+        raise _Skip("no answer")
+    return {"prompt": prompt, "completion": text}
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def to_sharegpt(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]:
+    """One `sharegpt` example from the same turns as `openai-chat` (text only)."""
+    chat = to_chat(record, ExportOptions(media="drop", dedupe=options.dedupe))
+    system: list[str] = []
+    turns: list[dict[str, str]] = []
+    for message in chat["messages"]:
+        role = message["role"]
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content")))
+        elif role == "user":
+            turns.append({"from": "human", "value": _text(message.get("content"))})
+        elif role == "tool":
+            turns.append({"from": "observation", "value": _text(message.get("content"))})
+        elif role == "assistant":
+            for call in message.get("tool_calls") or []:
+                function = call["function"]
+                value = {"name": function["name"], "arguments": _arguments(function["arguments"])}
+                turns.append({"from": "function_call", "value": orjson.dumps(value).decode()})
+            if message.get("content"):
+                turns.append({"from": "gpt", "value": _text(message["content"])})
+    example: dict[str, Any] = {"conversations": turns}
+    if system:
+        example["system"] = "\n".join(system)
+    if "tools" in chat:
+        example["tools"] = orjson.dumps(chat["tools"]).decode()
+    return example
+
+
+def _arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def _conversation_key(example: Mapping[str, Any]) -> bytes:
+    # The exchange minus its answer: a retried or repeated conversation collapses into the
+    # first answer seen. Eight bytes per distinct conversation are kept in memory.
+    body = dict(example)
+    for key in ("messages", "conversations"):
+        if isinstance(body.get(key), list):
+            body[key] = body[key][:-1]
+    body.pop("completion", None)
+    return hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=8).digest()
+
+
+_Converter = Callable[[Mapping[str, Any], ExportOptions], dict[str, Any]]
+_CONVERTERS: dict[str, _Converter] = {
+    "openai-chat": to_chat,
+    "openai-completions": to_completion,
+    "sharegpt": to_sharegpt,
+}
+
+
+def examples(
+    records: Iterable[Mapping[str, Any]], fmt: str, options: ExportOptions, result: ExportResult
+) -> Iterator[dict[str, Any]]:
+    """The fine-tuning examples of `records` in format `fmt`, skipped ones counted by reason."""
+    convert = _CONVERTERS[fmt]
+    seen: set[bytes] = set()
+    for record in records:
+        try:
+            example = convert(record, options)
+        except _Skip as skip:
+            result.skipped[str(skip)] += 1
+            continue
+        if options.dedupe:
+            key = _conversation_key(example)
+            if key in seen:
+                result.skipped["duplicate conversation"] += 1
+                continue
+            seen.add(key)
+        yield example
+
+
+def _progress(enabled: bool) -> tuple[AbstractContextManager[Any], Callable[[int], None]]:
+    """A live record counter on stderr for long exports: only on a terminal, only with rich."""
+    if not (enabled and sys.stderr.isatty()):
+        return nullcontext(), lambda n: None
+    try:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return nullcontext(), lambda n: None
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("exported {task.completed:,} records"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = progress.add_task("export", total=None)
+    return progress, lambda n: progress.update(task, completed=n)
+
+
+def export(
+    log_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    fmt: str,
+    flt: RecordFilter,
+    options: ExportOptions | None = None,
+    *,
+    progress: bool = False,
+) -> ExportResult:
+    """Write the records of `log_dir` that pass `flt` to `out` ("-": stdout) in format `fmt`."""
+    if fmt not in FORMATS:
+        raise ConfigurationError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
+    opts = options or ExportOptions()
+    result = ExportResult()
+    records = iter_filtered(log_dir, flt, stats=result.read, restore_media=opts.media == "keep")
+    if fmt == "otlp-json":
+        from ._otlp import otlp_lines
+
+        lines: Iterator[bytes] = otlp_lines(records, opts, result)
+    else:
+        lines = (orjson.dumps(e) + b"\n" for e in examples(records, fmt, opts, result))
+    if str(out) == "-":
+        _write_all(lines, sys.stdout.buffer, result, fmt, progress)
+        sys.stdout.flush()
+        return result
+    target = Path(out)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            _write_all(lines, handle, result, fmt, progress)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return result
+
+
+def _write_all(
+    lines: Iterator[bytes], handle: IO[bytes], result: ExportResult, fmt: str, progress: bool
+) -> None:
+    bar, tick = _progress(progress)
+    buffer: list[bytes] = []
+    size = 0
+    with bar:
+        for line in lines:
+            buffer.append(line)
+            size += len(line)
+            if fmt != "otlp-json":
+                result.written += 1
+            if size >= _WRITE_BYTES:
+                handle.write(b"".join(buffer))
+                buffer.clear()
+                size = 0
+                tick(result.read.records)
+        handle.write(b"".join(buffer))
