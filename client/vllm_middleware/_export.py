@@ -29,8 +29,8 @@ from typing import IO, Any, Literal
 import orjson
 
 from ._exceptions import ConfigurationError
-from ._reader import ReadStats
-from ._record_view import RecordFilter, first_choice, iter_filtered
+from ._reader import ReadStats, iter_logs
+from ._record_view import RecordFilter, first_choice
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "export", "to_chat", "to_completion"]
 
@@ -40,6 +40,7 @@ FORMATS = ("openai-chat", "openai-completions", "sharegpt", "otlp-json")
 _MEDIA_PARTS = frozenset(("image_url", "input_audio", "audio_url", "video_url", "file"))
 _WRITE_BYTES = 1 << 20  # output written in pieces of about this size
 _CHAT_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+_CHAT_KEY_SET = frozenset(_CHAT_KEYS)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _clean_content(content: Any, media: MediaChoice) -> Any:
         return content
     parts = []
     for part in content:
-        if not isinstance(part, Mapping):
+        if not isinstance(part, dict):
             continue
         if _media_part(part) and (media == "drop" or _has_ref(part)):
             continue
@@ -89,7 +90,15 @@ def _clean_content(content: Any, media: MediaChoice) -> Any:
 
 
 def _clean_message(message: Any, media: MediaChoice) -> dict[str, Any]:
-    if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+    if (
+        type(message) is dict
+        and type(message.get("content")) is str
+        and type(message.get("role")) is str
+        and message.keys() <= _CHAT_KEY_SET
+        and None not in message.values()
+    ):
+        return message  # a plain text turn with known keys only, as it is (most turns)
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise _Skip("malformed message")
     out = {key: message[key] for key in _CHAT_KEYS if message.get(key) is not None}
     if "content" in out:
@@ -102,7 +111,7 @@ def _clean_message(message: Any, media: MediaChoice) -> dict[str, Any]:
 def _answer(record: Mapping[str, Any]) -> dict[str, Any]:
     choice = first_choice(record)
     message = choice.get("message") if choice is not None else None
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict):
         raise _Skip("no answer")
     answer: dict[str, Any] = {"role": "assistant"}
     content = message.get("content")
@@ -118,7 +127,7 @@ def _answer(record: Mapping[str, Any]) -> dict[str, Any]:
                 },
             }
             for i, call in enumerate(calls)
-            if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping)
+            if isinstance(call, dict) and isinstance(call.get("function"), dict)
         ]
         if content:
             answer["content"] = content
@@ -138,7 +147,7 @@ def to_chat(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]
     turns.append(_answer(record))
     example: dict[str, Any] = {"messages": turns}
     params = record.get("parameters")
-    if isinstance(params, Mapping):
+    if isinstance(params, dict):
         tools = params.get("tools")
         if isinstance(tools, list) and tools:
             example["tools"] = tools
@@ -167,7 +176,7 @@ def _text(content: Any) -> str:
         return content
     if isinstance(content, list):
         return "".join(
-            p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
         )
     return ""
 
@@ -283,13 +292,16 @@ def export(
         raise ConfigurationError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
     opts = options or ExportOptions()
     result = ExportResult()
-    records = iter_filtered(log_dir, flt, stats=result.read, restore_media=opts.media == "keep")
+    records = _dicts(log_dir, flt, result.read, restore_media=opts.media == "keep")
     if fmt == "otlp-json":
         from ._otlp import otlp_lines
 
         lines: Iterator[bytes] = otlp_lines(records, opts, result)
     else:
-        lines = (orjson.dumps(e) + b"\n" for e in examples(records, fmt, opts, result))
+        lines = (
+            orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE)
+            for e in examples(records, fmt, opts, result)
+        )
     if str(out) == "-":
         _write_all(lines, sys.stdout.buffer, result, fmt, progress)
         sys.stdout.flush()
@@ -303,6 +315,26 @@ def export(
     finally:
         partial.unlink(missing_ok=True)
     return result
+
+
+def _dicts(
+    log_dir: str | os.PathLike[str], flt: RecordFilter, stats: ReadStats, *, restore_media: bool
+) -> Iterator[dict[str, Any]]:
+    # The parsed dicts themselves: the converters' lookups then stay in C.
+    matches = flt.matches
+    for record in iter_logs(
+        log_dir,
+        flt.since,
+        flt.until,
+        host=flt.host,
+        model=flt.model,
+        errors_only=flt.errors_only,
+        stats=stats,
+        restore_media=restore_media,
+    ):
+        data = record.to_dict()
+        if matches(data):
+            yield data
 
 
 def _write_all(

@@ -16,13 +16,14 @@ same spans to an OTLP/HTTP endpoint with the OpenTelemetry exporter (the `[otlp]
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ._record_view import finish_reasons, token_counts
+from ._record_view import token_counts
 
 if TYPE_CHECKING:
     from ._export import ExportOptions, ExportResult
@@ -51,25 +52,34 @@ _KIND_CLIENT = 3  # SPAN_KIND_CLIENT
 _STATUS_ERROR = 2  # STATUS_CODE_ERROR
 
 
-def _value(value: Any) -> dict[str, Any] | None:
-    """An OTLP AnyValue (64-bit integers as strings, as the protobuf JSON mapping has them)."""
-    if isinstance(value, bool):
-        return {"boolValue": value}
-    if isinstance(value, int):
-        return {"intValue": str(value)}
-    if isinstance(value, float):
-        return {"doubleValue": value}
-    if isinstance(value, str):
-        return {"stringValue": value}
-    if isinstance(value, list | tuple):
-        values = [v for v in (_value(item) for item in value) if v is not None]
-        return {"arrayValue": {"values": values}}
-    return None
+class _Clock:
+    """Timestamps to Unix nanoseconds. The writers' form (`YYYY-MM-DDTHH:MM:SS.ffffff+00:00`)
+    is read by slicing, with the second cached (a file's records share their seconds);
+    anything else goes through `datetime.fromisoformat`."""
+
+    def __init__(self) -> None:
+        self.second = ""
+        self.base = 0
+
+    def nanos(self, timestamp: Any) -> int | None:
+        if type(timestamp) is not str:
+            return None
+        if (
+            len(timestamp) == 32
+            and timestamp.endswith("+00:00")
+            and timestamp[19] == "."
+            and timestamp[20:26].isdigit()
+        ):
+            if timestamp[:19] != self.second:
+                whole = _parse(timestamp[:19])
+                if whole is None:
+                    return None
+                self.second, self.base = timestamp[:19], whole
+            return self.base + int(timestamp[20:26]) * 1000
+        return _parse(timestamp)
 
 
-def _nanos(timestamp: Any) -> int | None:
-    if not isinstance(timestamp, str):
-        return None
+def _parse(timestamp: str) -> int | None:
     try:
         moment = datetime.fromisoformat(timestamp)
     except ValueError:
@@ -85,9 +95,9 @@ def _parts(content: Any) -> list[dict[str, Any]]:
         return [{"type": "text", "content": content}] if content else []
     parts = []
     for part in content if isinstance(content, list) else []:
-        if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
             parts.append({"type": "text", "content": part["text"]})
-        elif isinstance(part, Mapping) and part.get("type"):
+        elif isinstance(part, dict) and part.get("type"):
             parts.append({"type": str(part["type"])})  # media: its kind, not its bytes
     return parts
 
@@ -104,7 +114,7 @@ def _message(message: Mapping[str, Any]) -> dict[str, Any]:
             }
         ]
     for call in message.get("tool_calls") or []:
-        if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
             parts.append(
                 {
                     "type": "tool_call",
@@ -119,7 +129,7 @@ def _message(message: Mapping[str, Any]) -> dict[str, Any]:
 def _content_attrs(record: Mapping[str, Any], attrs: dict[str, Any]) -> None:
     messages = record.get("messages")
     if isinstance(messages, list):
-        ms = [m for m in messages if isinstance(m, Mapping)]
+        ms = [m for m in messages if isinstance(m, dict)]
         system = [p for m in ms if m.get("role") == "system" for p in _parts(m.get("content"))]
         inputs = [_message(m) for m in ms if m.get("role") != "system"]
         if system:
@@ -129,23 +139,23 @@ def _content_attrs(record: Mapping[str, Any], attrs: dict[str, Any]) -> None:
         prompt = [{"role": "user", "parts": _parts(record["prompt"])}]
         attrs["gen_ai.input.messages"] = orjson.dumps(prompt).decode()
     response = record.get("response")
-    choices = response.get("choices") if isinstance(response, Mapping) else None
+    choices = response.get("choices") if isinstance(response, dict) else None
     if isinstance(choices, list):
         outputs = []
         for choice in choices:
-            if not isinstance(choice, Mapping):
+            if not isinstance(choice, dict):
                 continue
             message = choice.get("message")
             item: dict[str, Any] = (
                 _message(message)
-                if isinstance(message, Mapping)
+                if isinstance(message, dict)
                 else {"role": "assistant", "parts": _parts(choice.get("text"))}
             )
             item["finish_reason"] = choice.get("finish_reason")
             outputs.append(item)
         attrs["gen_ai.output.messages"] = orjson.dumps(outputs).decode()
     params = record.get("parameters")
-    if isinstance(params, Mapping) and isinstance(params.get("tools"), list):
+    if isinstance(params, dict) and isinstance(params.get("tools"), list):
         attrs["gen_ai.tool.definitions"] = orjson.dumps(params["tools"]).decode()
 
 
@@ -154,116 +164,194 @@ def _ids(request_id: str) -> tuple[str, str]:
     return digest[:32], digest[32:48]
 
 
-def span_attributes(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]:
-    """The span's attributes as plain values (strings, numbers, booleans, lists)."""
+# Spans are written as JSON text piece by piece: this runs once per record, and building
+# ~50 small dicts per span for orjson to walk cost four times the reader's own time per record.
+_dumps = orjson.dumps
+
+
+def _key(name: str) -> bytes:
+    return b'{"key":' + _dumps(name) + b',"value":'
+
+
+def _int(value: int) -> bytes:
+    return b'{"intValue":"%d"}}' % value
+
+
+def _number_value(value: float) -> bytes | None:
+    if type(value) is int:
+        return _int(value)
+    if math.isfinite(value):
+        return b'{"doubleValue":' + _dumps(value) + b"}}"
+    return None
+
+
+def _text_value(value: str) -> bytes:
+    return b'{"stringValue":' + _dumps(value) + b"}}"
+
+
+def _texts_value(values: list[str]) -> bytes:
+    items = b",".join(b'{"stringValue":' + _dumps(v) + b"}" for v in values)
+    return b'{"arrayValue":{"values":[' + items + b"]}}}"
+
+
+_K = {
+    name: _key(name)
+    for name in (
+        "gen_ai.operation.name",
+        "gen_ai.request.model",
+        "gen_ai.request.stop_sequences",
+        "gen_ai.response.id",
+        "gen_ai.response.model",
+        "gen_ai.response.finish_reasons",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "gen_ai.response.time_to_first_chunk",
+        "server.address",
+        "server.port",
+        "error.type",
+        "http.response.status_code",
+        "vllm_middleware.request_id",
+        *_REQUEST_ATTRS.values(),
+    )
+}
+_PROVIDER = _key("gen_ai.provider.name") + _text_value("vllm")
+_OPERATION_ATTRS = {
+    name: _K["gen_ai.operation.name"] + _text_value(name) for name in _OPERATIONS.values()
+}
+
+
+def _server(address: str | None) -> list[bytes]:
+    if not address:
+        return []
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():
+        return [
+            _K["server.address"] + _text_value(host),
+            _K["server.port"] + _int(int(port)),
+        ]
+    return [_K["server.address"] + _text_value(address)]
+
+
+def span_attributes(record: Mapping[str, Any], options: ExportOptions) -> tuple[str, list[bytes]]:
+    """The operation name and the span's attributes, each an encoded OTLP KeyValue."""
     endpoint = record.get("endpoint")
-    operation = _OPERATIONS.get(endpoint if isinstance(endpoint, str) else "", "")
-    if not operation:
-        operation = "chat" if isinstance(record.get("messages"), list) else "text_completion"
-    attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.provider.name": "vllm"}
-    if record.get("model") is not None:
-        attrs["gen_ai.request.model"] = str(record["model"])
+    operation = _OPERATIONS.get(endpoint) if type(endpoint) is str else None
+    if operation is None:
+        operation = "chat" if type(record.get("messages")) is list else "text_completion"
+    attrs = [_OPERATION_ATTRS[operation], _PROVIDER]
+    add = attrs.append
+    model = record.get("model")
+    if model is not None:
+        add(_K["gen_ai.request.model"] + _text_value(str(model)))
     params = record.get("parameters")
-    if isinstance(params, Mapping):
-        for key, name in _REQUEST_ATTRS.items():
-            value = params.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                attrs.setdefault(name, value)
+    if type(params) is dict:
+        named: set[str] = set()
+        for key in params.keys() & _REQUEST_ATTRS.keys():
+            value, name = params[key], _REQUEST_ATTRS[key]
+            if (type(value) is int or type(value) is float) and name not in named:
+                encoded = _number_value(value)
+                if encoded is not None:
+                    named.add(name)
+                    add(_K[name] + encoded)
         stop = params.get("stop")
-        if isinstance(stop, str | list):
-            attrs["gen_ai.request.stop_sequences"] = [stop] if isinstance(stop, str) else stop
+        if type(stop) is str or type(stop) is list:
+            stops = [stop] if type(stop) is str else [str(x) for x in stop]
+            add(_K["gen_ai.request.stop_sequences"] + _texts_value(stops))
     response = record.get("response")
-    if isinstance(response, Mapping):
-        if isinstance(response.get("id"), str):
-            attrs["gen_ai.response.id"] = response["id"]
-        if isinstance(response.get("model"), str):
-            attrs["gen_ai.response.model"] = response["model"]
-    reasons = finish_reasons(record)
-    if reasons:
-        attrs["gen_ai.response.finish_reasons"] = reasons
+    if type(response) is dict:
+        if type(response.get("id")) is str:
+            add(_K["gen_ai.response.id"] + _text_value(response["id"]))
+        if type(response.get("model")) is str:
+            add(_K["gen_ai.response.model"] + _text_value(response["model"]))
+        choices = response.get("choices")
+        if type(choices) is list:
+            reasons = [
+                str(c["finish_reason"])
+                for c in choices
+                if type(c) is dict and c.get("finish_reason") is not None
+            ]
+            if reasons:
+                add(_K["gen_ai.response.finish_reasons"] + _texts_value(reasons))
     tokens_in, tokens_out = token_counts(record)
     if tokens_in is not None:
-        attrs["gen_ai.usage.input_tokens"] = tokens_in
+        add(_K["gen_ai.usage.input_tokens"] + _int(tokens_in))
     if tokens_out is not None:
-        attrs["gen_ai.usage.output_tokens"] = tokens_out
+        add(_K["gen_ai.usage.output_tokens"] + _int(tokens_out))
     ttft = record.get("ttft_ms")
-    if isinstance(ttft, int | float) and not isinstance(ttft, bool):
-        attrs["gen_ai.response.time_to_first_chunk"] = ttft / 1000  # seconds
-    if options.server_address:
-        host, _, port = options.server_address.rpartition(":")
-        if host and port.isdigit():
-            attrs["server.address"], attrs["server.port"] = host, int(port)
-        else:
-            attrs["server.address"] = options.server_address
+    if (type(ttft) is int or type(ttft) is float) and math.isfinite(ttft):
+        seconds = ttft / 1000
+        add(_K["gen_ai.response.time_to_first_chunk"] + b'{"doubleValue":%r}}' % seconds)
+    attrs.extend(_server(options.server_address))
     if record.get("error") is not None:
         detail = record.get("error_detail")
-        kind = detail.get("kind") if isinstance(detail, Mapping) else None
-        status = record.get("status_code")
-        attrs["error.type"] = str(kind or status or "_OTHER")
-    if isinstance(record.get("status_code"), int):
-        attrs["http.response.status_code"] = record["status_code"]
-    if isinstance(record.get("request_id"), str):
-        attrs["vllm_middleware.request_id"] = record["request_id"]
+        kind = detail.get("kind") if type(detail) is dict else None
+        error_type = str(kind or record.get("status_code") or "_OTHER")
+        add(_K["error.type"] + _text_value(error_type))
+    status = record.get("status_code")
+    if type(status) is int:
+        add(_K["http.response.status_code"] + _int(status))
+    add(_K["vllm_middleware.request_id"] + _text_value(str(record.get("request_id"))))
     if options.otlp_content:
-        _content_attrs(record, attrs)
-    return attrs
+        content: dict[str, Any] = {}
+        _content_attrs(record, content)
+        attrs.extend(_key(key) + _text_value(value) for key, value in content.items())
+    return operation, attrs
 
 
-def span_of(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any] | None:
-    """One record as an OTLP/JSON span (None without a request id or a readable timestamp)."""
+def span_of(
+    record: Mapping[str, Any], options: ExportOptions, clock: _Clock | None = None
+) -> bytes | None:
+    """One record as an encoded OTLP/JSON span (None without a request id or a readable
+    timestamp)."""
     request_id = record.get("request_id")
-    start = _nanos(record.get("timestamp"))
-    if not isinstance(request_id, str) or start is None:
+    start = (clock or _Clock()).nanos(record.get("timestamp"))
+    if type(request_id) is not str or start is None:
         return None
     latency = record.get("latency_ms")
-    duration = int(latency * 1_000_000) if isinstance(latency, int | float) else 0
-    attrs = span_attributes(record, options)
+    duration = 0
+    if (type(latency) is int or type(latency) is float) and latency > 0:
+        duration = int(latency * 1_000_000)
+    operation, attrs = span_attributes(record, options)
     trace_id, span_id = _ids(request_id)
-    span: dict[str, Any] = {
-        "traceId": trace_id,
-        "spanId": span_id,
-        "name": f"{attrs['gen_ai.operation.name']} {attrs.get('gen_ai.request.model', '')}".strip(),
-        "kind": _KIND_CLIENT,
-        "startTimeUnixNano": str(start),
-        "endTimeUnixNano": str(start + max(duration, 0)),
-        "attributes": [
-            {"key": key, "value": value}
-            for key, value in ((k, _value(v)) for k, v in attrs.items())
-            if value is not None
-        ],
-        "status": {},
-    }
+    model = record.get("model")
+    name = f"{operation} {model}" if model is not None else operation
+    status = b"{}"
     if record.get("error") is not None:
-        span["status"] = {"code": _STATUS_ERROR, "message": str(record["error"])}
-    return span
+        status = b'{"code":%d,"message":%b}' % (_STATUS_ERROR, _dumps(str(record["error"])))
+    return b"".join(
+        (
+            b'{"traceId":"%s","spanId":"%s","name":' % (trace_id.encode(), span_id.encode()),
+            _dumps(name),
+            b',"kind":%d,"startTimeUnixNano":"%d","endTimeUnixNano":"%d","attributes":['
+            % (_KIND_CLIENT, start, start + duration),
+            b",".join(attrs),
+            b'],"status":',
+            status,
+            b"}",
+        )
+    )
 
 
-def _request(
-    batch: list[tuple[str, dict[str, Any]]], options: ExportOptions, version: str
-) -> dict[str, Any]:
-    by_host: dict[str, list[dict[str, Any]]] = {}
+def _request(batch: list[tuple[str, bytes]], options: ExportOptions, version: str) -> bytes:
+    by_host: dict[str, list[bytes]] = {}
     for host, span in batch:
         by_host.setdefault(host, []).append(span)
-    return {
-        "resourceSpans": [
+    scope = _dumps({"name": "vllm-middleware", "version": version})
+    resources = []
+    for host, spans in by_host.items():
+        resource = _dumps(
             {
-                "resource": {
-                    "attributes": [
-                        {"key": "service.name", "value": {"stringValue": options.service_name}},
-                        {"key": "host.name", "value": {"stringValue": host}},
-                    ]
-                },
-                "scopeSpans": [
-                    {
-                        "scope": {"name": "vllm-middleware", "version": version},
-                        "schemaUrl": SCHEMA_URL,
-                        "spans": spans,
-                    }
-                ],
+                "attributes": [
+                    {"key": "service.name", "value": {"stringValue": options.service_name}},
+                    {"key": "host.name", "value": {"stringValue": host}},
+                ]
             }
-            for host, spans in by_host.items()
-        ]
-    }
+        )
+        resources.append(
+            b'{"resource":%b,"scopeSpans":[{"scope":%b,"schemaUrl":%b,"spans":[%b]}]}'
+            % (resource, scope, _dumps(SCHEMA_URL), b",".join(spans))
+        )
+    return b'{"resourceSpans":[' + b",".join(resources) + b"]}\n"
 
 
 def _version() -> str:
@@ -275,14 +363,16 @@ def _version() -> str:
         return "0"
 
 
-def span_batches(
+def otlp_lines(
     records: Iterable[Mapping[str, Any]], options: ExportOptions, result: ExportResult
-) -> Iterator[dict[str, Any]]:
-    """`ExportTraceServiceRequest` documents of at most `BATCH` spans, grouped by host."""
+) -> Iterator[bytes]:
+    """`ExportTraceServiceRequest` documents of at most `BATCH` spans grouped by host, one
+    encoded JSON line each."""
     version = _version()
-    batch: list[tuple[str, dict[str, Any]]] = []
+    batch: list[tuple[str, bytes]] = []
+    clock = _Clock()
     for record in records:
-        span = span_of(record, options)
+        span = span_of(record, options, clock)
         if span is None:
             result.skipped["no request id or timestamp"] += 1
             continue
@@ -293,10 +383,3 @@ def span_batches(
             batch = []
     if batch:
         yield _request(batch, options, version)
-
-
-def otlp_lines(
-    records: Iterable[Mapping[str, Any]], options: ExportOptions, result: ExportResult
-) -> Iterator[bytes]:
-    for document in span_batches(records, options, result):
-        yield orjson.dumps(document) + b"\n"

@@ -38,7 +38,7 @@ def content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, str):
                 texts.append(part)
-            elif isinstance(part, Mapping):
+            elif isinstance(part, dict):
                 text = part.get("text")
                 if isinstance(text, str):
                     texts.append(text)
@@ -53,10 +53,10 @@ def prompt_text(record: Mapping[str, Any]) -> str:
     messages = record.get("messages")
     if isinstance(messages, list):
         for message in reversed(messages):
-            if isinstance(message, Mapping) and message.get("role") == "user":
+            if isinstance(message, dict) and message.get("role") == "user":
                 return content_text(message.get("content"))
         for message in reversed(messages):
-            if isinstance(message, Mapping):
+            if isinstance(message, dict):
                 return content_text(message.get("content"))
         return ""
     prompt = record.get("prompt")
@@ -69,10 +69,10 @@ def prompt_text(record: Mapping[str, Any]) -> str:
 
 def first_choice(record: Mapping[str, Any]) -> Mapping[str, Any] | None:
     response = record.get("response")
-    if not isinstance(response, Mapping):
+    if not isinstance(response, dict):
         return None
     choices = response.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         return choices[0]
     return None
 
@@ -83,14 +83,14 @@ def answer_text(record: Mapping[str, Any]) -> str:
     if choice is None:
         return ""
     message = choice.get("message")
-    if isinstance(message, Mapping):
+    if isinstance(message, dict):
         text = content_text(message.get("content"))
         calls = message.get("tool_calls")
         if isinstance(calls, list) and calls:
             names = [
                 str(call.get("function", {}).get("name", "?"))
                 for call in calls
-                if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping)
+                if isinstance(call, dict) and isinstance(call.get("function"), dict)
             ]
             text = (text + " " if text else "") + f"[tool_calls: {', '.join(names)}]"
         return text
@@ -100,7 +100,7 @@ def answer_text(record: Mapping[str, Any]) -> str:
 
 def finish_reasons(record: Mapping[str, Any]) -> list[str]:
     response = record.get("response")
-    if not isinstance(response, Mapping):
+    if not isinstance(response, dict):
         return []
     choices = response.get("choices")
     if not isinstance(choices, list):
@@ -108,17 +108,17 @@ def finish_reasons(record: Mapping[str, Any]) -> list[str]:
     return [
         str(choice["finish_reason"])
         for choice in choices
-        if isinstance(choice, Mapping) and choice.get("finish_reason") is not None
+        if isinstance(choice, dict) and choice.get("finish_reason") is not None
     ]
 
 
 def token_counts(record: Mapping[str, Any]) -> tuple[int | None, int | None]:
     """(input tokens, output tokens) from the record's usage, None where not reported."""
     usage = record.get("usage")
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         response = record.get("response")
-        usage = response.get("usage") if isinstance(response, Mapping) else None
-    if not isinstance(usage, Mapping):
+        usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(usage, dict):
         return None, None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     return (
@@ -157,7 +157,7 @@ class RecordFilter:
             return False
         if self.meta:
             metadata = record.get("metadata")
-            if not isinstance(metadata, Mapping):
+            if not isinstance(metadata, dict):
                 return False
             for key, value in self.meta.items():
                 if key not in metadata or _as_text(metadata[key]) != value:
