@@ -20,6 +20,23 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# --- chromium for the browser tests (report, viewer): Debian's package, driven by Playwright's
+# Python package through executable_path; Playwright's own browser download is never used.
+# Without root or sudo the browser tests skip with a message saying so.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+      || echo "chromium could not be installed: the browser tests will skip"
+  elif sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null \
+      || echo "chromium could not be installed: the browser tests will skip"
+  else
+    echo "chromium missing and no root/sudo: the browser tests will skip"
+  fi
+fi
+# --- end chromium
+
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv

@@ -1,4 +1,4 @@
-"""The `vllm-mw` subcommands that use the logs: tail, query, export.
+"""The `vllm-mw` subcommands that use the logs: tail, query, export, report.
 
 `_cli.main` calls `add_commands` once; every handler returns an exit code and raises only
 `VLLMMiddlewareError`s, which `main` prints as one line.
@@ -121,6 +121,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ._report import ReportOptions, build_report, load_prices
+
+    options = ReportOptions(
+        since=args.since,
+        until=args.until,
+        by=args.by,
+        prices=load_prices(args.prices) if args.prices else None,
+    )
+    document = build_report(_log_dir(args), options)
+    out = Path(args.out)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(document, encoding="utf-8")
+    os.replace(partial, out)
+    print(f"wrote {out} ({len(document):,} bytes)", file=sys.stderr)
+    return 0
+
+
 def add_commands(commands: Any) -> None:
     """Register tail, query and export on `vllm-mw`'s subparsers."""
     tail = commands.add_parser("tail", help="the latest records, one line each (-f: follow)")
@@ -177,3 +195,14 @@ def add_commands(commands: Any) -> None:
     export.add_argument("--server-address", help="otlp: the model server, HOST[:PORT]")
     export.add_argument("--json", action="store_true", help="print the summary as JSON")
     export.set_defaults(handler=_cmd_export)
+
+    report = commands.add_parser(
+        "report", help="one self-contained HTML report (needs the [analytics] extra)"
+    )
+    _add_log_dir(report)
+    report.add_argument("--since", help="first UTC date, YYYY-MM-DD (inclusive)")
+    report.add_argument("--until", help="last UTC date, YYYY-MM-DD (inclusive)")
+    report.add_argument("--by", default="model", help="model, host, endpoint or meta.KEY")
+    report.add_argument("--prices", help='TOML: [models."NAME"] input = $/M, output = $/M')
+    report.add_argument("--out", default="report.html", help="the HTML file (report.html)")
+    report.set_defaults(handler=_cmd_report)
