@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -323,3 +326,99 @@ def test_export_memory_stays_flat(tmp_path: Path) -> None:
     # Three times the records (16 MB, then 48 MB), the same peak.
     assert big_chat < small_chat * 1.1, peaks
     assert big_otlp < small_otlp * 1.1, peaks
+
+
+class _Collector:
+    """A real OTLP/HTTP receiver: decodes each protobuf `ExportTraceServiceRequest` posted."""
+
+    def __init__(self, status: int = 200) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        self.requests: list[Any] = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    parsed = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                    collector.requests.append(parsed)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-protobuf")
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_spans_sent_to_an_otlp_endpoint(traffic: Path, tmp_path: Path) -> None:
+    collector = _Collector()
+    try:
+        args = ["export", "--log-dir", str(traffic), "--format", "otlp-json"]
+        assert main([*args, "--otlp-endpoint", collector.url, "--server-address", "gpu-1"]) == 0
+    finally:
+        collector.close()
+    spans = [
+        span
+        for request in collector.requests
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+    ]
+    # The same spans as the OTLP/JSON file: compare ids, names and attributes.
+    export(
+        traffic,
+        tmp_path / "s.jsonl",
+        "otlp-json",
+        RecordFilter(),
+        ExportOptions(server_address="gpu-1"),
+    )
+    expected = read_lines(tmp_path / "s.jsonl")[0]["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert [s.span_id.hex() for s in spans] == [s["spanId"] for s in expected]
+    assert [s.name for s in spans] == [s["name"] for s in expected]
+    first = {a.key: a.value for a in spans[0].attributes}
+    assert first["gen_ai.request.model"].string_value == MODEL
+    assert first["gen_ai.usage.input_tokens"].int_value > 0
+    assert first["server.address"].string_value == "gpu-1"
+    assert spans[0].kind == 3  # SPAN_KIND_CLIENT
+    failed = next(s for s in spans if s.name == "chat no-such")
+    assert failed.status.code == 2
+
+
+def test_an_endpoint_refusing_spans_is_a_one_line_error(
+    traffic: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    collector = _Collector(status=400)
+    try:
+        args = ["export", "--log-dir", str(traffic), "--format", "otlp-json"]
+        assert main([*args, "--otlp-endpoint", collector.url]) == 2
+    finally:
+        collector.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vllm-mw: the OTLP endpoint") and "refused" in err[-1]
+
+
+def test_a_missing_otlp_exporter_names_the_extra(traffic: Path) -> None:
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "from vllm_middleware._cli import main\n"
+        f"sys.exit(main(['export', '--log-dir', {str(traffic)!r}, '--format', 'otlp-json', "
+        "'--otlp-endpoint', 'http://127.0.0.1:9/v1/traces']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("pip install 'vllm-middleware[otlp]'")

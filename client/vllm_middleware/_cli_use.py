@@ -97,7 +97,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         service_name=args.service_name,
         server_address=args.server_address,
     )
-    result = export(_log_dir(args), args.out, args.format, flt, options, progress=True)
+    result = export(
+        _log_dir(args),
+        args.out,
+        args.format,
+        flt,
+        options,
+        progress=True,
+        otlp_endpoint=args.otlp_endpoint,
+    )
     summary = {
         "format": args.format,
         "out": args.out,
@@ -108,13 +116,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         "torn_tails": result.read.torn_tails,
         "media_missing": result.read.media_missing,
     }
+    target = args.out or args.otlp_endpoint
+    summary["out"] = target
     if args.json and args.out != "-":
         print(orjson.dumps(summary).decode())
     else:
         unit = "spans" if not fine_tuning else "examples"
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items())) or "none"
         print(
-            f"wrote {result.written} {unit} to {args.out} from {result.read.records} records "
+            f"wrote {result.written} {unit} to {target} from {result.read.records} records "
             f"(skipped: {skipped})",
             file=sys.stderr,
         )
@@ -173,7 +183,12 @@ def add_commands(commands: Any) -> None:
         required=True,
         choices=("openai-chat", "openai-completions", "sharegpt", "otlp-json"),
     )
-    export.add_argument("--out", required=True, help="output file ('-': stdout)")
+    export.add_argument("--out", help="output file ('-': stdout)")
+    export.add_argument(
+        "--otlp-endpoint",
+        help="otlp-json: send the spans to this OTLP/HTTP URL, e.g. "
+        "http://localhost:4318/v1/traces (needs the [otlp] extra)",
+    )
     _add_filters(export)
     export.add_argument("--finish-reason", help="only records with this finish reason (stop...)")
     export.add_argument(

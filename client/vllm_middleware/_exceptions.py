@@ -12,6 +12,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConfigurationError",
+    "ExportError",
     "InternalServerError",
     "InvalidRequestError",
     "LogReadError",
@@ -33,6 +34,10 @@ class ConfigurationError(VLLMMiddlewareError, ValueError):
 
 class LogReadError(VLLMMiddlewareError):
     """The log tree could not be read (missing directory, unreadable file)."""
+
+
+class ExportError(VLLMMiddlewareError):
+    """An export could not be delivered (an OTLP endpoint refused or could not be reached)."""
 
 
 class QueryError(VLLMMiddlewareError):

@@ -280,19 +280,30 @@ def _progress(enabled: bool) -> tuple[AbstractContextManager[Any], Callable[[int
 
 def export(
     log_dir: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
     fmt: str,
     flt: RecordFilter,
     options: ExportOptions | None = None,
     *,
     progress: bool = False,
+    otlp_endpoint: str | None = None,
 ) -> ExportResult:
-    """Write the records of `log_dir` that pass `flt` to `out` ("-": stdout) in format `fmt`."""
+    """Write the records of `log_dir` that pass `flt` to `out` ("-": stdout) in format `fmt`;
+    with `otlp_endpoint` (format otlp-json, `out` None) post the spans there instead."""
     if fmt not in FORMATS:
         raise ConfigurationError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
     opts = options or ExportOptions()
     result = ExportResult()
     records = _dicts(log_dir, flt, result.read, restore_media=opts.media == "keep")
+    if otlp_endpoint is not None:
+        if fmt != "otlp-json" or out is not None:
+            raise ConfigurationError("--otlp-endpoint goes with --format otlp-json, without --out")
+        from ._otlp_send import send_otlp
+
+        send_otlp(records, opts, result, otlp_endpoint)
+        return result
+    if out is None:
+        raise ConfigurationError("--out is needed (or --otlp-endpoint with otlp-json)")
     if fmt == "otlp-json":
         from ._otlp import otlp_lines
 
