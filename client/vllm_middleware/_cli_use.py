@@ -1,4 +1,4 @@
-"""The `vllm-mw` subcommands that use the logs: tail, query, export, report.
+"""The `vllm-mw` subcommands that use the logs: tail, query, export, report, ui.
 
 `_cli.main` calls `add_commands` once; every handler returns an exit code and raises only
 `VLLMMiddlewareError`s, which `main` prints as one line.
@@ -149,6 +149,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from ._ui import serve
+
+    return serve(_log_dir(args), args.listen, allow_remote=args.allow_remote)
+
+
 def add_commands(commands: Any) -> None:
     """Register tail, query and export on `vllm-mw`'s subparsers."""
     tail = commands.add_parser("tail", help="the latest records, one line each (-f: follow)")
@@ -221,3 +227,11 @@ def add_commands(commands: Any) -> None:
     report.add_argument("--prices", help='TOML: [models."NAME"] input = $/M, output = $/M')
     report.add_argument("--out", default="report.html", help="the HTML file (report.html)")
     report.set_defaults(handler=_cmd_report)
+
+    ui = commands.add_parser("ui", help="a local read-only web viewer (needs the [ui] extra)")
+    _add_log_dir(ui)
+    ui.add_argument("--listen", default="127.0.0.1:8089", help="HOST:PORT (127.0.0.1:8089)")
+    ui.add_argument(
+        "--allow-remote", action="store_true", help="allow a non-loopback --listen address"
+    )
+    ui.set_defaults(handler=_cmd_ui)
