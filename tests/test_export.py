@@ -13,11 +13,14 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from openai.types.chat import (
     ChatCompletionAssistantMessageParam,
     ChatCompletionFunctionToolParam,
@@ -422,3 +425,20 @@ def test_a_missing_otlp_exporter_names_the_extra(traffic: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("pip install 'vllm-middleware[otlp]'")
+
+
+@given(
+    moment=st.datetimes(
+        min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    )
+)
+def test_span_times_are_exact_nanoseconds(moment: datetime) -> None:
+    # The fast path (sliced text, cached second) agrees with datetime's own arithmetic, for
+    # the writers' form and for timestamps without microseconds (another length).
+    from vllm_middleware._otlp import _Clock
+
+    exact = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+    clock = _Clock()
+    assert clock.nanos(moment.isoformat()) == exact
+    assert clock.nanos(moment.isoformat()) == exact  # from the cached second
+    assert clock.nanos(moment.replace(tzinfo=None).isoformat()) == exact  # naive: UTC
