@@ -183,7 +183,8 @@ def _text(content: Any) -> str:
 
 def to_sharegpt(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]:
     """One `sharegpt` example from the same turns as `openai-chat` (text only)."""
-    chat = to_chat(record, ExportOptions(media="drop", dedupe=options.dedupe))
+    del options
+    chat = to_chat(record, _TEXT_ONLY)
     system: list[str] = []
     turns: list[dict[str, str]] = []
     for message in chat["messages"]:
@@ -207,6 +208,9 @@ def to_sharegpt(record: Mapping[str, Any], options: ExportOptions) -> dict[str, 
     if "tools" in chat:
         example["tools"] = orjson.dumps(chat["tools"]).decode()
     return example
+
+
+_TEXT_ONLY = ExportOptions(media="drop")
 
 
 def _arguments(arguments: Any) -> Any:

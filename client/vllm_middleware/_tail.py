@@ -8,6 +8,7 @@ for its newline), new files (rotation, a new day, a new host) are picked up at t
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import time
@@ -81,7 +82,7 @@ def last_records(root: Path, flt: RecordFilter, count: int) -> list[Mapping[str,
     seq = 0
     for day in _days(root):
         # A day's records are all older than the next day's: stop once a day filled the list.
-        day_filter = RecordFilter(**{**flt.__dict__, "since": day, "until": day})
+        day_filter = dataclasses.replace(flt, since=day, until=day)
         for record in iter_filtered(root, day_filter):
             seq += 1
             item = (str(record.get("timestamp") or ""), seq, record.to_dict())
