@@ -30,6 +30,7 @@ import orjson
 
 from ._exceptions import ConfigurationError
 from ._reader import ReadStats, iter_logs
+from ._record import LogRecord
 from ._record_view import RecordFilter, first_choice
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "export", "to_chat", "to_completion"]
@@ -335,9 +336,9 @@ def export(
 def _dicts(
     log_dir: str | os.PathLike[str], flt: RecordFilter, stats: ReadStats, *, restore_media: bool
 ) -> Iterator[dict[str, Any]]:
-    # The parsed dicts themselves: the converters' lookups then stay in C.
-    matches = flt.matches
-    for record in iter_logs(
+    # The parsed dicts themselves, so the converters' lookups stay in C; map and filter add no
+    # Python frame per record.
+    records = iter_logs(
         log_dir,
         flt.since,
         flt.until,
@@ -346,10 +347,11 @@ def _dicts(
         errors_only=flt.errors_only,
         stats=stats,
         restore_media=restore_media,
-    ):
-        data = record.to_dict()
-        if matches(data):
-            yield data
+    )
+    dicts = map(LogRecord.to_dict, records)
+    if flt.exclude_errors or flt.meta or flt.finish_reason is not None:
+        return filter(flt.matches, dicts)
+    return dicts
 
 
 def _write_all(
