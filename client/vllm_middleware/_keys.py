@@ -46,6 +46,11 @@ class StreamKeys:
     def inflight(self) -> str:
         return f"{self.stream}:inflight"
 
+    @property
+    def refused(self) -> str:
+        """Intents a worker refused to act on (consumer -> reason), left for a person."""
+        return f"{self.stream}:refused"
+
     def batch_marker(self, batch_id: str) -> str:
         return f"{self.stream}:batch:{batch_id}"
 

@@ -35,7 +35,7 @@ from vllm_middleware import PartitionWriter, StreamKeys
 from vllm_middleware._keys import BUNDLE_BYTES, BUNDLE_RECORDS
 from vllm_middleware._partition import BatchPlan, PartitionLines
 
-from ._ack import Acknowledger, batch_counters, dead_letters
+from ._ack import Acknowledger, batch_counters, dead_letters, is_damaged_stats
 from ._config import WorkerConfig
 from ._entries import Entry, EntrySorter, Poison, SortedBatch
 from ._oom import group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
@@ -53,6 +53,11 @@ _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, ResponseError)
 
 def _identity(response: Any, **options: Any) -> Any:
     return response
+
+
+class _StopRequested(Exception):
+    """A retry loop gave up because the worker is stopping: the batch stays pending, with its
+    intent, for the next worker (or this one's next life) to undo and write again."""
 
 
 @dataclass
@@ -119,6 +124,7 @@ class StreamConsumer:
         # while the ack then removes its entries from the stream would lose it.
         self._undo_pending = True
         self.disk_error: str | None = None  # set while writes fail, cleared by the next success
+        self.ack_error: str | None = None  # set while acknowledgements are refused
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -149,6 +155,8 @@ class StreamConsumer:
                         if await self._drained():
                             return
                     backoff = 0.1
+                except _StopRequested:
+                    break
                 except _TRANSIENT as exc:
                     self._note_error("redis", exc)
                     self.status.redis_failures += 1
@@ -169,7 +177,7 @@ class StreamConsumer:
             # Stopping: the batch read ahead is ours (pending) - write and acknowledge it too.
             if self._prefetch is not None:
                 task, self._prefetch = self._prefetch, None
-                with contextlib.suppress(*_TRANSIENT):
+                with contextlib.suppress(_StopRequested, *_TRANSIENT):
                     if (ready := await task) is not None:
                         await self._process_sorted(ready)
         finally:
@@ -389,8 +397,10 @@ class StreamConsumer:
                 else:
                     self.status.redis_failures += 1
                     self._note_error("redis", exc)
-            await asyncio.sleep(backoff)  # keep the batch: it is not acknowledged yet
+            await self._sleep(backoff)  # keep the batch: it is not acknowledged yet
             backoff = min(backoff * 2, 10.0)
+            if self._stopping.is_set():
+                raise _StopRequested  # the intent covers whatever the failed write left
             if disk_failed:
                 await self._undo_until_clean(plan)
             # The plan may be stale after a failure (a file was forgotten): plan again.
@@ -418,14 +428,22 @@ class StreamConsumer:
             except OSError as exc:
                 self.status.write_failures += 1
                 self.disk_error = f"{type(exc).__name__}: {exc}"
-                self._note_error("write", exc)
-                await asyncio.sleep(backoff)
+                self._note_error("undo", exc)
+                await self._report_write_failure()
+                await self._sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+                if self._stopping.is_set():
+                    raise _StopRequested from exc
 
     async def _report_write_failure(self) -> None:
         # Fleet-visible: a counter in the stats hash and this worker's health in its heartbeat.
         with contextlib.suppress(*_TRANSIENT):
             await self.redis.hincrby(self.keys.stats, "worker_write_errors", 1)
+            await self._beat()
+
+    async def _report_ack_failure(self) -> None:
+        with contextlib.suppress(*_TRANSIENT):
+            await self.redis.hincrby(self.keys.stats, "worker_ack_errors", 1)
             await self._beat()
 
     async def _acknowledge(
@@ -451,8 +469,21 @@ class StreamConsumer:
             except _TRANSIENT as exc:
                 self.status.redis_failures += 1
                 self._note_error("ack", exc)
-                await asyncio.sleep(backoff)  # not cancellable by stop: the data is on disk
-                backoff = min(backoff * 2, 5.0)
+                refused = is_damaged_stats(exc)
+                if refused:
+                    # Nothing was acknowledged; retrying cannot help until a person repairs
+                    # the stats hash: say so everywhere, and wait longer between attempts.
+                    self.ack_error = str(exc)
+                    logger.error("acknowledgement refused, batch kept pending: %s", exc)
+                    await self._report_ack_failure()
+                if self._stopping.is_set():
+                    # Safe to leave: the intent is removed only together with the ack, so
+                    # either both happened or the next worker undoes and redoes the batch.
+                    logger.warning("stopping with a written batch not acknowledged (redone later)")
+                    return
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 30.0 if refused else 5.0)
+        self.ack_error = None
         self.status.batches += 1
         self.status.records += plan.records
         self.status.dead_letters += counters.get("dead_letters", 0)
@@ -480,5 +511,6 @@ class StreamConsumer:
             "last_error": status.last_error,
             "last_batch_at": status.last_batch_at,
             "disk_error": self.disk_error,
-            "state": "disk_error" if self.disk_error else "ok",
+            "ack_error": self.ack_error,
+            "state": "disk_error" if self.disk_error else "ack_error" if self.ack_error else "ok",
         }
