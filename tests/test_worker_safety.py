@@ -4,6 +4,9 @@ log directory it cannot write (issue 11, items 1-3)."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from vllm_middleware._cli import main as cli_main
 from vllm_middleware.testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, open_consumer_redis
 
-from .conftest import drain
+from .conftest import WorkerFactory, drain, wait_for
 from .test_worker import config, fields
 
 KEYS = StreamKeys()
@@ -104,3 +107,44 @@ async def test_statistics_survive_a_damaged_stats_hash(
     assert stats["damaged_fields"] == {"requests:host:h": "x" * 64}
     assert cli_main(["stats", "--redis-url", redis_server.url]) == 0
     assert "requests:host:h" in capsys.readouterr().out
+
+
+def test_a_worker_that_cannot_write_refuses_to_start(tmp_path: Path) -> None:
+    """`--log-dir ./afile/sub`: formerly started, warned once and retried forever."""
+    (tmp_path / "afile").write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_middleware_worker", "--redis-url", "redis://127.0.0.1:1/0"]
+        + ["--log-dir", str(tmp_path / "afile" / "sub"), "--consumer", "w"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "afile" in lines[0] and "cannot write" in lines[0], proc.stderr
+
+
+def test_a_worker_whose_writes_fail_still_stops_when_told(
+    redis_server: RedisServerProcess, start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """The partition directory cannot be made (a regular file holds its name): every write
+    fails, and so does every undo. SIGTERM formerly waited out the retry loops (10 min)."""
+    import redis as sync_redis
+
+    log_dir = tmp_path / "logs"
+    client = sync_redis.Redis.from_url(redis_server.url)
+    proc = start_worker(redis_server.url, log_dir, "stuck")
+    client.xadd(KEYS.stream, fields(0, date="2026-01-02"))
+    wait_for(lambda: get_statistics(redis_server.url)["total_requests"] == 1)
+    (log_dir / "date=2026-01-03").write_text("in the way")
+    client.xadd(KEYS.stream, fields(1, date="2026-01-03"))
+    wait_for(lambda: get_statistics(redis_server.url)["worker_write_errors"] >= 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    # Nothing lost: the unwritten record is still pending, and written once the way is clear.
+    assert get_statistics(redis_server.url)["pending"] == 1
+    (log_dir / "date=2026-01-03").unlink()
+    start_worker(redis_server.url, log_dir, "stuck")
+    wait_for(lambda: get_statistics(redis_server.url)["total_requests"] == 2)
+    assert sorted(r.request_id for r in load_logs(log_dir)) == ["r0", "r1"]
+    client.close()

@@ -74,7 +74,9 @@ class Recovery:
             if not path.is_relative_to(root):  # an intent must never reach outside log_dir
                 logger.error("ignored an intent naming a path outside log_dir: %s", part[0])
                 continue
-            with contextlib.suppress(FileNotFoundError):
+            # A path under something that is not a directory names no file either; any other
+            # error is raised, and reported by the caller.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 size = path.stat().st_size
                 if size > part[1]:
                     with open(path, "r+b") as handle:
