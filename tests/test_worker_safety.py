@@ -112,9 +112,9 @@ async def test_statistics_survive_a_damaged_stats_hash(
 def test_a_worker_that_cannot_write_refuses_to_start(tmp_path: Path) -> None:
     """`--log-dir ./afile/sub`: formerly started, warned once and retried forever."""
     (tmp_path / "afile").write_text("not a directory")
+    args = ["--redis-url", "redis://127.0.0.1:1/0", "--log-dir", str(tmp_path / "afile" / "sub")]
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_middleware_worker", "--redis-url", "redis://127.0.0.1:1/0"]
-        + ["--log-dir", str(tmp_path / "afile" / "sub"), "--consumer", "w"],
+        [sys.executable, "-m", "vllm_middleware_worker", *args],
         capture_output=True,
         text=True,
         timeout=60,
