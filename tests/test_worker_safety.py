@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware import StreamKeys, get_statistics, load_logs
+from vllm_middleware import RecordEntry, StreamKeys, get_statistics, load_logs
 from vllm_middleware._cli import main as cli_main
 from vllm_middleware.testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, open_consumer_redis
@@ -148,3 +148,137 @@ def test_a_worker_whose_writes_fail_still_stops_when_told(
     wait_for(lambda: get_statistics(redis_server.url)["total_requests"] == 2)
     assert sorted(r.request_id for r in load_logs(log_dir)) == ["r0", "r1"]
     client.close()
+
+
+async def _durable_file(
+    redis: aioredis.Redis, cfg_dir: Path, url_server: RedisServerProcess
+) -> Path:
+    """31 records written and acknowledged by worker "w1": its one file."""
+    for i in range(31):
+        await redis.xadd(KEYS.stream, fields(i))
+    await drain(config(url_server, cfg_dir, "w1"))
+    (path,) = cfg_dir.rglob("*.jsonl")
+    assert len(path.read_bytes().splitlines()) == 31
+    return path
+
+
+async def _pending_for(redis: aioredis.Redis, consumer: str, count: int = 1) -> list[str]:
+    first = await redis.xadd(KEYS.stream, fields(900))
+    for i in range(1, count):
+        await redis.xadd(KEYS.stream, fields(900 + i))
+    read = await redis.xreadgroup(KEYS.group, consumer, {KEYS.stream: ">"}, count=count)
+    ids = [entry_id.decode() for entry_id, _ in read[0][1]]
+    assert ids[0] == first.decode()
+    return ids
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_forged_intent_cuts_nothing_and_is_reported(
+    redis: aioredis.Redis, redis_server: RedisServerProcess, tmp_path: Path, version: int
+) -> None:
+    """`HSET inflight ghost {"parts": [[<w1's file>, 0]]}` plus one pending entry for a
+    made-up consumer formerly made a live worker cut 31 durable records to 0 bytes."""
+    path = await _durable_file(redis, tmp_path, redis_server)
+    relative = path.relative_to(tmp_path).as_posix()
+    ids = await _pending_for(redis, "ghost")
+    size = path.stat().st_size
+    intent: dict[str, object] = {"parts": [[relative, 0]]}
+    if version == 2:
+        intent = {"v": 2, "ids": [ids[0], ids[0]], "parts": [[relative, 0, size]]}
+    await redis.hset(KEYS.inflight, "ghost", orjson.dumps(intent))
+    live = await _run_recovery(redis_server, tmp_path, "w2")
+    assert path.stat().st_size == size and live.status.refused_intents == 1
+    # Left for a person: the intent, the pending entry; shown by `vllm-mw stats`.
+    assert await redis.hexists(KEYS.inflight, "ghost")
+    (pending,) = await redis.xpending_range(KEYS.stream, KEYS.group, "-", "+", 10)
+    assert pending["consumer"] == b"ghost"
+    refused = get_statistics(redis_server.url)["refused_intents"]
+    assert list(refused) == ["ghost"] and "reason" in orjson.loads(refused["ghost"])
+    # Once a person removes the intent, the entry is recovered and the record lost nothing.
+    await redis.hdel(KEYS.inflight, "ghost")
+    await _run_recovery(redis_server, tmp_path, "w2")
+    assert len(load_logs(tmp_path)) == 32
+    assert get_statistics(redis_server.url)["refused_intents"] == {}
+
+
+async def _run_recovery(server: RedisServerProcess, log_dir: Path, name: str) -> StreamConsumer:
+    cfg = config(server, log_dir, name)
+    client = open_consumer_redis(cfg)
+    consumer = StreamConsumer(client, cfg)
+    try:
+        await consumer.recovery.recover_dead_consumers()
+    finally:
+        await client.aclose()
+    return consumer
+
+
+async def _dead_consumer_batch(
+    redis: aioredis.Redis, server: RedisServerProcess, log_dir: Path, count: int = 5
+) -> tuple[StreamConsumer, Path, bytes]:
+    """Consumer "dead" wrote `count` pending entries durably, recorded its intent and died."""
+    ids = await _pending_for(redis, "dead", count)
+    dead = StreamConsumer(redis, config(server, log_dir, "dead"))
+    entries = await redis.xrange(KEYS.stream, ids[0], ids[-1])
+    batch = [RecordEntry("2026-01-02", "h", False, f[b"rec"]) for _, f in entries]
+    plan = dead.writer.plan(batch)
+    intent = dead._intent(plan, [i.encode() for i in ids])
+    await redis.hset(KEYS.inflight, "dead", intent)
+    dead.writer.write(plan)
+    dead.writer.close()
+    (path,) = (p for p in log_dir.rglob("dead-*.jsonl"))
+    return dead, path, intent
+
+
+async def test_an_intent_whose_entries_were_acknowledged_is_refused(
+    redis: aioredis.Redis, redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    await redis.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
+    _, path, intent = await _dead_consumer_batch(redis, redis_server, tmp_path)
+    # Its entries were acknowledged (the intent is stale), and one more is pending.
+    ids = orjson.loads(intent)["ids"]
+    await redis.xack(KEYS.stream, KEYS.group, *ids)
+    await _pending_for(redis, "dead")
+    size = path.stat().st_size
+    live = await _run_recovery(redis_server, tmp_path, "w2")
+    assert path.stat().st_size == size and live.status.refused_intents == 1
+
+
+async def test_a_file_grown_past_the_intent_is_not_cut(
+    redis: aioredis.Redis, redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    await redis.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
+    _, path, _ = await _dead_consumer_batch(redis, redis_server, tmp_path)
+    with open(path, "ab") as handle:  # bytes no intent of this consumer accounts for
+        handle.write(b'{"request_id": "later"}\n')
+    size = path.stat().st_size
+    live = await _run_recovery(redis_server, tmp_path, "w2")
+    assert path.stat().st_size == size and live.status.refused_intents == 1
+
+
+async def test_an_intent_through_a_symlink_out_of_log_dir_is_refused(
+    redis: aioredis.Redis, redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    """The consumer's own file name, a valid intent, but its host directory is a symlink to a
+    directory outside `log_dir`: nothing outside is cut."""
+    await redis.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
+    log_dir = tmp_path / "logs"
+    _, path, _ = await _dead_consumer_batch(redis, redis_server, log_dir)
+    outside = tmp_path / "outside"
+    path.parent.rename(outside)
+    path.parent.symlink_to(outside, target_is_directory=True)
+    victim = outside / path.name
+    size = victim.stat().st_size
+    live = await _run_recovery(redis_server, log_dir, "w2")
+    assert victim.stat().st_size == size and live.status.refused_intents == 1
+
+
+async def test_a_real_intent_is_still_undone(
+    redis: aioredis.Redis, redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    """The checks refuse no genuine intent: the dead consumer's batch is cut and rewritten."""
+    await redis.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
+    _, path, _ = await _dead_consumer_batch(redis, redis_server, tmp_path)
+    await drain(config(redis_server, tmp_path, "w2"))
+    assert path.stat().st_size == 0
+    assert len(load_logs(tmp_path)) == 5
+    assert await redis.hgetall(KEYS.inflight) == {}

@@ -38,6 +38,7 @@ from vllm_middleware._partition import BatchPlan, PartitionLines
 from ._ack import Acknowledger, batch_counters, dead_letters, is_damaged_stats
 from ._config import WorkerConfig
 from ._entries import Entry, EntrySorter, Poison, SortedBatch
+from ._intent import encode_intent
 from ._oom import group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
 from ._recovery import Recovery, intent_fields
 
@@ -70,6 +71,7 @@ class ConsumerStatus:
     write_failures: int = 0
     redis_failures: int = 0
     recovered_consumers: int = 0
+    refused_intents: int = 0
     last_error: str | None = None
     last_batch_at: float | None = None
     errors_by_kind: Counter[str] = field(default_factory=Counter)
@@ -327,7 +329,7 @@ class StreamConsumer:
             self._prefetch = asyncio.create_task(self._read_sorted(), name="vllm-mw-read-ahead")
         field = intent_fields(self.config.consumer)[self._slot]
         self._slot ^= 1
-        await self._write_durably(plan, lines, field)
+        await self._write_durably(plan, lines, field, batch.ids)
         # Before this batch's ack, and before the next batch reuses the previous one's field.
         await self._settle_ack()
         ack = self._acknowledge(plan, batch.ids, poison, field)
@@ -360,14 +362,17 @@ class StreamConsumer:
         entries = await self._read(b">")
         return self._sort(entries, None) if entries else None
 
-    def _intent(self, plan: BatchPlan) -> bytes:
+    def _parts(self, plan: BatchPlan) -> list[tuple[str, int, int]]:
         # Paths relative to log_dir: a recovering worker may have another working directory.
         root = self.writer.log_dir
-        return orjson.dumps(
-            {"parts": [[str(p.path.relative_to(root)), p.offset] for p in plan.parts]}
-        )
+        return [(p.path.relative_to(root).as_posix(), p.offset, len(p.data)) for p in plan.parts]
 
-    async def _write_durably(self, plan: BatchPlan, lines: PartitionLines, field: str) -> None:
+    def _intent(self, plan: BatchPlan, ids: list[bytes]) -> bytes:
+        return encode_intent(ids, self._parts(plan))
+
+    async def _write_durably(
+        self, plan: BatchPlan, lines: PartitionLines, field: str, ids: list[bytes]
+    ) -> None:
         """Record the intent, then write and fsync; retry (re-planning) until it succeeds.
 
         After a failed write (disk full, read-only, permissions) the batch's bytes are cut
@@ -382,7 +387,7 @@ class StreamConsumer:
             try:
                 # Set even for an empty plan: its presence is how `_acknowledge` tells a lost
                 # EXEC reply from an EXEC that never ran.
-                await self._record_intent(plan, field)
+                await self._record_intent(self._intent(plan, ids), field)
                 if plan.parts:
                     await loop.run_in_executor(self._executor, self.writer.write, plan)
                 self.disk_error = None
@@ -407,8 +412,7 @@ class StreamConsumer:
             fresh = self.writer.plan(lines)
             plan.parts, plan.new_files = fresh.parts, fresh.new_files
 
-    async def _record_intent(self, plan: BatchPlan, field: str) -> None:
-        intent = self._intent(plan)
+    async def _record_intent(self, intent: bytes, field: str) -> None:
         try:
             await self.redis.hset(self.keys.inflight, field, intent)
         except ResponseError as exc:
@@ -418,7 +422,7 @@ class StreamConsumer:
 
     async def _undo_until_clean(self, plan: BatchPlan) -> None:
         """Cut the files of a failed write back to their pre-batch sizes; retry until done."""
-        parts = orjson.loads(self._intent(plan))["parts"]
+        parts = [(path, offset) for path, offset, _ in self._parts(plan)]
         backoff = 0.2
         loop = asyncio.get_running_loop()
         while True:
@@ -508,6 +512,7 @@ class StreamConsumer:
             "write_failures": status.write_failures,
             "redis_failures": status.redis_failures,
             "recovered_consumers": status.recovered_consumers,
+            "refused_intents": status.refused_intents,
             "last_error": status.last_error,
             "last_batch_at": status.last_batch_at,
             "disk_error": self.disk_error,
