@@ -25,11 +25,14 @@ from ._exceptions import ConfigurationError
 from ._record import RecordEntry
 
 __all__ = [
+    "MAX_HOST_LEN",
     "BatchPlan",
     "PartitionLines",
     "PartitionWriter",
     "WriteResult",
+    "check_host",
     "fsync_dir",
+    "host_problem",
     "is_valid_date",
     "partition_dir",
     "sanitize_partition_value",
@@ -63,6 +66,33 @@ def sanitize_partition_value(value: str) -> str:
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         cleaned = f"{cleaned[: _MAX_VALUE_LEN - 13]}-{digest}"
     return cleaned or "unknown"
+
+
+MAX_HOST_LEN = 1024
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot name a partition (both modes: the client's own host at construction,
+    the worker's check of every entry), or None. What can, is `sanitize_partition_value`d."""
+    if not host:
+        return "the host is empty"
+    if len(host) > MAX_HOST_LEN:
+        return f"the host is longer than {MAX_HOST_LEN} characters"
+    if "\x00" in host:
+        return "the host holds a NUL character"
+    try:
+        host.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the host is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def check_host(host: str) -> str:
+    """`host` if it can name a partition; raises `ConfigurationError` otherwise."""
+    problem = host_problem(host)
+    if problem is not None:
+        raise ConfigurationError(f"invalid host {host[:80]!r}: {problem}")
+    return host
 
 
 def partition_dir(log_dir: Path, date: str, host: str) -> Path:
