@@ -21,6 +21,7 @@ from typing import Literal
 
 import orjson
 
+from ._crash import crash_point
 from ._exceptions import ConfigurationError
 from ._record import RecordEntry
 
@@ -292,6 +293,7 @@ class PartitionWriter:
     def write(self, plan: BatchPlan) -> None:
         """Append the planned parts and make them durable; on error, undo this batch's bytes."""
         done: list[tuple[_OpenFile, int]] = []
+        crash_point("before-write")
         try:
             for part in plan.parts:
                 handle = self._handle(part)
@@ -301,9 +303,11 @@ class PartitionWriter:
                     written = os.write(handle.fd, view)
                     view = view[written:]
                 handle.size = part.offset + len(part.data)
+            crash_point("after-write")
             if self.fsync:
                 # A file rotated away mid-batch was synced when it was closed.
                 self._sync([handle.fd for handle, _ in done if handle.fd >= 0])
+            crash_point("after-fsync")
         except BaseException:
             for handle, offset in done:
                 self._rollback(handle, offset)
@@ -332,6 +336,7 @@ class PartitionWriter:
         current = self._files.get(key)
         if current is not None and current.path == path:
             return current
+        rotating = current is not None
         if current is not None:
             if self.fsync:
                 _datasync(current.fd)
@@ -346,6 +351,8 @@ class PartitionWriter:
             os.ftruncate(fd, offset)
             handle.size = offset
         self._files[key] = handle
+        if rotating:
+            crash_point("rotation")  # the old file's part written and synced, the new one empty
         if self.fsync:
             # A new file's directory entry must be durable too, or a crash can lose the file.
             fsync_dir(path.parent)

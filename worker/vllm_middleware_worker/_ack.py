@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from vllm_middleware import StreamKeys
+from vllm_middleware._crash import crash_point
 from vllm_middleware._partition import BatchPlan
 
 from ._entries import Poison, records_in
@@ -96,6 +97,7 @@ class Acknowledger:
         field: str,
     ) -> None:
         keys = self.keys
+        crash_point("before-ack")
         try:
             if not letters:
                 # One script call; the ids travel as one argument, not 2 x 1000.
@@ -103,11 +105,13 @@ class Acknowledger:
                 for name, amount in counters.items():
                     args += [name, amount]
                 await self._script(keys=[keys.stream, keys.stats, keys.inflight], args=args)
+                crash_point("after-ack")  # applied in Redis, the worker never learns it
                 return
             # Dead letters are rare: the general script (a MULTI/EXEC would go on past an error).
             every_key = [keys.stream, keys.stats, keys.inflight, keys.dead_letter]
             args = ack_args(keys.group, field, ids, counters, letters)
             await self._letters(keys=every_key, args=args)
+            crash_point("after-ack")
         except ResponseError as exc:
             if not is_oom(exc):
                 raise
