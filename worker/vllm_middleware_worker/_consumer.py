@@ -20,10 +20,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -41,6 +39,7 @@ from ._entries import Entry, EntrySorter, Poison, SortedBatch
 from ._intent import encode_intent
 from ._oom import group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
 from ._recovery import Recovery, intent_fields
+from ._status import ConsumerStatus
 
 __all__ = ["ConsumerStatus", "StreamConsumer"]
 
@@ -59,22 +58,6 @@ def _identity(response: Any, **options: Any) -> Any:
 class _StopRequested(Exception):
     """A retry loop gave up because the worker is stopping: the batch stays pending, with its
     intent, for the next worker (or this one's next life) to undo and write again."""
-
-
-@dataclass
-class ConsumerStatus:
-    """What the worker reports about itself (logs, health, tests)."""
-
-    batches: int = 0
-    records: int = 0
-    dead_letters: int = 0
-    write_failures: int = 0
-    redis_failures: int = 0
-    recovered_consumers: int = 0
-    refused_intents: int = 0
-    last_error: str | None = None
-    last_batch_at: float | None = None
-    errors_by_kind: Counter[str] = field(default_factory=Counter)
 
 
 class StreamConsumer:
@@ -496,26 +479,7 @@ class StreamConsumer:
             logger.warning("dead-lettered %d entries or records", len(poison))
 
     def _note_error(self, kind: str, exc: BaseException) -> None:
-        self.status.errors_by_kind[kind] += 1
-        self.status.last_error = f"{kind}: {type(exc).__name__}: {exc}"
-        count = self.status.errors_by_kind[kind]
-        if count == 1 or count % 100 == 0:
-            logger.warning("%s failed (%d times so far): %s", kind, count, exc)
+        self.status.note_error(kind, exc)
 
     def health(self) -> dict[str, Any]:
-        status = self.status
-        return {
-            "consumer": self.config.consumer,
-            "batches": status.batches,
-            "records": status.records,
-            "dead_letters": status.dead_letters,
-            "write_failures": status.write_failures,
-            "redis_failures": status.redis_failures,
-            "recovered_consumers": status.recovered_consumers,
-            "refused_intents": status.refused_intents,
-            "last_error": status.last_error,
-            "last_batch_at": status.last_batch_at,
-            "disk_error": self.disk_error,
-            "ack_error": self.ack_error,
-            "state": "disk_error" if self.disk_error else "ack_error" if self.ack_error else "ok",
-        }
+        return self.status.health(self.config.consumer, self.disk_error, self.ack_error)
