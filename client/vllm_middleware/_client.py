@@ -24,7 +24,7 @@ from ._exceptions import APIError, ConfigurationError
 from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
 from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
-from ._partition import LogFormat
+from ._partition import LogFormat, check_host
 from ._record import RecordEntry, default_host, utc_now
 from ._shipping import Shipper, ShippingSettings
 from ._stats import ClientStatistics, local_statistics
@@ -98,7 +98,7 @@ class VLLMMiddleware:
         self.enable_file_logging = enable_file_logging
         self.log_format = log_format
         self.max_log_size_mb = max_log_size_mb
-        self.host = host or default_host()
+        self.host = check_host(host or default_host())
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.keys = StreamKeys(stream)
         self.redis_url = os.environ.get("VLLM_MW_REDIS_URL") if redis_url is None else redis_url

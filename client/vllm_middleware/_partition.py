@@ -21,15 +21,19 @@ from typing import Literal
 
 import orjson
 
+from ._crash import crash_point
 from ._exceptions import ConfigurationError
 from ._record import RecordEntry
 
 __all__ = [
+    "MAX_HOST_LEN",
     "BatchPlan",
     "PartitionLines",
     "PartitionWriter",
     "WriteResult",
+    "check_host",
     "fsync_dir",
+    "host_problem",
     "is_valid_date",
     "partition_dir",
     "sanitize_partition_value",
@@ -63,6 +67,33 @@ def sanitize_partition_value(value: str) -> str:
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         cleaned = f"{cleaned[: _MAX_VALUE_LEN - 13]}-{digest}"
     return cleaned or "unknown"
+
+
+MAX_HOST_LEN = 1024
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot name a partition (both modes: the client's own host at construction,
+    the worker's check of every entry), or None. What can, is `sanitize_partition_value`d."""
+    if not host:
+        return "the host is empty"
+    if len(host) > MAX_HOST_LEN:
+        return f"the host is longer than {MAX_HOST_LEN} characters"
+    if "\x00" in host:
+        return "the host holds a NUL character"
+    try:
+        host.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the host is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def check_host(host: str) -> str:
+    """`host` if it can name a partition; raises `ConfigurationError` otherwise."""
+    problem = host_problem(host)
+    if problem is not None:
+        raise ConfigurationError(f"invalid host {host[:80]!r}: {problem}")
+    return host
 
 
 def partition_dir(log_dir: Path, date: str, host: str) -> Path:
@@ -262,6 +293,7 @@ class PartitionWriter:
     def write(self, plan: BatchPlan) -> None:
         """Append the planned parts and make them durable; on error, undo this batch's bytes."""
         done: list[tuple[_OpenFile, int]] = []
+        crash_point("before-write")
         try:
             for part in plan.parts:
                 handle = self._handle(part)
@@ -271,9 +303,11 @@ class PartitionWriter:
                     written = os.write(handle.fd, view)
                     view = view[written:]
                 handle.size = part.offset + len(part.data)
+            crash_point("after-write")
             if self.fsync:
                 # A file rotated away mid-batch was synced when it was closed.
                 self._sync([handle.fd for handle, _ in done if handle.fd >= 0])
+            crash_point("after-fsync")
         except BaseException:
             for handle, offset in done:
                 self._rollback(handle, offset)
@@ -302,6 +336,7 @@ class PartitionWriter:
         current = self._files.get(key)
         if current is not None and current.path == path:
             return current
+        rotating = current is not None
         if current is not None:
             if self.fsync:
                 _datasync(current.fd)
@@ -316,6 +351,8 @@ class PartitionWriter:
             os.ftruncate(fd, offset)
             handle.size = offset
         self._files[key] = handle
+        if rotating:
+            crash_point("rotation")  # the old file's part written and synced, the new one empty
         if self.fsync:
             # A new file's directory entry must be durable too, or a crash can lose the file.
             fsync_dir(path.parent)

@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 import orjson
 
+from ._crash import crash_point
 from ._partition import PartitionLines, PartitionWriter
 
 __all__ = [
@@ -145,6 +146,7 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
             if kind == BATCH:
                 plan = writer.plan(decode_batch(body))
                 reply(PLAN, seq, orjson.dumps([[str(p.path), p.offset] for p in plan.parts]))
+                crash_point("after-plan")
                 writer.write(plan)
                 if stall:
                     time.sleep(stall)

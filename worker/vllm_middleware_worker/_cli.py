@@ -16,6 +16,7 @@ from vllm_middleware import ConfigurationError
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer
 from ._jobs import publish_file_stats
+from ._preflight import check_log_dir
 from ._service import open_consumer_redis
 
 __all__ = ["add_arguments", "main", "run_from_args"]
@@ -67,6 +68,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
+        check_log_dir(config.log_dir)
     except ConfigurationError as exc:
         print(f"vllm-mw worker: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer
 from ._jobs import publish_file_stats
+from ._preflight import check_log_dir
 
 __all__ = ["on_shutdown", "on_startup", "open_consumer_redis", "resilient_worker_class"]
 
@@ -41,6 +42,7 @@ def open_consumer_redis(config: WorkerConfig) -> aioredis.Redis:
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     config: WorkerConfig = ctx.get("vllm_mw_config") or WorkerConfig.from_env()
+    check_log_dir(config.log_dir)  # refuse to start rather than take entries it cannot write
     client = open_consumer_redis(config)
     consumer = StreamConsumer(client, config)
     ctx.update(vllm_mw_config=config, vllm_mw_redis=client, vllm_mw_consumer=consumer)
