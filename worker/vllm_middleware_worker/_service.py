@@ -109,7 +109,9 @@ def resilient_worker_class() -> type:
                 self.handle_sig(signal.SIGUSR1)  # as arq's own close does
             if not getattr(self, "_pool", None):
                 return
-            await asyncio.gather(*self.tasks.values())
+            # SIGTERM cancels running jobs (a stats cron, say): their CancelledError must not
+            # skip `on_shutdown`, which finishes the consumer's batch.
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             with contextlib.suppress(*_POLL_ERRORS):
                 await self.pool.delete(self.health_check_key)
             if self.on_shutdown:
