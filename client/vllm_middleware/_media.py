@@ -33,6 +33,7 @@ import orjson
 
 from ._call import shrink_record
 from ._media_files import media_name
+from ._modes import LOG_MODES, FileModes, create_file, make_dirs
 from ._partition import fsync_dir
 from ._record import encode_record
 
@@ -216,8 +217,10 @@ class MediaPipeline:
         min_bytes: int,
         max_record_bytes: int,
         fsync: bool,
+        modes: FileModes = LOG_MODES,
     ) -> None:
         self.policy = policy
+        self.modes = modes
         self.max_record_bytes = max_record_bytes
         self.store = policy == "reference"
         self.root = Path(media_dir)
@@ -403,10 +406,11 @@ class MediaPipeline:
             self.deduplicated += 1
             self._remember(name)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent, self.modes.dir)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
-            with open(tmp, "wb") as handle:
+            fd, _ = create_file(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), self.modes.file)
+            with open(fd, "wb") as handle:
                 handle.write(raw)
                 if self.fsync:
                     handle.flush()
@@ -436,6 +440,7 @@ def media_pipeline(
     min_bytes: int,
     max_record_bytes: int,
     fsync: bool,
+    modes: FileModes = LOG_MODES,
 ) -> MediaPipeline | None:
     """The pipeline for a client's settings; None for "inline" (records are left as they are).
 
@@ -461,4 +466,5 @@ def media_pipeline(
         min_bytes=min_bytes,
         max_record_bytes=max_record_bytes,
         fsync=fsync,
+        modes=modes,
     )

@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 import orjson
 
+from ._modes import FileModes
 from ._partition import PartitionLines, PartitionWriter
 
 __all__ = [
@@ -176,6 +177,7 @@ def main(argv: list[str]) -> int:
         max_bytes=settings["max_bytes"],
         log_format=settings["log_format"],
         fsync=settings["fsync"],
+        modes=FileModes(*settings["modes"]),
     )
     with os.fdopen(request_fd, "rb", buffering=1 << 20) as source:
         try:
