@@ -19,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
+from ._capture import CapturePolicy, ContentMode, Redactor, capture_policy
 from ._destination import mode_of, open_destination
 from ._exceptions import APIError, ConfigurationError
 from ._http import exception_from_response, exception_from_transport
@@ -83,6 +84,9 @@ class VLLMMiddleware:
         max_record_bytes: int = 8 * 1024 * 1024,
         file_mode: int | str | None = None,
         dir_mode: int | str | None = None,
+        redact: Redactor | None = None,
+        content: ContentMode = "full",
+        sample_rate: float = 1.0,
     ) -> None:
         if log_format not in ("jsonl", "json"):
             raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
@@ -98,6 +102,8 @@ class VLLMMiddleware:
             raise ConfigurationError("media_min_bytes must be >= 0 and max_record_bytes > 0")
         # Records hold prompts and answers: not world-readable (0640/0750 unless configured).
         self.file_modes = log_modes(file_mode, dir_mode)
+        # None unless an option is set: the request path then checks one attribute, no more.
+        self._capture: CapturePolicy | None = capture_policy(redact, content, sample_rate)
         self.base_url = base_url.rstrip("/")
         self.log_dir = str(log_dir)
         self.enable_file_logging = enable_file_logging
@@ -478,7 +484,7 @@ class VLLMMiddleware:
 
     # -- statistics -------------------------------------------------------------------------
     def _local_statistics(self) -> dict[str, Any]:
-        return local_statistics(
+        stats = local_statistics(
             self.mode,
             self.total_requests,
             self._sink,
@@ -487,6 +493,9 @@ class VLLMMiddleware:
             truncated=self.records_truncated,
             media_policy=self.media_policy,
         )
+        if self._capture is not None:
+            stats.update(self._capture.statistics())
+        return stats
 
     def get_statistics(self) -> dict[str, Any]:
         """Usage statistics; includes the original tool's keys.

@@ -83,7 +83,7 @@ def make_dirs(path: Path, mode: int) -> None:
     """`mkdir -p` where each directory created gets `mode`, whatever the umask."""
     missing: list[Path] = []
     current = path
-    while not current.is_dir():
+    while not current.exists():  # a file in the way fails below, as `mkdir -p` does
         missing.append(current)
         if current.parent == current:
             break
