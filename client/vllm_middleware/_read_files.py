@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import orjson
 
@@ -219,8 +220,9 @@ def _gunzip(raw: Iterator[bytes]) -> Iterator[bytes]:
 class _Splitter:
     """Cuts a byte stream into documents: lines (`.jsonl`) or pretty records (`.json`).
 
-    A document split over chunks is held as a list of pieces and joined once, so a long line
-    costs its size (twice, at the join), never a copy per chunk.
+    A document split over chunks grows in one bytearray (realloc: no copy per chunk, and the
+    read chunks are freed at once, so the heap does not keep them) and is handed on as it is,
+    so a long line costs about its size, never a copy per chunk.
     """
 
     def __init__(self, pretty: bool, limit: int | None, path: Path, stats: ReadStats) -> None:
@@ -228,8 +230,7 @@ class _Splitter:
         self.limit = limit
         self.path = path
         self.stats = stats
-        self.parts: list[bytes] = []
-        self.size = 0
+        self.pending: bytearray | None = None  # the unfinished document
         self.skipping = False  # inside a document over the limit, until its end
         self.carry = b""  # pretty only: bytes that may begin the next delimiter
 
@@ -242,38 +243,39 @@ class _Splitter:
     def _hold(self, piece: bytes) -> None:
         if self.skipping or not piece:
             return
-        self.size += len(piece)
-        if self.limit is not None and self.size > self.limit:
-            self._too_long(self.size)
-            self.parts, self.size, self.skipping = [], 0, True
+        pending = self.pending
+        size = len(piece) if pending is None else len(pending) + len(piece)
+        if self.limit is not None and size > self.limit:
+            self._too_long(size)
+            self.pending, self.skipping = None, True
+        elif pending is None:
+            self.pending = bytearray(piece)
         else:
-            self.parts.append(piece)
+            pending += piece
 
-    def _close(self, piece: bytes) -> bytes:
+    def _close(self, piece: bytes) -> bytes | bytearray:
         """The document that `piece` ends (b"" when skipped)."""
         if self.skipping:
             self.skipping = False
             return b""
-        if self.parts:
-            self.parts.append(piece)
-            size = self.size + len(piece)
-            doc = b"".join(self.parts)
-            self.parts, self.size = [], 0
-        else:
-            doc, size = piece, len(piece)
-        if self.limit is not None and size > self.limit:
-            self._too_long(size)
+        doc: bytes | bytearray = piece
+        if self.pending is not None:
+            doc, self.pending = self.pending, None
+            doc += piece
+        if self.limit is not None and len(doc) > self.limit:
+            self._too_long(len(doc))
             return b""
         return doc
 
-    def feed(self, chunk: bytes) -> list[bytes]:
+    def feed(self, chunk: bytes) -> list[bytes | bytearray]:
         return self._pretty(chunk) if self.pretty else self._lines(chunk)
 
-    def _lines(self, chunk: bytes) -> list[bytes]:
-        docs = chunk.split(b"\n")
-        last = docs.pop()
+    def _lines(self, chunk: bytes) -> list[bytes | bytearray]:
+        lines = chunk.split(b"\n")
+        last = lines.pop()
+        docs = cast("list[bytes | bytearray]", lines)  # the first may become a bytearray
         if docs:
-            docs[0] = self._close(docs[0])
+            docs[0] = self._close(lines[0])
             if self.limit is not None and len(chunk) > self.limit:
                 for index in range(1, len(docs)):
                     if len(docs[index]) > self.limit:
@@ -282,10 +284,10 @@ class _Splitter:
         self._hold(last)
         return docs
 
-    def _pretty(self, chunk: bytes) -> list[bytes]:
+    def _pretty(self, chunk: bytes) -> list[bytes | bytearray]:
         # Pretty records end with a line holding only "}" (nested lines are indented).
         buf = self.carry + chunk if self.carry else chunk
-        docs: list[bytes] = []
+        docs: list[bytes | bytearray] = []
         start = 0
         while (end := buf.find(b"\n}\n", start)) >= 0:
             docs.append(self._close(buf[start : end + 2]))
@@ -299,12 +301,12 @@ class _Splitter:
         """What follows the last complete document (b"" when it was over the limit)."""
         if self.skipping:
             return b""
-        return b"".join((*self.parts, self.carry))
+        return bytes(self.pending or b"") + self.carry
 
 
 def iter_documents(
     path: Path, *, follow_symlinks: bool, max_line_bytes: int | None, stats: ReadStats
-) -> Iterator[bytes]:
+) -> Iterator[bytes | bytearray]:
     """Raw JSON documents of one file; a torn tail is dropped and counted.
 
     A last document without its newline is kept when it parses (a writer that did not end
