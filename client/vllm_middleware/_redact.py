@@ -98,12 +98,9 @@ _RULES: tuple[_Rule, ...] = (
     ),
     _rule(
         "secret_assignment",
-        (
-            *_variants("api_key", "secret_key", "client_secret", "access_token", "auth_token"),
-            "aws_secret_access_key",
-            "password",
-            "passwd",
-        ),
+        # Every keyword of the pattern holds one of these (fewer tests than one per spelling;
+        # "token" and "api" are frequent words, but the pattern on lower-cased text is cheap).
+        ("api", "secret", "token", "passw"),
         r"(?P<label>(?:aws_secret_access_key|api[_-]?key|secret[_-]?key"
         r"|client[_-]?secret|access[_-]?token|auth[_-]?token|password|passwd)"
         r"[\"']?\s{0,5}[:=]\s{0,5}[\"']?)[^\s\"',;]{6,}",
@@ -229,28 +226,52 @@ def _scrub(value: Any) -> Any:
     if kind is str:
         return redact_text(value)
     if kind is dict:
-        new: dict[str, Any] | None = None
-        for key, item in value.items():
-            if type(item) in (str, dict, list):
-                if key in _MEDIA_KEYS and type(item) is str:
-                    continue
-                cleaned = _scrub(item)
-                if cleaned is not item:
-                    if new is None:
-                        new = dict(value)
-                    new[key] = cleaned
-        return value if new is None else new
+        return _scrub_dict(value)
     if kind is list:
-        items: list[Any] | None = None
-        for index, item in enumerate(value):
-            if type(item) in (str, dict, list):
-                cleaned = _scrub(item)
-                if cleaned is not item:
-                    if items is None:
-                        items = list(value)
-                    items[index] = cleaned
-        return value if items is None else items
+        return _scrub_list(value)
     return value
+
+
+def _scrub_dict(value: dict[str, Any]) -> dict[str, Any]:
+    new: dict[str, Any] | None = None
+    for key, item in value.items():
+        kind = type(item)
+        if kind is str:
+            if len(item) < _MIN_CHARS or key in _MEDIA_KEYS:
+                continue
+            cleaned: Any = redact_text(item)
+        elif kind is dict:
+            cleaned = _scrub_dict(item)
+        elif kind is list:
+            cleaned = _scrub_list(item)
+        else:
+            continue
+        if cleaned is not item:
+            if new is None:
+                new = dict(value)
+            new[key] = cleaned
+    return value if new is None else new
+
+
+def _scrub_list(value: list[Any]) -> list[Any]:
+    new: list[Any] | None = None
+    for index, item in enumerate(value):
+        kind = type(item)
+        if kind is str:
+            if len(item) < _MIN_CHARS:
+                continue
+            cleaned: Any = redact_text(item)
+        elif kind is dict:
+            cleaned = _scrub_dict(item)
+        elif kind is list:
+            cleaned = _scrub_list(item)
+        else:
+            continue
+        if cleaned is not item:
+            if new is None:
+                new = list(value)
+            new[index] = cleaned
+    return value if new is None else new
 
 
 # The record fields that carry text a caller or the model wrote. `error` is the server's own
