@@ -254,6 +254,7 @@ def file_bytes(root: Path) -> bytes:
 async def test_redact_secrets_end_to_end(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
     messages = chat_record()["messages"]
     sent = copy.deepcopy(messages)
+    fake_vllm.clear_requests()  # the server is shared by the session's tests
     async with client_for(fake_vllm, tmp_path, redact=redact_secrets) as client:
         await client.chat_completion(messages, model=MODEL)
         stream = await client.chat_completion(messages, model=MODEL, stream=True)

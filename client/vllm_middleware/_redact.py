@@ -19,11 +19,6 @@ from typing import Any, NamedTuple
 __all__ = ["REDACTED_KINDS", "redact_secrets", "redact_text"]
 
 
-def _variants(*words: str) -> tuple[str, ...]:
-    """`a_b` spelled `a_b`, `a-b` and `ab` (lower case)."""
-    return tuple({w.replace("_", sep) for w in words for sep in ("_", "-", "")})
-
-
 class _Rule(NamedTuple):
     kind: str
     triggers: tuple[str, ...]  # the rule's regex runs only on text holding one of these
