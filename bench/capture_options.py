@@ -12,7 +12,8 @@ some of it).
 
 A second table times the record transformations alone (no HTTP, no shipping) on the same
 record: `redact_secrets` on text without secrets and with a secret of each kind, and the
-metadata summary.
+metadata summary, next to `encode_record` of the same record (what every request pays) as a
+yardstick that scales with the machine's load.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import orjson
 from _common import banner, base_parser, median, print_table, quiet_gc, sample_messages
 from vllm_middleware import VLLMMiddleware, redact_secrets
 from vllm_middleware._capture import metadata_only
+from vllm_middleware._record import encode_record
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 
@@ -162,6 +164,8 @@ def main() -> None:
         ["redact_secrets, 3 secrets", time_transform(redact_secrets, secrets, n)],
         ["redact_secrets, 4 KB message", time_transform(redact_secrets, long_text, n)],
         ["metadata summary", time_transform(metadata_only, plain, n)],
+        # What every request already pays, to scale the rows above on a loaded machine.
+        ["(reference) encode_record of the same record", time_transform(encode_record, plain, n)],
     ]
     print_table(f"The transformation alone, µs per record ({n} records)", ["step", "µs"], rows)
 

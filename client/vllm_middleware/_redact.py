@@ -107,6 +107,8 @@ _RULES: tuple[_Rule, ...] = (
     _rule("card_number", (), r"\d{4}(?<![\d-]\d{4})[\d -]{8,21}\d(?!\d)"),
 )
 REDACTED_KINDS = tuple(rule.kind for rule in _RULES)
+_TEXT_RULES = tuple(rule for rule in _RULES if rule.triggers)
+(_CARD,) = (rule for rule in _RULES if rule.kind == "card_number")
 
 # bytes.translate: digits to "0", anything else to ".", spaces and dashes removed; one C pass.
 _DIGITS_TABLE = bytes(0x30 if 0x30 <= b <= 0x39 else 0x2E for b in range(256))
@@ -154,16 +156,16 @@ def _marker(kind: str) -> Callable[[re.Match[str]], str]:
 _REPLACERS = {rule.kind: _marker(rule.kind) for rule in _RULES}
 
 
-def _sub_on_lower(rule: _Rule, text: str, lower: str) -> str:
-    """`rule` matched on `lower` (same length as `text`), replacements made in `text`."""
+def _sub_on_lower(kind: str, regex: re.Pattern[str], text: str, lower: str) -> str:
+    """`regex` matched on `lower` (same length as `text`), replacements made in `text`."""
     pieces: list[str] = []
     last = 0
-    for match in rule.regex.finditer(lower):
+    for match in regex.finditer(lower):
         start, end = match.span()
         if start and (lower[start - 1].isalnum() or lower[start - 1] == "_"):
             continue  # inside a longer word ("mypassword=" is not a label we know)
         pieces.append(text[last : match.end("label")])
-        pieces.append(f"[REDACTED:{rule.kind}]")
+        pieces.append(f"[REDACTED:{kind}]")
         last = end
     if not pieces:
         return text
@@ -183,31 +185,30 @@ def redact_text(text: str) -> str:
         return text  # a media blob, not text
     lower: str | None = None
     out = text
-    for rule in _RULES:
-        if rule.kind == "card_number":
-            if not _has_digits(text):
-                continue
-        elif rule.triggers:
-            if rule.ignore_case:
-                if lower is None:
-                    lower = text.lower()
-                hay = lower
-            else:
-                hay = text
-            for trigger in rule.triggers:
-                if trigger in hay:
-                    break
-            else:
-                continue
-        if rule.on_lower:
+    # Plain tuple unpacking: attribute access on the rules would cost more than the tests.
+    for kind, triggers, ignore_case, regex, on_lower in _TEXT_RULES:
+        if ignore_case:
+            if lower is None:
+                lower = text.lower()
+            hay = lower
+        else:
+            hay = text
+        for trigger in triggers:
+            if trigger in hay:
+                break
+        else:
+            continue
+        if on_lower:
             current = out.lower()
             if len(current) == len(out):
-                out = _sub_on_lower(rule, out, current)
+                out = _sub_on_lower(kind, regex, out, current)
                 continue
             # Lower-casing changed the length (rare letters): match case-insensitively.
-            out = re.sub(rule.regex.pattern, _REPLACERS[rule.kind], out, flags=re.IGNORECASE)
+            out = re.sub(regex.pattern, _REPLACERS[kind], out, flags=re.IGNORECASE)
             continue
-        out = rule.regex.sub(_REPLACERS[rule.kind], out)
+        out = regex.sub(_REPLACERS[kind], out)
+    if _has_digits(text):
+        out = _CARD.regex.sub(_REPLACERS["card_number"], out)
     return out
 
 
