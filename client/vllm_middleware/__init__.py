@@ -25,6 +25,7 @@ from ._media import MediaPolicy
 from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
 from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
 from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
+from ._redact import redact_secrets
 from ._stats import get_statistics
 from ._streaming import AsyncStream, StreamEnd
 
@@ -61,5 +62,6 @@ __all__ = [
     "load_logs",
     "new_request_id",
     "partition_dir",
+    "redact_secrets",
     "sanitize_partition_value",
 ]

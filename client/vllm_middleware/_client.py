@@ -19,11 +19,13 @@ import orjson
 import redis.asyncio as aioredis
 
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
+from ._capture import CapturePolicy, ContentMode, Redactor, capture_policy
 from ._destination import mode_of, open_destination
 from ._exceptions import APIError, ConfigurationError
 from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
 from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
+from ._modes import log_modes
 from ._partition import LogFormat, check_host
 from ._record import RecordEntry, default_host, utc_now
 from ._shipping import Shipper, ShippingSettings
@@ -80,6 +82,11 @@ class VLLMMiddleware:
         media_dir: str | os.PathLike[str] | None = None,
         media_min_bytes: int = 1024,
         max_record_bytes: int = 8 * 1024 * 1024,
+        file_mode: int | str | None = None,
+        dir_mode: int | str | None = None,
+        redact: Redactor | None = None,
+        content: ContentMode = "full",
+        sample_rate: float = 1.0,
     ) -> None:
         if log_format not in ("jsonl", "json"):
             raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
@@ -93,6 +100,10 @@ class VLLMMiddleware:
             )
         if media_min_bytes < 0 or max_record_bytes <= 0:
             raise ConfigurationError("media_min_bytes must be >= 0 and max_record_bytes > 0")
+        # Records hold prompts and answers: not world-readable (0640/0750 unless configured).
+        self.file_modes = log_modes(file_mode, dir_mode)
+        # None unless an option is set: the request path then checks one attribute, no more.
+        self._capture: CapturePolicy | None = capture_policy(redact, content, sample_rate)
         self.base_url = base_url.rstrip("/")
         self.log_dir = str(log_dir)
         self.enable_file_logging = enable_file_logging
@@ -146,6 +157,7 @@ class VLLMMiddleware:
                 media_dir=media_dir,
                 media_min_bytes=media_min_bytes,
                 max_record_bytes=max_record_bytes,
+                modes=self.file_modes,
             )
             self._sink, self._media = destination.sink, destination.media
             self._redis, self._durable = destination.redis, destination.durable
@@ -472,7 +484,7 @@ class VLLMMiddleware:
 
     # -- statistics -------------------------------------------------------------------------
     def _local_statistics(self) -> dict[str, Any]:
-        return local_statistics(
+        stats = local_statistics(
             self.mode,
             self.total_requests,
             self._sink,
@@ -481,6 +493,9 @@ class VLLMMiddleware:
             truncated=self.records_truncated,
             media_policy=self.media_policy,
         )
+        if self._capture is not None:
+            stats.update(self._capture.statistics())
+        return stats
 
     def get_statistics(self) -> dict[str, Any]:
         """Usage statistics; includes the original tool's keys.

@@ -23,6 +23,7 @@ import orjson
 
 from ._crash import crash_point
 from ._exceptions import ConfigurationError
+from ._modes import LOG_MODES, FileModes, create_file, make_dirs
 from ._record import RecordEntry
 
 __all__ = [
@@ -204,6 +205,7 @@ class PartitionWriter:
         max_bytes: int = 100 * 1024 * 1024,
         log_format: LogFormat = "jsonl",
         fsync: bool = True,
+        modes: FileModes = LOG_MODES,
     ) -> None:
         if log_format not in ("jsonl", "json"):
             raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
@@ -214,6 +216,7 @@ class PartitionWriter:
         self.max_bytes = max_bytes
         self.log_format = log_format
         self.fsync = fsync
+        self.modes = modes
         self._suffix = ".jsonl" if log_format == "jsonl" else ".json"
         self._files: dict[tuple[str, str], _OpenFile] = {}
         self._sanitized: dict[str, str] = {}  # host -> sanitize_partition_value(host)
@@ -342,9 +345,9 @@ class PartitionWriter:
                 _datasync(current.fd)
             self._forget(current)
         new_dir = not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent, self.modes.dir)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags, 0o644)
+        fd, _ = create_file(path, flags, self.modes.file)
         handle = _OpenFile(path, fd, os.fstat(fd).st_size)
         if handle.size != offset:
             # Only a crashed predecessor leaves a file at an unexpected size; trust the plan.

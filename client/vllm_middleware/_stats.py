@@ -175,7 +175,7 @@ def scan_log_tree(log_dir: str | os.PathLike[str]) -> tuple[int, int]:
     count = size = 0
     for path in iter_log_files(log_dir):
         try:
-            size += path.stat().st_size
+            size += path.lstat().st_size  # links are not listed; never follow one
         except FileNotFoundError:  # removed by retention between listing and stat
             continue
         count += 1

@@ -32,6 +32,7 @@ from typing import BinaryIO
 import orjson
 
 from ._crash import crash_point
+from ._modes import FileModes
 from ._partition import PartitionLines, PartitionWriter
 
 __all__ = [
@@ -178,6 +179,7 @@ def main(argv: list[str]) -> int:
         max_bytes=settings["max_bytes"],
         log_format=settings["log_format"],
         fsync=settings["fsync"],
+        modes=FileModes(*settings["modes"]),
     )
     with os.fdopen(request_fd, "rb", buffering=1 << 20) as source:
         try:

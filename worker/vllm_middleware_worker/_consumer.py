@@ -77,6 +77,7 @@ class StreamConsumer:
             max_bytes=config.max_bytes,
             log_format="json" if config.log_format == "json" else "jsonl",
             fsync=config.fsync,
+            modes=config.modes,
         )
         self.status = ConsumerStatus()
         self.recovery = Recovery(redis, config, self)
