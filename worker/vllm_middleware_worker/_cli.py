@@ -68,7 +68,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
-        check_log_dir(config.log_dir)
+        check_log_dir(config.log_dir, config.modes.dir)
     except ConfigurationError as exc:
         print(f"vllm-mw worker: {exc}", file=sys.stderr)
         return 2

@@ -11,17 +11,19 @@ import os
 from pathlib import Path
 
 from vllm_middleware import ConfigurationError
+from vllm_middleware._modes import LOG_MODES, make_dirs
 
 __all__ = ["check_log_dir"]
 
 
-def check_log_dir(log_dir: str | os.PathLike[str]) -> None:
+def check_log_dir(log_dir: str | os.PathLike[str], dir_mode: int = LOG_MODES.dir) -> None:
     """Raise `ConfigurationError` (one line, naming the directory and the cause) unless a file
-    can be created, written, synced and removed in `log_dir` (created if missing)."""
+    can be created, written, synced and removed in `log_dir` (made with `dir_mode` if missing).
+    """
     path = Path(log_dir)
     probe = path / f".vllm-mw-probe-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path, dir_mode)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, b"probe\n")

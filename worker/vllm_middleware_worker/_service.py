@@ -42,7 +42,9 @@ def open_consumer_redis(config: WorkerConfig) -> aioredis.Redis:
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     config: WorkerConfig = ctx.get("vllm_mw_config") or WorkerConfig.from_env()
-    check_log_dir(config.log_dir)  # refuse to start rather than take entries it cannot write
+    check_log_dir(
+        config.log_dir, config.modes.dir
+    )  # refuse to start rather than take entries it cannot write
     client = open_consumer_redis(config)
     consumer = StreamConsumer(client, config)
     ctx.update(vllm_mw_config=config, vllm_mw_redis=client, vllm_mw_consumer=consumer)
