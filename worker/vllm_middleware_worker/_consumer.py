@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -44,6 +46,7 @@ from ._recovery import Recovery, intent_fields
 __all__ = ["ConsumerStatus", "StreamConsumer"]
 
 logger = logging.getLogger("vllm_middleware_worker")
+_HOST = socket.gethostname()  # in the heartbeat: `vllm-mw health --host` filters on it
 
 # Errors that a retry can outlive: Redis unreachable or restarting, disk errors, and error
 # replies (OOM at `maxmemory`, READONLY during a failover, NOGROUP after a Redis lost its
@@ -471,6 +474,8 @@ class StreamConsumer:
         status = self.status
         return {
             "consumer": self.config.consumer,
+            "host": _HOST,
+            "pid": os.getpid(),
             "batches": status.batches,
             "records": status.records,
             "dead_letters": status.dead_letters,
