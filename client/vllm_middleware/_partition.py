@@ -344,6 +344,11 @@ class PartitionWriter:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    @property
+    def open_files(self) -> int:
+        """Files this writer holds open (one per partition it wrote to lately)."""
+        return len(self._files)
+
     def close(self) -> None:
         for handle in list(self._files.values()):
             self._forget(handle)

@@ -41,6 +41,9 @@ class WorkerConfig:
     max_record_bytes: int = 64 * 1024 * 1024
     #: seconds between file-tree scans (file count, total size)
     stats_interval_s: int = 10
+    #: serve Prometheus /metrics on this port (0: off)
+    metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
 
     _ENV = {
         "redis_url": "VLLM_MW_REDIS_URL",
@@ -58,6 +61,8 @@ class WorkerConfig:
         "max_deliveries": "VLLM_MW_MAX_DELIVERIES",
         "max_record_bytes": "VLLM_MW_MAX_RECORD_BYTES",
         "stats_interval_s": "VLLM_MW_STATS_INTERVAL_S",
+        "metrics_port": "VLLM_MW_METRICS_PORT",
+        "metrics_addr": "VLLM_MW_METRICS_ADDR",
     }
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +64,7 @@ class ConsumerStatus:
 
     batches: int = 0
     records: int = 0
+    bytes: int = 0
     dead_letters: int = 0
     write_failures: int = 0
     redis_failures: int = 0
@@ -122,6 +123,8 @@ class StreamConsumer:
         # while the ack then removes its entries from the stream would lose it.
         self._undo_pending = True
         self.disk_error: str | None = None  # set while writes fail, cleared by the next success
+        #: called with each batch's seconds from write to acknowledgement (metrics); off if None
+        self.batch_observer: Callable[[float], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -322,10 +325,11 @@ class StreamConsumer:
             self._prefetch = asyncio.create_task(self._read_sorted(), name="vllm-mw-read-ahead")
         field = intent_fields(self.config.consumer)[self._slot]
         self._slot ^= 1
+        started = time.monotonic()
         await self._write_durably(plan, lines, field)
         # Before this batch's ack, and before the next batch reuses the previous one's field.
         await self._settle_ack()
-        ack = self._acknowledge(plan, batch.ids, poison, field)
+        ack = self._acknowledge(plan, batch.ids, poison, field, started)
         if poison:
             await ack  # dead letters: rare, keep them simple
         else:
@@ -437,6 +441,7 @@ class StreamConsumer:
         all_ids: list[bytes],
         poison: list[Poison],
         field: str,
+        started: float | None = None,
     ) -> None:
         if not all_ids:
             return
@@ -458,8 +463,11 @@ class StreamConsumer:
                 backoff = min(backoff * 2, 5.0)
         self.status.batches += 1
         self.status.records += plan.records
+        self.status.bytes += plan.nbytes
         self.status.dead_letters += counters.get("dead_letters", 0)
         self.status.last_batch_at = time.time()
+        if self.batch_observer is not None and started is not None:
+            self.batch_observer(time.monotonic() - started)
         if poison:
             logger.warning("dead-lettered %d entries or records", len(poison))
 
