@@ -1,4 +1,4 @@
-"""The operator's subcommands of `vllm-mw`: `health` (and the dead-letter and spool tools).
+"""The operator's subcommands of `vllm-mw`: `health`, `dead-letters`, `spool`.
 
 Kept apart from `_cli.py`, which only calls `add_ops_commands`.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from ._health import EXIT_CODES, Thresholds, check_health
@@ -22,7 +23,7 @@ def redis_url_from(args: argparse.Namespace) -> str:
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Add `health` to the `vllm-mw` subparsers."""
+    """Add `health`, `dead-letters` and `spool` to the `vllm-mw` subparsers."""
     health = commands.add_parser(
         "health",
         help="pipeline health; exit 0 healthy, 1 degraded, 2 down",
@@ -59,6 +60,8 @@ def add_ops_commands(commands: Any) -> None:
     )
     health.add_argument("--min-workers", type=int, default=defaults.min_workers)
     health.set_defaults(handler=_cmd_health)
+    add_dead_letter_commands(commands)
+    add_spool_commands(commands)
 
 
 def _add_redis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,3 +122,174 @@ def _print_health(report: dict[str, Any]) -> None:
         )
     counters = ", ".join(f"{k} {v}" for k, v in report["counters"].items())
     print(f"counters       {counters}")
+
+
+# -- dead letters -------------------------------------------------------------------------------
+def add_dead_letter_commands(commands: Any) -> None:
+    parser = commands.add_parser(
+        "dead-letters", help="list, show, replay or purge dead-lettered stream entries"
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    listing = sub.add_parser("list", help="the oldest dead letters (one line each)")
+    listing.add_argument("--count", type=int, default=100)
+    listing.add_argument("--after", default="-", help="start after this dead-letter id")
+    show = sub.add_parser("show", help="one dead letter with its records")
+    show.add_argument("id")
+    replay = sub.add_parser("replay", help="put dead letters back on the stream (after a fix)")
+    replay.add_argument("ids", nargs="*")
+    replay.add_argument("--all", action="store_true")
+    purge = sub.add_parser("purge", help="delete dead letters")
+    purge.add_argument("ids", nargs="*")
+    purge.add_argument("--all", action="store_true")
+    log = sub.add_parser("log", help="what was replayed or purged, newest first")
+    log.add_argument("--count", type=int, default=100)
+    for each in (listing, show, replay, purge, log):
+        _add_redis_arguments(each)
+        each.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=_cmd_dead_letters)
+
+
+def _cmd_dead_letters(args: argparse.Namespace) -> int:
+    import redis
+
+    from ._dead_letters import DeadLetters
+    from ._health import redact_url
+    from ._keys import StreamKeys
+
+    url = redis_url_from(args)
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        letters = DeadLetters(client, StreamKeys(args.stream))
+        return _dead_letter_action(args, letters)
+    except redis.RedisError as exc:
+        print(f"vllm-mw dead-letters: {redact_url(url)}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+
+
+def _dead_letter_action(args: argparse.Namespace, letters: Any) -> int:
+    action = args.action
+    if action == "list":
+        rows = letters.page(args.count, args.after)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{letters.count()} dead letters")
+        for row in rows:
+            print(
+                f"{row['id']}  {row['records']} records {row['bytes']} B"
+                f"  date={row['date']} host={row['host']}  source={row['source_id']}"
+                f"  {row['reason']}"
+            )
+        return 0
+    if action == "show":
+        shown = letters.show(args.id)
+        if shown is None:
+            print("null" if args.json else f"no dead letter {args.id}")
+            return 1
+        if args.json:
+            print(json.dumps(shown, indent=2))
+        else:
+            for key, value in shown.items():
+                if key != "records_text":
+                    print(f"{key:<10} {value}")
+            print("records:")
+            for line in shown["records_text"]:
+                print(f"  {line}")
+        return 0
+    if action == "log":
+        rows = letters.history(args.count)
+        print(json.dumps(rows, indent=2) if args.json else "\n".join(map(str, rows)))
+        return 0
+    if not args.ids and not args.all:
+        print(f"vllm-mw dead-letters {action}: give ids or --all", file=sys.stderr)
+        return 2
+    ids = letters.all_ids() if args.all else args.ids
+    results = letters.replay(ids) if action == "replay" else letters.purge(ids)
+    missing = [i for i, new in results.items() if new is None]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for dead_id, new in results.items():
+            if new is None:
+                print(f"{dead_id}: no such dead letter")
+            elif action == "replay":
+                print(f"{dead_id}: replayed as {new}")
+            else:
+                print(f"{dead_id}: purged")
+    return 1 if missing else 0
+
+
+# -- spools -------------------------------------------------------------------------------------
+def add_spool_commands(commands: Any) -> None:
+    parser = commands.add_parser("spool", help="the client spools on this machine")
+    sub = parser.add_subparsers(dest="action", required=True)
+    listing = sub.add_parser("list", help="every spool directory holding records")
+    listing.add_argument("--json", action="store_true")
+    drain = sub.add_parser("drain", help="replay spools to a Redis (stranded ones included)")
+    drain.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        help="also move in the stranded segments of this spool directory (repeatable)",
+    )
+    drain.add_argument(
+        "--all", action="store_true", help="every spool directory of this stream on the machine"
+    )
+    drain.add_argument("--timeout", type=float, default=300.0)
+    drain.add_argument("--json", action="store_true")
+    for each in (listing, drain):
+        _add_redis_arguments(each)
+        each.add_argument("--spool-dir", help="spool root (env VLLM_MW_SPOOL_DIR)")
+    parser.set_defaults(handler=_cmd_spool)
+
+
+def _cmd_spool(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ._spool_drain import drain_spools, spool_directory_for
+    from ._spool_inventory import inventory
+
+    if args.action == "list":
+        spools = [s.as_dict() for s in inventory(args.spool_dir)]
+        url = args.redis_url or os.environ.get("VLLM_MW_REDIS_URL")
+        if url:
+            mine = str(spool_directory_for(url, args.stream, args.spool_dir))
+            for spool in spools:
+                spool["this_redis"] = spool["path"] == mine
+        if args.json:
+            print(json.dumps(spools, indent=2))
+        elif not spools:
+            print("no spooled records")
+        for spool in [] if args.json else spools:
+            mark = "  <- this Redis" if spool.get("this_redis") else ""
+            print(
+                f"{spool['path']}: {spool['segments']} segments, {spool['bytes']} bytes, "
+                f"{spool['stranded_segments']} stranded, oldest {spool['oldest_age_s']} s{mark}"
+            )
+        return 0
+    result = drain_spools(
+        redis_url_from(args),
+        stream=args.stream,
+        root=args.spool_dir,
+        sources=args.sources,
+        every=args.all,
+        timeout=args.timeout,
+    )
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(f"target spool {result.target}")
+        print(
+            f"moved {len(result.moved)} stranded segments in;"
+            f" {len(result.held)} held by a live process"
+        )
+        print(
+            f"replayed {result.replayed} records ({result.damaged_regions} damaged regions skipped)"
+        )
+        print(f"left {result.remaining_bytes} bytes")
+        if result.error:
+            print(f"vllm-mw spool drain: {result.error}", file=sys.stderr)
+    return 2 if result.error else 0
