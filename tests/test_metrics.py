@@ -6,10 +6,12 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis as redis_sync
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from vllm_middleware import StreamKeys
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware import APIStatusError, ClientMetrics, StreamKeys, VLLMMiddleware, load_logs
+from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 from .test_health import add_records
@@ -95,3 +97,46 @@ def test_dead_letters_and_backlog_show_up(
     wait_for(lambda: scrape(port)["vllm_mw_stream_pending_records"] == 0)
     samples = scrape(port)
     assert samples["vllm_mw_records_dead_lettered_total"] == 1
+
+
+async def test_client_metrics_opt_in_in_process(tmp_path: Path, fake_vllm: FakeVLLMServer) -> None:
+    """Apps opt in with a registry of their choice; calls are counted as the client saw them."""
+    registry = CollectorRegistry()
+    metrics = ClientMetrics(registry, max_models=2)
+    async with VLLMMiddleware(base_url=fake_vllm.base_url, log_dir=tmp_path) as client:
+        assert client.record_observer is None  # off by default
+        metrics.attach(client)
+        messages = [{"role": "user", "content": "hi"}]
+        for _ in range(3):
+            await client.chat_completion(messages)
+        async with await client.chat_completion(messages, stream=True) as stream:
+            async for _chunk in stream:
+                pass
+        for name in ("m-a", "m-b", "m-c"):  # unknown models: 404s, and a bounded label set
+            with pytest.raises(APIStatusError):
+                await client.chat_completion(messages, model=name)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in registry.collect()
+        for s in family.samples
+    }
+    model = load_logs(tmp_path)[0].model
+    ok = ("vllm_mw_requests_total", (("model", model), ("status", "200")))
+    assert samples[ok] == 4
+    assert samples[("vllm_mw_request_duration_seconds_count", (("model", model),))] == 4
+    assert samples[("vllm_mw_time_to_first_token_seconds_count", (("model", model),))] == 1
+    prompt = sum(r.usage["prompt_tokens"] for r in load_logs(tmp_path) if r.usage)
+    assert samples[("vllm_mw_tokens_total", (("kind", "prompt"), ("model", model)))] == prompt
+    statuses = {k[1] for k in samples if k[0] == "vllm_mw_requests_total"}
+    models = {dict(labels)["model"] for labels in statuses}
+    assert models == {model, "m-a", "other"}  # max_models=2: the rest is "other"
+
+
+def test_client_metrics_never_raise() -> None:
+    metrics = ClientMetrics(CollectorRegistry())
+    metrics.observe(
+        {"model": ["not", "a", "name"], "latency_ms": "x", "usage": {"prompt_tokens": "3"}}
+    )
+    metrics.observe({})
+    samples = {s.name: s.value for f in metrics.requests.collect() for s in f.samples}
+    assert samples["vllm_mw_requests_total"] == 2

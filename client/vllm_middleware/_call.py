@@ -196,6 +196,8 @@ class Call:
                 record["error_detail"] = error_details(error)
             if extra:
                 record.update(extra)
+            if client.record_observer is not None:
+                client.record_observer(record)
             media = client._media
             if media is not None:
                 # A blob is at least `min_chars` characters of one JSON string, so JSON shorter
