@@ -182,6 +182,7 @@ def test_worker_metrics_logs_and_modes() -> None:
     assert 0o666 & ~umask == int(env["VLLM_MW_FILE_MODE"], 8) == 0o640
     assert 0o777 & ~umask == int(env["VLLM_MW_DIR_MODE"], 8) == 0o750
     assert "exec vllm-mw worker" in worker["command"][-1]  # SIGTERM reaches the worker
+    assert int(interpolate(env["VLLM_MW_RETENTION_DAYS"], {})) == 30
 
 
 def test_dockerignore_keeps_secrets_and_data_out_of_the_image() -> None:

@@ -1,4 +1,5 @@
-"""The operator's subcommands of `vllm-mw`: `health`, `dead-letters`, `spool`.
+"""The operator's subcommands of `vllm-mw`: `health`, `dead-letters`, `spool`,
+`retention`.
 
 Kept apart from `_cli.py`, which only calls `add_ops_commands`.
 """
@@ -23,7 +24,7 @@ def redis_url_from(args: argparse.Namespace) -> str:
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Add `health`, `dead-letters` and `spool` to the `vllm-mw` subparsers."""
+    """Add `health`, `dead-letters`, `spool` and `retention` to the `vllm-mw` subparsers."""
     health = commands.add_parser(
         "health",
         help="pipeline health; exit 0 healthy, 1 degraded, 2 down",
@@ -62,6 +63,7 @@ def add_ops_commands(commands: Any) -> None:
     health.set_defaults(handler=_cmd_health)
     add_dead_letter_commands(commands)
     add_spool_commands(commands)
+    add_retention_command(commands)
 
 
 def _add_redis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -293,3 +295,52 @@ def _cmd_spool(args: argparse.Namespace) -> int:
         if result.error:
             print(f"vllm-mw spool drain: {result.error}", file=sys.stderr)
     return 2 if result.error else 0
+
+
+# -- retention ----------------------------------------------------------------------------------
+def add_retention_command(commands: Any) -> None:
+    parser = commands.add_parser(
+        "retention", help="delete date partitions older than --keep-days (UTC)"
+    )
+    parser.add_argument("--keep-days", type=int, required=True, help="1 keeps today and yesterday")
+    parser.add_argument("--log-dir", help="log tree (env VLLM_MW_LOG_DIR, default ./logs/vllm)")
+    parser.add_argument(
+        "--min-age",
+        type=float,
+        default=3600.0,
+        help="seconds every file of a partition must be unchanged (above the writers' idle close)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=_cmd_retention)
+
+
+def _cmd_retention(args: argparse.Namespace) -> int:
+    from ._retention import apply_retention, plan_retention
+
+    log_dir = args.log_dir or os.environ.get("VLLM_MW_LOG_DIR") or "./logs/vllm"
+    plan = plan_retention(log_dir, args.keep_days, min_age_s=args.min_age)
+    report: dict[str, Any] = {
+        "log_dir": str(log_dir),
+        "cutoff": plan.cutoff,
+        "dry_run": args.dry_run,
+        "partitions": [{"date": p.date, "files": p.files, "bytes": p.bytes} for p in plan.delete],
+        "kept_recently_changed": [p.date for p in plan.recent],
+    }
+    errors: list[str] = []
+    if not args.dry_run:
+        result = apply_retention(plan)
+        report.update(deleted=result.deleted, deleted_bytes=result.bytes, errors=result.errors)
+        errors = result.errors
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} {len(plan.delete)} partitions before {plan.cutoff} ({plan.bytes} bytes)")
+        for part in report["partitions"]:
+            print(f"  date={part['date']}: {part['files']} files, {part['bytes']} bytes")
+        for day in report["kept_recently_changed"]:
+            print(f"  date={day}: kept, changed within {args.min_age:g} s")
+        for error in errors:
+            print(f"vllm-mw retention: {error}", file=sys.stderr)
+    return 1 if errors else 0

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class _OpenFile:
     path: Path
     fd: int
     size: int
+    written_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -271,6 +273,7 @@ class PartitionWriter:
                     written = os.write(handle.fd, view)
                     view = view[written:]
                 handle.size = part.offset + len(part.data)
+                handle.written_at = time.monotonic()
             if self.fsync:
                 # A file rotated away mid-batch was synced when it was closed.
                 self._sync([handle.fd for handle, _ in done if handle.fd >= 0])
@@ -343,6 +346,16 @@ class PartitionWriter:
             fd, handle.fd = handle.fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def close_idle(self, idle_s: float) -> int:
+        """Close the files not written for `idle_s` seconds; returns how many. A closed file
+        is never appended to again (the next record of its partition starts a new file), so
+        retention and compression can take files that have not changed for longer than this."""
+        now = time.monotonic()
+        idle = [h for h in self._files.values() if now - h.written_at >= idle_s]
+        for handle in idle:
+            self._forget(handle)
+        return len(idle)
 
     @property
     def open_files(self) -> int:

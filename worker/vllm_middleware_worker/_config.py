@@ -41,6 +41,11 @@ class WorkerConfig:
     max_record_bytes: int = 64 * 1024 * 1024
     #: seconds between file-tree scans (file count, total size)
     stats_interval_s: int = 10
+    #: close a file not written for this long (retention and compression take only files
+    #: unchanged for longer, so never one a worker may still append to)
+    file_idle_s: float = 300.0
+    #: delete date partitions older than this many days (0: keep everything)
+    retention_days: int = 0
     #: serve Prometheus /metrics on this port (0: off)
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
@@ -62,6 +67,8 @@ class WorkerConfig:
         "max_record_bytes": "VLLM_MW_MAX_RECORD_BYTES",
         "stats_interval_s": "VLLM_MW_STATS_INTERVAL_S",
         "metrics_port": "VLLM_MW_METRICS_PORT",
+        "file_idle_s": "VLLM_MW_FILE_IDLE_S",
+        "retention_days": "VLLM_MW_RETENTION_DAYS",
         "metrics_addr": "VLLM_MW_METRICS_ADDR",
     }
 

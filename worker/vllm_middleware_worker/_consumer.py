@@ -229,10 +229,15 @@ class StreamConsumer:
 
     async def _heartbeat_loop(self) -> None:
         # Separate from the batch loop so that a long write (slow disk) does not look like death.
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             with contextlib.suppress(*_TRANSIENT):
                 await self._beat()
+            # In the writer's own thread, between batches (the writer is not thread-safe).
+            with contextlib.suppress(OSError):
+                idle = self.config.file_idle_s
+                await loop.run_in_executor(self._executor, self.writer.close_idle, idle)
 
     async def _drained(self) -> bool:
         groups = await self.redis.xinfo_groups(self.keys.stream)
