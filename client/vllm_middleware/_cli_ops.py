@@ -1,5 +1,5 @@
 """The operator's subcommands of `vllm-mw`: `health`, `dead-letters`, `spool`,
-`retention`.
+`retention`, `compact`.
 
 Kept apart from `_cli.py`, which only calls `add_ops_commands`.
 """
@@ -24,7 +24,7 @@ def redis_url_from(args: argparse.Namespace) -> str:
 
 
 def add_ops_commands(commands: Any) -> None:
-    """Add `health`, `dead-letters`, `spool` and `retention` to the `vllm-mw` subparsers."""
+    """Add the operations subcommands to the `vllm-mw` subparsers."""
     health = commands.add_parser(
         "health",
         help="pipeline health; exit 0 healthy, 1 degraded, 2 down",
@@ -64,6 +64,7 @@ def add_ops_commands(commands: Any) -> None:
     add_dead_letter_commands(commands)
     add_spool_commands(commands)
     add_retention_command(commands)
+    add_compact_command(commands)
 
 
 def _add_redis_arguments(parser: argparse.ArgumentParser) -> None:
@@ -344,3 +345,44 @@ def _cmd_retention(args: argparse.Namespace) -> int:
         for error in errors:
             print(f"vllm-mw retention: {error}", file=sys.stderr)
     return 1 if errors else 0
+
+
+# -- compaction ---------------------------------------------------------------------------------
+def add_compact_command(commands: Any) -> None:
+    parser = commands.add_parser(
+        "compact", help="turn closed days into Parquet (needs the [analytics] extra)"
+    )
+    parser.add_argument(
+        "--date", help="only this day (YYYY-MM-DD); default: every day before today"
+    )
+    parser.add_argument("--log-dir", help="log tree (env VLLM_MW_LOG_DIR, default ./logs/vllm)")
+    parser.add_argument(
+        "--min-age",
+        type=float,
+        default=3600.0,
+        help="seconds every file of a partition must be unchanged (above the writers' idle close)",
+    )
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=_cmd_compact)
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ._compact import compact_tree
+
+    log_dir = args.log_dir or os.environ.get("VLLM_MW_LOG_DIR") or "./logs/vllm"
+    result = compact_tree(log_dir, day=args.date, min_age_s=args.min_age)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(
+            f"compacted {len(result.compacted)} partitions: {result.records} records,"
+            f" {result.source_files} files ({result.source_bytes} bytes) -> "
+            f"{result.parquet_bytes} bytes of Parquet; {result.dropped_lines} damaged lines dropped"
+        )
+        for skipped in result.skipped:
+            print(f"  skipped {skipped}")
+        for error in result.errors:
+            print(f"vllm-mw compact: {error}", file=sys.stderr)
+    return 1 if result.errors else 0

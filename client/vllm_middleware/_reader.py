@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import orjson
 
+from ._compact import iter_compacted
 from ._exceptions import ConfigurationError, LogReadError
 from ._media import restore_media_refs
 from ._partition import sanitize_partition_value
@@ -31,7 +32,8 @@ logger = logging.getLogger("vllm_middleware")
 DateLike = str | date | datetime
 
 _CHUNK = 4 * 1024 * 1024
-_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+# `.parquet`: days compacted by `vllm-mw compact` (`_compact.py`), read back record by record.
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
 @dataclass
@@ -129,6 +131,9 @@ def _split_pretty(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 def _iter_raw(path: Path, stats: ReadStats) -> Iterator[bytes]:
     """Raw JSON documents of one file; a torn tail is dropped and counted."""
+    if path.name.endswith(".parquet"):
+        yield from iter_compacted(path)
+        return
     splitter = _split_pretty if path.name.endswith((".json", ".json.gz")) else _split_jsonl
     rest = b""
     try:
