@@ -89,21 +89,24 @@ _LINES = (
     " escape='', auto_detect=false, max_line_size=134217728, strict_mode=false,"
     " null_padding=false)"
 )
+# The typed columns: each record's JSON parsed once, into a struct (non-strict: a field of an
+# unexpected type becomes NULL, the record itself is kept whole in `record`).
+_SHAPE = (
+    '{"timestamp": "VARCHAR", "request_id": "VARCHAR", "model": "VARCHAR",'
+    ' "endpoint": "VARCHAR", "status_code": "INTEGER", "latency_ms": "DOUBLE",'
+    ' "ttft_ms": "DOUBLE", "error": "JSON", "stream": "BOOLEAN",'
+    ' "usage": {"prompt_tokens": "BIGINT", "completion_tokens": "BIGINT"}}'
+)
 _TYPED = """
   SELECT
     record,
-    TRY_CAST(j->>'timestamp' AS TIMESTAMPTZ) AS "timestamp",
-    j->>'request_id' AS request_id,
-    j->>'model' AS model,
-    j->>'endpoint' AS endpoint,
-    TRY_CAST(j->>'status_code' AS INTEGER) AS status_code,
-    TRY_CAST(j->>'latency_ms' AS DOUBLE) AS latency_ms,
-    TRY_CAST(j->>'ttft_ms' AS DOUBLE) AS ttft_ms,
-    (j->'error') IS NOT NULL AND json_type(j->'error') <> 'NULL' AS is_error,
-    TRY_CAST(j->>'stream' AS BOOLEAN) AS stream,
-    TRY_CAST(j->'usage'->>'prompt_tokens' AS BIGINT) AS prompt_tokens,
-    TRY_CAST(j->'usage'->>'completion_tokens' AS BIGINT) AS completion_tokens
-  FROM (SELECT record, record::JSON AS j FROM ({source}))
+    TRY_CAST(r.timestamp AS TIMESTAMPTZ) AS "timestamp",
+    r.request_id, r.model, r.endpoint, r.status_code, r.latency_ms, r.ttft_ms,
+    coalesce(r.error IS NOT NULL AND r.error::VARCHAR <> 'null', false) AS is_error,
+    r.stream,
+    r.usage.prompt_tokens AS prompt_tokens,
+    r.usage.completion_tokens AS completion_tokens
+  FROM (SELECT record, json_transform(record, '{shape}') AS r FROM ({source}))
 """
 
 
@@ -209,11 +212,13 @@ def _compact_partition(
         if sources.parquet:
             selects.append(f"SELECT record FROM read_parquet({_sql_list(sources.parquet)})")
         everything = " UNION ALL ".join(selects)
-        lines = con.execute(
-            f"SELECT count(*) FROM ({everything}) WHERE trim(record) <> ''"
-        ).fetchone()[0]
+        nonblank = "trim(record) <> ''"
+        lines, expected = con.execute(
+            f"SELECT count(*) FILTER (WHERE {nonblank}),"
+            f" count(*) FILTER (WHERE {nonblank} AND json_valid(record)) FROM ({everything})"
+        ).fetchone()
         valid = f"SELECT record FROM ({everything}) WHERE json_valid(record) AND trim(record) <> ''"
-        query = _TYPED.format(source=valid)
+        query = _TYPED.format(source=valid, shape=_SHAPE)
         con.execute(
             f"COPY ({query}) TO {_quote(str(target))} (FORMAT parquet, COMPRESSION zstd,"
             " ROW_GROUP_SIZE 122880)"
@@ -221,7 +226,6 @@ def _compact_partition(
         written = con.execute(
             f"SELECT count(*) FROM read_parquet({_quote(str(target))})"
         ).fetchone()[0]
-        expected = con.execute(f"SELECT count(*) FROM ({valid})").fetchone()[0]
         if written != expected:
             raise OSError(f"wrote {written} records of {expected}; nothing swapped")
         with open(target, "rb") as handle:
