@@ -348,9 +348,10 @@ class PartitionWriter:
                 os.close(fd)
 
     def close_idle(self, idle_s: float) -> int:
-        """Close the files not written for `idle_s` seconds; returns how many. A closed file
-        is never appended to again (the next record of its partition starts a new file), so
-        retention and compression can take files that have not changed for longer than this."""
+        """Close the files not written for `idle_s` seconds; returns how many. The next plan
+        for a closed file's partition starts a new file; only a batch already planned into it
+        (written right after) appends to it once more. So retention and compaction can take
+        files unchanged for well over `idle_s`: no writer will touch them again."""
         now = time.monotonic()
         idle = [h for h in self._files.values() if now - h.written_at >= idle_s]
         for handle in idle:
