@@ -124,7 +124,9 @@ def test_redis_conf_bounds_memory_and_keeps_aof_on_a_volume(tmp_path: Path) -> N
 
 def run_health_check(port: int, password: str, *, expect_ok: bool) -> None:
     shim = Path(tempfile.mkdtemp(prefix="redis-cli-shim-"))
-    (shim / "redis-cli").write_text(f'#!/bin/sh\nexec /usr/bin/redis-cli -p {port} "$@"\n')
+    real = shutil.which("redis-cli")
+    assert real, "redis-cli is needed (it ships with redis-server)"
+    (shim / "redis-cli").write_text(f'#!/bin/sh\nexec {real} -p {port} "$@"\n')
     (shim / "redis-cli").chmod(0o755)
     env = {"PATH": f"{shim}:/usr/bin:/bin", "REDIS_PASSWORD": password}
     try:
