@@ -4,6 +4,7 @@ from vllm_middleware import VLLMMiddleware, load_logs
 """
 
 from ._client import VLLMMiddleware
+from ._client_metrics import ClientMetrics
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -40,6 +41,7 @@ __all__ = [
     "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
+    "ClientMetrics",
     "ConfigurationError",
     "InternalServerError",
     "InvalidRequestError",

@@ -204,6 +204,8 @@ class Call:
                 record["error_detail"] = error_details(error)
             if extra:
                 record.update(extra)
+            if client.record_observer is not None:
+                client.record_observer(record)
             if capture is not None:
                 kept = capture.apply(record)
                 if kept is None:

@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_demo_arguments(demo)
     demo.set_defaults(handler=run_demo)
 
+    from ._cli_ops import add_ops_commands
+
+    add_ops_commands(commands)
+
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))

@@ -135,6 +135,8 @@ class VLLMMiddleware:
         self.total_requests = 0
         self.logging_errors = 0
         self.records_truncated = 0
+        #: called with each record before it is encoded (`ClientMetrics.attach`); off if None
+        self.record_observer: Callable[[dict[str, Any]], None] | None = None
         self.max_record_bytes = max_record_bytes
         self.media_policy: MediaPolicy = media_policy
         self._media: MediaPipeline | None = None

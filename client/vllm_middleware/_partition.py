@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -116,6 +117,7 @@ class _OpenFile:
     path: Path
     fd: int
     size: int
+    written_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -306,6 +308,7 @@ class PartitionWriter:
                     written = os.write(handle.fd, view)
                     view = view[written:]
                 handle.size = part.offset + len(part.data)
+                handle.written_at = time.monotonic()
             crash_point("after-write")
             if self.fsync:
                 # A file rotated away mid-batch was synced when it was closed.
@@ -383,6 +386,22 @@ class PartitionWriter:
             fd, handle.fd = handle.fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def close_idle(self, idle_s: float) -> int:
+        """Close the files not written for `idle_s` seconds; returns how many. The next plan
+        for a closed file's partition starts a new file; only a batch already planned into it
+        (written right after) appends to it once more. So retention and compaction can take
+        files unchanged for well over `idle_s`: no writer will touch them again."""
+        now = time.monotonic()
+        idle = [h for h in self._files.values() if now - h.written_at >= idle_s]
+        for handle in idle:
+            self._forget(handle)
+        return len(idle)
+
+    @property
+    def open_files(self) -> int:
+        """Files this writer holds open (one per partition it wrote to lately)."""
+        return len(self._files)
 
     def close(self) -> None:
         for handle in list(self._files.values()):

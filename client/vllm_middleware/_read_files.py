@@ -23,6 +23,7 @@ from typing import cast
 
 import orjson
 
+from ._compact import iter_compacted
 from ._exceptions import LogReadError
 
 __all__ = ["DEFAULT_MAX_LINE_BYTES", "ReadStats", "iter_documents", "list_log_files"]
@@ -33,7 +34,8 @@ logger = logging.getLogger("vllm_middleware")
 DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
 
 _CHUNK = 4 * 1024 * 1024
-_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+# `.parquet`: days compacted by `vllm-mw compact` (`_compact.py`), read back record by record.
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _OPEN_FLAGS = (
@@ -316,6 +318,10 @@ def iter_documents(
     if fd is None:
         return
     name = path.name
+    if name.endswith(".parquet"):
+        os.close(fd)  # checked to be a regular file; DuckDB opens it by name
+        yield from iter_compacted(path)
+        return
     splitter = _Splitter(name.endswith((".json", ".json.gz")), max_line_bytes, path, stats)
     try:
         chunks = _raw_chunks(fd)

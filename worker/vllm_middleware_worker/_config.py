@@ -45,6 +45,14 @@ class WorkerConfig:
     #: permission modes of the log files and directories this worker creates (octal)
     file_mode: str = "0640"
     dir_mode: str = "0750"
+    #: close a file not written for this long (retention and compression take only files
+    #: unchanged for longer, so never one a worker may still append to)
+    file_idle_s: float = 300.0
+    #: delete date partitions older than this many days (0: keep everything)
+    retention_days: int = 0
+    #: serve Prometheus /metrics on this port (0: off)
+    metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
 
     _ENV = {
         "redis_url": "VLLM_MW_REDIS_URL",
@@ -64,6 +72,10 @@ class WorkerConfig:
         "stats_interval_s": "VLLM_MW_STATS_INTERVAL_S",
         "file_mode": "VLLM_MW_FILE_MODE",
         "dir_mode": "VLLM_MW_DIR_MODE",
+        "metrics_port": "VLLM_MW_METRICS_PORT",
+        "file_idle_s": "VLLM_MW_FILE_IDLE_S",
+        "retention_days": "VLLM_MW_RETENTION_DAYS",
+        "metrics_addr": "VLLM_MW_METRICS_ADDR",
     }
 
     def __post_init__(self) -> None:

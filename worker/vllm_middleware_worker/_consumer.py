@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,6 +46,7 @@ from ._status import ConsumerStatus
 __all__ = ["ConsumerStatus", "StreamConsumer"]
 
 logger = logging.getLogger("vllm_middleware_worker")
+_HOST = socket.gethostname()  # in the heartbeat: `vllm-mw health --host` filters on it
 
 # Errors that a retry can outlive: Redis unreachable or restarting, disk errors, and error
 # replies (OOM at `maxmemory`, READONLY during a failover, NOGROUP after a Redis lost its
@@ -111,6 +114,8 @@ class StreamConsumer:
         self._undo_pending = True
         self.disk_error: str | None = None  # set while writes fail, cleared by the next success
         self.ack_error: str | None = None  # set while acknowledgements are refused
+        #: called with each batch's seconds from write to acknowledgement (metrics); off if None
+        self.batch_observer: Callable[[float], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -217,10 +222,15 @@ class StreamConsumer:
 
     async def _heartbeat_loop(self) -> None:
         # Separate from the batch loop so that a long write (slow disk) does not look like death.
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             with contextlib.suppress(*_TRANSIENT):
                 await self._beat()
+            # In the writer's own thread, between batches (the writer is not thread-safe).
+            with contextlib.suppress(OSError):
+                idle = self.config.file_idle_s
+                await loop.run_in_executor(self._executor, self.writer.close_idle, idle)
 
     async def _drained(self) -> bool:
         groups = await self.redis.xinfo_groups(self.keys.stream)
@@ -313,10 +323,11 @@ class StreamConsumer:
             self._prefetch = asyncio.create_task(self._read_sorted(), name="vllm-mw-read-ahead")
         field = intent_fields(self.config.consumer)[self._slot]
         self._slot ^= 1
+        started = time.monotonic()
         await self._write_durably(plan, lines, field, batch.ids)
         # Before this batch's ack, and before the next batch reuses the previous one's field.
         await self._settle_ack()
-        ack = self._acknowledge(plan, batch.ids, poison, field)
+        ack = self._acknowledge(plan, batch.ids, poison, field, started)
         if poison:
             await ack  # dead letters: rare, keep them simple
         else:
@@ -440,6 +451,7 @@ class StreamConsumer:
         all_ids: list[bytes],
         poison: list[Poison],
         field: str,
+        started: float | None = None,
     ) -> None:
         if not all_ids:
             return
@@ -474,8 +486,11 @@ class StreamConsumer:
         self.ack_error = None
         self.status.batches += 1
         self.status.records += plan.records
+        self.status.bytes += plan.nbytes
         self.status.dead_letters += counters.get("dead_letters", 0)
         self.status.last_batch_at = time.time()
+        if self.batch_observer is not None and started is not None:
+            self.batch_observer(time.monotonic() - started)
         if poison:
             logger.warning("dead-lettered %d entries or records", len(poison))
 
@@ -483,4 +498,6 @@ class StreamConsumer:
         self.status.note_error(kind, exc)
 
     def health(self) -> dict[str, Any]:
-        return self.status.health(self.config.consumer, self.disk_error, self.ack_error)
+        return self.status.health(
+            self.config.consumer, self.disk_error, self.ack_error, host=_HOST, pid=os.getpid()
+        )

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer
 from ._jobs import publish_file_stats
+from ._metrics import start_metrics_server
 from ._preflight import check_log_dir
 
 __all__ = ["on_shutdown", "on_startup", "open_consumer_redis", "resilient_worker_class"]
@@ -48,6 +49,7 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     client = open_consumer_redis(config)
     consumer = StreamConsumer(client, config)
     ctx.update(vllm_mw_config=config, vllm_mw_redis=client, vllm_mw_consumer=consumer)
+    ctx["vllm_mw_metrics"] = start_metrics_server(consumer, config)
     task = asyncio.create_task(consumer.run(), name="vllm-mw-consumer")
     task.add_done_callback(_exit_if_unexpected)
     ctx["vllm_mw_task"] = task
@@ -68,6 +70,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     client: aioredis.Redis | None = ctx.get("vllm_mw_redis")
     if client is not None:
         await client.aclose()
+    if (metrics := ctx.get("vllm_mw_metrics")) is not None:
+        metrics.close()
 
 
 def _exit_if_unexpected(task: asyncio.Task[None]) -> None:

@@ -19,6 +19,7 @@ class ConsumerStatus:
 
     batches: int = 0
     records: int = 0
+    bytes: int = 0
     dead_letters: int = 0
     write_failures: int = 0
     redis_failures: int = 0
@@ -37,11 +38,19 @@ class ConsumerStatus:
             logger.warning("%s failed (%d times so far): %s", kind, count, exc)
 
     def health(
-        self, consumer: str, disk_error: str | None, ack_error: str | None
+        self,
+        consumer: str,
+        disk_error: str | None,
+        ack_error: str | None,
+        *,
+        host: str,
+        pid: int,
     ) -> dict[str, Any]:
         state = "disk_error" if disk_error else "ack_error" if ack_error else "ok"
         return {
             "consumer": consumer,
+            "host": host,  # `vllm-mw health --host` filters on it
+            "pid": pid,
             "batches": self.batches,
             "records": self.records,
             "dead_letters": self.dead_letters,
