@@ -6,11 +6,17 @@ Passes are interleaved and repeated: raw (read each file, split lines, `orjson.l
 `iter_logs` (every record), and `load_logs` (a list of all records of a sub-range, since a list
 of parsed records takes several times the bytes in memory). `iter_logs`' memory is the RSS
 sampled every 5 ms by a thread, and at 25/50/75/100% of the records.
+
+Then one file holding a single very long line (`--long-line-mb`, 200 MB by default) between two
+short ones, read with `iter_logs` without a line cap: time and peak RSS growth, and the same
+with the default `max_line_bytes` (the line skipped and counted). Run this script once on the
+code before a change and once after (PYTHONPATH), in the same session, to compare.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import shutil
 import tempfile
@@ -96,12 +102,45 @@ def iter_pass(root: Path, total: int) -> tuple[int, list[float]]:
     return count, rss
 
 
+def long_line(size_mb: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bench-long-", dir=os.environ.get("BENCH_DIR")))
+    try:
+        path = root / "date=2026-01-01" / "host=a" / "w.jsonl"
+        path.parent.mkdir(parents=True)
+        with path.open("wb") as handle:
+            handle.write(make_record(1000, 0) + b"\n")
+            handle.write(b'{"request_id":"long","pad":"' + b"z" * (size_mb * MB) + b'"}\n')
+            handle.write(make_record(1000, 1) + b"\n")
+        with path.open("rb") as handle:  # warm the page cache
+            while handle.read(64 * MB):
+                pass
+        capped = "max_line_bytes" in inspect.signature(iter_logs).parameters
+        kinds = [("no cap", {"max_line_bytes": None})] if capped else [("(no cap option)", {})]
+        if capped:
+            kinds.append(("default cap (skipped)", {}))
+        rows = []
+        for name, kwargs in kinds:
+            gc.collect()
+            before = rss_mb()
+            with Sampler() as sampler:
+                start = time.perf_counter()
+                count = sum(1 for _ in iter_logs(root, **kwargs))
+                elapsed = time.perf_counter() - start
+            rows.append([name, count, elapsed, sampler.peak - before])
+        print_table(f"One {size_mb} MB line between two 1 KB records (iter_logs)",
+                    ["reader", "records", "seconds", "peak RSS growth MiB"], rows)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=None)
     parser.add_argument("--load-mb", type=int, default=None,
                         help="size of the date range load_logs reads (default size/4)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--long-line-mb", type=int, default=None,
+                        help="size of the long line (default 200, --quick 50; 0: skip)")
     args = parser.parse_args()
     banner("read_speed", args)
     size_mb = args.size_mb or (64 if args.quick else 1024)
@@ -169,6 +208,9 @@ def main() -> None:
               f"{'met' if ratio >= 70 else 'NOT met'}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    long_mb = args.long_line_mb if args.long_line_mb is not None else (50 if args.quick else 200)
+    if long_mb:
+        long_line(long_mb)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ through the worker's checks to the files, including damaged bundles and the read
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import orjson
@@ -18,11 +19,13 @@ from vllm_middleware import (
 from vllm_middleware._keys import (
     BUNDLE_BYTES,
     BUNDLE_RECORDS,
+    ENTRY_FIELDS,
     FIELD_COUNT,
     FIELD_DATE,
     FIELD_ERROR,
     FIELD_HOST,
     FIELD_RECORD,
+    FIELD_SUM,
 )
 from vllm_middleware._partition import PartitionLines
 from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
@@ -76,7 +79,8 @@ async def test_pack_batch_bundles_by_partition_within_limits(redis: aioredis.Red
     rows = await redis.xrange(KEYS.stream)
     seen: dict[tuple[str, str], list[int]] = {}
     for _, fields in rows:
-        assert list(fields) == [FIELD_DATE, FIELD_HOST, FIELD_ERROR, FIELD_COUNT, FIELD_RECORD]
+        assert list(fields) == list(ENTRY_FIELDS)
+        assert int(fields[FIELD_SUM]) == zlib.crc32(fields[FIELD_RECORD])
         lines = fields[FIELD_RECORD].split(b"\n")
         assert len(lines) == int(fields[FIELD_COUNT]) <= BUNDLE_RECORDS
         # Only a record larger than the limit makes a larger bundle, and it is alone.
@@ -128,7 +132,7 @@ async def test_a_damaged_bundle_is_taken_apart_and_only_bad_records_dead_lettere
     # raw newline, and a wrong count on an otherwise fine bundle.
     await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [good[0], b"{oops", good[1]]))
     await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [b"[1, 2]", good[2]]))
-    await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [b'{"a":', b'1}'], count=1))
+    await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [b'{"a":', b"1}"], count=1))
     await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [good[3], record(9, error=True)],
                                          count=5, errors=4))  # fmt: skip
     await drain_to(redis_server, tmp_path / "logs")
@@ -137,7 +141,7 @@ async def test_a_damaged_bundle_is_taken_apart_and_only_bad_records_dead_lettere
     assert b'{"a":1}' in lines  # the one-record entry's newline was JSON whitespace
     dead = await redis.xrange(KEYS.dead_letter)
     reasons = sorted(fields[b"reason"].decode() for _, fields in dead)
-    assert reasons == ["record is not a JSON object", "record is not valid JSON"]
+    assert reasons == ["record is not a JSON object", "record is not valid JSON in UTF-8"]
     stats = get_statistics(redis_server.url)
     # Errors of a taken-apart bundle are recounted from the records themselves.
     assert stats["total_requests"] == 6 and stats["total_errors"] == 1

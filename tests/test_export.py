@@ -31,7 +31,7 @@ from openai.types.chat import (
 from pydantic import TypeAdapter
 from vllm_middleware import VLLMMiddleware
 from vllm_middleware._cli import main
-from vllm_middleware._export import ExportOptions, export
+from vllm_middleware._export import _WRITE_BYTES, ExportOptions, export
 from vllm_middleware._otlp import SEMCONV_VERSION
 from vllm_middleware._record_view import RecordFilter
 from vllm_middleware.testing import FakeVLLMServer
@@ -326,9 +326,11 @@ def test_export_memory_stays_flat(tmp_path: Path) -> None:
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
     small_chat, small_otlp, big_chat, big_otlp = peaks
-    # Three times the records (16 MB, then 48 MB), the same peak.
-    assert big_chat < small_chat * 1.1, peaks
-    assert big_otlp < small_otlp * 1.1, peaks
+    # Three times the records (16 MB, then 48 MB), the same peak, give or take the output
+    # buffer (flushed at about 1 MiB; a small export may never fill it).
+    slack = 2 * _WRITE_BYTES
+    assert big_chat < small_chat * 1.1 + slack, peaks
+    assert big_otlp < small_otlp * 1.1 + slack, peaks
 
 
 class _Collector:

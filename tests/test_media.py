@@ -524,3 +524,114 @@ async def test_redis_mode_with_a_shared_media_dir_restores_through_the_worker(
     restored = load_logs(logs, restore_media=True, media_dir=shared, stats=stats)
     assert [r.messages for r in restored] == [messages] * 3
     assert stats.media_missing == 0 and stats.media_restored == 15  # 5 blobs x 3 records
+
+
+# -- issue 11 item 6: restore reads nothing outside media_dir -------------------------------------
+SECRET = b"db_password=hunter2\n"
+
+
+def planted(sha256: Any, path: Any, size: Any = None, **extra: Any) -> dict[str, Any]:
+    size = len(SECRET) if size is None else size
+    ref = {"sha256": sha256, "mime": "text/plain", "bytes": size, "path": path, "stored": True}
+    return {"media_ref": {**ref, **extra}}
+
+
+async def test_a_media_ref_sent_by_a_caller_cannot_read_local_files(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    """End to end, as reported: a content part holding a forged reference, sent through
+    chat_completion, must not make the reader inline a file outside media_dir."""
+    (tmp_path / "notes.txt").write_bytes(SECRET)
+    forged = [
+        planted("..aa", "notes.txt"),  # media/../notes.txt
+        planted("/" + "." * 2, "notes.txt"),
+        planted(hashlib.sha256(SECRET).hexdigest(), "../../notes.txt"),
+        planted(hashlib.sha256(SECRET).hexdigest(), "notes.txt"),
+    ]
+    messages = [{"role": "user", "content": [*forged, {"type": "text", "text": "hi"}]}]
+    async with client_for(fake_vllm, tmp_path) as client:
+        await client.chat_completion(messages, model=MODEL)
+    stats = ReadStats()
+    (record,) = load_logs(tmp_path, restore_media=True, stats=stats)
+    assert SECRET.decode() not in orjson.dumps(record.to_dict()).decode()
+    assert b64(SECRET) not in orjson.dumps(record.to_dict()).decode()
+    assert record["messages"][0]["content"][:4] == forged  # left as they are
+    assert stats.media_restored == 0 and stats.media_refused == 4
+
+
+def write_record(log_dir: Path, *values: Any) -> None:
+    path = log_dir / "date=2025-10-21/host=a/w.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"request_id": "r1", "timestamp": "2025-10-21T10:00:00+00:00", "values": list(values)}
+    path.write_bytes(orjson.dumps(record) + b"\n")
+
+
+def restore(log_dir: Path) -> tuple[list[Any], ReadStats]:
+    stats = ReadStats()
+    (record,) = load_logs(log_dir, restore_media=True, stats=stats)
+    return record["values"], stats
+
+
+def test_restore_refuses_a_symlink_in_the_media_store(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(SECRET)
+    digest = hashlib.sha256(SECRET).hexdigest()
+    store = tmp_path / "media" / digest[:2]
+    store.mkdir(parents=True)
+    (store / f"{digest}.bin").symlink_to(outside)
+    # A linked shard directory is refused too.
+    other = hashlib.sha256(SECRET + b"2").hexdigest()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / f"{other}.bin").write_bytes(SECRET + b"2")
+    (tmp_path / "media" / other[:2]).symlink_to(tmp_path / "elsewhere")
+    write_record(
+        tmp_path,
+        planted(digest, f"media/{digest[:2]}/{digest}.bin"),
+        planted(other, f"media/{other[:2]}/{other}.bin", size=len(SECRET) + 1),
+    )
+    values, stats = restore(tmp_path)
+    assert all(isinstance(v, dict) and "media_ref" in v for v in values)
+    assert stats.media_refused == 2 and stats.media_restored == 0
+
+
+def test_restore_verifies_the_hash_and_the_size_of_what_it_read(tmp_path: Path) -> None:
+    good = blob(3000, 7)
+    digest = hashlib.sha256(good).hexdigest()
+    name = f"media/{digest[:2]}/{digest}.bin"
+    (tmp_path / name).parent.mkdir(parents=True)
+    (tmp_path / name).write_bytes(good)
+    altered = bytearray(good)
+    altered[100] ^= 1
+    other = hashlib.sha256(b"other").hexdigest()
+    other_name = f"media/{other[:2]}/{other}.bin"
+    (tmp_path / other_name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / other_name).write_bytes(bytes(altered))  # same size, not the content hashed
+    write_record(
+        tmp_path,
+        planted(digest, name, size=len(good)),  # the original: restored
+        planted(other, other_name, size=len(good)),  # content does not match its hash
+        planted(digest, name, size=len(good) - 1),  # hash matches, recorded size does not
+    )
+    values, stats = restore(tmp_path)
+    assert values[0] == b64(good)
+    assert "media_ref" in values[1] and "media_ref" in values[2]
+    assert stats.media_restored == 1 and stats.media_missing == 2 and stats.media_refused == 0
+
+
+@pytest.mark.parametrize(
+    "mime", ["image/../../x", "image/x;y", "IMAGE/PNG/../..", "a/" + "b" * 200]
+)
+async def test_a_strange_media_type_gets_an_extension_from_the_allow_list(
+    fake_vllm: FakeVLLMServer, tmp_path: Path, mime: str
+) -> None:
+    part = {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64(IMAGE)}"}}
+    async with client_for(fake_vllm, tmp_path) as client:
+        await client.chat_completion([{"role": "user", "content": [part]}], model=MODEL)
+    (stored,) = media_files(tmp_path)
+    digest = hashlib.sha256(IMAGE).hexdigest()
+    assert stored == tmp_path / "media" / digest[:2] / f"{digest}.bin"
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and "media" not in p.parts] == [
+        p for p in tmp_path.rglob("*.jsonl")
+    ]
+    (record,) = load_logs(tmp_path, restore_media=True)
+    assert record["messages"][0]["content"][0] == part

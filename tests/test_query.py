@@ -163,3 +163,37 @@ def test_connect_gives_the_view_to_other_tools(tree: Path) -> None:
         assert con.execute("SELECT count(*) FROM logs WHERE host = 'app-7'").fetchone() == (4,)
     finally:
         con.close()
+
+
+def test_a_compacted_tree_reads_as_it_did_before(tmp_path: Path) -> None:
+    """`vllm-mw compact` turns closed days into Parquet; the view gives the same rows."""
+    from vllm_middleware._compact import compact_tree
+
+    from .test_report import make_tree
+
+    root = tmp_path / "logs"
+    make_tree(root, n=300)
+    write(root, "2025-10-21", "h0", [rec("odd", metadata=None, usage=None)], "w-9.jsonl")
+
+    def snapshot() -> list[tuple[Any, ...]]:
+        result = run_query(root, "SELECT * FROM logs ORDER BY request_id")
+        json_columns = result.json_columns
+        return [
+            tuple(
+                orjson.loads(v) if i in json_columns and v is not None else v
+                for i, v in enumerate(row)
+            )
+            for row in result.rows()
+        ]
+
+    before = snapshot()
+    compacted = compact_tree(root, min_age_s=0)
+    assert compacted.records == 301
+    assert list(root.rglob("*.jsonl")) == [] and list(root.rglob("*.parquet"))
+    after = snapshot()
+    assert len(after) == len(before) == 301
+    for old, new in zip(before, after, strict=True):
+        assert old == new
+    # A late record for a compacted day: JSONL beside the Parquet file, both read.
+    write(root, "2025-10-20", "h0", [rec("late", "2025-10-20")], "w-late.jsonl")
+    assert rows(root, "SELECT count(*) FROM logs WHERE date = DATE '2025-10-20'") == [(101,)]

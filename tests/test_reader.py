@@ -1,12 +1,25 @@
 from __future__ import annotations
 
+import contextlib
 import gzip
+import os
+import threading
 import tracemalloc
+import zlib
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from vllm_middleware import ConfigurationError, LogReadError, ReadStats, iter_logs, load_logs
+from vllm_middleware import (
+    ConfigurationError,
+    LogReadError,
+    ReadStats,
+    get_statistics,
+    iter_logs,
+    load_logs,
+)
+from vllm_middleware._read_files import iter_documents
 
 
 def write_lines(path: Path, records: list[dict[str, object]], tail: bytes = b"") -> None:
@@ -128,3 +141,148 @@ def test_iter_logs_memory_stays_flat(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert count == 30_000
     assert peak < 24 * 1024 * 1024  # a few read chunks, never the whole file
+
+
+# -- issue 10 item 8: bad arguments say what is wrong ------------------------------------------
+def test_a_date_given_as_an_int_is_a_clear_error(tree: Path) -> None:
+    with pytest.raises(ValueError, match=r"start_date must be a str .* not int 20251021"):
+        load_logs(tree, start_date=20251021)  # type: ignore[arg-type]
+
+
+def test_start_after_end_is_an_error_not_an_empty_list(tree: Path) -> None:
+    with pytest.raises(ValueError, match="start_date 2025-10-25 is after end_date 2025-10-21"):
+        load_logs(tree, start_date="20251025", end_date="20251021")
+
+
+def test_a_partition_folder_as_root_is_an_error(tree: Path) -> None:
+    for folder in (tree / "date=2025-10-21", tree / "date=2025-10-21" / "host=a"):
+        with pytest.raises(LogReadError, match="is a partition folder"):
+            load_logs(folder)
+    with pytest.raises(LogReadError, match="is not a directory"):
+        load_logs(tree / "date=2025-10-21/host=a/w-000001.jsonl")
+
+
+# -- issue 11 item 5: only regular files inside the tree, degrading gracefully ------------------
+def _read_in_thread(root: Path, **kwargs: Any) -> tuple[list[str], ReadStats]:
+    """load_logs on a thread: a read that blocks fails the test instead of hanging it."""
+    stats = ReadStats()
+    result: list[list[str]] = []
+    thread = threading.Thread(
+        target=lambda: result.append(ids(load_logs(root, stats=stats, **kwargs))), daemon=True
+    )
+    thread.start()
+    thread.join(20)
+    return (result[0] if result else ["<blocked>"]), stats
+
+
+def test_a_fifo_named_like_a_log_file_does_not_block_the_reader(tree: Path) -> None:
+    fifo = tree / "date=2025-10-21/host=a/x.jsonl"
+    os.mkfifo(fifo)
+    try:
+        records, stats = _read_in_thread(tree)
+    finally:
+        # Unblock a reader stuck in open() (the code before the fix), so the test ends.
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert records == ["r1", "r2", "r3", "r4", "r5", "r6"]
+    assert stats.skipped_entries == 1
+    # The file scan behind embedded statistics skips it too.
+    assert get_statistics(log_dir=tree)["log_files_count"] == 5
+
+
+def test_a_directory_named_like_a_log_file_is_skipped_and_counted(tree: Path) -> None:
+    (tree / "date=2025-10-21/host=a/x.jsonl").mkdir()
+    (tree / "y.jsonl").mkdir()  # in the flat (original tool's) layer too
+    stats = ReadStats()
+    assert ids(load_logs(tree, stats=stats)) == ["r1", "r2", "r3", "r4", "r5", "r6"]
+    assert stats.skipped_entries == 2
+
+
+def test_symlinks_out_of_the_tree_are_not_followed_by_default(
+    tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    write_lines(outside / "secret.jsonl", [rec(90)])
+    write_lines(outside / "day" / "host=z" / "w.jsonl", [rec(91, "2025-10-23")])
+    (tree / "date=2025-10-21/host=a/evil.jsonl").symlink_to(outside / "secret.jsonl")
+    (tree / "date=2025-10-23").symlink_to(outside / "day")
+    (tree / "date=2025-10-20/host=link").symlink_to(outside / "day" / "host=z")
+    stats = ReadStats()
+    assert ids(load_logs(tree, stats=stats)) == ["r1", "r2", "r3", "r4", "r5", "r6"]
+    assert stats.skipped_links == 3
+    followed = ids(load_logs(tree, follow_symlinks=True))
+    assert sorted(followed) == ["r1", "r2", "r3", "r4", "r5", "r6", "r90", "r91", "r91"]
+    assert get_statistics(log_dir=tree)["total_requests"] == 6
+
+
+def test_a_cut_gzip_file_keeps_every_complete_record(tmp_path: Path) -> None:
+    body = b"".join(orjson.dumps(rec(i, pad=f"{i:08d}" * 40)) + b"\n" for i in range(843))
+    packed = gzip.compress(body)
+    cut = packed[: len(packed) * 2 // 3]
+    path = tmp_path / "date=2025-10-21/host=a/old-000001.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(cut)
+    inflated = zlib.decompressobj(31).decompress(cut)
+    complete = inflated.count(b"\n")
+    assert 0 < complete < 843
+    stats = ReadStats()
+    records = ids(iter_logs(tmp_path, stats=stats))
+    assert records == [f"r{i}" for i in range(complete)]
+    assert stats.torn_tails == 1 and stats.damaged_files == 0 and stats.bad_lines == 0
+
+
+def test_a_gz_file_that_is_not_gzip_is_counted_as_damaged(tmp_path: Path) -> None:
+    write_lines(tmp_path / "date=2025-10-21/host=a/fake.jsonl.gz", [rec(1)])
+    write_lines(tmp_path / "date=2025-10-21/host=a/w.jsonl", [rec(2)])
+    stats = ReadStats()
+    assert ids(load_logs(tmp_path, stats=stats)) == ["r2"]
+    assert stats.damaged_files == 1 and stats.torn_tails == 0
+
+
+def test_concatenated_gzip_members_are_all_read(tmp_path: Path) -> None:
+    path = tmp_path / "date=2025-10-21/host=a/old.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(orjson.dumps(rec(1)) + b"\n") + gzip.compress(b""))
+    with path.open("ab") as handle:
+        handle.write(gzip.compress(orjson.dumps(rec(2)) + b"\n"))
+    stats = ReadStats()
+    assert ids(load_logs(tmp_path, stats=stats)) == ["r1", "r2"]
+    assert stats.torn_tails == 0 and stats.damaged_files == 0
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json"])
+def test_lines_over_max_line_bytes_are_skipped_and_counted(tmp_path: Path, suffix: str) -> None:
+    big = rec(2, pad="y" * 9_000_000)  # longer than a read chunk: split across reads
+    if suffix == ".json":
+        body = b"".join(
+            orjson.dumps(r, option=orjson.OPT_INDENT_2) + b"\n" for r in (rec(1), big, rec(3))
+        )
+    else:
+        body = b"".join(orjson.dumps(r) + b"\n" for r in (rec(1), big, rec(3)))
+    path = tmp_path / f"date=2025-10-21/host=a/w{suffix}"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(body) if suffix.endswith(".gz") else body)
+    stats = ReadStats()
+    assert ids(load_logs(tmp_path, stats=stats, max_line_bytes=1_000_000)) == ["r1", "r3"]
+    assert stats.long_lines == 1 and stats.bad_lines == 0 and stats.torn_tails == 0
+    assert ids(load_logs(tmp_path)) == ["r1", "r2", "r3"]  # under the default cap
+
+
+def test_a_long_line_costs_memory_linear_in_its_length(tmp_path: Path) -> None:
+    """The file layer's own memory (orjson's parse of the line, which the reader does not
+    control, is left out): the line grows in one buffer handed on as it is, about its size,
+    never a growing copy per read chunk (three times its size, and quadratic time, before)."""
+    size = 40_000_000  # ten read chunks
+    path = tmp_path / "date=2025-10-21/host=a/w.jsonl"
+    write_lines(path, [rec(1, pad="z" * size), rec(2)])
+    tracemalloc.start()
+    lengths = [
+        len(doc)
+        for doc in iter_documents(
+            path, follow_symlinks=False, max_line_bytes=None, stats=ReadStats()
+        )
+    ]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(lengths) == 2 and lengths[0] > size
+    assert peak < 1.5 * size + 8 * 1024 * 1024, peak

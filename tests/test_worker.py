@@ -96,9 +96,18 @@ async def test_dead_consumer_is_recovered_without_duplicates(
         for _, f in entries[:6]
     ]
     plan = consumer.writer.plan(batch)
-    await redis.hset(KEYS.inflight, "dead", consumer._intent(plan))
+    ids = [entry_id for entry_id, _ in entries]
+    await redis.hset(KEYS.inflight, "dead", consumer._intent(plan, ids[:6]))
     consumer.writer.write(plan)
-    # ... plus a torn half line of a later write, then died without acknowledging anything.
+    # ... plus a torn half line of the next batch (its own intent), then died without
+    # acknowledging anything.
+    later = consumer.writer.plan(
+        [
+            RecordEntry(f[FIELD_DATE].decode(), f[FIELD_HOST].decode(), False, f[FIELD_RECORD])
+            for _, f in entries[6:]
+        ]
+    )
+    await redis.hset(KEYS.inflight, "dead\x00next", consumer._intent(later, ids[6:]))
     (path,) = tmp_path.rglob("*.jsonl")
     with open(path, "ab") as handle:
         handle.write(b'{"request_id": "r6", "tor')
@@ -292,10 +301,18 @@ async def test_after_undoing_its_own_batch_the_writer_plans_from_the_real_file_s
         await asyncio.sleep(0.5)
         (path,) = (tmp_path / "logs").rglob("*.jsonl")
         size = path.stat().st_size
-        # A batch whose ack was lost: its intent names the last 3 lines of the file.
+        # A batch whose ack did not land: its intent names the last 3 lines of the file, and
+        # entries pending for the consumer (delivered to it without its loop seeing them).
         cut = size - sum(len(line) + 1 for line in path.read_bytes().splitlines()[-3:])
-        relative = str(path.relative_to(tmp_path / "logs"))
-        await redis.hset(KEYS.inflight, "w1", orjson.dumps({"parts": [[relative, cut]]}))
+        relative = path.relative_to(tmp_path / "logs").as_posix()
+        pipe = redis.pipeline(transaction=True)
+        for i in range(100, 103):
+            pipe.xadd(KEYS.stream, fields(i))
+        pipe.xreadgroup(KEYS.group, "w1", {KEYS.stream: ">"}, count=3)
+        *_, read = await pipe.execute()
+        pending = [entry_id.decode() for entry_id, _ in read[0][1]]
+        intent = {"v": 2, "ids": [pending[0], pending[-1]], "parts": [[relative, cut, size - cut]]}
+        await redis.hset(KEYS.inflight, "w1", orjson.dumps(intent))
         redis_server.stop()  # the consumer sees an error: it undoes its intent when back
         await asyncio.sleep(0.5)
         redis_server.start()

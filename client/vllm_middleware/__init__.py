@@ -4,6 +4,7 @@ from vllm_middleware import VLLMMiddleware, load_logs
 """
 
 from ._client import VLLMMiddleware
+from ._client_metrics import ClientMetrics
 from ._exceptions import (
     APIConnectionError,
     APIError,
@@ -25,6 +26,7 @@ from ._media import MediaPolicy
 from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
 from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
 from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
+from ._redact import redact_secrets
 from ._stats import get_statistics
 from ._streaming import AsyncStream, StreamEnd
 
@@ -39,6 +41,7 @@ __all__ = [
     "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
+    "ClientMetrics",
     "ConfigurationError",
     "InternalServerError",
     "InvalidRequestError",
@@ -61,5 +64,6 @@ __all__ = [
     "load_logs",
     "new_request_id",
     "partition_dir",
+    "redact_secrets",
     "sanitize_partition_value",
 ]

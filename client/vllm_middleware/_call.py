@@ -159,6 +159,14 @@ class Call:
         sink = client._sink
         if sink is None:  # logging off: no record to build
             return
+        capture = client._capture
+        if (
+            capture is not None
+            and capture.rate < 1.0
+            and error is None
+            and not capture.sampled(self.request_id, self.client_request_id)
+        ):
+            return
         # Microseconds, as milliseconds with 3 decimals (round(x, 3) costs ~0.5 µs more).
         latency_ms = int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000
         try:
@@ -196,6 +204,13 @@ class Call:
                 record["error_detail"] = error_details(error)
             if extra:
                 record.update(extra)
+            if client.record_observer is not None:
+                client.record_observer(record)
+            if capture is not None:
+                kept = capture.apply(record)
+                if kept is None:
+                    return
+                record = kept
             media = client._media
             if media is not None:
                 # A blob is at least `min_chars` characters of one JSON string, so JSON shorter

@@ -70,9 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_demo_arguments(demo)
     demo.set_defaults(handler=run_demo)
 
+    from ._cli_ops import add_ops_commands
+
+    add_ops_commands(commands)
+
     from ._cli_use import add_commands as add_use_commands
 
-    add_use_commands(commands)  # tail, query, export: using the logs
+    add_use_commands(commands)  # tail, query, export
 
     args = parser.parse_args(argv)
     try:

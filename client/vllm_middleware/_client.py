@@ -19,12 +19,14 @@ import orjson
 import redis.asyncio as aioredis
 
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
+from ._capture import CapturePolicy, ContentMode, Redactor, capture_policy
 from ._destination import mode_of, open_destination
 from ._exceptions import APIError, ConfigurationError
 from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
 from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
-from ._partition import LogFormat
+from ._modes import log_modes
+from ._partition import LogFormat, check_host
 from ._record import RecordEntry, default_host, utc_now
 from ._shipping import Shipper, ShippingSettings
 from ._stats import ClientStatistics, local_statistics
@@ -80,6 +82,11 @@ class VLLMMiddleware:
         media_dir: str | os.PathLike[str] | None = None,
         media_min_bytes: int = 1024,
         max_record_bytes: int = 8 * 1024 * 1024,
+        file_mode: int | str | None = None,
+        dir_mode: int | str | None = None,
+        redact: Redactor | None = None,
+        content: ContentMode = "full",
+        sample_rate: float = 1.0,
     ) -> None:
         if log_format not in ("jsonl", "json"):
             raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
@@ -93,12 +100,16 @@ class VLLMMiddleware:
             )
         if media_min_bytes < 0 or max_record_bytes <= 0:
             raise ConfigurationError("media_min_bytes must be >= 0 and max_record_bytes > 0")
+        # Records hold prompts and answers: not world-readable (0640/0750 unless configured).
+        self.file_modes = log_modes(file_mode, dir_mode)
+        # None unless an option is set: the request path then checks one attribute, no more.
+        self._capture: CapturePolicy | None = capture_policy(redact, content, sample_rate)
         self.base_url = base_url.rstrip("/")
         self.log_dir = str(log_dir)
         self.enable_file_logging = enable_file_logging
         self.log_format = log_format
         self.max_log_size_mb = max_log_size_mb
-        self.host = host or default_host()
+        self.host = check_host(host or default_host())
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.keys = StreamKeys(stream)
         self.redis_url = os.environ.get("VLLM_MW_REDIS_URL") if redis_url is None else redis_url
@@ -124,6 +135,8 @@ class VLLMMiddleware:
         self.total_requests = 0
         self.logging_errors = 0
         self.records_truncated = 0
+        #: called with each record before it is encoded (`ClientMetrics.attach`); off if None
+        self.record_observer: Callable[[dict[str, Any]], None] | None = None
         self.max_record_bytes = max_record_bytes
         self.media_policy: MediaPolicy = media_policy
         self._media: MediaPipeline | None = None
@@ -146,6 +159,7 @@ class VLLMMiddleware:
                 media_dir=media_dir,
                 media_min_bytes=media_min_bytes,
                 max_record_bytes=max_record_bytes,
+                modes=self.file_modes,
             )
             self._sink, self._media = destination.sink, destination.media
             self._redis, self._durable = destination.redis, destination.durable
@@ -472,7 +486,7 @@ class VLLMMiddleware:
 
     # -- statistics -------------------------------------------------------------------------
     def _local_statistics(self) -> dict[str, Any]:
-        return local_statistics(
+        stats = local_statistics(
             self.mode,
             self.total_requests,
             self._sink,
@@ -481,6 +495,9 @@ class VLLMMiddleware:
             truncated=self.records_truncated,
             media_policy=self.media_policy,
         )
+        if self._capture is not None:
+            stats.update(self._capture.statistics())
+        return stats
 
     def get_statistics(self) -> dict[str, Any]:
         """Usage statistics; includes the original tool's keys.

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from ._file_sink import FileSink
 from ._keys import StreamKeys
 from ._media import MediaPipeline, MediaPolicy, media_pipeline
+from ._modes import LOG_MODES, FileModes
 from ._partition import LogFormat
 from ._redis_sink import RedisStreamSink
 from ._shipping import Shipper, ShippingSettings
@@ -50,6 +51,7 @@ def open_destination(
     media_dir: str | os.PathLike[str] | None,
     media_min_bytes: int,
     max_record_bytes: int,
+    modes: FileModes = LOG_MODES,
 ) -> Destination:
     """Redis mode when given a client or a URL, the embedded files otherwise."""
     if durable is not None:
@@ -70,6 +72,7 @@ def open_destination(
             log_format=log_format,
             fsync=fsync,
             shipping=shipping,
+            modes=modes,
         )
     media = media_pipeline(
         media_policy,
@@ -79,5 +82,6 @@ def open_destination(
         min_bytes=media_min_bytes,
         max_record_bytes=max_record_bytes,
         fsync=fsync,
+        modes=modes,
     )
     return Destination(sink, media, redis_client, shipping.durable)

@@ -16,6 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ._exceptions import ConfigurationError
+from ._modes import LOG_MODES, FileModes
 from ._partition import LogFormat, PartitionWriter
 from ._process_writer import ProcessWriter, WriterProcessUnavailable
 from ._record import RecordEntry
@@ -43,6 +44,7 @@ class FileSink(Shipper):
         log_format: LogFormat = "jsonl",
         fsync: bool = True,
         shipping: ShippingSettings | None = None,
+        modes: FileModes = LOG_MODES,
     ) -> None:
         super().__init__(shipping)
         kind = self.settings.embedded_writer
@@ -52,12 +54,12 @@ class FileSink(Shipper):
             )
         owner = f"embedded-{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.writer = PartitionWriter(
-            log_dir, owner, max_bytes=max_bytes, log_format=log_format, fsync=fsync
+            log_dir, owner, max_bytes=max_bytes, log_format=log_format, fsync=fsync, modes=modes
         )
         self.process: ProcessWriter | None = None
         if kind == "process" or (kind == "auto" and sys.platform != "win32"):
             self.process = ProcessWriter(
-                log_dir, owner, max_bytes=max_bytes, log_format=log_format, fsync=fsync
+                log_dir, owner, max_bytes=max_bytes, log_format=log_format, fsync=fsync, modes=modes
             )
         self._executor: ThreadPoolExecutor | None = None
         self._may_fall_back = kind == "auto"

@@ -24,14 +24,16 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
 from ._call import shrink_record
+from ._media_files import media_name
+from ._modes import LOG_MODES, FileModes, create_file, make_dirs
 from ._partition import fsync_dir
 from ._record import encode_record
 
@@ -40,9 +42,7 @@ __all__ = [
     "MediaJob",
     "MediaPipeline",
     "MediaPolicy",
-    "RestoreCounts",
     "media_pipeline",
-    "restore_media_refs",
 ]
 
 logger = logging.getLogger("vllm_middleware")
@@ -54,16 +54,6 @@ _URL_KEYS = frozenset(("image_url", "audio_url", "video_url"))
 _EMBED_KEYS = frozenset(("image_embeds", "audio_embeds", "video_embeds"))
 _PART_KEYS = _URL_KEYS | _EMBED_KEYS | {"input_audio"}
 _HEADER_SCAN = 256  # a data URL's "data:<mime>;<params>;base64," fits in this many characters
-_EXTENSIONS = {
-    "image/jpeg": "jpg",
-    "image/svg+xml": "svg",
-    "audio/mpeg": "mp3",
-    "audio/x-wav": "wav",
-    "audio/wave": "wav",
-    "audio/vnd.wave": "wav",
-    "video/quicktime": "mov",
-    "application/octet-stream": "bin",
-}
 _AUDIO_FORMATS = {"mp3": "audio/mpeg", "m4a": "audio/mp4"}
 _SAFE_EXT = re.compile(r"[^a-z0-9]")
 # Blob text waiting for the media thread at most; beyond, blobs get a reference without a hash
@@ -74,15 +64,6 @@ _warned_shared = False
 
 Ship = Callable[[bytes], None]
 Failed = Callable[[Any, "BaseException | None"], None]
-
-
-def _extension(mime: str) -> str:
-    known = _EXTENSIONS.get(mime)
-    if known is not None:
-        return known
-    subtype = mime.partition("/")[2].partition("+")[0].removeprefix("x-")
-    cleaned = _SAFE_EXT.sub("", subtype.lower())[:10]
-    return cleaned or "bin"
 
 
 class _Blob(NamedTuple):
@@ -236,8 +217,10 @@ class MediaPipeline:
         min_bytes: int,
         max_record_bytes: int,
         fsync: bool,
+        modes: FileModes = LOG_MODES,
     ) -> None:
         self.policy = policy
+        self.modes = modes
         self.max_record_bytes = max_record_bytes
         self.store = policy == "reference"
         self.root = Path(media_dir)
@@ -400,7 +383,7 @@ class MediaPipeline:
         if blob.header is not None:
             ref["header"] = blob.header
         if self.store:
-            name = f"{digest[:2]}/{digest}.{_extension(blob.mime)}"
+            name = media_name(digest, blob.mime)
             try:
                 self._write(name, raw)
             except OSError as exc:
@@ -423,10 +406,11 @@ class MediaPipeline:
             self.deduplicated += 1
             self._remember(name)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent, self.modes.dir)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
-            with open(tmp, "wb") as handle:
+            fd, _ = create_file(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), self.modes.file)
+            with open(fd, "wb") as handle:
                 handle.write(raw)
                 if self.fsync:
                     handle.flush()
@@ -456,6 +440,7 @@ def media_pipeline(
     min_bytes: int,
     max_record_bytes: int,
     fsync: bool,
+    modes: FileModes = LOG_MODES,
 ) -> MediaPipeline | None:
     """The pipeline for a client's settings; None for "inline" (records are left as they are).
 
@@ -481,53 +466,5 @@ def media_pipeline(
         min_bytes=min_bytes,
         max_record_bytes=max_record_bytes,
         fsync=fsync,
+        modes=modes,
     )
-
-
-class RestoreCounts(Protocol):
-    """Counters a restore pass updates (the reader's `ReadStats` has these fields)."""
-
-    media_restored: int
-    media_missing: int
-
-
-def restore_media_refs(value: Any, media_root: Path, counts: RestoreCounts) -> Any:
-    """`value` with every `{"media_ref": ...}` whose file exists replaced by the original text.
-
-    Works in place on freshly parsed JSON and returns the (possibly replaced) value. A
-    reference whose file is missing (dropped, not stored, deleted) stays and is counted.
-    """
-    if type(value) is dict:
-        ref = value.get("media_ref")
-        if len(value) == 1 and type(ref) is dict:
-            text = _restore(ref, media_root)
-            if text is None:
-                counts.media_missing += 1
-                return value
-            counts.media_restored += 1
-            return text
-        for key, item in value.items():
-            if type(item) in (dict, list):
-                value[key] = restore_media_refs(item, media_root, counts)
-    elif type(value) is list:
-        for index, item in enumerate(value):
-            if type(item) in (dict, list):
-                value[index] = restore_media_refs(item, media_root, counts)
-    return value
-
-
-def _restore(ref: Mapping[str, Any], media_root: Path) -> str | None:
-    digest, rel = ref.get("sha256"), ref.get("path")
-    if not isinstance(digest, str) or not isinstance(rel, str) or len(digest) < 3:
-        return None
-    try:
-        raw = (media_root / digest[:2] / rel.rpartition("/")[2]).read_bytes()
-    except OSError:
-        return None
-    if len(raw) != ref.get("bytes"):  # truncated or replaced file: not the original
-        return None
-    text = base64.b64encode(raw).decode("ascii")
-    if ref.get("encoding") != "data_url":
-        return text
-    header = ref.get("header") or f"data:{ref.get('mime')};base64"
-    return f"{header},{text}"

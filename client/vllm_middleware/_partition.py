@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,15 +22,20 @@ from typing import Literal
 
 import orjson
 
+from ._crash import crash_point
 from ._exceptions import ConfigurationError
+from ._modes import LOG_MODES, FileModes, create_file, make_dirs
 from ._record import RecordEntry
 
 __all__ = [
+    "MAX_HOST_LEN",
     "BatchPlan",
     "PartitionLines",
     "PartitionWriter",
     "WriteResult",
+    "check_host",
     "fsync_dir",
+    "host_problem",
     "is_valid_date",
     "partition_dir",
     "sanitize_partition_value",
@@ -65,6 +71,33 @@ def sanitize_partition_value(value: str) -> str:
     return cleaned or "unknown"
 
 
+MAX_HOST_LEN = 1024
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot name a partition (both modes: the client's own host at construction,
+    the worker's check of every entry), or None. What can, is `sanitize_partition_value`d."""
+    if not host:
+        return "the host is empty"
+    if len(host) > MAX_HOST_LEN:
+        return f"the host is longer than {MAX_HOST_LEN} characters"
+    if "\x00" in host:
+        return "the host holds a NUL character"
+    try:
+        host.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the host is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def check_host(host: str) -> str:
+    """`host` if it can name a partition; raises `ConfigurationError` otherwise."""
+    problem = host_problem(host)
+    if problem is not None:
+        raise ConfigurationError(f"invalid host {host[:80]!r}: {problem}")
+    return host
+
+
 def partition_dir(log_dir: Path, date: str, host: str) -> Path:
     if not is_valid_date(date):
         raise ConfigurationError(f"invalid partition date {date!r} (expected YYYY-MM-DD)")
@@ -84,6 +117,7 @@ class _OpenFile:
     path: Path
     fd: int
     size: int
+    written_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -173,6 +207,7 @@ class PartitionWriter:
         max_bytes: int = 100 * 1024 * 1024,
         log_format: LogFormat = "jsonl",
         fsync: bool = True,
+        modes: FileModes = LOG_MODES,
     ) -> None:
         if log_format not in ("jsonl", "json"):
             raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
@@ -183,6 +218,7 @@ class PartitionWriter:
         self.max_bytes = max_bytes
         self.log_format = log_format
         self.fsync = fsync
+        self.modes = modes
         self._suffix = ".jsonl" if log_format == "jsonl" else ".json"
         self._files: dict[tuple[str, str], _OpenFile] = {}
         self._sanitized: dict[str, str] = {}  # host -> sanitize_partition_value(host)
@@ -262,6 +298,7 @@ class PartitionWriter:
     def write(self, plan: BatchPlan) -> None:
         """Append the planned parts and make them durable; on error, undo this batch's bytes."""
         done: list[tuple[_OpenFile, int]] = []
+        crash_point("before-write")
         try:
             for part in plan.parts:
                 handle = self._handle(part)
@@ -271,9 +308,12 @@ class PartitionWriter:
                     written = os.write(handle.fd, view)
                     view = view[written:]
                 handle.size = part.offset + len(part.data)
+                handle.written_at = time.monotonic()
+            crash_point("after-write")
             if self.fsync:
                 # A file rotated away mid-batch was synced when it was closed.
                 self._sync([handle.fd for handle, _ in done if handle.fd >= 0])
+            crash_point("after-fsync")
         except BaseException:
             for handle, offset in done:
                 self._rollback(handle, offset)
@@ -302,20 +342,23 @@ class PartitionWriter:
         current = self._files.get(key)
         if current is not None and current.path == path:
             return current
+        rotating = current is not None
         if current is not None:
             if self.fsync:
                 _datasync(current.fd)
             self._forget(current)
         new_dir = not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent, self.modes.dir)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags, 0o644)
+        fd, _ = create_file(path, flags, self.modes.file)
         handle = _OpenFile(path, fd, os.fstat(fd).st_size)
         if handle.size != offset:
             # Only a crashed predecessor leaves a file at an unexpected size; trust the plan.
             os.ftruncate(fd, offset)
             handle.size = offset
         self._files[key] = handle
+        if rotating:
+            crash_point("rotation")  # the old file's part written and synced, the new one empty
         if self.fsync:
             # A new file's directory entry must be durable too, or a crash can lose the file.
             fsync_dir(path.parent)
@@ -343,6 +386,22 @@ class PartitionWriter:
             fd, handle.fd = handle.fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def close_idle(self, idle_s: float) -> int:
+        """Close the files not written for `idle_s` seconds; returns how many. The next plan
+        for a closed file's partition starts a new file; only a batch already planned into it
+        (written right after) appends to it once more. So retention and compaction can take
+        files unchanged for well over `idle_s`: no writer will touch them again."""
+        now = time.monotonic()
+        idle = [h for h in self._files.values() if now - h.written_at >= idle_s]
+        for handle in idle:
+            self._forget(handle)
+        return len(idle)
+
+    @property
+    def open_files(self) -> int:
+        """Files this writer holds open (one per partition it wrote to lately)."""
+        return len(self._files)
 
     def close(self) -> None:
         for handle in list(self._files.values()):

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import orjson
 
+from ._modes import LOG_MODES, FileModes
 from ._partition import PartitionLines
 from ._record import RecordEntry
 from ._writer_main import (
@@ -146,6 +147,7 @@ class ProcessWriter:
         log_format: str,
         fsync: bool,
         start_timeout: float = 10.0,
+        modes: FileModes = LOG_MODES,
     ) -> None:
         self.settings: dict[str, object] = {
             # Absolute: the process starts at the first flush, in the cwd of that moment.
@@ -154,6 +156,7 @@ class ProcessWriter:
             "max_bytes": max_bytes,
             "log_format": log_format,
             "fsync": fsync,
+            "modes": list(modes),
         }
         self.start_timeout = start_timeout
         self.close_timeout = 10.0  # how long close waits for the writer to finish and exit

@@ -98,20 +98,61 @@ def _jsonl_sql(root: Path, suffixes: set[str]) -> str:
     )
 
 
+# Columns `vllm-mw compact` stores typed beside each record's JSON (`_compact`).
+_COMPACT_TYPED = ("request_id", "model", "endpoint", "status_code", "latency_ms", "ttft_ms")
+
+
 def _parquet_sql(con: Any, root: Path) -> str:
     source = (
         f"read_parquet({_literal(str(root / 'date=*' / '**' / '*.parquet'))}, "
         f"hive_partitioning=true, hive_types={_HIVE_TYPES}, union_by_name=true)"
     )
     have = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
-    picks = [
-        f"CAST({_quote(name)} AS {kind}) AS {_quote(name)}"
-        if name in have
-        else f"CAST(NULL AS {kind}) AS {_quote(name)}"
-        for name, kind in COLUMNS.items()
-    ]
+    picks = []
+    derived: list[str] = []  # after date and host, as in the JSONL part
+    if "record" in have:
+        # Compacted days: the record's JSON as written, typed copies of the hot columns.
+        for name, kind in COLUMNS.items():
+            if name in _COMPACT_TYPED and name in have:
+                picks.append(f"CAST({_quote(name)} AS {kind}) AS {_quote(name)}")
+            elif kind == "JSON":
+                value = f"json_extract(record, {_literal('$.' + name)})"
+                picks.append(
+                    f"CASE WHEN json_type({value}) = 'NULL' THEN NULL ELSE {value} END "
+                    f"AS {_quote(name)}"
+                )
+            else:
+                value = f"json_extract_string(record, {_literal('$.' + name)})"
+                picks.append(f"TRY_CAST({value} AS {kind}) AS {_quote(name)}")
+        typed_ts = "timestamp" in have and "record" in have
+        derived.append(
+            'CAST("timestamp" AS TIMESTAMPTZ) AS ts'
+            if typed_ts
+            else "TRY_CAST(json_extract_string(record, '$.timestamp') AS TIMESTAMPTZ) AS ts"
+        )
+        for column, typed, path in (
+            ("input_tokens", "prompt_tokens", "$.usage.prompt_tokens"),
+            ("output_tokens", "completion_tokens", "$.usage.completion_tokens"),
+        ):
+            derived.append(
+                f"CAST({typed} AS BIGINT) AS {column}"
+                if typed in have
+                else f"TRY_CAST(json_extract_string(record, '{path}') AS BIGINT) AS {column}"
+            )
+        derived.append(
+            "json_extract_string(record, '$.response.choices[0].finish_reason') AS finish_reason"
+        )
+    else:  # other Parquet: the columns it has, NULL for the rest
+        for name, kind in COLUMNS.items():
+            picks.append(
+                f"TRY_CAST({_quote(name)} AS {kind}) AS {_quote(name)}"
+                if name in have
+                else f"CAST(NULL AS {kind}) AS {_quote(name)}"
+            )
+        derived += [column.replace("CAST(", "TRY_CAST(", 1) for column in _DERIVED]
     picks.append("date" if "date" in have else "CAST(NULL AS DATE) AS date")
     picks.append("CAST(host AS VARCHAR) AS host" if "host" in have else "NULL::VARCHAR AS host")
+    picks += derived
     return f"SELECT {', '.join(picks)} FROM {source}"
 
 
@@ -127,14 +168,17 @@ def logs_view_sql(con: Any, root: str | os.PathLike[str]) -> str:
     suffixes, parquet = _present(path)
     parts = []
     if suffixes:
-        parts.append(_jsonl_sql(path, suffixes))
+        parts.append(f"SELECT *, {', '.join(_DERIVED)} FROM ({_jsonl_sql(path, suffixes)})")
     if parquet:
         parts.append(_parquet_sql(con, path))
     if not parts:  # an empty tree still has a (typed, empty) view
         empty = ", ".join(f"CAST(NULL AS {k}) AS {_quote(n)}" for n, k in COLUMNS.items())
-        parts.append(f"SELECT {empty}, CAST(NULL AS DATE) AS date, NULL::VARCHAR AS host LIMIT 0")
+        parts.append(
+            f"SELECT *, {', '.join(_DERIVED)} FROM (SELECT {empty}, CAST(NULL AS DATE) AS date, "
+            "NULL::VARCHAR AS host LIMIT 0)"
+        )
     body = " UNION ALL BY NAME ".join(f"({part})" for part in parts)
-    return f"CREATE OR REPLACE VIEW logs AS SELECT *, {', '.join(_DERIVED)} FROM ({body})"
+    return f"CREATE OR REPLACE VIEW logs AS {body}"
 
 
 def _duckdb() -> Any:

@@ -42,7 +42,9 @@ from ._keys import (
     FIELD_ERROR,
     FIELD_HOST,
     FIELD_RECORD,
+    FIELD_SUM,
     StreamKeys,
+    bundle_sum,
 )
 from ._partition import sanitize_partition_value
 from ._record import RecordEntry
@@ -72,15 +74,15 @@ _T = TypeVar("_T")
 # Each XADD is a bundle (`_keys.py`): records of one (date, host), joined by newlines.
 # KEYS: stream, marker, stats.
 # ARGV: marker ttl, dropped, damaged, k, k x (date, host), then chunks of bundles: (bundle
-#       count, '<I2' partition index, '<I4' records, '<I4' errors, '<I4' byte length - one of
-#       each per bundle - and the bundles concatenated)...
+#       count, '<I2' partition index, '<I4' records, '<I4' errors, '<I4' checksum, '<I4' byte
+#       length - one of each per bundle - and the bundles concatenated)...
 _SHIP_BATCH = f"""
 local stream = KEYS[1]
 local a = 5 + 2 * tonumber(ARGV[4])
 local r = 0
 while a <= #ARGV do
-  local count, parts, ns, errs, lens, blob =
-    tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local count, parts, ns, errs, sums, lens, blob = tonumber(ARGV[a]), ARGV[a + 1],
+    ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local pos = 1
   for j = 0, count - 1 do
     local len = struct.unpack('<I4', lens, 4 * j + 1)
@@ -89,11 +91,12 @@ while a <= #ARGV do
     redis.call('XADD', stream, '*', '{FIELD_DATE.decode()}', ARGV[g + 2],
       '{FIELD_HOST.decode()}', ARGV[g + 3],
       '{FIELD_ERROR.decode()}', struct.unpack('<I4', errs, 4 * j + 1),
-      '{FIELD_COUNT.decode()}', n, '{FIELD_RECORD.decode()}', string.sub(blob, pos, pos + len - 1))
+      '{FIELD_COUNT.decode()}', n, '{FIELD_SUM.decode()}', struct.unpack('<I4', sums, 4 * j + 1),
+      '{FIELD_RECORD.decode()}', string.sub(blob, pos, pos + len - 1))
     pos = pos + len
     r = r + n
   end
-  a = a + 6
+  a = a + 7
 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
 if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[3], 'dropped', ARGV[2]) end
@@ -148,15 +151,16 @@ def pack_batch(
 
 
 class _Chunk:
-    """The bundles of one blob argument, with one partition index, record count, error count
-    and byte length each (packed as `_SHIP_BATCH` reads them)."""
+    """The bundles of one blob argument, with one partition index, record count, error count,
+    checksum and byte length each (packed as `_SHIP_BATCH` reads them)."""
 
-    __slots__ = ("bundles", "counts", "errors", "lens", "parts", "size")
+    __slots__ = ("bundles", "counts", "errors", "lens", "parts", "size", "sums")
 
     def __init__(self) -> None:
         self.parts = array.array("H")
         self.counts = array.array("I")
         self.errors = array.array("I")
+        self.sums = array.array("I")
         self.lens = array.array("I")
         self.bundles: list[bytes] = []
         self.size = 0
@@ -165,12 +169,14 @@ class _Chunk:
         self.parts.append(part)
         self.counts.append(count)
         self.errors.append(errors)
+        self.sums.append(bundle_sum(bundle))
         self.lens.append(len(bundle))
         self.bundles.append(bundle)
         self.size += len(bundle)
 
     def args(self) -> list[Any]:
-        packed = [_little(a) for a in (self.parts, self.counts, self.errors, self.lens)]
+        arrays = (self.parts, self.counts, self.errors, self.sums, self.lens)
+        packed = [_little(a) for a in arrays]
         return [len(self.bundles), *packed, b"".join(self.bundles)]
 
 

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import itertools
 import os
+import stat
 import struct
 import time
 import zlib
@@ -36,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._modes import SPOOL_MODES, make_dirs
 from ._partition import fsync_dir
 from ._record import RecordEntry
 
@@ -121,7 +123,12 @@ class Spool:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync = fsync
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Spooled records are the app's traffic: for this user only, whatever the umask (the
+        # leaf is the library's own, so one left wider by an older version is narrowed too).
+        make_dirs(self.directory, SPOOL_MODES.dir)
+        if stat.S_IMODE(self.directory.stat().st_mode) != SPOOL_MODES.dir:
+            with contextlib.suppress(PermissionError):  # not ours to change
+                os.chmod(self.directory, SPOOL_MODES.dir)
         self._token = f"{os.getpid()}-{os.urandom(4).hex()}"
         self._seq = itertools.count(1)
         self._segments: list[_Segment] = []  # oldest first; the active one (if any) is last
@@ -176,8 +183,10 @@ class Spool:
             return active
         name = f"{time.time_ns():020d}-{self._token}-{next(self._seq)}{_SUFFIX}"
         tmp = self.directory / f"{_TMP_PREFIX}{name}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+        fd = os.open(tmp, flags, SPOOL_MODES.file)
         try:
+            os.fchmod(fd, SPOOL_MODES.file)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             path = self.directory / name
             os.rename(tmp, path)

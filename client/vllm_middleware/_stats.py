@@ -61,15 +61,36 @@ def local_statistics(
     }
 
 
-def _as_int(raw: Mapping[str, str], key: str) -> int:
+def _integer(value: str) -> int | None:
+    # What Redis's HINCRBY itself accepts; anything else was written by someone else.
     try:
-        return int(raw.get(key, 0))
+        number = int(value)
     except ValueError:
-        return 0
+        return None
+    return number if str(number) == value and abs(number) < 2**63 else None
+
+
+def _as_int(raw: Mapping[str, str], key: str) -> int:
+    return _integer(raw.get(key, "0")) or 0
 
 
 def _prefixed(raw: Mapping[str, str], prefix: str) -> dict[str, int]:
-    return {k[len(prefix) :]: int(v) for k, v in sorted(raw.items()) if k.startswith(prefix)}
+    found = {k[len(prefix) :]: _integer(v) for k, v in sorted(raw.items()) if k.startswith(prefix)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+# Fields the stats readers parse as integers; the rest (`log_dir`, `scanned_at`) are text.
+_TEXT_FIELDS = frozenset({"log_dir", "scanned_at"})
+
+
+def damaged_fields(raw: Mapping[str, str]) -> dict[str, str]:
+    """Counters that do not hold an integer (the workers then refuse to acknowledge batches
+    whose counters they would increment): the field and the start of its value."""
+    return {
+        key: value[:64]
+        for key, value in sorted(raw.items())
+        if key not in _TEXT_FIELDS and _integer(value) is None
+    }
 
 
 def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
@@ -82,9 +103,14 @@ def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
 
 
 def build_redis_statistics(
-    raw_hash: Mapping[Any, Any], stream_length: int, groups: list[Any]
+    raw_hash: Mapping[Any, Any],
+    stream_length: int,
+    groups: list[Any],
+    refused_hash: Mapping[Any, Any] | None = None,
 ) -> dict[str, Any]:
     raw = _decode(raw_hash)
+    # Intents a worker would not act on (`vllm_middleware_worker._recovery`): left for a person.
+    refused = _decode(refused_hash or {})
     pending = lag = 0
     for group in groups:
         info = _decode(group) if isinstance(group, Mapping) else {}
@@ -104,12 +130,15 @@ def build_redis_statistics(
         "dead_letters": _as_int(raw, "dead_letters"),
         "spool_damaged": _as_int(raw, "spool_damaged"),
         "worker_write_errors": _as_int(raw, "worker_write_errors"),
+        "worker_ack_errors": _as_int(raw, "worker_ack_errors"),
         "files_scanned_at": raw.get("scanned_at"),
         "stream_length": stream_length,
         "pending": pending,
         "lag": lag,
         "by_date": _prefixed(raw, "requests:date:"),
         "by_host": _prefixed(raw, "requests:host:"),
+        "damaged_fields": damaged_fields(raw),
+        "refused_intents": refused,
     }
 
 
@@ -117,24 +146,26 @@ def read_statistics_sync(client: redis.Redis, keys: StreamKeys) -> dict[str, Any
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.stats)
     pipe.xlen(keys.stream)
-    raw_hash, length = pipe.execute()
+    pipe.hgetall(keys.refused)
+    raw_hash, length, refused = pipe.execute()
     try:
         groups = client.xinfo_groups(keys.stream)
     except redis.ResponseError:  # no stream yet
         groups = []
-    return build_redis_statistics(raw_hash, int(length), list(groups))
+    return build_redis_statistics(raw_hash, int(length), list(groups), refused)
 
 
 async def read_statistics(client: aioredis.Redis, keys: StreamKeys) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.stats)
     pipe.xlen(keys.stream)
-    raw_hash, length = await pipe.execute()
+    pipe.hgetall(keys.refused)
+    raw_hash, length, refused = await pipe.execute()
     try:
         groups: Any = await client.xinfo_groups(keys.stream)
     except redis.ResponseError:
         groups = []
-    return build_redis_statistics(raw_hash, int(length), list(groups))
+    return build_redis_statistics(raw_hash, int(length), list(groups), refused)
 
 
 def scan_log_tree(log_dir: str | os.PathLike[str]) -> tuple[int, int]:
@@ -144,7 +175,7 @@ def scan_log_tree(log_dir: str | os.PathLike[str]) -> tuple[int, int]:
     count = size = 0
     for path in iter_log_files(log_dir):
         try:
-            size += path.stat().st_size
+            size += path.lstat().st_size  # links are not listed; never follow one
         except FileNotFoundError:  # removed by retention between listing and stat
             continue
         count += 1

@@ -31,6 +31,8 @@ from typing import BinaryIO
 
 import orjson
 
+from ._crash import crash_point
+from ._modes import FileModes
 from ._partition import PartitionLines, PartitionWriter
 
 __all__ = [
@@ -145,6 +147,7 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
             if kind == BATCH:
                 plan = writer.plan(decode_batch(body))
                 reply(PLAN, seq, orjson.dumps([[str(p.path), p.offset] for p in plan.parts]))
+                crash_point("after-plan")
                 writer.write(plan)
                 if stall:
                     time.sleep(stall)
@@ -176,6 +179,7 @@ def main(argv: list[str]) -> int:
         max_bytes=settings["max_bytes"],
         log_format=settings["log_format"],
         fsync=settings["fsync"],
+        modes=FileModes(*settings["modes"]),
     )
     with os.fdopen(request_fd, "rb", buffering=1 << 20) as source:
         try:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from ._config import WorkerConfig
 from ._consumer import ConsumerStatus, StreamConsumer
 from ._jobs import aggregate_file_stats, publish_file_stats
+from ._retention_job import retention_job
 from ._service import on_shutdown, on_startup, open_consumer_redis
 
 __all__ = [
@@ -42,7 +43,8 @@ def make_worker_settings(config: WorkerConfig | None = None) -> type:
         redis_settings = RedisSettings.from_dsn(cfg.redis_url)
         functions: ClassVar[list[Any]] = []
         cron_jobs: ClassVar[list[Any]] = [
-            cron(aggregate_file_stats, second=seconds, unique=True, run_at_startup=False)
+            cron(aggregate_file_stats, second=seconds, unique=True, run_at_startup=False),
+            *retention_cron(cfg),
         ]
         on_startup = staticmethod(startup)
         on_shutdown = staticmethod(on_shutdown)
@@ -52,6 +54,15 @@ def make_worker_settings(config: WorkerConfig | None = None) -> type:
         queue_name = f"{cfg.stream}:arq"
 
     return Settings
+
+
+def retention_cron(cfg: WorkerConfig) -> list[Any]:
+    """Hourly retention (minute 7), when `retention_days` is set."""
+    from arq import cron
+
+    if cfg.retention_days <= 0:
+        return []
+    return [cron(retention_job, minute={7}, second={0}, unique=True, run_at_startup=True)]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,8 @@ from vllm_middleware import ConfigurationError
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer
 from ._jobs import publish_file_stats
+from ._metrics import start_metrics_server
+from ._preflight import check_log_dir
 from ._service import open_consumer_redis
 
 __all__ = ["add_arguments", "main", "run_from_args"]
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", help="stream key (default vllm:logs)")
     parser.add_argument("--consumer", help="consumer name (default host-pid-random)")
     parser.add_argument("--batch-size", type=int, help="records per batch at most")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve /metrics (env VLLM_MW_METRICS_PORT)"
+    )
     parser.add_argument(
         "--burst", action="store_true", help="drain the stream, then exit (no arq, no cron)"
     )
@@ -44,12 +49,14 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         stream=args.stream,
         consumer=args.consumer,
         batch_size=args.batch_size,
+        metrics_port=args.metrics_port,
     )
 
 
 async def _run_standalone(config: WorkerConfig, *, burst: bool) -> None:
     client = open_consumer_redis(config)
     consumer = StreamConsumer(client, config)
+    metrics = start_metrics_server(consumer, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, consumer.stop)
@@ -57,6 +64,8 @@ async def _run_standalone(config: WorkerConfig, *, burst: bool) -> None:
         await consumer.run(burst=burst)
         await publish_file_stats(client, config)
     finally:
+        if metrics is not None:
+            metrics.close()
         await client.aclose()
 
 
@@ -67,6 +76,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
+        check_log_dir(config.log_dir, config.modes.dir)
     except ConfigurationError as exc:
         print(f"vllm-mw worker: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vllm_middleware import ConfigurationError
+from vllm_middleware._modes import FileModes, log_modes
 
 __all__ = ["WorkerConfig"]
 
@@ -41,6 +42,17 @@ class WorkerConfig:
     max_record_bytes: int = 64 * 1024 * 1024
     #: seconds between file-tree scans (file count, total size)
     stats_interval_s: int = 10
+    #: permission modes of the log files and directories this worker creates (octal)
+    file_mode: str = "0640"
+    dir_mode: str = "0750"
+    #: close a file not written for this long (retention and compression take only files
+    #: unchanged for longer, so never one a worker may still append to)
+    file_idle_s: float = 300.0
+    #: delete date partitions older than this many days (0: keep everything)
+    retention_days: int = 0
+    #: serve Prometheus /metrics on this port (0: off)
+    metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
 
     _ENV = {
         "redis_url": "VLLM_MW_REDIS_URL",
@@ -58,6 +70,12 @@ class WorkerConfig:
         "max_deliveries": "VLLM_MW_MAX_DELIVERIES",
         "max_record_bytes": "VLLM_MW_MAX_RECORD_BYTES",
         "stats_interval_s": "VLLM_MW_STATS_INTERVAL_S",
+        "file_mode": "VLLM_MW_FILE_MODE",
+        "dir_mode": "VLLM_MW_DIR_MODE",
+        "metrics_port": "VLLM_MW_METRICS_PORT",
+        "file_idle_s": "VLLM_MW_FILE_IDLE_S",
+        "retention_days": "VLLM_MW_RETENTION_DAYS",
+        "metrics_addr": "VLLM_MW_METRICS_ADDR",
     }
 
     def __post_init__(self) -> None:
@@ -69,6 +87,7 @@ class WorkerConfig:
             )
         if self.heartbeat_ttl_s <= 0:
             raise ConfigurationError("heartbeat_ttl_s must be positive")
+        self.modes  # noqa: B018 - validates file_mode and dir_mode now, not at the first write
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> WorkerConfig:
@@ -87,6 +106,10 @@ class WorkerConfig:
     def heartbeat_interval_s(self) -> float:
         # Several beats per TTL, so one late beat (a busy loop) is not taken for death.
         return min(5.0, self.heartbeat_ttl_s / 4)
+
+    @property
+    def modes(self) -> FileModes:
+        return log_modes(self.file_mode, self.dir_mode)
 
     @property
     def max_bytes(self) -> int:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -35,15 +35,18 @@ from vllm_middleware import PartitionWriter, StreamKeys
 from vllm_middleware._keys import BUNDLE_BYTES, BUNDLE_RECORDS
 from vllm_middleware._partition import BatchPlan, PartitionLines
 
-from ._ack import Acknowledger, batch_counters, dead_letters
+from ._ack import Acknowledger, batch_counters, dead_letters, is_damaged_stats
 from ._config import WorkerConfig
 from ._entries import Entry, EntrySorter, Poison, SortedBatch
+from ._intent import encode_intent
 from ._oom import group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
 from ._recovery import Recovery, intent_fields
+from ._status import ConsumerStatus
 
 __all__ = ["ConsumerStatus", "StreamConsumer"]
 
 logger = logging.getLogger("vllm_middleware_worker")
+_HOST = socket.gethostname()  # in the heartbeat: `vllm-mw health --host` filters on it
 
 # Errors that a retry can outlive: Redis unreachable or restarting, disk errors, and error
 # replies (OOM at `maxmemory`, READONLY during a failover, NOGROUP after a Redis lost its
@@ -55,19 +58,9 @@ def _identity(response: Any, **options: Any) -> Any:
     return response
 
 
-@dataclass
-class ConsumerStatus:
-    """What the worker reports about itself (logs, health, tests)."""
-
-    batches: int = 0
-    records: int = 0
-    dead_letters: int = 0
-    write_failures: int = 0
-    redis_failures: int = 0
-    recovered_consumers: int = 0
-    last_error: str | None = None
-    last_batch_at: float | None = None
-    errors_by_kind: Counter[str] = field(default_factory=Counter)
+class _StopRequested(Exception):
+    """A retry loop gave up because the worker is stopping: the batch stays pending, with its
+    intent, for the next worker (or this one's next life) to undo and write again."""
 
 
 class StreamConsumer:
@@ -87,6 +80,7 @@ class StreamConsumer:
             max_bytes=config.max_bytes,
             log_format="json" if config.log_format == "json" else "jsonl",
             fsync=config.fsync,
+            modes=config.modes,
         )
         self.status = ConsumerStatus()
         self.recovery = Recovery(redis, config, self)
@@ -119,6 +113,9 @@ class StreamConsumer:
         # while the ack then removes its entries from the stream would lose it.
         self._undo_pending = True
         self.disk_error: str | None = None  # set while writes fail, cleared by the next success
+        self.ack_error: str | None = None  # set while acknowledgements are refused
+        #: called with each batch's seconds from write to acknowledgement (metrics); off if None
+        self.batch_observer: Callable[[float], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -149,6 +146,8 @@ class StreamConsumer:
                         if await self._drained():
                             return
                     backoff = 0.1
+                except _StopRequested:
+                    break
                 except _TRANSIENT as exc:
                     self._note_error("redis", exc)
                     self.status.redis_failures += 1
@@ -169,7 +168,7 @@ class StreamConsumer:
             # Stopping: the batch read ahead is ours (pending) - write and acknowledge it too.
             if self._prefetch is not None:
                 task, self._prefetch = self._prefetch, None
-                with contextlib.suppress(*_TRANSIENT):
+                with contextlib.suppress(_StopRequested, *_TRANSIENT):
                     if (ready := await task) is not None:
                         await self._process_sorted(ready)
         finally:
@@ -223,10 +222,15 @@ class StreamConsumer:
 
     async def _heartbeat_loop(self) -> None:
         # Separate from the batch loop so that a long write (slow disk) does not look like death.
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             with contextlib.suppress(*_TRANSIENT):
                 await self._beat()
+            # In the writer's own thread, between batches (the writer is not thread-safe).
+            with contextlib.suppress(OSError):
+                idle = self.config.file_idle_s
+                await loop.run_in_executor(self._executor, self.writer.close_idle, idle)
 
     async def _drained(self) -> bool:
         groups = await self.redis.xinfo_groups(self.keys.stream)
@@ -319,10 +323,11 @@ class StreamConsumer:
             self._prefetch = asyncio.create_task(self._read_sorted(), name="vllm-mw-read-ahead")
         field = intent_fields(self.config.consumer)[self._slot]
         self._slot ^= 1
-        await self._write_durably(plan, lines, field)
+        started = time.monotonic()
+        await self._write_durably(plan, lines, field, batch.ids)
         # Before this batch's ack, and before the next batch reuses the previous one's field.
         await self._settle_ack()
-        ack = self._acknowledge(plan, batch.ids, poison, field)
+        ack = self._acknowledge(plan, batch.ids, poison, field, started)
         if poison:
             await ack  # dead letters: rare, keep them simple
         else:
@@ -352,14 +357,17 @@ class StreamConsumer:
         entries = await self._read(b">")
         return self._sort(entries, None) if entries else None
 
-    def _intent(self, plan: BatchPlan) -> bytes:
+    def _parts(self, plan: BatchPlan) -> list[tuple[str, int, int]]:
         # Paths relative to log_dir: a recovering worker may have another working directory.
         root = self.writer.log_dir
-        return orjson.dumps(
-            {"parts": [[str(p.path.relative_to(root)), p.offset] for p in plan.parts]}
-        )
+        return [(p.path.relative_to(root).as_posix(), p.offset, len(p.data)) for p in plan.parts]
 
-    async def _write_durably(self, plan: BatchPlan, lines: PartitionLines, field: str) -> None:
+    def _intent(self, plan: BatchPlan, ids: list[bytes]) -> bytes:
+        return encode_intent(ids, self._parts(plan))
+
+    async def _write_durably(
+        self, plan: BatchPlan, lines: PartitionLines, field: str, ids: list[bytes]
+    ) -> None:
         """Record the intent, then write and fsync; retry (re-planning) until it succeeds.
 
         After a failed write (disk full, read-only, permissions) the batch's bytes are cut
@@ -374,7 +382,7 @@ class StreamConsumer:
             try:
                 # Set even for an empty plan: its presence is how `_acknowledge` tells a lost
                 # EXEC reply from an EXEC that never ran.
-                await self._record_intent(plan, field)
+                await self._record_intent(self._intent(plan, ids), field)
                 if plan.parts:
                     await loop.run_in_executor(self._executor, self.writer.write, plan)
                 self.disk_error = None
@@ -389,16 +397,17 @@ class StreamConsumer:
                 else:
                     self.status.redis_failures += 1
                     self._note_error("redis", exc)
-            await asyncio.sleep(backoff)  # keep the batch: it is not acknowledged yet
+            await self._sleep(backoff)  # keep the batch: it is not acknowledged yet
             backoff = min(backoff * 2, 10.0)
+            if self._stopping.is_set():
+                raise _StopRequested  # the intent covers whatever the failed write left
             if disk_failed:
                 await self._undo_until_clean(plan)
             # The plan may be stale after a failure (a file was forgotten): plan again.
             fresh = self.writer.plan(lines)
             plan.parts, plan.new_files = fresh.parts, fresh.new_files
 
-    async def _record_intent(self, plan: BatchPlan, field: str) -> None:
-        intent = self._intent(plan)
+    async def _record_intent(self, intent: bytes, field: str) -> None:
         try:
             await self.redis.hset(self.keys.inflight, field, intent)
         except ResponseError as exc:
@@ -408,7 +417,7 @@ class StreamConsumer:
 
     async def _undo_until_clean(self, plan: BatchPlan) -> None:
         """Cut the files of a failed write back to their pre-batch sizes; retry until done."""
-        parts = orjson.loads(self._intent(plan))["parts"]
+        parts = [(path, offset) for path, offset, _ in self._parts(plan)]
         backoff = 0.2
         loop = asyncio.get_running_loop()
         while True:
@@ -418,14 +427,22 @@ class StreamConsumer:
             except OSError as exc:
                 self.status.write_failures += 1
                 self.disk_error = f"{type(exc).__name__}: {exc}"
-                self._note_error("write", exc)
-                await asyncio.sleep(backoff)
+                self._note_error("undo", exc)
+                await self._report_write_failure()
+                await self._sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+                if self._stopping.is_set():
+                    raise _StopRequested from exc
 
     async def _report_write_failure(self) -> None:
         # Fleet-visible: a counter in the stats hash and this worker's health in its heartbeat.
         with contextlib.suppress(*_TRANSIENT):
             await self.redis.hincrby(self.keys.stats, "worker_write_errors", 1)
+            await self._beat()
+
+    async def _report_ack_failure(self) -> None:
+        with contextlib.suppress(*_TRANSIENT):
+            await self.redis.hincrby(self.keys.stats, "worker_ack_errors", 1)
             await self._beat()
 
     async def _acknowledge(
@@ -434,6 +451,7 @@ class StreamConsumer:
         all_ids: list[bytes],
         poison: list[Poison],
         field: str,
+        started: float | None = None,
     ) -> None:
         if not all_ids:
             return
@@ -451,34 +469,35 @@ class StreamConsumer:
             except _TRANSIENT as exc:
                 self.status.redis_failures += 1
                 self._note_error("ack", exc)
-                await asyncio.sleep(backoff)  # not cancellable by stop: the data is on disk
-                backoff = min(backoff * 2, 5.0)
+                refused = is_damaged_stats(exc)
+                if refused:
+                    # Nothing was acknowledged; retrying cannot help until a person repairs
+                    # the stats hash: say so everywhere, and wait longer between attempts.
+                    self.ack_error = str(exc)
+                    logger.error("acknowledgement refused, batch kept pending: %s", exc)
+                    await self._report_ack_failure()
+                if self._stopping.is_set():
+                    # Safe to leave: the intent is removed only together with the ack, so
+                    # either both happened or the next worker undoes and redoes the batch.
+                    logger.warning("stopping with a written batch not acknowledged (redone later)")
+                    return
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 30.0 if refused else 5.0)
+        self.ack_error = None
         self.status.batches += 1
         self.status.records += plan.records
+        self.status.bytes += plan.nbytes
         self.status.dead_letters += counters.get("dead_letters", 0)
         self.status.last_batch_at = time.time()
+        if self.batch_observer is not None and started is not None:
+            self.batch_observer(time.monotonic() - started)
         if poison:
             logger.warning("dead-lettered %d entries or records", len(poison))
 
     def _note_error(self, kind: str, exc: BaseException) -> None:
-        self.status.errors_by_kind[kind] += 1
-        self.status.last_error = f"{kind}: {type(exc).__name__}: {exc}"
-        count = self.status.errors_by_kind[kind]
-        if count == 1 or count % 100 == 0:
-            logger.warning("%s failed (%d times so far): %s", kind, count, exc)
+        self.status.note_error(kind, exc)
 
     def health(self) -> dict[str, Any]:
-        status = self.status
-        return {
-            "consumer": self.config.consumer,
-            "batches": status.batches,
-            "records": status.records,
-            "dead_letters": status.dead_letters,
-            "write_failures": status.write_failures,
-            "redis_failures": status.redis_failures,
-            "recovered_consumers": status.recovered_consumers,
-            "last_error": status.last_error,
-            "last_batch_at": status.last_batch_at,
-            "disk_error": self.disk_error,
-            "state": "disk_error" if self.disk_error else "ok",
-        }
+        return self.status.health(
+            self.config.consumer, self.disk_error, self.ack_error, host=_HOST, pid=os.getpid()
+        )

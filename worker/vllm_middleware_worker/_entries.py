@@ -1,9 +1,11 @@
 """Stream entries to lines: the checks a batch passes before it is written, and its dead letters.
 
 An entry is a bundle (`vllm_middleware._keys`): `n` records of one (date, host) joined by
-newlines. A well-formed bundle is checked with a few byte scans, never parsed, and reaches the
-file as it is. Anything else is looked at record by record: what can be written is, the rest
-goes to the dead-letter stream with the reason, so one bad record never holds up its
+newlines. A bundle from this project's client carries the checksum its packing computed over
+orjson's output: when it matches (and a few byte scans agree with `n`), the bundle reaches the
+file as it is, never parsed. Anything else - an older client, another producer, a damaged
+bundle - is parsed record by record: each line written is one JSON object in valid UTF-8, the
+rest goes to the dead-letter stream with the reason, so one bad record never holds up its
 neighbours nor the stream.
 """
 
@@ -13,15 +15,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from vllm_middleware._keys import FIELD_COUNT, FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD
-from vllm_middleware._partition import PartitionLines, is_valid_date
+from vllm_middleware._keys import (
+    FIELD_COUNT,
+    FIELD_DATE,
+    FIELD_ERROR,
+    FIELD_HOST,
+    FIELD_RECORD,
+    FIELD_SUM,
+    bundle_sum,
+)
+from vllm_middleware._partition import PartitionLines, host_problem, is_valid_date
 
 __all__ = ["Entry", "EntrySorter", "Poison", "SortedBatch", "records_in"]
 
 Entry = tuple[bytes, Any]  # (id, fields: dict, flat [field, value, ...] list, or None)
 Poison = tuple[bytes, dict[bytes, bytes], str]  # (source entry id, fields, reason)
 
-_MAX_HOST_LEN = 1024
 _MAX_PARTITIONS = 10_000  # (date, host) checks remembered: hosts x dates seen recently
 
 
@@ -43,9 +52,13 @@ def as_dict(fields: Any) -> dict[bytes, bytes]:
 
 
 def records_in(fields: dict[bytes, bytes]) -> int:
-    """How many records an entry says it holds (1 when it does not say, or says nonsense)."""
+    """How many records an entry holds, for the counters: what it says, but never more lines
+    than it has (a forged `n` of 10**30 would overflow the counter), and 1 for nonsense."""
     count = fields.get(FIELD_COUNT, b"1")
-    return int(count) if count.isdigit() and int(count) > 0 else 1
+    if not (count.isdigit() and 0 < len(count) <= 12):
+        return 1
+    lines = fields.get(FIELD_RECORD, b"").count(b"\n") + 1
+    return max(1, min(int(count), lines))
 
 
 def _check_partition(raw_date: bytes, raw_host: bytes) -> tuple[str, str] | str:
@@ -57,8 +70,9 @@ def _check_partition(raw_date: bytes, raw_host: bytes) -> tuple[str, str] | str:
         return "missing or undecodable date/host field"
     if not is_valid_date(date):
         return f"invalid date partition {date[:40]!r}"
-    if not host or len(host) > _MAX_HOST_LEN or "\x00" in host:
-        return "invalid host partition"
+    problem = host_problem(host)
+    if problem is not None:
+        return f"invalid host partition: {problem}"
     return date, host
 
 
@@ -88,21 +102,26 @@ class EntrySorter:
             if undeliverable and entry_id in undeliverable:
                 poison.append((entry_id, as_dict(fields), undeliverable[entry_id]))
                 continue
-            # Fast path: the field order our clients write, a valid partition, whole
-            # JSON-object lines (`{` ... `}` around every newline, as many newlines as
-            # records less one), counts that add up.
+            # Fast path: the field order our clients write, a valid partition, the checksum
+            # of our client's packing, lines that agree with the counts (`{` ... `}` around
+            # every newline, as many newlines as records less one).
             if (
                 type(fields) is list
-                and len(fields) == 10
+                and len(fields) == 12
                 and fields[0] == FIELD_DATE
                 and fields[2] == FIELD_HOST
                 and fields[4] == FIELD_ERROR
                 and fields[6] == FIELD_COUNT
-                and fields[8] == FIELD_RECORD
+                and fields[8] == FIELD_SUM
+                and fields[10] == FIELD_RECORD
             ):
-                data = fields[9]
+                data = fields[11]
                 known = self._partition(fields[1], fields[3])
-                if type(known) is tuple and len(data) <= max_bytes:
+                if (
+                    type(known) is tuple
+                    and len(data) <= max_bytes
+                    and _sum_matches(data, fields[9])
+                ):
                     counts = _whole_bundle(data, fields[7], fields[5])
                     if counts is not None:
                         lines.add(known[0], known[1], data, *counts)
@@ -133,6 +152,8 @@ class EntrySorter:
         raw_date, raw_host = fields.get(FIELD_DATE), fields.get(FIELD_HOST)
         if data is None:
             return [], [(fields, "missing record field")]
+        if len(data) > self.max_record_bytes:  # not even split: it would be copied whole
+            return [], [(fields, f"entry of {len(data)} bytes exceeds max_record_bytes")]
         if raw_date is None or raw_host is None:
             return [], [(fields, "missing or undecodable date/host field")]
         partition = self._partition(raw_date, raw_host)
@@ -146,8 +167,9 @@ class EntrySorter:
             if line is None:
                 return [], [(fields, reason)]
             return [(date, host, line, 1, int(raw_errors == b"1"))], []
+        raw_sum = fields.get(FIELD_SUM)
         counts = _whole_bundle(data, count, raw_errors)
-        if counts is not None and len(data) <= self.max_record_bytes:
+        if counts is not None and raw_sum is not None and _sum_matches(data, raw_sum):
             return [(date, host, data, *counts)], []
         good: list[tuple[str, str, bytes, int, int]] = []
         bad: list[tuple[dict[bytes, bytes], str]] = []
@@ -164,16 +186,17 @@ class EntrySorter:
         """The record as one JSON-object line, or why it cannot be written."""
         if len(data) > self.max_record_bytes:
             return None, f"record of {len(data)} bytes exceeds max_record_bytes"
-        if data.startswith(b"{") and data.endswith(b"}") and b"\n" not in data:
-            return data, ""
-        # Lines must stay whole JSON objects; a newline would split one record in two.
         try:
-            parsed = orjson.loads(data)
+            parsed = orjson.loads(data)  # also refuses invalid UTF-8
         except orjson.JSONDecodeError:
-            return None, "record is not valid JSON"
+            return None, "record is not valid JSON in UTF-8"
         if not isinstance(parsed, dict):
             return None, "record is not a JSON object"
-        return orjson.dumps(parsed), ""
+        if b"\n" in data or b"\r" in data:
+            # Lines must stay whole JSON objects: a line break (JSON whitespace here) would
+            # split one record in two for line readers.
+            return orjson.dumps(parsed), ""
+        return data, ""
 
 
 def _whole_bundle(data: bytes, raw_count: bytes, raw_errors: bytes) -> tuple[int, int] | None:
@@ -195,6 +218,10 @@ def _whole_bundle(data: bytes, raw_count: bytes, raw_errors: bytes) -> tuple[int
         newlines += 1
         pos = find(b"\n", pos + 2)
     return (count, errs) if newlines == count - 1 else None
+
+
+def _sum_matches(data: bytes, raw_sum: bytes) -> bool:
+    return raw_sum.isdigit() and len(raw_sum) <= 10 and int(raw_sum) == bundle_sum(data)
 
 
 def _is_error(line: bytes) -> int:

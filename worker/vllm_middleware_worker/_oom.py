@@ -16,7 +16,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
-__all__ = ["ack_at_oom", "group_create_at_oom", "hset_at_oom", "is_oom", "set_px_at_oom"]
+__all__ = [
+    "ACK_LETTERS",
+    "ack_args",
+    "ack_at_oom",
+    "counters_check",
+    "group_create_at_oom",
+    "hset_at_oom",
+    "is_oom",
+    "set_px_at_oom",
+]
 
 _HSET = "#!lua flags=allow-oom\nreturn redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])"
 _SET_PX = "#!lua flags=allow-oom\nreturn redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
@@ -25,16 +34,45 @@ local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MK
 if ok or string.find(tostring(err), 'BUSYGROUP') then return 1 end
 return redis.error_reply(tostring(err))
 """
+# Before any write: each counter (KEYS[2], ARGV pairs of name and amount from `first` to
+# `last`) must hold what HINCRBY takes (a canonical integer) with at most 18 digits, so that it
+# can neither fail nor overflow; otherwise the whole acknowledgement is refused, naming the
+# damaged fields (`_ack.DAMAGED_STATS`).
+_COUNTERS_CHECK = """
+local bad = {}
+for c = FIRST, LAST, 2 do
+  local v = redis.call('HGET', KEYS[2], ARGV[c])
+  if v and not (string.len(v) <= 18 and
+      (v == '0' or string.match(v, '^%-?[1-9]%d*$'))) then
+    bad[#bad + 1] = ARGV[c]
+  end
+end
+if #bad > 0 then
+  return redis.error_reply('DAMAGED_STATS counters that are not integers: ' ..
+    table.concat(bad, ' '))
+end
+"""
+
+
+def counters_check(first: str, last: str) -> str:
+    """The check above for the counters in ARGV[first .. last] (Lua expressions)."""
+    return _COUNTERS_CHECK.replace("FIRST", first).replace("LAST", last)
+
+
 # KEYS: stream, stats, inflight, dead-letter stream.
 # ARGV: group, consumer, n ids, ids..., n counters, (name, amount)...,
 #       n dead letters, (n fields, field, value, ...)...
-_ACK = """#!lua flags=allow-oom
+ACK_LETTERS = (
+    """
 local stream, stats, inflight, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local i = 3
 local n = tonumber(ARGV[i]); i = i + 1
 local ids = {}
 for j = 1, n do ids[j] = ARGV[i]; i = i + 1 end
 local m = tonumber(ARGV[i]); i = i + 1
+"""
+    + counters_check("i", "i + 2 * m - 1")
+    + """
 for j = 1, m do redis.call('HINCRBY', stats, ARGV[i], ARGV[i + 1]); i = i + 2 end
 local d = tonumber(ARGV[i]); i = i + 1
 for j = 1, d do
@@ -43,13 +81,16 @@ for j = 1, d do
   for k = 1, f * 2 do args[#args + 1] = ARGV[i]; i = i + 1 end
   redis.call(unpack(args))
 end
-if n > 0 then
-  redis.call('XACK', stream, ARGV[1], unpack(ids))
-  redis.call('XDEL', stream, unpack(ids))
+for s = 1, n, 1000 do  -- unpack has a stack limit
+  local e = math.min(s + 999, n)
+  redis.call('XACK', stream, ARGV[1], unpack(ids, s, e))
+  redis.call('XDEL', stream, unpack(ids, s, e))
 end
 redis.call('HDEL', inflight, ARGV[2])
 return 1
 """
+)
+_ACK = "#!lua flags=allow-oom\n" + ACK_LETTERS
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -81,6 +122,17 @@ async def ack_at_oom(
     dead: list[dict[bytes, bytes]],
 ) -> None:
     """XADD the dead letters, XACK + XDEL `ids`, HINCRBY the counters, HDEL the intent."""
+    await redis.eval(_ACK, 4, *keys, *ack_args(group, consumer, ids, counters, dead))
+
+
+def ack_args(
+    group: str,
+    consumer: str,
+    ids: list[bytes],
+    counters: dict[str, int],
+    dead: list[dict[bytes, bytes]],
+) -> list[Any]:
+    """The ARGV of `ACK_LETTERS`."""
     args: list[Any] = [group, consumer, len(ids), *ids, len(counters)]
     for name, amount in counters.items():
         args += [name, amount]
@@ -89,4 +141,4 @@ async def ack_at_oom(
         args.append(len(fields))
         for field, value in fields.items():
             args += [field, value]
-    await redis.eval(_ACK, 4, *keys, *args)
+    return args

@@ -4,7 +4,10 @@ A consumer is dead when its heartbeat key has expired (the heartbeat runs in its
 slow disk does not look like death). The recovering worker takes a lock per dead consumer,
 truncates the files named in the dead consumer's intent back to their pre-batch sizes (bytes
 that were written but never acknowledged), then claims the dead consumer's pending entries and
-writes them to its own files.
+writes them to its own files. An intent that is not plausible (`_intent.py`) is refused: the
+consumer's entries and intent are left as they are, the reason is stored in the `refused`
+hash (`vllm-mw stats` shows it) and logged, and nothing is cut or claimed until a person
+removes the intent.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +24,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from ._config import WorkerConfig
+from ._intent import Intent, parse_intent, plan_cuts
 
 if TYPE_CHECKING:
     from ._consumer import StreamConsumer
@@ -40,48 +45,115 @@ class Recovery:
         self.config = config
         self.consumer = consumer
         self.keys = consumer.keys
+        # One batch reads up to `batch_bytes`, and its last entry can hold a record of up to
+        # `max_record_bytes`: an intent naming more is not one batch.
+        self._max_batch_bytes = config.batch_bytes + config.max_record_bytes
+        self._reported: set[str] = set()  # consumers whose refused intent was logged
 
-    async def undo_intent(self, name: str) -> int:
-        """Truncate the files of `name`'s unacknowledged batches; returns bytes removed.
+    async def undo_intent(self, name: str) -> int | None:
+        """Truncate the files of `name`'s unacknowledged batches; returns bytes removed, or
+        None when its intents were refused (reported and left for a person).
 
         Two batches at most (one written, one being acknowledged), one intent field each;
         cutting every file to each intent's offset leaves it at the lowest: both undone.
         """
         fields = intent_fields(name)
         raws = await self.redis.hmget(self.keys.inflight, fields)
-        parts: list[Any] = []
+        if all(raw is None for raw in raws):
+            return 0
+        intents: list[Intent] = []
         for raw in raws:
             if raw is None:
                 continue
-            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-                parts += orjson.loads(raw).get("parts", [])
-        if not any(raw is not None for raw in raws):
-            return 0
-        removed = await asyncio.to_thread(self.truncate_parts, parts)
+            intent = parse_intent(raw, name, self._max_batch_bytes)
+            if isinstance(intent, str):
+                await self._refuse(name, intent, raws)
+                return None
+            if not await self._pending(name, intent.ids):
+                reason = "its entries are no longer pending for it (stale or forged)"
+                await self._refuse(name, reason, raws)
+                return None
+            intents.append(intent)
+        paths = {path for intent in intents for path, _, _ in intent.parts}
+        sizes = await asyncio.to_thread(self._sizes, paths)
+        if isinstance(sizes, str):
+            await self._refuse(name, sizes, raws)
+            return None
+        cuts = plan_cuts(intents, sizes)
+        if isinstance(cuts, str):
+            await self._refuse(name, cuts, raws)
+            return None
+        removed = await asyncio.to_thread(self.truncate_parts, cuts)
         await self.redis.hdel(self.keys.inflight, *fields)
         if removed:
             logger.warning("removed %d unacknowledged bytes written by %s", removed, name)
         return removed
 
-    def truncate_parts(self, parts: list[Any]) -> int:
-        """Cut each `[relative path, offset]` file back to `offset`; raises OSError."""
+    async def _pending(self, name: str, ids: tuple[str, str]) -> bool:
+        """Both ends of the batch are still pending for `name` (not acknowledged)."""
+        for entry_id in dict.fromkeys(ids):
+            found = await self.redis.xpending_range(
+                self.keys.stream, self.keys.group, entry_id, entry_id, 1, consumername=name
+            )
+            if not found:
+                return False
+        return True
+
+    async def _refuse(self, name: str, reason: str, raws: list[Any]) -> None:
+        shown = [raw.decode("utf-8", "replace")[:1000] for raw in raws if raw is not None]
+        record = orjson.dumps({"reason": reason, "intents": shown, "at": time.time()})
+        await self.redis.hset(self.keys.refused, name, record)
+        self.consumer.status.refused_intents += 1
+        if name not in self._reported:
+            self._reported.add(name)
+            logger.error(
+                "refused to act on the intent of consumer %s (%s); its entries stay pending "
+                "until a person removes the intent: HDEL %s %s",
+                name,
+                reason,
+                self.keys.inflight,
+                name,
+            )
+
+    def _inside(self, root: Path, relative: str) -> Path | None:
+        """`root / relative` if it is a path inside `root` with no symlink on the way."""
+        path = root / relative
+        if path.resolve() != path:  # an intent must never reach outside log_dir
+            return None
+        return path
+
+    def _sizes(self, paths: set[str]) -> dict[str, int | None] | str:
+        root = Path(self.config.log_dir).resolve()
+        sizes: dict[str, int | None] = {}
+        for relative in paths:
+            path = self._inside(root, relative)
+            if path is None:
+                return f"{relative[:200]!r} leads outside log_dir"
+            try:
+                sizes[relative] = path.stat().st_size
+            except (FileNotFoundError, NotADirectoryError):
+                sizes[relative] = None
+        return sizes
+
+    def truncate_parts(self, parts: list[tuple[str, int]]) -> int:
+        """Cut each `(relative path, offset)` file back to `offset`; raises OSError."""
         root = Path(self.config.log_dir).resolve()
         removed = 0
-        for part in parts:
-            if not (isinstance(part, list) and len(part) == 2 and isinstance(part[1], int)):
+        for relative, offset in parts:
+            path = self._inside(root, relative)
+            if path is None:
+                logger.error("ignored a cut naming a path outside log_dir: %s", relative)
                 continue
-            path = (root / str(part[0])).resolve()
-            if not path.is_relative_to(root):  # an intent must never reach outside log_dir
-                logger.error("ignored an intent naming a path outside log_dir: %s", part[0])
-                continue
-            with contextlib.suppress(FileNotFoundError):
+            # A path under something that is not a directory names no file either; any other
+            # error is raised, and reported by the caller.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 size = path.stat().st_size
-                if size > part[1]:
+                if size > offset:
                     with open(path, "r+b") as handle:
-                        handle.truncate(part[1])
+                        handle.truncate(offset)
                         handle.flush()
                         os.fsync(handle.fileno())
-                    removed += size - part[1]
+                    removed += size - offset
         return removed
 
     async def recover_dead_consumers(self) -> None:
@@ -109,7 +181,11 @@ class Recovery:
         if not await self.redis.set(lock, me, nx=True, px=_LOCK_TTL_MS):
             return  # another worker is on it
         try:
-            await self.undo_intent(name)
+            if await self.undo_intent(name) is None:
+                return  # refused: nothing cut, nothing claimed
+            # Acted on (a person removed a refused intent, or there was none): no longer refused.
+            await self.redis.hdel(self.keys.refused, name)
+            self._reported.discard(name)
             moved = 0
             while True:
                 pending = await self.redis.xpending_range(

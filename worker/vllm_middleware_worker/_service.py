@@ -21,6 +21,8 @@ from redis.exceptions import RedisError
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer
 from ._jobs import publish_file_stats
+from ._metrics import start_metrics_server
+from ._preflight import check_log_dir
 
 __all__ = ["on_shutdown", "on_startup", "open_consumer_redis", "resilient_worker_class"]
 
@@ -41,9 +43,13 @@ def open_consumer_redis(config: WorkerConfig) -> aioredis.Redis:
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     config: WorkerConfig = ctx.get("vllm_mw_config") or WorkerConfig.from_env()
+    check_log_dir(
+        config.log_dir, config.modes.dir
+    )  # refuse to start rather than take entries it cannot write
     client = open_consumer_redis(config)
     consumer = StreamConsumer(client, config)
     ctx.update(vllm_mw_config=config, vllm_mw_redis=client, vllm_mw_consumer=consumer)
+    ctx["vllm_mw_metrics"] = start_metrics_server(consumer, config)
     task = asyncio.create_task(consumer.run(), name="vllm-mw-consumer")
     task.add_done_callback(_exit_if_unexpected)
     ctx["vllm_mw_task"] = task
@@ -64,6 +70,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
     client: aioredis.Redis | None = ctx.get("vllm_mw_redis")
     if client is not None:
         await client.aclose()
+    if (metrics := ctx.get("vllm_mw_metrics")) is not None:
+        metrics.close()
 
 
 def _exit_if_unexpected(task: asyncio.Task[None]) -> None:
@@ -107,7 +115,9 @@ def resilient_worker_class() -> type:
                 self.handle_sig(signal.SIGUSR1)  # as arq's own close does
             if not getattr(self, "_pool", None):
                 return
-            await asyncio.gather(*self.tasks.values())
+            # SIGTERM cancels running jobs (a stats cron, say): their CancelledError must not
+            # skip `on_shutdown`, which finishes the consumer's batch.
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             with contextlib.suppress(*_POLL_ERRORS):
                 await self.pool.delete(self.health_check_key)
             if self.on_shutdown:
