@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
 from ._destination import mode_of, open_destination
 from ._exceptions import APIError, ConfigurationError
-from ._http import exception_from_response, exception_from_transport
+from ._http import exception_from_response, exception_from_transport, exception_from_unsendable
 from ._keys import StreamKeys
 from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
 from ._partition import LogFormat
@@ -36,6 +36,13 @@ logger = logging.getLogger("vllm_middleware")
 
 _ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
+
+
+def _absolute(base_url: str, endpoint: str) -> httpx.URL | str:
+    try:
+        return httpx.URL(f"{base_url}/{endpoint}")
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return f"{base_url}/{endpoint}"  # raised, mapped and recorded by the first call
 
 
 class VLLMMiddleware:
@@ -94,6 +101,12 @@ class VLLMMiddleware:
         if media_min_bytes < 0 or max_record_bytes <= 0:
             raise ConfigurationError("media_min_bytes must be >= 0 and max_record_bytes > 0")
         self.base_url = base_url.rstrip("/")
+        # Absolute URLs, so the middleware's base_url applies whatever an injected client's
+        # own base_url is (or without one); parsed once here rather than on every call.
+        self._urls: dict[str, httpx.URL | str] = {
+            endpoint: _absolute(self.base_url, endpoint)
+            for endpoint in ("chat/completions", "completions", "models")
+        }
         self.log_dir = str(log_dir)
         self.enable_file_logging = enable_file_logging
         self.log_format = log_format
@@ -335,10 +348,13 @@ class VLLMMiddleware:
 
         Like `health`, a control-plane call: it is not traffic and writes no record.
         """
+        url = self._urls["models"]
         try:
-            response = await self._http.get(f"{self.base_url}/models", headers=_ACCEPT_JSON)
+            response = await self._http.get(url, headers=_ACCEPT_JSON)
         except httpx.HTTPError as exc:
             raise exception_from_transport(exc, "models") from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise exception_from_unsendable(exc, url, None) from exc
         if response.status_code >= 400:
             raise exception_from_response(response, "models")
         try:
@@ -354,7 +370,7 @@ class VLLMMiddleware:
         root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
         try:
             response = await self._http.get(f"{root}/health", timeout=timeout)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, TypeError):
             return False
         return response.status_code == 200
 
@@ -372,12 +388,17 @@ class VLLMMiddleware:
         call, started, content, send_headers = start_call(
             self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now()
         )
+        url = self._urls[endpoint]
         try:
-            response = await self._http.post(endpoint, content=content, headers=send_headers)
+            response = await self._http.post(url, content=content, headers=send_headers)
         except httpx.HTTPError as exc:
             api_error = exception_from_transport(exc, call.request_id)
             call.log(started, error=api_error)
             raise api_error from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            unsendable = exception_from_unsendable(exc, url, call.request_id)
+            call.log(started, error=unsendable)
+            raise unsendable from exc
         except asyncio.CancelledError:
             call.log(started, error=APIError("cancelled by the caller before the response"))
             raise
@@ -427,13 +448,18 @@ class VLLMMiddleware:
         )
         request_id = call.request_id
         hide_usage = params.get("stream_options") is None
-        request = self._http.build_request("POST", endpoint, content=content, headers=send_headers)
+        url = self._urls[endpoint]
         try:
+            request = self._http.build_request("POST", url, content=content, headers=send_headers)
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             api_error = exception_from_transport(exc, request_id)
             call.log(started, error=api_error, stream=True)
             raise api_error from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            unsendable = exception_from_unsendable(exc, url, request_id)
+            call.log(started, error=unsendable, stream=True)
+            raise unsendable from exc
         except asyncio.CancelledError:
             cancelled = APIError("cancelled by the caller before the response")
             call.log(started, error=cancelled, stream=True)

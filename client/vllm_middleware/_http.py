@@ -16,7 +16,12 @@ from ._exceptions import (
     status_error_class,
 )
 
-__all__ = ["error_details", "exception_from_response", "exception_from_transport"]
+__all__ = [
+    "error_details",
+    "exception_from_response",
+    "exception_from_transport",
+    "exception_from_unsendable",
+]
 
 _MAX_ERROR_TEXT = 2000
 
@@ -72,6 +77,17 @@ def exception_from_transport(exc: httpx.HTTPError, request_id: str) -> APIError:
     if isinstance(exc, httpx.TimeoutException):
         return APITimeoutError(f"request timed out: {detail}", request_id=request_id)
     return APIConnectionError(f"connection failed: {detail}", request_id=request_id)
+
+
+def exception_from_unsendable(
+    exc: Exception, url: object, request_id: str | None
+) -> APIConnectionError | InvalidRequestError:
+    """What the HTTP layer raised outside its own tree (`httpx.InvalidURL`, or a bare
+    `ValueError`/`TypeError` for a URL or header it cannot send): nothing left the process."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.InvalidURL) or "url" in detail.lower():
+        return APIConnectionError(f"cannot send to {url}: {detail}", request_id=request_id)
+    return InvalidRequestError(f"request to {url} cannot be sent: {detail}")
 
 
 def error_details(exc: APIError | InvalidRequestError) -> dict[str, Any]:
