@@ -8,8 +8,11 @@ nothing that goes wrong with logging reaches the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import warnings
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -36,6 +39,24 @@ logger = logging.getLogger("vllm_middleware")
 
 _ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
+
+
+def _collected_unclosed(
+    release: Callable[[], None] | None, sink: Shipper | None, mode: str
+) -> None:
+    """A client garbage-collected without close: its buffered records are saved by the
+    shipping thread (shipped, or spooled / written), not left to vanish with it."""
+    buffered = sink.buffered if sink is not None else 0
+    message = (
+        f"VLLMMiddleware ({mode}) was garbage-collected without close(); saving "
+        f"{buffered} buffered log records: use `async with` or `await client.aclose()`"
+    )
+    warnings.warn(message, ResourceWarning, stacklevel=2)
+    logger.warning("%s", message)
+    if release is not None:
+        release()  # the shared sink lives on and ships them
+    elif sink is not None:
+        sink.close_soon()
 
 
 def _absolute(base_url: str, endpoint: str) -> httpx.URL | str:
@@ -118,17 +139,12 @@ class VLLMMiddleware:
         self.redis_url = self.redis_url or None
 
         self._owns_http = http_client is None
+        self._http_settings = (api_key, timeout)
         if http_client is None:
-            headers = dict(JSON_HEADERS)
-            if api_key:
-                headers["authorization"] = f"Bearer {api_key}"
-            http_client = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=timeout,
-                headers=headers,
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-            )
+            http_client = self._new_http_client()
         self._http = http_client
+        # The event loop of the calls so far: an HTTP client's connections belong to one.
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Per-request headers cost a merge on every call: send them only when the client's
         # own defaults do not already say JSON (an injected client may not).
         self._json_headers: Mapping[str, str] | None = missing_headers(http_client, JSON_HEADERS)
@@ -142,7 +158,9 @@ class VLLMMiddleware:
         self._media: MediaPipeline | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._redis: aioredis.Redis | None = None
+        self._owns_redis = False
         self._sink: Shipper | None = None
+        self._release: Callable[[], None] | None = None  # gives a shared sink back
         self._durable = False
         if enable_file_logging:
             destination = open_destination(
@@ -161,7 +179,9 @@ class VLLMMiddleware:
                 max_record_bytes=max_record_bytes,
             )
             self._sink, self._media = destination.sink, destination.media
+            self._release = destination.release
             self._redis, self._durable = destination.redis, destination.durable
+            self._owns_redis = destination.owns_redis
             if self._media is not None:
                 self.media_policy = self._media.policy
         self._stats = ClientStatistics(
@@ -171,6 +191,43 @@ class VLLMMiddleware:
             redis_client=self._redis,
             redis_url=self.redis_url,
         )
+
+        # Dropped without close: save what is buffered, and say so (never at exit: there the
+        # shippers' own exit handler saves everything, quietly).
+        self._finalizer = weakref.finalize(
+            self, _collected_unclosed, self._release, self._sink, self.mode
+        )
+        self._finalizer.atexit = False
+
+    def _new_http_client(self) -> httpx.AsyncClient:
+        api_key, timeout = self._http_settings
+        headers = dict(JSON_HEADERS)
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        return httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers=headers,
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        )
+
+    def _enter_loop(self) -> None:
+        """The first call on an event loop other than the previous calls' one (a second
+        `asyncio.run`). Records never depend on the loop (they ship from their own thread);
+        the HTTP connections do: an owned client is replaced, an injected one refused."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None:
+            if not self._owns_http:
+                raise ConfigurationError(
+                    "this VLLMMiddleware was used on another event loop, and its injected "
+                    "http_client belongs to that loop: create the middleware (and its "
+                    "http_client) inside the loop that uses it, or let it make its own client"
+                )
+            # The old client's connections belong to the previous loop, which may be closed
+            # (then it cannot be closed either): left to the garbage collector.
+            self._http = self._new_http_client()
+            self._background.clear()
+        self._loop = loop
 
     @property
     def mode(self) -> str:
@@ -190,6 +247,9 @@ class VLLMMiddleware:
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush buffered records (within `timeout`) and close what this client created."""
+        if not self._finalizer.detach():
+            return  # closed already
+
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
         if self._media is not None:
@@ -199,11 +259,21 @@ class VLLMMiddleware:
                 logger.exception("error while finishing media work")
         if self._sink is not None:
             try:
-                await self._sink.aclose(timeout)
+                if self._release is None:
+                    await self._sink.aclose(timeout)
+                else:  # a shared sink: this client's records out of memory, then let go
+                    await self._sink.wait_durable(timeout)
             except Exception:  # closing must not fail the app either
                 logger.exception("error while closing the log sink")
+            finally:
+                if self._release is not None:
+                    self._release()
+                    self._release = None
         if self._owns_http:
             await self._http.aclose()
+        if self._owns_redis and self._redis is not None:
+            with contextlib.suppress(Exception):  # the statistics client: nothing to lose
+                await self._redis.aclose()
         self._stats.close()
 
     aclose = close
@@ -348,6 +418,8 @@ class VLLMMiddleware:
 
         Like `health`, a control-plane call: it is not traffic and writes no record.
         """
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
         url = self._urls["models"]
         try:
             response = await self._http.get(url, headers=_ACCEPT_JSON)
@@ -367,6 +439,8 @@ class VLLMMiddleware:
 
         Never raises for an unreachable or failing server; writes no record.
         """
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
         root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
         try:
             response = await self._http.get(f"{root}/health", timeout=timeout)
@@ -385,6 +459,8 @@ class VLLMMiddleware:
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """A non-streaming call: the HTTP exchange, its record logged whatever happens."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
         call, started, content, send_headers = start_call(
             self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now()
         )
@@ -443,6 +519,8 @@ class VLLMMiddleware:
         metadata: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
     ) -> AsyncStream:
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
         call, started, content, send_headers = start_call(
             self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now(), True
         )

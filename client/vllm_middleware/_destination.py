@@ -2,12 +2,21 @@
 
 Chosen once, when the client is built, from its settings; the request path only sees the
 resulting `Shipper` and `MediaPipeline`.
+
+Embedded sinks are shared: the clients of one process that write to one log directory with
+the same settings use one `FileSink` (one buffer, one shipping thread, one writer process and
+its files), so a client per request costs no process start and leaves no file of its own. A
+client's close waits until its records left memory and gives the sink back; the last one gives
+it `_IDLE_CLOSE_S` to be taken again before it closes (and exit closes it in any case).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -25,8 +34,10 @@ __all__ = ["Destination", "mode_of", "open_destination"]
 class Destination:
     sink: Shipper
     media: MediaPipeline | None
-    redis: aioredis.Redis | None  # the client the sink writes with (Redis mode only)
+    redis: aioredis.Redis | None  # the app's client for statistics (Redis mode only)
     durable: bool  # calls wait until their record left memory
+    owns_redis: bool = False  # `redis` was made here (from the URL): the app closes it
+    release: Callable[[], None] | None = None  # gives a shared sink back (embedded)
 
 
 def mode_of(sink: Shipper | None) -> str:
@@ -55,6 +66,8 @@ def open_destination(
     if durable is not None:
         shipping = replace(shipping, durable=durable)
     sink: Shipper
+    owns = False
+    release = None
     if redis_client is not None or redis_url:
         owns = redis_client is None
         if redis_client is None:
@@ -62,14 +75,22 @@ def open_destination(
             redis_client = aioredis.Redis.from_url(
                 redis_url, socket_timeout=5, socket_connect_timeout=2
             )
-        sink = RedisStreamSink(redis_client, keys=keys, owns_client=owns, shipping=shipping)
+        # The sink makes its own copy of the client (its I/O runs on the shipping loop);
+        # `redis_client` stays the app's, for statistics.
+        sink = RedisStreamSink(redis_client, keys=keys, owns_client=False, shipping=shipping)
     else:
-        sink = FileSink(
-            log_dir,
-            max_bytes=int(max_log_size_mb * 1024 * 1024),
-            log_format=log_format,
-            fsync=fsync,
-            shipping=shipping,
+        max_bytes = int(max_log_size_mb * 1024 * 1024)
+        sink, release = _SHARED.acquire(
+            (
+                os.path.abspath(log_dir),
+                max_bytes,
+                log_format,
+                fsync,
+                replace(shipping, durable=False),
+            ),
+            lambda: FileSink(
+                log_dir, max_bytes=max_bytes, log_format=log_format, fsync=fsync, shipping=shipping
+            ),
         )
     media = media_pipeline(
         media_policy,
@@ -80,4 +101,54 @@ def open_destination(
         max_record_bytes=max_record_bytes,
         fsync=fsync,
     )
-    return Destination(sink, media, redis_client, shipping.durable)
+    return Destination(sink, media, redis_client, shipping.durable, owns, release)
+
+
+#: seconds a shared embedded sink no client uses stays open, for the next client to take
+_IDLE_CLOSE_S = 30.0
+
+
+class _SharedSinks:
+    """Embedded sinks by (log directory, settings), with the number of clients using each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sinks: dict[Any, tuple[FileSink, list[int]]] = {}
+
+    def acquire(
+        self, key: Any, make: Callable[[], FileSink]
+    ) -> tuple[FileSink, Callable[[], None]]:
+        with self._lock:
+            found = self._sinks.get(key)
+            if found is None or found[0].closing:
+                found = self._sinks[key] = (make(), [0])
+            sink, users = found
+            users[0] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                users[0] -= 1
+                idle = users[0] == 0
+            if idle:
+                sink.close_later(_IDLE_CLOSE_S, lambda: self._forget_if_idle(key, sink))
+
+        return sink, release
+
+    def _forget_if_idle(self, key: Any, sink: FileSink) -> bool:
+        """True (and no longer shared) when no client took `sink` again since."""
+        with self._lock:
+            found = self._sinks.get(key)
+            if found is None or found[0] is not sink:
+                return not sink.closing
+            if found[1][0] > 0:
+                return False
+            del self._sinks[key]
+            return True
+
+
+_SHARED = _SharedSinks()
