@@ -53,8 +53,10 @@ def _collected_unclosed(
     )
     warnings.warn(message, ResourceWarning, stacklevel=2)
     logger.warning("%s", message)
-    if release is not None:
-        release()  # the shared sink lives on and ships them
+    if release is not None:  # the shared sink lives on, and ships them now
+        if sink is not None:
+            sink.flush_soon()
+        release()
     elif sink is not None:
         sink.close_soon()
 
@@ -269,7 +271,8 @@ class VLLMMiddleware:
                 if self._release is not None:
                     self._release()
                     self._release = None
-        if self._owns_http:
+        if self._owns_http and self._loop in (None, asyncio.get_running_loop()):
+            # (On another loop than the calls', its connections went with their loop.)
             await self._http.aclose()
         if self._owns_redis and self._redis is not None:
             with contextlib.suppress(Exception):  # the statistics client: nothing to lose

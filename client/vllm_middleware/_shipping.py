@@ -200,6 +200,15 @@ class Shipper(ABC):
             return True
         return False
 
+    def flush_soon(self) -> None:
+        """Ship what is buffered now rather than at the next timer (from any thread)."""
+        loop = self._loop
+        if loop is not None and self._accepted > self._resolved:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to flush
+                loop.call_soon_threadsafe(
+                    self._add_waiter, self._accepted, concurrent.futures.Future()
+                )
+
     def _add_waiter(self, target: int, future: concurrent.futures.Future[None]) -> None:
         """On the shipping loop: wait for `target` records to be resolved; flush now."""
         if self._resolved >= target:
