@@ -354,6 +354,10 @@ class RedisStreamSink(Shipper):
             return self.batch_size * _SPOOL_BATCHES
         return self.batch_size
 
+    def sleeps_when_empty(self) -> bool:
+        # The timer also adopts and replays spools other processes left behind.
+        return False
+
     def has_backlog(self) -> bool:
         if not self.healthy or self.spool is None or time.monotonic() < self._replay_retry_at:
             return False

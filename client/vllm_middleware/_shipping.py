@@ -122,6 +122,7 @@ class Shipper(ABC):
         self._stopped: asyncio.Future[None] | None = None  # ends the thread
         self._close_future: concurrent.futures.Future[None] | None = None
         self._lock = threading.Lock()  # starting, closing, and counting drops (rare paths)
+        self._asleep = False  # the shipping loop waits for a record, without a timer
         self._closing = False
         self._closed = False
         self._unreported_drops = 0
@@ -156,6 +157,9 @@ class Shipper(ABC):
             self._start()
         elif len(pending) == self.batch_size:
             self._wake()  # a full batch is ready: no need to wait for the timer
+        elif self._asleep:  # the first record after a quiet spell: start the timer
+            self._asleep = False
+            self._wake()
 
     def _drop_one(self) -> None:
         counters = self.counters
@@ -284,6 +288,16 @@ class Shipper(ABC):
         ):
             idle = not self._inflight and len(self._pending) < self.batch_size
             if not self._closing and idle and not (self._waiters and self.buffered):
+                if not self._pending and self.sleeps_when_empty():
+                    # Nothing to ship: no timer, so an idle sink (one the clients let go of)
+                    # costs nothing; the first record wakes it (`submit`), then it waits one
+                    # `flush_interval` for the batch to fill as usual.
+                    self._asleep = True
+                    if not self._pending:  # (a record submitted just before `_asleep`)
+                        await self._wakeup.wait()
+                    self._asleep = False
+                    self._wakeup.clear()
+                    continue
                 # With a backlog to replay, do not sleep between replayed batches.
                 wait = 0.0 if self.has_backlog() else self.flush_interval
                 if wait:
@@ -293,7 +307,7 @@ class Shipper(ABC):
             if await self._flush_once():
                 backoff = self.retry_backoff[0]
                 await self.work_backlog()
-                await asyncio.sleep(0)  # let the request path run between batches
+                await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
                 continue
             # Wait out the backoff, but let close() cut it short.
             with contextlib.suppress(asyncio.TimeoutError):
@@ -459,6 +473,10 @@ class Shipper(ABC):
     def take_limit(self) -> int:
         """Records to take off the buffer for the next `ship`."""
         return self.batch_size
+
+    def sleeps_when_empty(self) -> bool:
+        """False for a sink with periodic work of its own (the Redis sink's spool)."""
+        return True
 
     def has_backlog(self) -> bool:
         """True while the sink has older records of its own to send (a spool to replay)."""
