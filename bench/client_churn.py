@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import sys
 import tempfile
@@ -114,6 +115,7 @@ def parent(args: argparse.Namespace) -> None:
     versions: list[tuple[str, Path | None]] = [(f"before ({args.baseline})", baseline),
                                                ("after (this checkout)", None)]
     scratch = Path(tempfile.mkdtemp(prefix="bench-churn-"))
+    os.environ["VLLM_MW_SPOOL_DIR"] = str(scratch / "spool")  # never ~/.cache
     results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     with RedisServerProcess(tmp_dir=scratch) as server:
         for _ in range(repeats):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def parent(args: argparse.Namespace) -> None:
     versions: list[tuple[str, Path | None]] = [(f"before ({args.baseline})", baseline),
                                                ("after (this checkout)", None)]
     scratch = Path(tempfile.mkdtemp(prefix="bench-shipping-"))
+    os.environ["VLLM_MW_SPOOL_DIR"] = str(scratch / "spool")  # never ~/.cache
     rows: list[list[Any]] = []
     with RedisServerProcess(tmp_dir=scratch) as server:
         worker_log = open(scratch / "worker.log", "ab")  # noqa: SIM115 - closed below

@@ -8,12 +8,8 @@ nothing that goes wrong with logging reaches the caller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import os
-import ssl
-import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
@@ -24,9 +20,15 @@ import orjson
 import redis.asyncio as aioredis
 
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
-from ._destination import mode_of, open_destination
+from ._destination import Destination, collected_unclosed, mode_of, open_destination
 from ._exceptions import APIError, ConfigurationError
-from ._http import exception_from_response, exception_from_transport, exception_from_unsendable
+from ._http import (
+    absolute_url,
+    exception_from_response,
+    exception_from_transport,
+    exception_from_unsendable,
+    new_http_client,
+)
 from ._keys import StreamKeys
 from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
 from ._partition import LogFormat
@@ -41,41 +43,6 @@ logger = logging.getLogger("vllm_middleware")
 
 _ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
-
-
-def _collected_unclosed(
-    release: Callable[[], None] | None, sink: Shipper | None, mode: str
-) -> None:
-    """A client garbage-collected without close: its buffered records are saved by the
-    shipping thread (shipped, or spooled / written), not left to vanish with it."""
-    buffered = sink.buffered if sink is not None else 0
-    message = (
-        f"VLLMMiddleware ({mode}) was garbage-collected without close(); saving "
-        f"{buffered} buffered log records: use `async with` or `await client.aclose()`"
-    )
-    warnings.warn(message, ResourceWarning, stacklevel=2)
-    logger.warning("%s", message)
-    if release is not None:  # the shared sink lives on, and ships them now
-        if sink is not None:
-            sink.flush_soon()
-        release()
-    elif sink is not None:
-        sink.close_soon()
-
-
-@functools.lru_cache(maxsize=4)
-def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
-    """httpx's default TLS context, made once per process (by the CA settings it reads from
-    the environment): loading the CA bundle is most of the cost of a new HTTP client (tens of
-    ms, far more on a loaded machine), and a client per request is a common pattern."""
-    return httpx.create_ssl_context()
-
-
-def _absolute(base_url: str, endpoint: str) -> httpx.URL | str:
-    try:
-        return httpx.URL(f"{base_url}/{endpoint}")
-    except (httpx.InvalidURL, ValueError, TypeError):
-        return f"{base_url}/{endpoint}"  # raised, mapped and recorded by the first call
 
 
 class VLLMMiddleware:
@@ -137,7 +104,7 @@ class VLLMMiddleware:
         # Absolute URLs, so the middleware's base_url applies whatever an injected client's
         # own base_url is (or without one); parsed once here rather than on every call.
         self._urls: dict[str, httpx.URL | str] = {
-            endpoint: _absolute(self.base_url, endpoint)
+            endpoint: absolute_url(self.base_url, endpoint)
             for endpoint in ("chat/completions", "completions", "models")
         }
         self.log_dir = str(log_dir)
@@ -170,9 +137,8 @@ class VLLMMiddleware:
         self._media: MediaPipeline | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._redis: aioredis.Redis | None = None
-        self._owns_redis = False
         self._sink: Shipper | None = None
-        self._release: Callable[[], None] | None = None  # gives a shared sink back
+        self._destination: Destination | None = None
         self._durable = False
         if enable_file_logging:
             destination = open_destination(
@@ -190,10 +156,9 @@ class VLLMMiddleware:
                 media_min_bytes=media_min_bytes,
                 max_record_bytes=max_record_bytes,
             )
+            self._destination = destination
             self._sink, self._media = destination.sink, destination.media
-            self._release = destination.release
             self._redis, self._durable = destination.redis, destination.durable
-            self._owns_redis = destination.owns_redis
             if self._media is not None:
                 self.media_policy = self._media.policy
         self._stats = ClientStatistics(
@@ -206,23 +171,12 @@ class VLLMMiddleware:
 
         # Dropped without close: save what is buffered, and say so (never at exit: there the
         # shippers' own exit handler saves everything, quietly).
-        self._finalizer = weakref.finalize(
-            self, _collected_unclosed, self._release, self._sink, self.mode
-        )
+        self._finalizer = weakref.finalize(self, collected_unclosed, self._destination)
         self._finalizer.atexit = False
 
     def _new_http_client(self) -> httpx.AsyncClient:
         api_key, timeout = self._http_settings
-        headers = dict(JSON_HEADERS)
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        return httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=timeout,
-            headers=headers,
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-            verify=_tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
-        )
+        return new_http_client(self.base_url, api_key, timeout, JSON_HEADERS)
 
     def _enter_loop(self) -> None:
         """The first call on an event loop other than the previous calls' one (a second
@@ -265,29 +219,11 @@ class VLLMMiddleware:
 
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
-        if self._media is not None:
-            try:
-                await self._media.drain(timeout)
-            except Exception:  # closing must not fail the app either
-                logger.exception("error while finishing media work")
-        if self._sink is not None:
-            try:
-                if self._release is None:
-                    await self._sink.aclose(timeout)
-                else:  # a shared sink: this client's records out of memory, then let go
-                    await self._sink.wait_durable(timeout)
-            except Exception:  # closing must not fail the app either
-                logger.exception("error while closing the log sink")
-            finally:
-                if self._release is not None:
-                    self._release()
-                    self._release = None
+        if self._destination is not None:
+            await self._destination.aclose(timeout)
         if self._owns_http and self._loop in (None, asyncio.get_running_loop()):
             # (On another loop than the calls', its connections went with their loop.)
             await self._http.aclose()
-        if self._owns_redis and self._redis is not None:
-            with contextlib.suppress(Exception):  # the statistics client: nothing to lose
-                await self._redis.aclose()
         self._stats.close()
 
     aclose = close

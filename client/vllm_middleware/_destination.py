@@ -12,8 +12,11 @@ it `_IDLE_CLOSE_S` to be taken again before it closes (and exit closes it in any
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,7 +30,9 @@ from ._partition import LogFormat
 from ._redis_sink import RedisStreamSink
 from ._shipping import Shipper, ShippingSettings
 
-__all__ = ["Destination", "mode_of", "open_destination"]
+__all__ = ["Destination", "collected_unclosed", "mode_of", "open_destination"]
+
+logger = logging.getLogger("vllm_middleware")
 
 
 @dataclass
@@ -36,8 +41,31 @@ class Destination:
     media: MediaPipeline | None
     redis: aioredis.Redis | None  # the app's client for statistics (Redis mode only)
     durable: bool  # calls wait until their record left memory
-    owns_redis: bool = False  # `redis` was made here (from the URL): the app closes it
+    owns_redis: bool = False  # `redis` was made here (from the URL): closed with the rest
     release: Callable[[], None] | None = None  # gives a shared sink back (embedded)
+
+    async def aclose(self, timeout: float) -> None:
+        """The client's close: finish media work, get the records out of memory (and close a
+        sink of its own, or give a shared one back), close the statistics client."""
+        if self.media is not None:
+            try:
+                await self.media.drain(timeout)
+            except Exception:  # closing must not fail the app either
+                logger.exception("error while finishing media work")
+        try:
+            if self.release is None:
+                await self.sink.aclose(timeout)
+            else:  # a shared sink: this client's records out of memory, then let go
+                await self.sink.wait_durable(timeout)
+        except Exception:  # closing must not fail the app either
+            logger.exception("error while closing the log sink")
+        finally:
+            if self.release is not None:
+                self.release()
+                self.release = None
+        if self.owns_redis and self.redis is not None:
+            with contextlib.suppress(Exception):  # the statistics client: nothing to lose
+                await self.redis.aclose()
 
 
 def mode_of(sink: Shipper | None) -> str:
@@ -152,3 +180,23 @@ class _SharedSinks:
 
 
 _SHARED = _SharedSinks()
+
+
+def collected_unclosed(destination: Destination | None) -> None:
+    """A client garbage-collected without close: its buffered records are saved by the
+    shipping thread (shipped, or spooled / written), not left to vanish with it."""
+    if destination is None:
+        return
+    sink = destination.sink
+    message = (
+        f"VLLMMiddleware ({mode_of(sink)}) was garbage-collected without close(); saving "
+        f"{sink.buffered} buffered log records: use `async with` or `await client.aclose()`"
+    )
+    warnings.warn(message, ResourceWarning, stacklevel=2)
+    logger.warning("%s", message)
+    if destination.release is not None:  # the shared sink lives on, and ships them now
+        sink.flush_soon()
+        destination.release()
+        destination.release = None
+    else:
+        sink.close_soon()

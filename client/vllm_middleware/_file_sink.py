@@ -15,10 +15,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ._exceptions import ConfigurationError
+from ._exit import run_blocking
 from ._partition import LogFormat, PartitionWriter
 from ._process_writer import ProcessWriter, WriterProcessUnavailable
 from ._record import RecordEntry
-from ._shipping import Shipper, ShippingSettings, run_blocking
+from ._shipping import Shipper, ShippingSettings
 
 __all__ = ["FileSink"]
 

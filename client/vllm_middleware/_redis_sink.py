@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from ._exit import run_blocking
 from ._keys import (
     BUNDLE_BYTES,
     BUNDLE_RECORDS,
@@ -46,7 +47,7 @@ from ._keys import (
 )
 from ._partition import sanitize_partition_value
 from ._record import RecordEntry
-from ._shipping import Shipper, ShippingSettings, run_blocking
+from ._shipping import Shipper, ShippingSettings
 from ._spool import Spool, SpoolGroup
 
 __all__ = ["RedisStreamSink", "RedisUnavailable", "default_spool_root"]

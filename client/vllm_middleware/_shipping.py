@@ -20,27 +20,21 @@ in-flight batch. `durable=True` callers wait (`wait_durable`) until their record
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import contextlib
 import logging
 import os
 import threading
 import time
-import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
+from ._exit import register
 from ._record import RecordEntry
 
-__all__ = ["BufferCounters", "Shipper", "ShippingSettings", "close_all", "run_blocking"]
-
-_T = TypeVar("_T")
-#: seconds the shippers still open at interpreter exit get to save what they hold
-EXIT_TIMEOUT_S = 5.0
+__all__ = ["BufferCounters", "Shipper", "ShippingSettings"]
 
 logger = logging.getLogger("vllm_middleware")
 
@@ -132,7 +126,7 @@ class Shipper(ABC):
         self._accepted = 0
         self._resolved = 0
         self._waiters: list[tuple[int, concurrent.futures.Future[None]]] = []
-        _ALL.add(self)
+        register(self)
 
     # -- request path -----------------------------------------------------------------------
     def submit(self, entry: RecordEntry) -> None:
@@ -193,9 +187,10 @@ class Shipper(ABC):
         if self._loop is None:
             self._start()
         loop = self._loop
+        if loop is None:  # closed before a fork, in the parent
+            return self._resolved >= target
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         try:
-            assert loop is not None
             loop.call_soon_threadsafe(self._add_waiter, target, future)
         except RuntimeError:  # the shipping loop is closed: everything was resolved
             return self._resolved >= target
@@ -260,6 +255,7 @@ class Shipper(ABC):
             # Made before the loop runs, so a `close_soon` queued already finds them.
             self._stopped = stopped = loop.create_future()
             self._task = loop.create_task(self._run(), name=f"vllm-mw-{type(self).__name__}")
+            self._task.add_done_callback(_report_failure)
             loop.run_until_complete(stopped)
         except BaseException:  # never silent: this thread is the only one shipping records
             logger.exception("the log shipping thread failed")
@@ -268,7 +264,12 @@ class Shipper(ABC):
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def _after_fork_in_child(self) -> None:
+    @property
+    def running(self) -> bool:
+        """Its shipping thread is started and it is not closed."""
+        return self._loop is not None and not self._closed
+
+    def after_fork_in_child(self) -> None:
         """The shipping thread is the parent's (a child has none), and so are the records
         buffered before the fork: the parent ships them. Start afresh on the next record."""
         self._lock = threading.Lock()
@@ -277,6 +278,7 @@ class Shipper(ABC):
         self._inflight = []
         self._waiters = []
         self._resolved = self._accepted
+        self._asleep = False
 
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -502,42 +504,12 @@ class Shipper(ABC):
         """Release what the sink created (not what was injected)."""
 
 
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Records now wait in the buffer (and are dropped, counted, once it is full).
+        logger.error("log shipping stopped", exc_info=task.exception())
+
+
 def _settle(future: concurrent.futures.Future[None]) -> None:
     with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by its waiter
         future.set_result(None)
-
-
-async def run_blocking(
-    executor: concurrent.futures.Executor | None, func: Callable[..., _T], *args: Any
-) -> _T:
-    """`func(*args)` on `executor`, or right here once the interpreter is exiting (executors
-    refuse new work then, and the exit handler's flush must still reach the disk)."""
-    loop = asyncio.get_running_loop()
-    try:
-        future = loop.run_in_executor(executor, func, *args)
-    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
-        return func(*args)
-    return await future
-
-
-# Every shipper of the process, to close at exit and to reset in a forked child.
-_ALL: weakref.WeakSet[Shipper] = weakref.WeakSet()
-
-
-def close_all(timeout: float = EXIT_TIMEOUT_S) -> None:
-    """Save what every running shipper holds (ship it, or spool it / write it), bounded by
-    `timeout` in all. Registered with `atexit`: a client left open at exit loses nothing."""
-    running = [s for s in list(_ALL) if s._loop is not None and not s._closed]
-    futures = [shipper.close_soon(timeout) for shipper in running]
-    if futures:
-        concurrent.futures.wait(futures, timeout + 1.0)
-
-
-def _after_fork_in_child() -> None:
-    for shipper in list(_ALL):
-        shipper._after_fork_in_child()
-
-
-atexit.register(close_all)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
