@@ -19,7 +19,13 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware import ConfigurationError, VLLMMiddleware, iter_log_files, load_logs
+from vllm_middleware import (
+    ConfigurationError,
+    VLLMMiddleware,
+    _destination,
+    iter_log_files,
+    load_logs,
+)
 from vllm_middleware._spool import Spool
 from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
 
@@ -258,3 +264,34 @@ async def test_shared_writer_killed_between_clients_keeps_exactly_once(tmp_path:
     await http.aclose()
     ids = [r.request_id for r in load_logs(tmp_path)]
     assert len(ids) == len(set(ids)) == 20
+
+
+async def test_a_shared_writer_no_client_takes_closes_after_its_idle_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer outlives its last client only briefly (not as long as the app)."""
+    monkeypatch.setattr(_destination, "_IDLE_CLOSE_S", 0.2)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(reply))
+    async with VLLMMiddleware(base_url="http://up/v1", log_dir=tmp_path, http_client=http) as c:
+        await c.completions("x", model="m")
+    sink = c._sink
+    pid = getattr(sink, "process").pid  # noqa: B009 - FileSink only
+    assert sink is not None and pid is not None
+    for _ in range(500):
+        if sink.closing and not process_exists(pid):
+            break
+        await asyncio.sleep(0.02)
+    assert sink.closing and not process_exists(pid), "the idle writer kept running"
+    async with VLLMMiddleware(base_url="http://up/v1", log_dir=tmp_path, http_client=http) as c:
+        await c.completions("x", model="m")
+    assert c._sink is not sink
+    await http.aclose()
+    assert len(load_logs(tmp_path)) == 2
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -140,7 +140,8 @@ class _SharedSinks:
     """Embedded sinks by (log directory, settings), with the number of clients using each."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer releasing a sink may run inside `acquire` (any allocation).
+        self._lock = threading.RLock()
         self._sinks: dict[Any, tuple[FileSink, list[int]]] = {}
 
     def acquire(

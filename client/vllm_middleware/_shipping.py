@@ -115,7 +115,9 @@ class Shipper(ABC):
         self._task: asyncio.Task[None] | None = None  # `_run`, on the shipping loop
         self._stopped: asyncio.Future[None] | None = None  # ends the thread
         self._close_future: concurrent.futures.Future[None] | None = None
-        self._lock = threading.Lock()  # starting, closing, and counting drops (rare paths)
+        # Starting, closing, and counting drops (rare paths). Reentrant: a client's finalizer
+        # (closing or releasing this sink) may run in any thread, inside any allocation.
+        self._lock = threading.RLock()
         self._asleep = False  # the shipping loop waits for a record, without a timer
         self._closing = False
         self._closed = False
@@ -272,7 +274,7 @@ class Shipper(ABC):
     def after_fork_in_child(self) -> None:
         """The shipping thread is the parent's (a child has none), and so are the records
         buffered before the fork: the parent ships them. Start afresh on the next record."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._loop = self._wakeup = self._task = self._stopped = self._close_future = None
         self._pending.clear()
         self._inflight = []
