@@ -65,7 +65,7 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
         return client
 
     # Warm-up (untimed, both versions): imports, the first writer start, the first connect.
-    warm = make(False)
+    warm = make(args.way == "per-call own HTTP")
     await warm.chat_completion(messages, model=MODEL)
     await warm.close()
     started = time.perf_counter()

@@ -295,3 +295,19 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def test_redis_clients_in_sequence_share_one_sink(
+    redis_server: RedisServerProcess, redis: aioredis.Redis
+) -> None:
+    sinks: set[Any] = set()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(reply)) as http:
+        for _ in range(10):
+            async with VLLMMiddleware(
+                base_url="http://up/v1", redis_url=redis_server.url, http_client=http
+            ) as c:
+                await c.completions("x", model="m")
+            sinks.add(c._sink)
+    assert len(sinks) == 1
+    rows = await redis.xrange("vllm:logs")
+    assert sum(int(fields[b"n"]) for _, fields in rows) == 10

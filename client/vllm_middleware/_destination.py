@@ -3,11 +3,13 @@
 Chosen once, when the client is built, from its settings; the request path only sees the
 resulting `Shipper` and `MediaPipeline`.
 
-Embedded sinks are shared: the clients of one process that write to one log directory with
-the same settings use one `FileSink` (one buffer, one shipping thread, one writer process and
-its files), so a client per request costs no process start and leaves no file of its own. A
-client's close waits until its records left memory and gives the sink back; the last one gives
-it `_IDLE_CLOSE_S` to be taken again before it closes (and exit closes it in any case).
+Sinks are shared: the clients of one process that write to one log directory (or one Redis
+URL and stream) with the same settings use one sink (one buffer, one shipping thread; embedded,
+one writer process and its files; Redis, one connection), so a client per request costs no
+process start, no connection and leaves no file of its own. A client's close waits until its
+records left memory and gives the sink back; the last one gives it `_IDLE_CLOSE_S` to be taken
+again before it closes (and exit closes it in any case). An injected `redis_client` gets a sink
+of its own.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Destination:
             if self.release is None:
                 await self.sink.aclose(timeout)
             else:  # a shared sink: this client's records out of memory, then let go
-                await self.sink.wait_durable(timeout)
+                await self.sink.settle(timeout)
         except Exception:  # closing must not fail the app either
             logger.exception("error while closing the log sink")
         finally:
@@ -96,16 +98,20 @@ def open_destination(
     sink: Shipper
     owns = False
     release = None
-    if redis_client is not None or redis_url:
-        owns = redis_client is None
-        if redis_client is None:
-            assert redis_url is not None
-            redis_client = aioredis.Redis.from_url(
-                redis_url, socket_timeout=5, socket_connect_timeout=2
-            )
+    if redis_client is not None:
         # The sink makes its own copy of the client (its I/O runs on the shipping loop);
         # `redis_client` stays the app's, for statistics.
         sink = RedisStreamSink(redis_client, keys=keys, owns_client=False, shipping=shipping)
+    elif redis_url:
+        owns = True
+        redis_client = aioredis.Redis.from_url(
+            redis_url, socket_timeout=5, socket_connect_timeout=2
+        )
+        url, client = redis_url, redis_client
+        sink, release = _SHARED.acquire(
+            ("redis", url, keys.stream, replace(shipping, durable=False)),
+            lambda: RedisStreamSink(client, keys=keys, owns_client=False, shipping=shipping),
+        )
     else:
         max_bytes = int(max_log_size_mb * 1024 * 1024)
         sink, release = _SHARED.acquire(
@@ -132,21 +138,19 @@ def open_destination(
     return Destination(sink, media, redis_client, shipping.durable, owns, release)
 
 
-#: seconds a shared embedded sink no client uses stays open, for the next client to take
+#: seconds a shared sink no client uses stays open, for the next client to take
 _IDLE_CLOSE_S = 30.0
 
 
 class _SharedSinks:
-    """Embedded sinks by (log directory, settings), with the number of clients using each."""
+    """Sinks by destination and settings, with the number of clients using each."""
 
     def __init__(self) -> None:
         # Reentrant: a finalizer releasing a sink may run inside `acquire` (any allocation).
         self._lock = threading.RLock()
-        self._sinks: dict[Any, tuple[FileSink, list[int]]] = {}
+        self._sinks: dict[Any, tuple[Shipper, list[int]]] = {}
 
-    def acquire(
-        self, key: Any, make: Callable[[], FileSink]
-    ) -> tuple[FileSink, Callable[[], None]]:
+    def acquire(self, key: Any, make: Callable[[], Shipper]) -> tuple[Shipper, Callable[[], None]]:
         with self._lock:
             found = self._sinks.get(key)
             if found is None or found[0].closing:
@@ -168,7 +172,7 @@ class _SharedSinks:
 
         return sink, release
 
-    def _forget_if_idle(self, key: Any, sink: FileSink) -> bool:
+    def _forget_if_idle(self, key: Any, sink: Shipper) -> bool:
         """True (and no longer shared) when no client took `sink` again since."""
         with self._lock:
             found = self._sinks.get(key)

@@ -377,6 +377,27 @@ class Shipper(ABC):
         """
         await asyncio.wrap_future(self.close_soon(timeout))
 
+    async def settle(self, timeout: float = 10.0) -> None:
+        """What `aclose` does for the records, without closing (a shared sink a client lets
+        go of): everything submitted so far leaves memory, and a backlog (spool) the sink can
+        send now is sent, both within `timeout`. Callable from any event loop."""
+        deadline = time.monotonic() + timeout
+        if not await self.wait_durable(timeout):
+            return
+        loop = self._loop
+        if loop is None or self.closing:
+            return
+        with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+            future = asyncio.run_coroutine_threadsafe(self._settle_here(deadline), loop)
+            await asyncio.wrap_future(future)
+
+    async def _settle_here(self, deadline: float) -> None:
+        await self.before_close(max(0.0, deadline - time.monotonic()))
+        while self.has_backlog() and not self._closing and time.monotonic() < deadline:
+            if self._wakeup is not None:
+                self._wakeup.set()  # the flush loop replays without pausing while it lasts
+            await asyncio.sleep(0.01)
+
     def close_soon(self, timeout: float = 10.0) -> concurrent.futures.Future[None]:
         """Start closing (from any thread, without waiting); the future ends when closed."""
         with self._lock:
@@ -467,7 +488,8 @@ class Shipper(ABC):
 
     # -- hooks (the Redis sink overrides them) -----------------------------------------------
     async def before_close(self, timeout: float) -> float:
-        """On the shipping loop, first thing at close; returns what is left of `timeout`."""
+        """On the shipping loop, first thing at close (and at `settle`); returns what is left
+        of `timeout`."""
         return timeout
 
     async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
