@@ -29,7 +29,8 @@ from typing import Any
 
 SCRIPT = Path(__file__).resolve()
 MODEL = "vllm:qwen-2.5-omni-7b"
-MODES = ("bare", "redis", "embedded")
+# bare-url: bare with the URL parsed once (as the middleware now does), not on every call
+MODES = ("bare", "bare-url", "redis", "embedded")
 
 
 async def child(args: argparse.Namespace) -> None:
@@ -54,11 +55,14 @@ async def child(args: argparse.Namespace) -> None:
     http = httpx.AsyncClient(base_url="http://mock/v1", transport=httpx.MockTransport(handler))
     headers = {"content-type": "application/json", "accept": "application/json"}
     mw: Any = None
-    if args.mode == "bare":
+    if args.mode in ("bare", "bare-url"):
+        url: Any = "chat/completions"
+        if args.mode == "bare-url":
+            url = httpx.URL("http://mock/v1/chat/completions")
 
         async def call() -> Any:
             body = {"temperature": 0.2, "max_tokens": 256, "model": MODEL, "messages": messages}
-            response = await http.post("chat/completions", content=orjson.dumps(body),
+            response = await http.post(url, content=orjson.dumps(body),
                                        headers=headers)  # fmt: skip
             return orjson.loads(response.content)
     else:
@@ -111,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--baseline", default="main", help="git revision to compare with")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), help="clients to trace")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="bare")
     parser.add_argument("--concurrency", type=int, default=1)
@@ -136,9 +141,9 @@ def main() -> None:
     per_request: dict[tuple[str, int, str], float] = {}
     with RedisServerProcess(tmp_dir=scratch / "redis") as server:
         for concurrency in (1, 32):
-            for mode in MODES:
+            for mode in args.modes:
                 for name, client_dir in versions:
-                    if mode == "bare" and client_dir is not None:
+                    if mode.startswith("bare") and client_dir is not None:
                         continue  # bare httpx does not depend on the client's version
                     counts = []
                     for requests in (small, large):
@@ -156,13 +161,14 @@ def main() -> None:
     shutil.rmtree(baseline.parent, ignore_errors=True)
     rows = []
     for concurrency in (1, 32):
-        bare = per_request[("bare", concurrency, versions[1][0])]
-        rows.append([concurrency, "bare", "", f"{bare / 1000:.1f}k", ""])
-        for mode in MODES[1:]:
+        bare = per_request.get(("bare", concurrency, versions[1][0]))
+        for mode in args.modes:
             for name, _ in versions:
-                value = per_request[(mode, concurrency, name)]
-                rows.append([concurrency, mode, name, f"{value / 1000:.1f}k",
-                             f"{(value - bare) / 1000:+.1f}k"])  # fmt: skip
+                value = per_request.get((mode, concurrency, name))
+                if value is None:
+                    continue
+                added = "" if bare is None or mode == "bare" else f"{(value - bare) / 1000:+.1f}k"
+                rows.append([concurrency, mode, name, f"{value / 1000:.1f}k", added])
     print_table(
         f"Instructions per request (callgrind; ({large:,} - {small:,}) / {large - small:,})",
         ["conc", "client", "version", "instructions/request", "added over bare"],
