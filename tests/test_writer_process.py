@@ -4,7 +4,6 @@ failures, and the app falls back to a writer thread when no process can start.""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -345,21 +344,35 @@ async def test_a_forked_child_lets_go_of_the_parents_writer(tmp_path: Path) -> N
     assert_exactly(tmp_path, 20)
 
 
-def test_a_sink_never_closed_does_not_keep_its_writer(tmp_path: Path) -> None:
-    """An app that drops its client without close (its loop ends): the writer still sees
-    end of input, writes what it was sent and exits, instead of living as long as the app."""
-    pids: list[int | None] = []
+def test_a_sink_never_closed_saves_its_records_at_exit(tmp_path: Path) -> None:
+    """An app that ends without closing its sink, records still in memory: at exit they are
+    written, and the writer sees end of input and exits instead of living on."""
+    app = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_writer_process import entries, ship
+        from pathlib import Path
+        from vllm_middleware._file_sink import FileSink
+        from vllm_middleware._shipping import ShippingSettings
 
-    async def main() -> None:
-        sink = make_sink(tmp_path)
-        await ship(sink, entries(0, 30))
-        assert sink.process is not None
-        pids.append(sink.process.pid)
+        async def main():
+            settings = ShippingSettings(batch_size=50, flush_interval=60)
+            sink = FileSink(Path({str(tmp_path)!r}), max_bytes=1 << 20, shipping=settings)
+            await ship(sink, entries(0, 30))
+            for entry in entries(30, 20):  # less than a batch, long before the flush timer
+                sink.submit(entry)
+            print(sink.process.pid, flush=True)
 
-    asyncio.run(main())
-    gc.collect()
-    assert pids[0] is not None and gone(pids[0]), "an unclosed sink's writer kept running"
-    assert_exactly(tmp_path, 30)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", app], stdout=subprocess.PIPE, timeout=60, check=True
+    )
+    writer_pid = int(proc.stdout.split()[0])
+    assert gone(writer_pid), "an unclosed sink's writer kept running"
+    assert_exactly(tmp_path, 50)
 
 
 async def test_the_writer_keeps_the_log_dir_it_was_given(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -20,9 +21,15 @@ import redis.asyncio as aioredis
 
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
 from ._capture import CapturePolicy, ContentMode, Redactor, capture_policy
-from ._destination import mode_of, open_destination
+from ._destination import Destination, collected_unclosed, mode_of, open_destination
 from ._exceptions import APIError, ConfigurationError
-from ._http import exception_from_response, exception_from_transport
+from ._http import (
+    absolute_url,
+    exception_from_response,
+    exception_from_transport,
+    exception_from_unsendable,
+    new_http_client,
+)
 from ._keys import StreamKeys
 from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
 from ._modes import log_modes
@@ -105,6 +112,12 @@ class VLLMMiddleware:
         # None unless an option is set: the request path then checks one attribute, no more.
         self._capture: CapturePolicy | None = capture_policy(redact, content, sample_rate)
         self.base_url = base_url.rstrip("/")
+        # Absolute URLs, so the middleware's base_url applies whatever an injected client's
+        # own base_url is (or without one); parsed once here rather than on every call.
+        self._urls: dict[str, httpx.URL | str] = {
+            endpoint: absolute_url(self.base_url, endpoint)
+            for endpoint in ("chat/completions", "completions", "models")
+        }
         self.log_dir = str(log_dir)
         self.enable_file_logging = enable_file_logging
         self.log_format = log_format
@@ -116,17 +129,12 @@ class VLLMMiddleware:
         self.redis_url = self.redis_url or None
 
         self._owns_http = http_client is None
+        self._http_settings = (api_key, timeout)
         if http_client is None:
-            headers = dict(JSON_HEADERS)
-            if api_key:
-                headers["authorization"] = f"Bearer {api_key}"
-            http_client = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=timeout,
-                headers=headers,
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-            )
+            http_client = self._new_http_client()
         self._http = http_client
+        # The event loop of the calls so far: an HTTP client's connections belong to one.
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Per-request headers cost a merge on every call: send them only when the client's
         # own defaults do not already say JSON (an injected client may not).
         self._json_headers: Mapping[str, str] | None = missing_headers(http_client, JSON_HEADERS)
@@ -143,6 +151,7 @@ class VLLMMiddleware:
         self._background: set[asyncio.Task[None]] = set()
         self._redis: aioredis.Redis | None = None
         self._sink: Shipper | None = None
+        self._destination: Destination | None = None
         self._durable = False
         if enable_file_logging:
             destination = open_destination(
@@ -161,6 +170,7 @@ class VLLMMiddleware:
                 max_record_bytes=max_record_bytes,
                 modes=self.file_modes,
             )
+            self._destination = destination
             self._sink, self._media = destination.sink, destination.media
             self._redis, self._durable = destination.redis, destination.durable
             if self._media is not None:
@@ -172,6 +182,33 @@ class VLLMMiddleware:
             redis_client=self._redis,
             redis_url=self.redis_url,
         )
+
+        # Dropped without close: save what is buffered, and say so (never at exit: there the
+        # shippers' own exit handler saves everything, quietly).
+        self._finalizer = weakref.finalize(self, collected_unclosed, self._destination)
+        self._finalizer.atexit = False
+
+    def _new_http_client(self) -> httpx.AsyncClient:
+        api_key, timeout = self._http_settings
+        return new_http_client(self.base_url, api_key, timeout, JSON_HEADERS)
+
+    def _enter_loop(self) -> None:
+        """The first call on an event loop other than the previous calls' one (a second
+        `asyncio.run`). Records never depend on the loop (they ship from their own thread);
+        the HTTP connections do: an owned client is replaced, an injected one refused."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None:
+            if not self._owns_http:
+                raise ConfigurationError(
+                    "this VLLMMiddleware was used on another event loop, and its injected "
+                    "http_client belongs to that loop: create the middleware (and its "
+                    "http_client) inside the loop that uses it, or let it make its own client"
+                )
+            # The old client's connections belong to the previous loop, which may be closed
+            # (then it cannot be closed either): left to the garbage collector.
+            self._http = self._new_http_client()
+            self._background.clear()
+        self._loop = loop
 
     @property
     def mode(self) -> str:
@@ -191,19 +228,15 @@ class VLLMMiddleware:
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush buffered records (within `timeout`) and close what this client created."""
+        if not self._finalizer.detach():
+            return  # closed already
+
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
-        if self._media is not None:
-            try:
-                await self._media.drain(timeout)
-            except Exception:  # closing must not fail the app either
-                logger.exception("error while finishing media work")
-        if self._sink is not None:
-            try:
-                await self._sink.aclose(timeout)
-            except Exception:  # closing must not fail the app either
-                logger.exception("error while closing the log sink")
-        if self._owns_http:
+        if self._destination is not None:
+            await self._destination.aclose(timeout)
+        if self._owns_http and self._loop in (None, asyncio.get_running_loop()):
+            # (On another loop than the calls', its connections went with their loop.)
             await self._http.aclose()
         self._stats.close()
 
@@ -349,10 +382,15 @@ class VLLMMiddleware:
 
         Like `health`, a control-plane call: it is not traffic and writes no record.
         """
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
+        url = self._urls["models"]
         try:
-            response = await self._http.get(f"{self.base_url}/models", headers=_ACCEPT_JSON)
+            response = await self._http.get(url, headers=_ACCEPT_JSON)
         except httpx.HTTPError as exc:
             raise exception_from_transport(exc, "models") from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise exception_from_unsendable(exc, url, None) from exc
         if response.status_code >= 400:
             raise exception_from_response(response, "models")
         try:
@@ -365,10 +403,12 @@ class VLLMMiddleware:
 
         Never raises for an unreachable or failing server; writes no record.
         """
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
         root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
         try:
             response = await self._http.get(f"{root}/health", timeout=timeout)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, TypeError):
             return False
         return response.status_code == 200
 
@@ -383,15 +423,22 @@ class VLLMMiddleware:
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """A non-streaming call: the HTTP exchange, its record logged whatever happens."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
         call, started, content, send_headers = start_call(
             self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now()
         )
+        url = self._urls[endpoint]
         try:
-            response = await self._http.post(endpoint, content=content, headers=send_headers)
+            response = await self._http.post(url, content=content, headers=send_headers)
         except httpx.HTTPError as exc:
             api_error = exception_from_transport(exc, call.request_id)
             call.log(started, error=api_error)
             raise api_error from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            unsendable = exception_from_unsendable(exc, url, call.request_id)
+            call.log(started, error=unsendable)
+            raise unsendable from exc
         except asyncio.CancelledError:
             call.log(started, error=APIError("cancelled by the caller before the response"))
             raise
@@ -436,18 +483,25 @@ class VLLMMiddleware:
         metadata: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
     ) -> AsyncStream:
+        if asyncio.get_running_loop() is not self._loop:
+            self._enter_loop()
         call, started, content, send_headers = start_call(
             self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now(), True
         )
         request_id = call.request_id
         hide_usage = params.get("stream_options") is None
-        request = self._http.build_request("POST", endpoint, content=content, headers=send_headers)
+        url = self._urls[endpoint]
         try:
+            request = self._http.build_request("POST", url, content=content, headers=send_headers)
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             api_error = exception_from_transport(exc, request_id)
             call.log(started, error=api_error, stream=True)
             raise api_error from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            unsendable = exception_from_unsendable(exc, url, request_id)
+            call.log(started, error=unsendable, stream=True)
+            raise unsendable from exc
         except asyncio.CancelledError:
             cancelled = APIError("cancelled by the caller before the response")
             call.log(started, error=cancelled, stream=True)

@@ -8,7 +8,6 @@ that race once per loop turn: about one context switch per request, charged to t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -16,6 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ._exceptions import ConfigurationError
+from ._exit import run_blocking
 from ._modes import LOG_MODES, FileModes
 from ._partition import LogFormat, PartitionWriter
 from ._process_writer import ProcessWriter, WriterProcessUnavailable
@@ -77,13 +77,11 @@ class FileSink(Shipper):
                 self.process = None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-mw-writer")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.writer.write_batch, batch)
+        await run_blocking(self._executor, self.writer.write_batch, batch)
 
     async def close_sink(self) -> None:
         if self.process is not None:
             await self.process.aclose()
         if self._executor is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self.writer.close)
+            await run_blocking(self._executor, self.writer.close)
             self._executor.shutdown(wait=True)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -16,7 +20,14 @@ from ._exceptions import (
     status_error_class,
 )
 
-__all__ = ["error_details", "exception_from_response", "exception_from_transport"]
+__all__ = [
+    "absolute_url",
+    "error_details",
+    "exception_from_response",
+    "exception_from_transport",
+    "exception_from_unsendable",
+    "new_http_client",
+]
 
 _MAX_ERROR_TEXT = 2000
 
@@ -74,6 +85,17 @@ def exception_from_transport(exc: httpx.HTTPError, request_id: str) -> APIError:
     return APIConnectionError(f"connection failed: {detail}", request_id=request_id)
 
 
+def exception_from_unsendable(
+    exc: Exception, url: object, request_id: str | None
+) -> APIConnectionError | InvalidRequestError:
+    """What the HTTP layer raised outside its own tree (`httpx.InvalidURL`, or a bare
+    `ValueError`/`TypeError` for a URL or header it cannot send): nothing left the process."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.InvalidURL) or "url" in detail.lower():
+        return APIConnectionError(f"cannot send to {url}: {detail}", request_id=request_id)
+    return InvalidRequestError(f"request to {url} cannot be sent: {detail}")
+
+
 def error_details(exc: APIError | InvalidRequestError) -> dict[str, Any]:
     """The record's `error_detail`: what an analyst filters on."""
     message = exc.message if isinstance(exc, APIError) else str(exc)
@@ -81,3 +103,34 @@ def error_details(exc: APIError | InvalidRequestError) -> dict[str, Any]:
     if isinstance(exc, APIStatusError):
         detail.update(status_code=exc.status_code, type=exc.error_type, param=exc.param)
     return detail
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """httpx's default TLS context, made once per process (by the CA settings it reads from
+    the environment): loading the CA bundle is most of the cost of a new HTTP client (tens of
+    ms, far more on a loaded machine), and a client per request is a common pattern."""
+    return httpx.create_ssl_context()
+
+
+def absolute_url(base_url: str, endpoint: str) -> httpx.URL | str:
+    try:
+        return httpx.URL(f"{base_url}/{endpoint}")
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return f"{base_url}/{endpoint}"  # raised, mapped and recorded by the first call
+
+
+def new_http_client(
+    base_url: str, api_key: str | None, timeout: float | httpx.Timeout, headers: Mapping[str, str]
+) -> httpx.AsyncClient:
+    """The HTTP client a middleware makes for itself when none is injected."""
+    defaults = dict(headers)
+    if api_key:
+        defaults["authorization"] = f"Bearer {api_key}"
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=timeout,
+        headers=defaults,
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        verify=_tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
+    )

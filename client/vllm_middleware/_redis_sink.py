@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from ._exit import run_blocking
 from ._keys import (
     BUNDLE_BYTES,
     BUNDLE_RECORDS,
@@ -191,6 +192,12 @@ class RedisUnavailable(ConnectionError):
     """Raised instead of trying a Redis that just failed; the batch goes to the spool."""
 
 
+def _private_copy(client: aioredis.Redis) -> aioredis.Redis:
+    pool = client.connection_pool
+    copy = aioredis.ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs)
+    return aioredis.Redis.from_pool(copy)
+
+
 def default_spool_root() -> Path:
     return Path.home() / ".cache" / "vllm-middleware" / "spool"
 
@@ -205,6 +212,10 @@ class RedisStreamSink(Shipper):
         shipping: ShippingSettings | None = None,
     ) -> None:
         super().__init__(shipping)
+        if not owns_client:
+            # Batches go out from the shipping loop: an injected client (and its pool) belongs
+            # to the app's loop, so the sink talks through a private one with its settings.
+            redis, owns_client = _private_copy(redis), True
         self.redis = redis
         self.keys = keys
         self._owns_client = owns_client
@@ -288,7 +299,7 @@ class RedisStreamSink(Shipper):
         return root / f"{sanitize_partition_value(self.keys.stream)}-{digest}"
 
     async def _run_io(self, func: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._io, func, *args)
+        return await run_blocking(self._io, func, *args)
 
     async def _open_spool(self) -> Spool | None:
         if self.spool is not None or self._io is None:
@@ -349,6 +360,10 @@ class RedisStreamSink(Shipper):
         if not self.healthy and self._io is not None:
             return self.batch_size * _SPOOL_BATCHES
         return self.batch_size
+
+    def sleeps_when_empty(self) -> bool:
+        # The timer also adopts and replays spools other processes left behind.
+        return False
 
     def has_backlog(self) -> bool:
         if not self.healthy or self.spool is None or time.monotonic() < self._replay_retry_at:
@@ -435,17 +450,16 @@ class RedisStreamSink(Shipper):
                 self._wakeup.set()
 
     # -- shutdown ---------------------------------------------------------------------------
-    async def aclose(self, timeout: float = 10.0) -> None:
-        """As `Shipper.aclose`; with a spool to replay, first ask Redis once more whether it is
-        back (the probe may be sleeping a long backoff), so close can replay it in its budget.
-        """
-        if not self._closed and not self.healthy and self.spool is not None and self.spool:
+    async def before_close(self, timeout: float) -> float:
+        """With a spool to replay, first ask Redis once more whether it is back (the probe may
+        be sleeping a long backoff), so close can replay it in its budget."""
+        if not self.healthy and self.spool is not None and self.spool:
             started = time.monotonic()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.redis.ping(), min(self.timeout, timeout / 4))
                 self.healthy = True
             timeout = max(0.0, timeout - (time.monotonic() - started))
-        await super().aclose(timeout)
+        return timeout
 
     async def rescue(self, inflight: list[RecordEntry], pending: list[RecordEntry]) -> int:
         """Spool what close() could not ship in time. The in-flight batch keeps its id (its

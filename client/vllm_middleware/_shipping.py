@@ -1,7 +1,12 @@
-"""The bounded buffer between the request path and a sink, and the task that drains it.
+"""The bounded buffer between the request path and a sink, and the thread that drains it.
 
-`submit` is synchronous and O(1): it appends to a deque and, when a batch is ready, sets an
-event. A background task takes batches off the buffer and hands them to the sink's `ship`. A
+`submit` is synchronous and O(1): it appends to a deque and, when a batch is ready, wakes the
+shipping thread. That thread runs an event loop of its own (the *shipping loop*): the sink's
+I/O never waits for a turn of the app's loop, so records leave memory at the rate they are
+made even while the app's loop never yields (an in-process or cached upstream). The thread is
+woken once per batch (or by its `flush_interval` timer), never per record or per loop turn: a
+thread woken that often loses the GIL race to a busy loop on every wake (`docs/benchmarks.md`).
+The thread takes batches off the buffer and hands them to the sink's `ship`. A
 failed batch is offered to the sink's `on_ship_failed` (the Redis sink spools it to disk); if the
 sink cannot take it either, it stays at the head and is retried with backoff, so a slow or dead
 sink costs the app nothing but buffer space; past the bound, new records are dropped and
@@ -15,14 +20,18 @@ in-flight batch. `durable=True` callers wait (`wait_durable`) until their record
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ._exit import register
 from ._record import RecordEntry
 
 __all__ = ["BufferCounters", "Shipper", "ShippingSettings"]
@@ -84,6 +93,7 @@ class BufferCounters:
     replayed: int = 0  # spooled records shipped to Redis since
     spool_damaged: int = 0  # damaged spool regions skipped (each a torn or corrupted frame)
     spool_bytes: int = 0  # bytes in the spool now
+    high_water: int = 0  # most records held in memory at once (seen when a batch is taken)
 
 
 class Shipper(ABC):
@@ -99,16 +109,26 @@ class Shipper(ABC):
         self.counters = BufferCounters()
         self._pending: deque[RecordEntry] = deque()
         self._inflight: list[RecordEntry] = []
+        # The shipping loop and its thread, started by the first record (or by close).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # `_run`, on the shipping loop
+        self._stopped: asyncio.Future[None] | None = None  # ends the thread
+        self._close_future: concurrent.futures.Future[None] | None = None
+        # Starting, closing, and counting drops (rare paths). Reentrant: a client's finalizer
+        # (closing or releasing this sink) may run in any thread, inside any allocation.
+        self._lock = threading.RLock()
+        self._asleep = False  # the shipping loop waits for a record, without a timer
         self._closing = False
         self._closed = False
         self._unreported_drops = 0
         # `durable` support: records accepted so far, and how many of them left memory (shipped,
         # spooled or dropped); batches leave in order, so one counter pair is enough.
+        # `_accepted` is written by the request path only, `_resolved` by the shipping loop only.
         self._accepted = 0
         self._resolved = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, concurrent.futures.Future[None]]] = []
+        register(self)
 
     # -- request path -----------------------------------------------------------------------
     def submit(self, entry: RecordEntry) -> None:
@@ -116,14 +136,7 @@ class Shipper(ABC):
         counters = self.counters
         counters.submitted += 1
         if self._closed or len(self._pending) + len(self._inflight) >= self.max_buffer:
-            counters.dropped += 1
-            self._unreported_drops += 1
-            if counters.dropped == 1 or counters.dropped % 10_000 == 0:
-                logger.warning(
-                    "log buffer full (%d records): %d records dropped so far",
-                    self.max_buffer,
-                    counters.dropped,
-                )
+            self._drop_one()
             return
         pending = self._pending
         if self._inflight and len(pending) >= self.batch_size:
@@ -136,10 +149,31 @@ class Shipper(ABC):
             )
         pending.append(entry)
         self._accepted += 1
-        if self._task is None:
+        if self._loop is None:
             self._start()
-        elif len(pending) == self.batch_size and self._wakeup is not None:
-            self._wakeup.set()  # a full batch is ready: no need to wait for the timer
+        elif len(pending) == self.batch_size:
+            self._wake()  # a full batch is ready: no need to wait for the timer
+        elif self._asleep:  # the first record after a quiet spell: start the timer
+            self._asleep = False
+            self._wake()
+
+    def _drop_one(self) -> None:
+        counters = self.counters
+        with self._lock:
+            counters.dropped += 1
+            self._unreported_drops += 1
+            dropped = counters.dropped
+        if dropped == 1 or dropped % 10_000 == 0:
+            logger.warning(
+                "log buffer full (%d records): %d records dropped so far", self.max_buffer, dropped
+            )
+
+    def _wake(self) -> None:
+        """Cut the shipping loop's wait short (from any thread)."""
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: the sink is closed
+                loop.call_soon_threadsafe(wakeup.set)
 
     @property
     def buffered(self) -> int:
@@ -152,16 +186,38 @@ class Shipper(ABC):
         target = self._accepted
         if self._resolved >= target:
             return True
-        if self._task is None:
+        if self._loop is None:
             self._start()
-        if self._wakeup is not None:
-            self._wakeup.set()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((target, future))
+        loop = self._loop
+        if loop is None:  # closed before a fork, in the parent
+            return self._resolved >= target
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            loop.call_soon_threadsafe(self._add_waiter, target, future)
+        except RuntimeError:  # the shipping loop is closed: everything was resolved
+            return self._resolved >= target
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(future), timeout)
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout)
             return True
         return False
+
+    def flush_soon(self) -> None:
+        """Ship what is buffered now rather than at the next timer (from any thread)."""
+        loop = self._loop
+        if loop is not None and self._accepted > self._resolved:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to flush
+                loop.call_soon_threadsafe(
+                    self._add_waiter, self._accepted, concurrent.futures.Future()
+                )
+
+    def _add_waiter(self, target: int, future: concurrent.futures.Future[None]) -> None:
+        """On the shipping loop: wait for `target` records to be resolved; flush now."""
+        if self._resolved >= target:
+            _settle(future)
+            return
+        self._waiters.append((target, future))
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     def _resolve(self, count: int) -> None:
         self._resolved += count
@@ -171,20 +227,60 @@ class Shipper(ABC):
         keep = []
         for target, future in self._waiters:
             if target <= done:
-                if not future.done():
-                    future.set_result(None)
+                _settle(future)
             else:
                 keep.append((target, future))
         self._waiters = keep
 
-    # -- background task --------------------------------------------------------------------
+    # -- the shipping thread ------------------------------------------------------------------
     def _start(self) -> None:
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._loop is not None or self._closed:
+            return
+        loop = asyncio.new_event_loop()
+        self._wakeup = asyncio.Event()  # binds to the loop that first waits on it
+        self._loop = loop
+        # A daemon: a non-daemon thread would be joined before `atexit` runs, so the exit
+        # handler (`close_all`) could never ask it to save what it holds.
+        thread = threading.Thread(
+            target=self._thread_main, args=(loop,), name=f"vllm-mw-{type(self).__name__}"
+        )
+        thread.daemon = True
+        thread.start()
+
+    def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop yet: the records wait in the buffer until one runs
-        self._wakeup = asyncio.Event()
-        self._task = loop.create_task(self._run(), name=f"vllm-mw-{type(self).__name__}")
+            # Made before the loop runs, so a `close_soon` queued already finds them.
+            self._stopped = stopped = loop.create_future()
+            self._task = loop.create_task(self._run(), name=f"vllm-mw-{type(self).__name__}")
+            self._task.add_done_callback(_report_failure)
+            loop.run_until_complete(stopped)
+        except BaseException:  # never silent: this thread is the only one shipping records
+            logger.exception("the log shipping thread failed")
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    @property
+    def running(self) -> bool:
+        """Its shipping thread is started and it is not closed."""
+        return self._loop is not None and not self._closed
+
+    def after_fork_in_child(self) -> None:
+        """The shipping thread is the parent's (a child has none), and so are the records
+        buffered before the fork: the parent ships them. Start afresh on the next record."""
+        self._lock = threading.RLock()
+        self._loop = self._wakeup = self._task = self._stopped = self._close_future = None
+        self._pending.clear()
+        self._inflight = []
+        self._waiters = []
+        self._resolved = self._accepted
+        self._asleep = False
 
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -196,6 +292,16 @@ class Shipper(ABC):
         ):
             idle = not self._inflight and len(self._pending) < self.batch_size
             if not self._closing and idle and not (self._waiters and self.buffered):
+                if not self._pending and self.sleeps_when_empty():
+                    # Nothing to ship: no timer, so an idle sink (one the clients let go of)
+                    # costs nothing; the first record wakes it (`submit`), then it waits one
+                    # `flush_interval` for the batch to fill as usual.
+                    self._asleep = True
+                    if not self._pending:  # (a record submitted just before `_asleep`)
+                        await self._wakeup.wait()
+                    self._asleep = False
+                    self._wakeup.clear()
+                    continue
                 # With a backlog to replay, do not sleep between replayed batches.
                 wait = 0.0 if self.has_backlog() else self.flush_interval
                 if wait:
@@ -205,7 +311,7 @@ class Shipper(ABC):
             if await self._flush_once():
                 backoff = self.retry_backoff[0]
                 await self.work_backlog()
-                await asyncio.sleep(0)  # let the request path run between batches
+                await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
                 continue
             # Wait out the backoff, but let close() cut it short.
             with contextlib.suppress(asyncio.TimeoutError):
@@ -216,19 +322,23 @@ class Shipper(ABC):
     async def _flush_once(self) -> bool:
         """Ship the in-flight batch (taking one from the buffer if none). True on success."""
         if not self._inflight:
-            take = min(len(self._pending), self.take_limit())
+            held = len(self._pending)
+            take = min(held, self.take_limit())
             if take == 0:
                 return True
+            if held > self.counters.high_water:
+                self.counters.high_water = held
             pop = self._pending.popleft
             self._inflight = [pop() for _ in range(take)]
-        drops, self._unreported_drops = self._unreported_drops, 0
+        with self._lock:
+            drops, self._unreported_drops = self._unreported_drops, 0
         try:
             await self.ship(self._inflight, dropped=drops)
         except asyncio.CancelledError:
-            self._unreported_drops += drops
+            self._give_back(drops)
             raise
         except Exception as exc:  # any sink failure: keep the batch, retry later
-            self._unreported_drops += drops
+            self._give_back(drops)
             self.counters.failed_batches += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
             if await self.on_ship_failed(self._inflight, exc):
@@ -243,27 +353,106 @@ class Shipper(ABC):
         self._inflight = []
         return True
 
+    def _give_back(self, drops: int) -> None:
+        with self._lock:
+            self._unreported_drops += drops
+
     def count_dropped(self, count: int, why: str) -> None:
         """Records given up on purpose: counted, reported to Redis later, and logged."""
         counters = self.counters
-        before = counters.dropped
-        counters.dropped += count
-        self._unreported_drops += count
-        if before == 0 or before // 10_000 != counters.dropped // 10_000:
-            logger.warning("%s: %d log records dropped so far", why, counters.dropped)
+        with self._lock:
+            before = counters.dropped
+            counters.dropped += count
+            self._unreported_drops += count
+            after = counters.dropped
+        if before == 0 or before // 10_000 != after // 10_000:
+            logger.warning("%s: %d log records dropped so far", why, after)
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """Flush what is buffered (bounded by `timeout`), then stop the task and the sink.
+        """Flush what is buffered (bounded by `timeout`), then stop the thread and the sink.
 
         Most of `timeout` goes to shipping normally; what is left after it is handed to
-        `rescue` (the Redis sink spools it), which is a local disk write.
+        `rescue` (the Redis sink spools it), which is a local disk write. Callable from any
+        event loop; the work runs on the shipping loop.
         """
-        if self._closed:
+        await asyncio.wrap_future(self.close_soon(timeout))
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """What `aclose` does for the records, without closing (a shared sink a client lets
+        go of): everything submitted so far leaves memory, and a backlog (spool) the sink can
+        send now is sent, both within `timeout`. Callable from any event loop."""
+        deadline = time.monotonic() + timeout
+        if not await self.wait_durable(timeout):
             return
+        loop = self._loop
+        if loop is None or self.closing:
+            return
+        with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+            future = asyncio.run_coroutine_threadsafe(self._settle_here(deadline), loop)
+            await asyncio.wrap_future(future)
+
+    async def _settle_here(self, deadline: float) -> None:
+        await self.before_close(max(0.0, deadline - time.monotonic()))
+        while self.has_backlog() and not self._closing and time.monotonic() < deadline:
+            if self._wakeup is not None:
+                self._wakeup.set()  # the flush loop replays without pausing while it lasts
+            await asyncio.sleep(0.01)
+
+    def close_soon(self, timeout: float = 10.0) -> concurrent.futures.Future[None]:
+        """Start closing (from any thread, without waiting); the future ends when closed."""
+        with self._lock:
+            if self._close_future is None:
+                self._start_locked()
+                if self._loop is None:  # closed before a fork, in the parent
+                    self._close_future = concurrent.futures.Future()
+                    self._close_future.set_result(None)
+                else:
+                    self._close_future = asyncio.run_coroutine_threadsafe(
+                        self._close_here(timeout), self._loop
+                    )
+            return self._close_future
+
+    @property
+    def closing(self) -> bool:
+        """Closing or closed: takes no new users (records submitted now are dropped)."""
+        return self._close_future is not None
+
+    def close_later(self, delay: float, confirm: Callable[[], bool]) -> None:
+        """Close after `delay` seconds if `confirm()` (asked then, on the shipping loop)."""
+        with self._lock:
+            loop = None if self._close_future is not None else self._loop
+        if loop is None:
+            if not self.closing and confirm():
+                self.close_soon()
+            return
+        with contextlib.suppress(RuntimeError):  # its loop is closed: closed already
+            loop.call_soon_threadsafe(loop.call_later, delay, self._close_if, confirm)
+
+    def _close_if(self, confirm: Callable[[], bool]) -> None:
+        if not self.closing and confirm():
+            self.close_soon()
+
+    def close_blocking(self, timeout: float = 10.0) -> bool:
+        """`aclose` for a thread without a loop (exit, a finalizer). False if not done in time."""
+        try:
+            self.close_soon(timeout).result(timeout + 1.0)
+        except concurrent.futures.TimeoutError:
+            return False
+        except Exception:  # closing must not fail the caller
+            logger.exception("error while closing the log sink")
+        return True
+
+    async def _close_here(self, timeout: float) -> None:
+        try:
+            await self._close_on_loop(timeout)
+        finally:
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
+
+    async def _close_on_loop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._closing = True
-        if self._task is None and self.buffered:
-            self._start()
+        timeout = await self.before_close(timeout)
         if self._task is not None:
             assert self._wakeup is not None
             self._wakeup.set()
@@ -276,6 +465,9 @@ class Shipper(ABC):
                     await self._task
             self._task = None
         self._closed = True
+        # A record the request path appended just as `_closed` was set is rescued with the
+        # rest (later ones see `_closed` and are counted as dropped).
+        await asyncio.sleep(0)
         # The in-flight batch apart from the rest: the sink may know it under an id (a flush
         # that may have landed), which must never cover records outside it (see `rescue`).
         inflight, pending = self._inflight, list(self._pending)
@@ -295,6 +487,11 @@ class Shipper(ABC):
         await self.close_sink()
 
     # -- hooks (the Redis sink overrides them) -----------------------------------------------
+    async def before_close(self, timeout: float) -> float:
+        """On the shipping loop, first thing at close (and at `settle`); returns what is left
+        of `timeout`."""
+        return timeout
+
     async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
         """Take care of a batch `ship` failed on (True), or leave it to be retried (False)."""
         return False
@@ -302,6 +499,10 @@ class Shipper(ABC):
     def take_limit(self) -> int:
         """Records to take off the buffer for the next `ship`."""
         return self.batch_size
+
+    def sleeps_when_empty(self) -> bool:
+        """False for a sink with periodic work of its own (the Redis sink's spool)."""
+        return True
 
     def has_backlog(self) -> bool:
         """True while the sink has older records of its own to send (a spool to replay)."""
@@ -325,3 +526,14 @@ class Shipper(ABC):
     @abstractmethod
     async def close_sink(self) -> None:
         """Release what the sink created (not what was injected)."""
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Records now wait in the buffer (and are dropped, counted, once it is full).
+        logger.error("log shipping stopped", exc_info=task.exception())
+
+
+def _settle(future: concurrent.futures.Future[None]) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by its waiter
+        future.set_result(None)
