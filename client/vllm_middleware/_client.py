@@ -20,13 +20,14 @@ import redis.asyncio as aioredis
 
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
 from ._destination import mode_of, open_destination
-from ._exceptions import APIError, ConfigurationError
+from ._exceptions import APIError
 from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
-from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
+from ._media import MediaPipeline, MediaPolicy
 from ._partition import LogFormat
 from ._record import RecordEntry, default_host, utc_now
-from ._shipping import Shipper, ShippingSettings
+from ._settings import ClientSettings
+from ._shipping import Shipper
 from ._stats import ClientStatistics, local_statistics
 from ._streaming import AsyncStream, StreamState, fail_before_stream
 
@@ -81,28 +82,36 @@ class VLLMMiddleware:
         media_min_bytes: int = 1024,
         max_record_bytes: int = 8 * 1024 * 1024,
     ) -> None:
-        if log_format not in ("jsonl", "json"):
-            raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
-        if max_log_size_mb <= 0:
-            raise ConfigurationError("max_log_size_mb must be positive")
-        if max_buffer <= 0 or batch_size <= 0 or flush_interval <= 0:
-            raise ConfigurationError("max_buffer, batch_size and flush_interval must be positive")
-        if media_policy not in MEDIA_POLICIES:
-            raise ConfigurationError(
-                f"media_policy must be one of {', '.join(MEDIA_POLICIES)}, not {media_policy!r}"
-            )
-        if media_min_bytes < 0 or max_record_bytes <= 0:
-            raise ConfigurationError("media_min_bytes must be >= 0 and max_record_bytes > 0")
+        # Validated once, here; the request path reads the plain attributes set below.
+        settings = ClientSettings.load(
+            base_url=base_url,
+            log_dir=str(log_dir),
+            enable_file_logging=enable_file_logging,
+            log_format=log_format,
+            max_log_size_mb=max_log_size_mb,
+            redis_url=redis_url,
+            stream=stream,
+            host=host,
+            timeout=None if isinstance(timeout, httpx.Timeout) else timeout,
+            max_buffer=max_buffer,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            fsync=fsync,
+            durable=durable,
+            media_policy=media_policy,
+            media_dir=None if media_dir is None else str(media_dir),
+            media_min_bytes=media_min_bytes,
+            max_record_bytes=max_record_bytes,
+        )
         self.base_url = base_url.rstrip("/")
         self.log_dir = str(log_dir)
         self.enable_file_logging = enable_file_logging
         self.log_format = log_format
         self.max_log_size_mb = max_log_size_mb
-        self.host = host or default_host()
+        self.host = settings.host or default_host()
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.keys = StreamKeys(stream)
-        self.redis_url = os.environ.get("VLLM_MW_REDIS_URL") if redis_url is None else redis_url
-        self.redis_url = self.redis_url or None
+        self.redis_url = settings.redis_url
 
         self._owns_http = http_client is None
         if http_client is None:
@@ -137,8 +146,8 @@ class VLLMMiddleware:
                 redis_url=self.redis_url,
                 redis_client=redis_client,
                 keys=self.keys,
-                shipping=ShippingSettings(max_buffer, batch_size, flush_interval),
-                durable=durable,
+                shipping=settings.shipping(),
+                durable=None,
                 max_log_size_mb=max_log_size_mb,
                 log_format=log_format,
                 fsync=fsync,
