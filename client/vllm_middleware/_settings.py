@@ -19,10 +19,17 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 
 from ._exceptions import ConfigurationError
@@ -31,6 +38,7 @@ from ._shipping import ShippingSettings
 __all__ = [
     "ClientSettings",
     "EnvSettings",
+    "argv_password_warning",
     "check_redis_url",
     "mask_url",
     "settings_table",
@@ -71,6 +79,20 @@ def mask_url(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def argv_password_warning(url: str | None) -> str | None:
+    """A warning when a command-line URL carries a password (argv is public: `ps`)."""
+    try:
+        has_password = url is not None and urlsplit(url).password is not None
+    except ValueError:
+        return None
+    if not has_password:
+        return None
+    return (
+        "the password in --redis-url is visible to every user of this machine (ps); "
+        "use VLLM_MW_REDIS_PASSWORD_FILE or VLLM_MW_REDIS_PASSWORD instead"
+    )
+
+
 def check_redis_url(url: str) -> str:
     """`url` if redis-py can use it, else a `ValueError` saying why (password masked)."""
     try:
@@ -91,6 +113,36 @@ def check_redis_url(url: str) -> str:
 
 # Where each value of the model being built came from (field -> variable), for its messages.
 _labels: ContextVar[Mapping[str, str] | None] = ContextVar("_labels", default=None)
+
+
+def read_password_file(path: str) -> str:
+    """The password in file `path` (one line; the trailing newline is not part of it)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot read it: {reason}") from None
+    password = text.rstrip("\r\n")
+    if not password or "\n" in password:
+        raise ValueError("must hold the password on one line")
+    return password
+
+
+def with_password(url: str, password: str | None) -> str:
+    """`url` with `password` added; refused when the URL already carries a different one."""
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    if parts.password is not None:
+        if unquote(parts.password) == password:
+            return url
+        raise ValueError(
+            "carries a password and another comes from VLLM_MW_REDIS_PASSWORD(_FILE): keep one"
+        )
+    user = quote(unquote(parts.username), safe="") if parts.username else ""
+    netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 class EnvSettings(BaseModel):
@@ -253,6 +305,25 @@ def settings_table(model: type[EnvSettings], *, include: Any = None) -> str:
     return "\n".join(rows) + "\n"
 
 
+def check_password_file(cls: Any, value: str | None) -> str | None:
+    """Field validator: the password file can be read (its content is checked here)."""
+    if value:
+        read_password_file(value)
+    return value or None
+
+
+def password_of(info: ValidationInfo) -> str | None:
+    """The password given beside the URL (validated before it: fields are in that order)."""
+    path = info.data.get("redis_password_file")
+    password = info.data.get("redis_password") or None
+    if path:
+        from_file = read_password_file(path)
+        if password is not None and password != from_file:
+            raise ValueError("VLLM_MW_REDIS_PASSWORD and VLLM_MW_REDIS_PASSWORD_FILE differ")
+        return from_file
+    return password
+
+
 PositiveInt = Annotated[int, annotated_types.Gt(0)]
 PositiveFloat = Annotated[float, annotated_types.Gt(0)]
 
@@ -278,11 +349,25 @@ class ClientSettings(EnvSettings):
         "`json`: each record pretty-printed (DuckDB: `format='unstructured'`)",
     )
     max_log_size_mb: PositiveFloat = env_field(100.0, None, "rotate files at this size")
+    redis_password: str | None = env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD",
+        "Redis password, when the URL has none (kept out of argv, where `ps` shows it)",
+        repr=False,
+    )
+    redis_password_file: str | None = env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD_FILE",
+        "a file holding the Redis password (a mounted secret)",
+        allowed="a readable file",
+    )
     redis_url: str | None = env_field(
         None,
         "VLLM_MW_REDIS_URL",
         'Redis mode; `""` forces the embedded mode even when the variable is set',
         allowed="a redis://, rediss:// or unix:// URL, or empty",
+        validate_default=True,  # applies VLLM_MW_REDIS_PASSWORD(_FILE)
+        repr=False,
     )
     stream: str = env_field(
         "vllm:logs", None, "stream key (workers must use the same)", min_length=1
@@ -372,12 +457,14 @@ class ClientSettings(EnvSettings):
             raise ValueError("must be an http:// or https:// URL with a host")
         return value
 
+    _password_file = field_validator("redis_password_file")(check_password_file)
+
     @field_validator("redis_url")
     @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
+    def _redis_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if not value:
             return None
-        return check_redis_url(value)
+        return with_password(check_redis_url(value), password_of(info))
 
 
 def readme_tables() -> dict[str, str]:

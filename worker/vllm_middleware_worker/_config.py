@@ -13,8 +13,15 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import annotated_types
-from pydantic import field_validator
-from vllm_middleware._settings import EnvSettings, check_redis_url, env_field
+from pydantic import ValidationInfo, field_validator
+from vllm_middleware._settings import (
+    EnvSettings,
+    check_password_file,
+    check_redis_url,
+    env_field,
+    password_of,
+    with_password,
+)
 
 __all__ = ["WorkerConfig"]
 
@@ -27,11 +34,25 @@ _Positive = annotated_types.Gt(0)
 
 
 class WorkerConfig(EnvSettings):
+    redis_password: str | None = env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD",
+        "Redis password, when the URL has none (kept out of argv, where `ps` shows it)",
+        repr=False,
+    )
+    redis_password_file: str | None = env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD_FILE",
+        "a file holding the Redis password (a mounted secret)",
+        allowed="a readable file",
+    )
     redis_url: str = env_field(
         "redis://127.0.0.1:6379/0",
         "VLLM_MW_REDIS_URL",
         "the Redis the clients write to",
         allowed="a redis://, rediss:// or unix:// URL",
+        validate_default=True,  # applies VLLM_MW_REDIS_PASSWORD(_FILE)
+        repr=False,
     )
     log_dir: str = env_field(
         "./logs/vllm", "VLLM_MW_LOG_DIR", "root of the partition tree", min_length=1
@@ -90,10 +111,12 @@ class WorkerConfig(EnvSettings):
         10, "VLLM_MW_STATS_INTERVAL_S", "seconds between file-tree scans"
     )
 
+    _password_file = field_validator("redis_password_file")(check_password_file)
+
     @field_validator("redis_url")
     @classmethod
-    def _redis_url(cls, value: str) -> str:
-        return check_redis_url(value)
+    def _redis_url(cls, value: str, info: ValidationInfo) -> str:
+        return with_password(check_redis_url(value), password_of(info))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerConfig:
