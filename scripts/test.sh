@@ -148,10 +148,9 @@ for env in "${!installer[@]}"; do
 done
 echo "== environments ready in $((SECONDS - started)) s"
 
-for env in $envs; do
-  [ -n "${env_dir[$env]:-}" ] || continue
-  dir="${env_dir[$env]}"
-  env_started=$SECONDS
+run_env() {  # run_env ENV [PYTEST ARGS...]: stops at the environment's first failure
+  local env="$1" dir="${env_dir[$1]}"
+  shift
   case "$env" in
     main)
       echo "== [main] $(describe "$dir"): ruff"
@@ -171,6 +170,23 @@ for env in $envs; do
       "$dir/bin/python" -m pytest -q -p no:cacheprovider "${worker_tests[@]}" "$@"
       ;;
   esac
-  echo "== [$env] done in $((SECONDS - env_started)) s"
+}
+
+# Every environment runs even when an earlier one failed: one run shows every failure.
+failed=()
+for env in $envs; do
+  [ -n "${env_dir[$env]:-}" ] || continue
+  env_started=$SECONDS
+  (run_env "$env" "$@") &  # a subshell of its own, so `set -e` still applies inside
+  if wait $!; then
+    echo "== [$env] passed in $((SECONDS - env_started)) s"
+  else
+    echo "== [$env] FAILED after $((SECONDS - env_started)) s"
+    failed+=("$env")
+  fi
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "== failed: ${failed[*]} (of $envs), in $((SECONDS - started)) s"
+  exit 1
+fi
 echo "== all environments ($envs) passed in $((SECONDS - started)) s"
