@@ -432,17 +432,24 @@ def test_media_settings_are_validated(tmp_path: Path) -> None:
 
 
 async def test_redis_mode_without_media_dir_falls_back_to_drop(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    fake_vllm: FakeVLLMServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(media_module, "_warned_shared", False)
+    url = "redis://127.0.0.1:1/0"  # nothing listens: records go to the spool
     with caplog.at_level(logging.WARNING, logger="vllm_middleware"):
-        first = VLLMMiddleware(log_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
-        second = VLLMMiddleware(log_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
-    assert first.media_policy == second.media_policy == "drop"
+        first = VLLMMiddleware(base_url=fake_vllm.base_url, log_dir=tmp_path, redis_url=url)
+        second = VLLMMiddleware(base_url=fake_vllm.base_url, log_dir=tmp_path, redis_url=url)
+        assert first.media_policy == second.media_policy == "drop"
+        await first.chat_completion([{"role": "user", "content": "text only"}], model=MODEL)
+        # No blob met yet: nothing to warn about.
+        assert not [r for r in caplog.records if "shared" in r.getMessage()]
+        for client in (first, second, first):
+            await client.chat_completion(omni_messages(), model=MODEL)
     assert sum("shared" in r.getMessage() for r in caplog.records) == 1  # warned once
-    shared = VLLMMiddleware(
-        log_dir=tmp_path, redis_url="redis://127.0.0.1:1/0", media_dir=tmp_path / "m"
-    )
+    shared = VLLMMiddleware(log_dir=tmp_path, redis_url=url, media_dir=tmp_path / "m")
     assert shared.media_policy == "reference"
     for client in (first, second, shared):
         await client.close(timeout=1)

@@ -1,18 +1,37 @@
-"""`vllm-mw`: the operator's command line (stats, worker, demo)."""
+"""`vllm-mw`: the operator's command line (stats, worker, demo).
+
+Every failure is one line on stderr, `vllm-mw: <what failed>: <why>`, with passwords in URLs
+masked, and a non-zero exit; `-v` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
+import redis
+
 from ._exceptions import VLLMMiddlewareError
-from ._stats import get_statistics
+from ._keys import StreamKeys
+from ._settings import ClientSettings, argv_password_warning, mask_url
+from ._stats import file_statistics, read_statistics_sync
 
 __all__ = ["main"]
+
+_EXIT_FAILED = 1
+_EXIT_USAGE = 2
+
+
+class _CommandFailed(VLLMMiddlewareError):
+    """A command could not do its work; `str()` is the line printed after `vllm-mw: `."""
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -26,8 +45,59 @@ def _print_stats(stats: dict[str, Any]) -> None:
             print(f"{key:<{width}} {value}")
 
 
+def _stats_from_redis(url: str, stream: str) -> dict[str, Any]:
+    shown = mask_url(url)
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        keys = StreamKeys(stream)
+        try:
+            exists = client.exists(keys.stream)
+            stats = read_statistics_sync(client, keys)
+        except redis.RedisError as exc:
+            raise _CommandFailed(f"stats: cannot read Redis at {shown}: {exc}") from exc
+    finally:
+        client.close()
+    if not exists:
+        raise _CommandFailed(
+            f"stats: no stream {stream!r} at {shown} (no client or worker has used it; "
+            "--stream names another)"
+        )
+    return {"source": f"redis {shown} stream {stream}", **stats}
+
+
+def _stats_from_files(log_dir: str, given: bool) -> dict[str, Any]:
+    path = Path(log_dir)
+    how = "" if given else " (the default: give --log-dir, VLLM_MW_LOG_DIR or a Redis URL)"
+    if not path.exists():
+        raise _CommandFailed(f"stats: log directory {log_dir} does not exist{how}")
+    if not path.is_dir():
+        raise _CommandFailed(f"stats: {log_dir} is not a directory{how}")
+    try:
+        stats = file_statistics(path, count_records=True)
+    except OSError as exc:
+        raise _CommandFailed(f"stats: cannot read {log_dir}: {exc.strerror or exc}") from exc
+    return {"source": f"files under {path.resolve()}", **stats}
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
-    stats = get_statistics(args.redis_url, log_dir=args.log_dir, stream=args.stream)
+    warning = argv_password_warning(args.redis_url)
+    if warning:
+        print(f"vllm-mw: warning: {warning}", file=sys.stderr)
+    settings = ClientSettings.load(redis_url=args.redis_url)
+    env_dir = os.environ.get("VLLM_MW_LOG_DIR") or None
+    if settings.redis_url:
+        if args.log_dir is not None:
+            origin = "--redis-url" if args.redis_url else "VLLM_MW_REDIS_URL"
+            raise _CommandFailed(
+                f"stats: --log-dir scans files but {origin} names a Redis "
+                f"({mask_url(settings.redis_url)}): give one source"
+            )
+        stats = _stats_from_redis(settings.redis_url, args.stream or "vllm:logs")
+    else:
+        if args.stream is not None:
+            raise _CommandFailed("stats: --stream needs a Redis URL (--redis-url)")
+        log_dir = args.log_dir or env_dir
+        stats = _stats_from_files(log_dir or "./logs/vllm", given=log_dir is not None)
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=False))
     else:
@@ -44,15 +114,37 @@ def _worker_cli() -> Any:
         return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _version() -> str:
+    try:
+        return version("vllm-middleware")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return __version__
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-mw", description="vllm-middleware operations")
+    parser.add_argument("--version", action="version", version=f"vllm-mw {_version()}")
+    parser.add_argument(
+        "--traceback",
+        dest="show_traceback",
+        action="store_true",
+        help="on failure, print the traceback too (also: -v after a command)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     stats = commands.add_parser("stats", help="pipeline statistics (Redis, or a file scan)")
-    stats.add_argument("--redis-url", help="Redis URL (env VLLM_MW_REDIS_URL)")
-    stats.add_argument("--log-dir", help="log tree to scan when there is no Redis")
-    stats.add_argument("--stream", default="vllm:logs")
+    stats.add_argument(
+        "--redis-url",
+        help="Redis URL (env VLLM_MW_REDIS_URL; password: VLLM_MW_REDIS_PASSWORD_FILE)",
+    )
+    stats.add_argument(
+        "--log-dir", help="scan this log tree instead (env VLLM_MW_LOG_DIR); not with Redis"
+    )
+    stats.add_argument("--stream", help="stream key (default vllm:logs); Redis only")
     stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
     stats.set_defaults(handler=_cmd_stats)
 
     worker_cli = _worker_cli()
@@ -68,29 +160,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="run the whole pipeline on this machine and show it")
     add_demo_arguments(demo)
+    demo.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
     demo.set_defaults(handler=run_demo)
 
     from ._cli_ops import add_ops_commands
-
-    add_ops_commands(commands)
-
     from ._cli_use import add_commands as add_use_commands
 
-    add_use_commands(commands)  # tail, query, export
+    add_ops_commands(commands)  # health, dead-letters, spool, retention, compact
+    add_use_commands(commands)  # tail, query, export, report, ui
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
-    except VLLMMiddlewareError as exc:
-        print(f"vllm-mw: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except _CommandFailed as exc:
+        _fail(args, str(exc))
+        return _EXIT_FAILED
+    except VLLMMiddlewareError as exc:  # bad settings or arguments
+        _fail(args, f"{args.command}: {exc}")
+        return _EXIT_USAGE
+    except Exception as exc:
+        _fail(args, f"{args.command}: {type(exc).__name__}: {mask_text(str(exc))}")
+        return _EXIT_FAILED
+
+
+def mask_text(text: str) -> str:
+    """`text` with every URL's password masked (exception messages may quote URLs)."""
+    return " ".join(mask_url(word) if "://" in word else word for word in text.split(" "))
+
+
+def _fail(args: argparse.Namespace, line: str) -> None:
+    if args.show_traceback or getattr(args, "verbose", False):
+        traceback.print_exc()
+    print(f"vllm-mw: {line}", file=sys.stderr)
 
 
 def _no_worker(args: argparse.Namespace) -> int:
-    print("vllm-mw worker needs the worker extra: pip install 'vllm-middleware[worker]'")
-    return 2
+    print(
+        "vllm-mw: worker: needs the worker extra: pip install 'vllm-middleware[worker]'",
+        file=sys.stderr,
+    )
+    return _EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -31,11 +31,12 @@ from ._http import (
     new_http_client,
 )
 from ._keys import StreamKeys
-from ._media import MEDIA_POLICIES, MediaPipeline, MediaPolicy
+from ._media import MediaPipeline, MediaPolicy
 from ._modes import log_modes
 from ._partition import LogFormat, check_host
 from ._record import RecordEntry, default_host, utc_now
-from ._shipping import Shipper, ShippingSettings
+from ._settings import ClientSettings
+from ._shipping import Shipper
 from ._stats import ClientStatistics, local_statistics
 from ._streaming import AsyncStream, StreamState, fail_before_stream
 
@@ -95,22 +96,37 @@ class VLLMMiddleware:
         content: ContentMode = "full",
         sample_rate: float = 1.0,
     ) -> None:
-        if log_format not in ("jsonl", "json"):
-            raise ConfigurationError(f"log_format must be 'jsonl' or 'json', not {log_format!r}")
-        if max_log_size_mb <= 0:
-            raise ConfigurationError("max_log_size_mb must be positive")
-        if max_buffer <= 0 or batch_size <= 0 or flush_interval <= 0:
-            raise ConfigurationError("max_buffer, batch_size and flush_interval must be positive")
-        if media_policy not in MEDIA_POLICIES:
-            raise ConfigurationError(
-                f"media_policy must be one of {', '.join(MEDIA_POLICIES)}, not {media_policy!r}"
-            )
-        if media_min_bytes < 0 or max_record_bytes <= 0:
-            raise ConfigurationError("media_min_bytes must be >= 0 and max_record_bytes > 0")
+        # Validated once, here; the request path reads the plain attributes set below.
+        settings = ClientSettings.load(
+            base_url=base_url,
+            log_dir=str(log_dir),
+            enable_file_logging=enable_file_logging,
+            log_format=log_format,
+            max_log_size_mb=max_log_size_mb,
+            redis_url=redis_url,
+            stream=stream,
+            host=host,
+            timeout=None if isinstance(timeout, httpx.Timeout) else timeout,
+            max_buffer=max_buffer,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            fsync=fsync,
+            durable=durable,
+            media_policy=media_policy,
+            media_dir=None if media_dir is None else str(media_dir),
+            media_min_bytes=media_min_bytes,
+            max_record_bytes=max_record_bytes,
+            file_mode=file_mode,
+            dir_mode=dir_mode,
+            content=content,
+            sample_rate=sample_rate,
+        )
         # Records hold prompts and answers: not world-readable (0640/0750 unless configured).
-        self.file_modes = log_modes(file_mode, dir_mode)
+        self.file_modes = log_modes(settings.file_mode, settings.dir_mode)
         # None unless an option is set: the request path then checks one attribute, no more.
-        self._capture: CapturePolicy | None = capture_policy(redact, content, sample_rate)
+        self._capture: CapturePolicy | None = capture_policy(
+            redact, settings.content, settings.sample_rate
+        )
         self.base_url = base_url.rstrip("/")
         # Absolute URLs, so the middleware's base_url applies whatever an injected client's
         # own base_url is (or without one); parsed once here rather than on every call.
@@ -122,11 +138,10 @@ class VLLMMiddleware:
         self.enable_file_logging = enable_file_logging
         self.log_format = log_format
         self.max_log_size_mb = max_log_size_mb
-        self.host = check_host(host or default_host())
+        self.host = check_host(settings.host or default_host())
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.keys = StreamKeys(stream)
-        self.redis_url = os.environ.get("VLLM_MW_REDIS_URL") if redis_url is None else redis_url
-        self.redis_url = self.redis_url or None
+        self.redis_url = settings.redis_url
 
         self._owns_http = http_client is None
         self._http_settings = (api_key, timeout)
@@ -159,8 +174,8 @@ class VLLMMiddleware:
                 redis_url=self.redis_url,
                 redis_client=redis_client,
                 keys=self.keys,
-                shipping=ShippingSettings(max_buffer, batch_size, flush_interval),
-                durable=durable,
+                shipping=settings.shipping(),
+                durable=None,
                 max_log_size_mb=max_log_size_mb,
                 log_format=log_format,
                 fsync=fsync,

@@ -65,8 +65,23 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _url_of(exc_or_response: httpx.HTTPError | httpx.Response) -> httpx.URL | None:
+    try:
+        return exc_or_response.request.url
+    except (AttributeError, RuntimeError):  # an error raised before any request was built
+        return None
+
+
+def _shown(url: httpx.URL) -> str:
+    return str(url.copy_with(password="***")) if url.password else str(url)
+
+
 def exception_from_response(response: httpx.Response, request_id: str) -> APIStatusError:
     message, error_type, param, body = parse_error_body(response.status_code, response.content)
+    url = _url_of(response)
+    if response.status_code == 404 and url is not None and "/v1/" not in url.path:
+        # The commonest set-up mistake: vLLM serves the OpenAI API under /v1.
+        message += f" ({_shown(url)}: is /v1 missing from base_url?)"
     cls = status_error_class(response.status_code)
     return cls(
         message,
@@ -80,6 +95,9 @@ def exception_from_response(response: httpx.Response, request_id: str) -> APISta
 
 def exception_from_transport(exc: httpx.HTTPError, request_id: str) -> APIError:
     detail = str(exc) or type(exc).__name__
+    url = _url_of(exc)
+    if url is not None:
+        detail = f"{_shown(url)}: {detail}"
     if isinstance(exc, httpx.TimeoutException):
         return APITimeoutError(f"request timed out: {detail}", request_id=request_id)
     return APIConnectionError(f"connection failed: {detail}", request_id=request_id)

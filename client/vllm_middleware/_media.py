@@ -242,6 +242,9 @@ class MediaPipeline:
         # Written on the loop only.
         self.skipped = 0
         self.truncated = 0
+        #: "reference" fell back to "drop" (Redis mode without media_dir): say so at the first
+        #: blob met, not for clients that never see one
+        self.warn_unshared = False
 
     # -- request path -----------------------------------------------------------------------
     def prepare(
@@ -275,6 +278,9 @@ class MediaPipeline:
                     break
         if walk is None or not walk.blobs:
             return None
+        if self.warn_unshared:
+            self.warn_unshared = False
+            _warn_unshared_once()
         return MediaJob(walk.blobs, sum(len(b.text) - b.start for b in walk.blobs))
 
     def defer(self, job: MediaJob, record: dict[str, Any], ship: Ship, failed: Failed) -> None:
@@ -449,18 +455,10 @@ def media_pipeline(
     """
     if policy == "inline":
         return None
-    if media_dir is None and shared and policy == "reference":
-        global _warned_shared
-        if not _warned_shared:
-            _warned_shared = True
-            logger.warning(
-                "media_policy='reference' needs media_dir on a filesystem shared with the "
-                "readers in Redis mode; media is dropped instead (hash and size kept)"
-            )
-        policy = "drop"
+    unshared = media_dir is None and shared and policy == "reference"
     root = os.path.join(log_dir, "media") if media_dir is None else media_dir
-    return MediaPipeline(
-        policy,
+    pipeline = MediaPipeline(
+        "drop" if unshared else policy,
         log_dir,
         root,
         min_bytes=min_bytes,
@@ -468,3 +466,15 @@ def media_pipeline(
         fsync=fsync,
         modes=modes,
     )
+    pipeline.warn_unshared = unshared
+    return pipeline
+
+
+def _warn_unshared_once() -> None:
+    global _warned_shared
+    if not _warned_shared:
+        _warned_shared = True
+        logger.warning(
+            "media_policy='reference' needs media_dir on a filesystem shared with the "
+            "readers in Redis mode; media is dropped instead (hash and size kept)"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,15 @@ def _as_int(raw: Mapping[str, str], key: str) -> int:
     return _integer(raw.get(key, "0")) or 0
 
 
+def _iso_utc(epoch: str | None) -> str | None:
+    """The workers store the scan time as epoch seconds; readers get ISO-8601 UTC text."""
+    try:
+        moment = datetime.fromtimestamp(float(epoch or ""), tz=UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return moment.isoformat(timespec="milliseconds")
+
+
 def _prefixed(raw: Mapping[str, str], prefix: str) -> dict[str, int]:
     found = {k[len(prefix) :]: _integer(v) for k, v in sorted(raw.items()) if k.startswith(prefix)}
     return {k: v for k, v in found.items() if v is not None}
@@ -131,7 +141,7 @@ def build_redis_statistics(
         "spool_damaged": _as_int(raw, "spool_damaged"),
         "worker_write_errors": _as_int(raw, "worker_write_errors"),
         "worker_ack_errors": _as_int(raw, "worker_ack_errors"),
-        "files_scanned_at": raw.get("scanned_at"),
+        "files_scanned_at": _iso_utc(raw.get("scanned_at")),
         "stream_length": stream_length,
         "pending": pending,
         "lag": lag,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 from vllm_middleware import ConfigurationError
+from vllm_middleware._settings import argv_password_warning, mask_url
 
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer
@@ -24,7 +25,10 @@ __all__ = ["add_arguments", "main", "run_from_args"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="Redis URL (env VLLM_MW_REDIS_URL)")
+    parser.add_argument(
+        "--redis-url",
+        help="Redis URL (env VLLM_MW_REDIS_URL; password: VLLM_MW_REDIS_PASSWORD_FILE)",
+    )
     parser.add_argument("--log-dir", help="root of the partitioned log tree (env VLLM_MW_LOG_DIR)")
     parser.add_argument("--max-log-size-mb", type=float, help="rotate files at this size")
     parser.add_argument("--log-format", choices=["jsonl", "json"])
@@ -41,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    warning = argv_password_warning(args.redis_url)
+    if warning:
+        print(f"vllm-mw: warning: {warning}", file=sys.stderr)
     return WorkerConfig.from_env(
         redis_url=args.redis_url,
         log_dir=args.log_dir,
@@ -78,10 +85,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         check_log_dir(config.log_dir, config.modes.dir)
     except ConfigurationError as exc:
-        print(f"vllm-mw worker: {exc}", file=sys.stderr)
+        print(f"vllm-mw: worker: {exc}", file=sys.stderr)
         return 2
     if args.burst:
-        asyncio.run(_run_standalone(config, burst=True))
+        try:
+            asyncio.run(_run_standalone(config, burst=True))
+        except (RedisError, OSError) as exc:
+            print(f"vllm-mw: worker: Redis at {mask_url(config.redis_url)}: {exc}", file=sys.stderr)
+            return 1
         return 0
     try:
         from arq.worker import get_kwargs
@@ -110,7 +121,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             # Redis is not up yet (arq's own retries are ~5 s): keep waiting for it rather
             # than exiting, so a worker started before Redis comes up by itself.
             logging.getLogger("vllm_middleware_worker").warning(
-                "Redis unreachable at start-up (%s); retrying in %.0f s", exc, delay
+                "Redis at %s unreachable at start-up (%s); retrying in %.0f s",
+                mask_url(config.redis_url),
+                exc,
+                delay,
             )
             time.sleep(delay)
             delay = min(delay * 2, 30.0)

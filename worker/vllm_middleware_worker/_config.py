@@ -1,14 +1,29 @@
-"""Worker settings: defaults, environment (`VLLM_MW_*`) and command-line flags, in that order."""
+"""Worker settings: defaults, environment (`VLLM_MW_*`) and command-line flags, in that order.
+
+A pydantic model (see `vllm_middleware._settings`): every value is checked once, at start-up,
+and a bad one is a `ConfigurationError` naming the variable or flag, the value and the range.
+The README's worker table is rendered from this model.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
+import annotated_types
+from pydantic import ValidationInfo, field_validator
 from vllm_middleware import ConfigurationError
-from vllm_middleware._modes import FileModes, log_modes
+from vllm_middleware._modes import FileModes, log_modes, parse_mode
+from vllm_middleware._settings import (
+    EnvSettings,
+    check_password_file,
+    check_redis_url,
+    env_field,
+    password_of,
+    with_password,
+)
 
 __all__ = ["WorkerConfig"]
 
@@ -17,90 +32,138 @@ def _default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    log_dir: str = "./logs/vllm"
-    max_log_size_mb: float = 100.0
-    log_format: str = "jsonl"
-    stream: str = "vllm:logs"
-    #: this worker's name in the consumer group; also names the files it owns
-    consumer: str = field(default_factory=_default_consumer)
-    #: records per batch at most (one fsync per touched file per batch) ...
-    batch_size: int = 4000
-    #: ... and bytes per batch at most, whichever comes first (memory: ~3 batches in flight)
-    batch_bytes: int = 4 * 1024 * 1024
-    block_ms: int = 1000
-    fsync: bool = True
-    #: a consumer whose heartbeat is older than this is dead: its entries are recovered
-    heartbeat_ttl_s: float = 30.0
-    #: how often to look for dead consumers' entries
-    claim_interval_s: float = 10.0
-    #: deliveries after which an entry goes to the dead-letter stream
-    max_deliveries: int = 10
-    #: larger records go to the dead-letter stream instead of the files
-    max_record_bytes: int = 64 * 1024 * 1024
-    #: seconds between file-tree scans (file count, total size)
-    stats_interval_s: int = 10
-    #: permission modes of the log files and directories this worker creates (octal)
-    file_mode: str = "0640"
-    dir_mode: str = "0750"
-    #: close a file not written for this long (retention and compression take only files
-    #: unchanged for longer, so never one a worker may still append to)
-    file_idle_s: float = 300.0
-    #: delete date partitions older than this many days (0: keep everything)
-    retention_days: int = 0
-    #: serve Prometheus /metrics on this port (0: off)
-    metrics_port: int = 0
-    metrics_addr: str = "0.0.0.0"
+_Positive = annotated_types.Gt(0)
 
-    _ENV = {
-        "redis_url": "VLLM_MW_REDIS_URL",
-        "log_dir": "VLLM_MW_LOG_DIR",
-        "max_log_size_mb": "VLLM_MW_MAX_LOG_SIZE_MB",
-        "log_format": "VLLM_MW_LOG_FORMAT",
-        "stream": "VLLM_MW_STREAM",
-        "consumer": "VLLM_MW_CONSUMER",
-        "batch_size": "VLLM_MW_BATCH_SIZE",
-        "batch_bytes": "VLLM_MW_BATCH_BYTES",
-        "block_ms": "VLLM_MW_BLOCK_MS",
-        "fsync": "VLLM_MW_FSYNC",
-        "heartbeat_ttl_s": "VLLM_MW_HEARTBEAT_TTL_S",
-        "claim_interval_s": "VLLM_MW_CLAIM_INTERVAL_S",
-        "max_deliveries": "VLLM_MW_MAX_DELIVERIES",
-        "max_record_bytes": "VLLM_MW_MAX_RECORD_BYTES",
-        "stats_interval_s": "VLLM_MW_STATS_INTERVAL_S",
-        "file_mode": "VLLM_MW_FILE_MODE",
-        "dir_mode": "VLLM_MW_DIR_MODE",
-        "metrics_port": "VLLM_MW_METRICS_PORT",
-        "file_idle_s": "VLLM_MW_FILE_IDLE_S",
-        "retention_days": "VLLM_MW_RETENTION_DAYS",
-        "metrics_addr": "VLLM_MW_METRICS_ADDR",
-    }
 
-    def __post_init__(self) -> None:
-        if self.log_format not in ("jsonl", "json"):
-            raise ConfigurationError(f"log_format must be jsonl or json, not {self.log_format!r}")
-        if min(self.batch_size, self.batch_bytes, self.block_ms, self.max_log_size_mb) <= 0:
-            raise ConfigurationError(
-                "batch_size, batch_bytes, block_ms and max_log_size_mb must be positive"
-            )
-        if self.heartbeat_ttl_s <= 0:
-            raise ConfigurationError("heartbeat_ttl_s must be positive")
-        self.modes  # noqa: B018 - validates file_mode and dir_mode now, not at the first write
+class WorkerConfig(EnvSettings):
+    redis_password: str | None = env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD",
+        "Redis password, when the URL has none (kept out of argv, where `ps` shows it)",
+        repr=False,
+    )
+    redis_password_file: str | None = env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD_FILE",
+        "a file holding the Redis password (a mounted secret)",
+        allowed="a readable file",
+    )
+    redis_url: str = env_field(
+        "redis://127.0.0.1:6379/0",
+        "VLLM_MW_REDIS_URL",
+        "the Redis the clients write to",
+        allowed="a redis://, rediss:// or unix:// URL",
+        validate_default=True,  # applies VLLM_MW_REDIS_PASSWORD(_FILE)
+        repr=False,
+    )
+    log_dir: str = env_field(
+        "./logs/vllm", "VLLM_MW_LOG_DIR", "root of the partition tree", min_length=1
+    )
+    max_log_size_mb: Annotated[float, _Positive] = env_field(
+        100.0, "VLLM_MW_MAX_LOG_SIZE_MB", "rotate files at this size"
+    )
+    log_format: Literal["jsonl", "json"] = env_field(
+        "jsonl", "VLLM_MW_LOG_FORMAT", "`json`: each record pretty-printed"
+    )
+    stream: str = env_field(
+        "vllm:logs", "VLLM_MW_STREAM", "stream key (the clients' `stream`)", min_length=1
+    )
+    consumer: str = env_field(
+        _default_consumer,
+        "VLLM_MW_CONSUMER",
+        "this worker's name in the consumer group; names the files it owns",
+        shown_default="`host-pid-random`",
+        min_length=1,
+    )
+    batch_size: Annotated[int, _Positive] = env_field(
+        4000,
+        "VLLM_MW_BATCH_SIZE",
+        "records per batch at most (one fsync per touched file per batch)",
+    )
+    batch_bytes: Annotated[int, _Positive] = env_field(
+        4 * 1024 * 1024,
+        "VLLM_MW_BATCH_BYTES",
+        "bytes per batch at most, whichever limit comes first",
+        shown_default="4 MiB",
+    )
+    block_ms: Annotated[int, _Positive] = env_field(
+        1000, "VLLM_MW_BLOCK_MS", "how long one read waits for new entries (ms)"
+    )
+    fsync: bool = env_field(
+        True, "VLLM_MW_FSYNC", "fsync each batch before acknowledging it (off: faster, unsafe)"
+    )
+    heartbeat_ttl_s: Annotated[float, _Positive] = env_field(
+        30.0,
+        "VLLM_MW_HEARTBEAT_TTL_S",
+        "a worker silent this long is dead; its entries are taken over",
+    )
+    claim_interval_s: Annotated[float, _Positive] = env_field(
+        10.0, "VLLM_MW_CLAIM_INTERVAL_S", "how often to look for dead workers' entries (s)"
+    )
+    max_deliveries: Annotated[int, _Positive] = env_field(
+        10, "VLLM_MW_MAX_DELIVERIES", "deliveries before an entry goes to the dead-letter stream"
+    )
+    max_record_bytes: Annotated[int, _Positive] = env_field(
+        64 * 1024 * 1024,
+        "VLLM_MW_MAX_RECORD_BYTES",
+        "larger records go to the dead-letter stream",
+        shown_default="64 MiB",
+    )
+    stats_interval_s: Annotated[int, _Positive] = env_field(
+        10, "VLLM_MW_STATS_INTERVAL_S", "seconds between file-tree scans"
+    )
+    file_mode: str = env_field(
+        "0640",
+        "VLLM_MW_FILE_MODE",
+        "mode of the log files this worker creates (octal)",
+        allowed="an octal mode with owner read and write",
+    )
+    dir_mode: str = env_field(
+        "0750",
+        "VLLM_MW_DIR_MODE",
+        "mode of the directories this worker creates (octal)",
+        allowed="an octal mode with owner rwx",
+    )
+    file_idle_s: Annotated[float, _Positive] = env_field(
+        300.0,
+        "VLLM_MW_FILE_IDLE_S",
+        "close a file not written for this long (retention and compression take only files "
+        "unchanged for longer)",
+    )
+    retention_days: Annotated[int, annotated_types.Ge(0)] = env_field(
+        0, "VLLM_MW_RETENTION_DAYS", "delete date partitions older than this many days (0: keep)"
+    )
+    metrics_port: Annotated[int, annotated_types.Ge(0), annotated_types.Le(65535)] = env_field(
+        0, "VLLM_MW_METRICS_PORT", "serve Prometheus `/metrics` on this port (0: off)"
+    )
+    metrics_addr: str = env_field(
+        "0.0.0.0", "VLLM_MW_METRICS_ADDR", "address the metrics server listens on", min_length=1
+    )
+
+    _password_file = field_validator("redis_password_file")(check_password_file)
+
+    @field_validator("file_mode", "dir_mode")
+    @classmethod
+    def _mode(cls, value: str, info: ValidationInfo) -> str:
+        try:
+            mode = parse_mode(value, str(info.field_name))
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
+        # The owner must be able to use what it creates, or the writer fails on its own files.
+        need = 0o600 if info.field_name == "file_mode" else 0o700
+        if mode & need != need:
+            raise ValueError(f"{mode:04o} does not give the owner {need:04o}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str, info: ValidationInfo) -> str:
+        return with_password(check_redis_url(value), password_of(info))
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> WorkerConfig:
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        types = {f.name: f.type for f in fields(cls)}
-        for name, var in cls._ENV.items():
-            raw = env.get(var)
-            if raw is None or raw == "":
-                continue
-            values[name] = _convert(name, raw, str(types[name]), var)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerConfig:
+        """Flags (`overrides` that are not None) over `VLLM_MW_*` variables over defaults."""
+        return cls.load(environ, **overrides)
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -114,19 +177,3 @@ class WorkerConfig:
     @property
     def max_bytes(self) -> int:
         return int(self.max_log_size_mb * 1024 * 1024)
-
-
-def _convert(name: str, raw: str, type_name: str, var: str) -> Any:
-    try:
-        if type_name == "bool":
-            lowered = raw.strip().lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(raw)
-            return lowered in ("1", "true", "yes", "on")
-        if type_name == "int":
-            return int(raw)
-        if type_name == "float":
-            return float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{var}={raw!r} is not a valid {type_name} for {name}") from None
-    return raw

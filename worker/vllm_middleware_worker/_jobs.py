@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -13,6 +14,8 @@ from vllm_middleware._stats import scan_log_tree
 from ._config import WorkerConfig
 
 __all__ = ["aggregate_file_stats", "publish_file_stats"]
+
+logger = logging.getLogger("vllm_middleware_worker")
 
 
 async def publish_file_stats(redis: aioredis.Redis, config: WorkerConfig) -> dict[str, Any]:
@@ -29,5 +32,17 @@ async def publish_file_stats(redis: aioredis.Redis, config: WorkerConfig) -> dic
 
 
 async def aggregate_file_stats(ctx: dict[str, Any]) -> dict[str, Any]:
-    """arq cron job: `publish_file_stats` with the worker's own client and settings."""
-    return await publish_file_stats(ctx["vllm_mw_redis"], ctx["vllm_mw_config"])
+    """arq cron job: `publish_file_stats` with the worker's own client and settings.
+
+    Logs a line when the figures changed since this worker's last run (arq's own lines for
+    this job are filtered out, so an idle worker stays quiet).
+    """
+    config = ctx["vllm_mw_config"]
+    values = await publish_file_stats(ctx["vllm_mw_redis"], config)
+    figures = (values["files_count"], values["size_bytes"])
+    if ctx.get("vllm_mw_file_figures") != figures:
+        ctx["vllm_mw_file_figures"] = figures
+        logger.info(
+            "log tree %s: %d files, %.1f MB", config.log_dir, figures[0], figures[1] / 2**20
+        )
+    return values

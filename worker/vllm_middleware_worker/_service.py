@@ -24,7 +24,13 @@ from ._jobs import publish_file_stats
 from ._metrics import start_metrics_server
 from ._preflight import check_log_dir
 
-__all__ = ["on_shutdown", "on_startup", "open_consumer_redis", "resilient_worker_class"]
+__all__ = [
+    "install_quiet_cron_logging",
+    "on_shutdown",
+    "on_startup",
+    "open_consumer_redis",
+    "resilient_worker_class",
+]
 
 logger = logging.getLogger("vllm_middleware_worker")
 
@@ -43,9 +49,9 @@ def open_consumer_redis(config: WorkerConfig) -> aioredis.Redis:
 
 async def on_startup(ctx: dict[str, Any]) -> None:
     config: WorkerConfig = ctx.get("vllm_mw_config") or WorkerConfig.from_env()
-    check_log_dir(
-        config.log_dir, config.modes.dir
-    )  # refuse to start rather than take entries it cannot write
+    # Refuse to start rather than take entries it cannot write.
+    check_log_dir(config.log_dir, config.modes.dir)
+    install_quiet_cron_logging()
     client = open_consumer_redis(config)
     consumer = StreamConsumer(client, config)
     ctx.update(vllm_mw_config=config, vllm_mw_redis=client, vllm_mw_consumer=consumer)
@@ -86,6 +92,25 @@ def _exit_if_unexpected(task: asyncio.Task[None]) -> None:
 
 
 _POLL_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+# The file-statistics cron job runs every few seconds; arq logs a start and an end line for each
+# run. The job logs a line itself when the figures change, so an idle worker is quiet.
+_QUIET_JOBS = ("cron:aggregate_file_stats",)
+
+
+class _QuietCronFilter(logging.Filter):
+    """Drops arq's routine INFO lines (start, result) of `_QUIET_JOBS`; failures pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not isinstance(record.args, tuple):
+            return True
+        return not any(isinstance(arg, str) and arg in _QUIET_JOBS for arg in record.args)
+
+
+def install_quiet_cron_logging() -> None:
+    arq_logger = logging.getLogger("arq.worker")
+    if not any(isinstance(f, _QuietCronFilter) for f in arq_logger.filters):
+        arq_logger.addFilter(_QuietCronFilter())
 
 
 def resilient_worker_class() -> type:
