@@ -18,7 +18,7 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
-from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
+from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call, usage_hidden
 from ._destination import mode_of, open_destination
 from ._exceptions import APIError, ConfigurationError
 from ._http import exception_from_response, exception_from_transport
@@ -28,7 +28,7 @@ from ._partition import LogFormat
 from ._record import RecordEntry, default_host, utc_now
 from ._shipping import Shipper, ShippingSettings
 from ._stats import ClientStatistics, local_statistics
-from ._streaming import AsyncStream, StreamState, fail_before_stream
+from ._streaming import AsyncStream, StreamState, fail_before_stream, log_unstarted
 
 __all__ = ["VLLMMiddleware"]
 
@@ -426,17 +426,17 @@ class VLLMMiddleware:
             self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now(), True
         )
         request_id = call.request_id
-        hide_usage = params.get("stream_options") is None
+        hide_usage = usage_hidden(params.get("stream_options"))
         request = self._http.build_request("POST", endpoint, content=content, headers=send_headers)
         try:
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             api_error = exception_from_transport(exc, request_id)
-            call.log(started, error=api_error, stream=True)
+            log_unstarted(call, started, api_error, "disconnected")
             raise api_error from exc
         except asyncio.CancelledError:
             cancelled = APIError("cancelled by the caller before the response")
-            call.log(started, error=cancelled, stream=True)
+            log_unstarted(call, started, cancelled, "cancelled")
             raise
         if response.status_code >= 400:
             await fail_before_stream(call, started, response)

@@ -28,16 +28,21 @@ from ._fake_text import (
     split_text,
     tool_name,
 )
+from ._fake_tokens import token_ids
 from ._fake_wire import (
     ChoicePlan,
     ErrorShape,
+    Extras,
+    FakeHTTPError,
     Flavor,
     ToolCallPlan,
     Wire,
     api_error,
     dumps,
+    kv_transfer_reply,
     midstream_error_event,
     validation_error,
+    vllm_validation_error,
 )
 
 
@@ -54,6 +59,7 @@ class Settings:
     first_token_delay: float
     token_delay: float
     merge_tool_name_delta: bool
+    prompt_tokens_details: bool = False
 
     @property
     def new(self) -> bool:
@@ -94,6 +100,16 @@ def _sse(obj: Any, tag: str) -> Send:
     return Send(b"data: " + dumps(obj) + b"\n\n", tag)
 
 
+def _invalid(
+    s: Settings, message: str, param: str, loc: str = "body", value: Any = None
+) -> FakeHTTPError:
+    """A request model validator's rejection: v0.33 raises `VLLMValidationError` (answered as
+    BadRequestError naming `param`); v0.10.2 raised ValueError (a pydantic "Value error")."""
+    if s.new:
+        return vllm_validation_error(s.error_shape, message, param, value)
+    return validation_error(s.flavor, s.error_shape, f"Value error, {message}", loc)
+
+
 def _check_model(s: Settings, body: Mapping[str, Any]) -> str:
     model = body.get("model")
     if model is None:
@@ -121,12 +137,9 @@ def _response_id(
 def _stream_flags(s: Settings, body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
     stream = bool(body.get("stream") or False)
     options = body.get("stream_options")
-    if options is not None and not stream:
-        raise validation_error(
-            s.flavor,
-            s.error_shape,
-            "Value error, Stream options can only be defined when `stream=True`.",
-            "body",
+    if options and not stream:
+        raise _invalid(
+            s, "Stream options can only be defined when `stream=True`.", "stream_options"
         )
     if not stream or not isinstance(options, Mapping):
         return stream, False, False
@@ -152,7 +165,11 @@ def _n(s: Settings, body: Mapping[str, Any]) -> int:
     if n is None:
         return 1
     if n < 1:
-        raise validation_error(s.flavor, s.error_shape, "n must be at least 1", "body.n")
+        # The request models accept it; SamplingParams rejects it later.
+        message = f"n must be at least 1, got {n}."
+        if s.new:
+            raise api_error(s.error_shape, 400, "BadRequestError", message)
+        raise validation_error(s.flavor, s.error_shape, message, "body.n")
     return n
 
 
@@ -195,35 +212,114 @@ def _tools(s: Settings, body: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if tools is not None and (not isinstance(tools, list) or not tools):
-        raise validation_error(
-            s.flavor, s.error_shape, "Value error, `tools` must be a non-empty list.", "body.tools"
+        raise _invalid(
+            s,
+            "`tools` must not be an empty array. Either provide at least one tool or omit "
+            "the field entirely.",
+            "tools",
         )
     valid = [tool for tool in tools or [] if isinstance(tool, Mapping)]
-    if choice in (None, "none", "auto"):
+    if choice is None or choice == "none":
         return valid, choice
-    if choice == "required" or isinstance(choice, Mapping):
-        if not valid:
-            raise validation_error(
-                s.flavor,
-                s.error_shape,
-                "Value error, When using `tool_choice`, `tools` must be set.",
-                "body",
+    if not valid:
+        raise _invalid(s, "When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if choice in ("auto", "required"):
+        return valid, choice
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        wanted = function.get("name") if isinstance(function, Mapping) else None
+        if not any(tool_name(tool) == wanted for tool in valid):
+            raise _invalid(
+                s,
+                "The tool specified in `tool_choice` does not match any of the specified `tools`",
+                "tool_choice",
             )
-        if isinstance(choice, Mapping):
-            function = choice.get("function")
-            wanted = function.get("name") if isinstance(function, Mapping) else None
-            if not any(tool_name(tool) == wanted for tool in valid):
-                raise validation_error(
-                    s.flavor,
-                    s.error_shape,
-                    "Value error, The tool specified in `tool_choice` does not match any of "
-                    "the specified `tools`",
-                    "body",
-                )
         return valid, choice
-    raise validation_error(
-        s.flavor, s.error_shape, f"Invalid tool_choice: {choice!r}", "body.tool_choice"
+    raise _invalid(
+        s,
+        f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or '
+        '"required" are supported.',
+        "tool_choice",
     )
+
+
+def _logprob_extras(
+    s: Settings, body: Mapping[str, Any], chat: bool
+) -> tuple[int | None, int | None]:
+    """(top-k logprobs, prompt logprobs) asked for, after vLLM's checks."""
+    stream = bool(body.get("stream"))
+    for key in ("prompt_logprobs", "top_logprobs"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise _invalid(s, f"`{key}` must be an integer.", key, value=value)
+    prompt = body.get("prompt_logprobs")
+    if prompt is not None:
+        if stream and (prompt > 0 or prompt == -1):
+            raise _invalid(
+                s, "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs"
+            )
+        if prompt < 0 and prompt != -1:
+            raise _invalid(
+                s,
+                "`prompt_logprobs` must be a positive value or -1.",
+                "prompt_logprobs",
+                value=prompt,
+            )
+    if chat:
+        top = body.get("top_logprobs")
+        if top is not None and top < 0 and top != -1:
+            raise _invalid(
+                s, "`top_logprobs` must be a positive value or -1.", "top_logprobs", value=top
+            )
+        if top is not None and (top == -1 or top > 0) and not body.get("logprobs"):
+            raise _invalid(
+                s, "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs"
+            )
+        wanted = (max(top or 0, 0) or 1) if body.get("logprobs") else None
+    else:
+        logprobs = body.get("logprobs")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)):
+            raise _invalid(s, "`logprobs` must be an integer.", "logprobs", value=logprobs)
+        if logprobs is not None and logprobs < 0 and logprobs != -1:
+            raise _invalid(
+                s, "`logprobs` must be a positive value or -1.", "logprobs", value=logprobs
+            )
+        wanted = None if logprobs is None else max(logprobs, 1)
+    return wanted, (None if prompt is None else max(prompt, 1))
+
+
+def _extras(
+    s: Settings, body: Mapping[str, Any], chat: bool, prompt: str, prompt_text: str | None
+) -> Extras:
+    top, prompt_top = _logprob_extras(s, body, chat)
+    return Extras(
+        logprobs=top,
+        prompt_logprobs=prompt_top,
+        token_ids=bool(body.get("return_token_ids")),
+        prompt_text=prompt_text if chat and body.get("return_prompt_text") else None,
+        prompt_ids=token_ids(prompt),
+        prompt=prompt,
+        kv_transfer=kv_transfer_reply(body.get("kv_transfer_params")),
+        prompt_details=s.prompt_tokens_details,
+    )
+
+
+def _stop(body: Mapping[str, Any], text: str) -> tuple[str, str | int | None]:
+    """Cut ``text`` at the first stop string it contains; (kept text, stop_reason).
+
+    Without a stop string, a request naming ``stop_token_ids`` ends on the first of them.
+    """
+    stop = body.get("stop")
+    strings = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    hits = [(text.find(item), item) for item in strings if isinstance(item, str) and item]
+    hits = [(position, item) for position, item in hits if position >= 0]
+    if hits:
+        position, item = min(hits)
+        return text[:position], item
+    ids = body.get("stop_token_ids")
+    if isinstance(ids, list) and ids and isinstance(ids[0], int):
+        return text, ids[0]
+    return text, None
 
 
 def _pick_tool(
@@ -243,6 +339,12 @@ def _pick_tool(
     return None
 
 
+def _rendered_prompt(messages: list[Mapping[str, Any]]) -> str:
+    """A stand-in for the chat template's output (``return_prompt_text``)."""
+    turns = [f"<|{m.get('role')}|>{content_text(m.get('content'))}" for m in messages]
+    return "".join(turns) + "<|assistant|>"
+
+
 def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str]) -> Prepared:
     model = _check_model(s, body)
     messages = body.get("messages")
@@ -253,39 +355,58 @@ def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str
     ):
         raise validation_error(s.flavor, s.error_shape, "Field required: messages", "body.messages")
     stream, include_usage, continuous = _stream_flags(s, body)
-    n = _n(s, body)
     tools, tool_choice = _tools(s, body)
+    n = _n(s, body)
     requested = _int_field(s, body, "max_completion_tokens", None)
     if requested is None:
         requested = _int_field(s, body, "max_tokens", None)
+    prompt = " ".join(content_text(m.get("content")) for m in messages)
     prompt_tokens = sum(count_tokens(content_text(m.get("content"))) for m in messages)
+    extras = _extras(s, body, True, prompt, _rendered_prompt(messages))
     max_tokens = _max_tokens(s, requested, prompt_tokens, "messages")
     text = next(
         (content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
         "",
     )
-    tool = _pick_tool(tools, tool_choice, messages[-1].get("role"), text)
+    last = messages[-1]
+    # echo repeats the last message when it has the role being answered (vLLM's rule).
+    echo = (
+        content_text(last.get("content"))
+        if body.get("echo") and last.get("role") == "assistant"
+        else ""
+    )
+    tool = _pick_tool(tools, tool_choice, last.get("role"), text)
+    mode = (
+        "named"
+        if isinstance(tool_choice, Mapping)
+        else "required"
+        if tool_choice == "required"
+        else "auto"
+    )
     choices = []
     for index in range(n):
         if tool is None:
             reply = fake_reply(text, index=index, max_tokens=max_tokens, reasoning=s.reasoning)
-            choices.append(
-                ChoicePlan(
-                    index,
-                    reply.content,
-                    reply.reasoning,
-                    reply.finish_reason,
-                    reply.completion_tokens,
-                )
+            content, stop_reason = _stop(body, reply.content)
+            finish = "stop" if content != reply.content else reply.finish_reason
+            if finish != "stop":
+                stop_reason = None
+            tokens = count_tokens(reply.reasoning or "") + count_tokens(content)
+            plan = ChoicePlan(
+                index, content, reply.reasoning, finish, tokens, None, stop_reason, echo
             )
+            choices.append(plan)
             continue
         name = tool_name(tool)
         arguments = fake_tool_arguments(tool, text)
         reasoning = REASONING_TEXT if s.reasoning else None
         tokens = count_tokens(reasoning or "") + count_tokens(name) + count_tokens(arguments)
         call_id = "chatcmpl-tool-" + secrets.token_hex(8 if s.new else 16)
-        call = ToolCallPlan(call_id, name, arguments)
-        choices.append(ChoicePlan(index, "", reasoning, "tool_calls", tokens, call))
+        call = ToolCallPlan(call_id, name, arguments, mode)
+        # A forced single named tool finishes with "stop", as OpenAI reports it
+        # (resolve_finish_reason); a parser's call or "required" with "tool_calls".
+        finish = "stop" if mode == "named" else "tool_calls"
+        choices.append(ChoicePlan(index, "", reasoning, finish, tokens, call))
     wire = Wire(
         s.flavor,
         _response_id(s, "chatcmpl-", headers, body),
@@ -294,6 +415,7 @@ def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str
         True,
         prompt_tokens,
         s.reasoning,
+        extras,
     )
     return _finish(s, wire, choices, parse_triggers(text), stream, include_usage, continuous)
 
@@ -305,28 +427,33 @@ def prepare_completion(
     prompts = _prompts(s, body.get("prompt"))
     stream, include_usage, continuous = _stream_flags(s, body)
     if stream and body.get("use_beam_search"):
-        raise validation_error(
-            s.flavor,
-            s.error_shape,
-            "Value error, Streaming is not currently supported with beam search",
-            "body",
-        )
+        raise _invalid(s, "Streaming is not currently supported with beam search", "stream")
     n = _n(s, body)
     # Completions default to 16 tokens when max_tokens is absent; an explicit null means "up to
     # the context limit".
     requested = _int_field(s, body, "max_tokens", 16)
+    all_text = " ".join(text for text, _ in prompts)
+    extras = _extras(s, body, False, prompts[0][0], None)
+    echo = bool(body.get("echo"))
     choices = []
     for prompt_index, (text, prompt_tokens) in enumerate(prompts):
         max_tokens = _max_tokens(s, requested, prompt_tokens, "prompt")
         for variant in range(n):
             reply = fake_reply(text, index=variant, max_tokens=max_tokens)
+            content, stop_reason = _stop(body, reply.content)
+            finish = "stop" if content != reply.content else reply.finish_reason
+            if finish != "stop":
+                stop_reason = None
             choices.append(
                 ChoicePlan(
                     variant + prompt_index * n,
-                    reply.content,
+                    content,
                     None,
-                    reply.finish_reason,
-                    reply.completion_tokens,
+                    finish,
+                    count_tokens(content),
+                    None,
+                    stop_reason,
+                    text if echo else "",
                 )
             )
     wire = Wire(
@@ -336,8 +463,9 @@ def prepare_completion(
         model,
         False,
         sum(tokens for _, tokens in prompts),
+        extras=extras,
     )
-    triggers = parse_triggers(" ".join(text for text, _ in prompts))
+    triggers = parse_triggers(all_text)
     return _finish(s, wire, choices, triggers, stream, include_usage, continuous)
 
 
@@ -347,6 +475,10 @@ def _prompts(s: Settings, prompt: Any) -> list[tuple[str, int]]:
             isinstance(item, int) and not isinstance(item, bool) for item in value
         )
 
+    if prompt is None or prompt == "":
+        raise _invalid(
+            s, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+        )
     prompts: list[tuple[str, int]] | None = None
     if isinstance(prompt, str):
         prompts = [(prompt, count_tokens(prompt))]
@@ -359,10 +491,7 @@ def _prompts(s: Settings, prompt: Any) -> list[tuple[str, int]]:
             prompts = [(" ".join(map(str, item)), len(item)) for item in prompt]
     if not prompts:
         raise validation_error(
-            s.flavor,
-            s.error_shape,
-            "Value error, Either prompt or prompt_embeds must be provided and non-empty.",
-            "body.prompt",
+            s.flavor, s.error_shape, "Input should be a valid string or list", "body.prompt"
         )
     return prompts
 
@@ -392,11 +521,17 @@ def _finish(
     queues: list[deque[Send]] = []
     for choice in choices:
         if wire.chat:
-            usage = wire.running_usage(0) if continuous else None
+            usage = wire.running_usage(0, 0) if continuous else None
             events.append(_sse(wire.role_chunk(choice.index, usage), "role"))
             queues.append(deque(_chat_items(s, wire, choice, include_usage, continuous)))
         else:
-            queues.append(deque(_text_items(s, wire, choice, continuous)))
+            queues.append(deque(_text_items(s, wire, choice, include_usage, continuous)))
+    if wire.chat:
+        # The echoed message follows the role chunks, before any output.
+        for choice in choices:
+            if choice.echo:
+                usage = wire.running_usage(0, 0) if continuous else None
+                events.append(_sse(wire.echo_chunk(choice.index, choice.echo, usage), "role"))
     first_round = True
     while any(queues):
         if not first_round and s.token_delay > 0:
@@ -433,10 +568,14 @@ def _cut_midway(events: list[Event]) -> list[Event]:
 def _chat_items(
     s: Settings, wire: Wire, choice: ChoicePlan, include_usage: bool, continuous: bool
 ) -> list[Send]:
-    def usage(tokens: int) -> dict[str, Any] | None:
-        return wire.running_usage(tokens) if continuous else None
+    """The chunks of one choice after its role chunk: (delta, text) pairs, the last of which
+    the finish chunk carries when the engine's last step produced it (a length cut)."""
+    reasoning_tokens = 0
 
-    items: list[Send] = []
+    def usage(tokens: int) -> dict[str, Any] | None:
+        return wire.running_usage(tokens, reasoning_tokens) if continuous else None
+
+    steps: list[tuple[dict[str, Any], str, int]] = []  # delta, its text, tokens so far
     index = choice.index
     base = 0
     if choice.reasoning:
@@ -444,60 +583,92 @@ def _chat_items(
         so_far = ""
         for piece in split_text(s.chunker, choice.reasoning):
             so_far += piece
-            chunk = wire.delta_chunk(index, {key: piece}, usage(count_tokens(so_far)))
-            items.append(_sse(chunk, "content"))
+            steps.append(({key: piece}, piece, count_tokens(so_far)))
         base = count_tokens(choice.reasoning)
     call = choice.tool_call
     if call is not None:
-        # v0.33 sends an explicit null content on tool deltas; v0.10.2 leaves the key out.
-        lead: dict[str, Any] = {"content": None} if s.new else {}
-        name_entry: dict[str, Any] = {
-            "id": call.call_id,
-            "type": "function",
-            "index": 0,
-            "function": {"name": call.name},
-        }
-        fragments = split_text(s.chunker, call.arguments)
-        base += count_tokens(call.name)
-        so_far = ""
-        if s.merge_tool_name_delta and fragments:
-            so_far = fragments.pop(0)
-            entries = [name_entry, {"index": 0, "function": {"arguments": so_far}}]
-        else:
-            entries = [name_entry]
-        delta: dict[str, Any] = {**lead, "tool_calls": entries}
-        tokens = base + count_tokens(so_far)
-        items.append(_sse(wire.delta_chunk(index, delta, usage(tokens)), "content"))
-        for fragment in fragments:
-            so_far += fragment
-            entry = {"index": 0, "function": {"arguments": fragment}}
-            delta = {**lead, "tool_calls": [entry]}
-            tokens = base + count_tokens(so_far)
-            items.append(_sse(wire.delta_chunk(index, delta, usage(tokens)), "content"))
+        steps += _tool_steps(s, call, base)
     else:
         so_far = ""
         for piece in split_text(s.chunker, choice.content):
             so_far += piece
-            tokens = base + count_tokens(so_far)
-            items.append(
-                _sse(wire.delta_chunk(index, {"content": piece}, usage(tokens)), "content")
-            )
+            steps.append(({"content": piece}, piece, base + count_tokens(so_far)))
+    if choice.finish_reason == "length" and steps:
+        last_delta, last_text, _ = steps.pop()
+    elif call is None and not s.reasoning:
+        last_delta, last_text = {"content": ""}, ""  # the EOS token decodes to nothing
+    else:
+        last_delta, last_text = {}, ""  # a parser has nothing left to say
+    items: list[Send] = []
+    reasoning_total = count_tokens(choice.reasoning or "")
+    for delta, text, tokens in steps:
+        reasoning_tokens = min(tokens, reasoning_total)
+        items.append(_sse(wire.delta_chunk(index, delta, text, usage(tokens)), "content"))
+    reasoning_tokens = reasoning_total
     finish = wire.finish_chunk(
-        index, choice.finish_reason, usage(choice.completion_tokens), not include_usage
+        choice, last_delta, last_text, usage(choice.completion_tokens), not include_usage
     )
     items.append(_sse(finish, "finish"))
     return items
 
 
-def _text_items(s: Settings, wire: Wire, choice: ChoicePlan, continuous: bool) -> list[Send]:
+def _tool_steps(
+    s: Settings, call: ToolCallPlan, base: int
+) -> list[tuple[dict[str, Any], str, int]]:
+    """The deltas of one tool call, per parser (section 3 and vLLM's tool_parsers)."""
+    fragments = split_text(s.chunker, call.arguments)
+    tokens = base + count_tokens(call.name)
+    steps: list[tuple[dict[str, Any], str, int]] = []
+    head = {"id": call.call_id, "type": "function", "index": 0}
+    if call.mode != "auto":
+        # Forced calls are built by vLLM itself: no content key, and the first delta names the
+        # call and carries the first argument text; "required" sends an explicit null name on
+        # the later ones.
+        so_far = fragments.pop(0) if fragments else ""
+        first = {**head, "function": {"name": call.name, "arguments": so_far}}
+        steps.append(({"tool_calls": [first]}, so_far, tokens + count_tokens(so_far)))
+        for fragment in fragments:
+            so_far += fragment
+            function: dict[str, Any] = {"arguments": fragment}
+            if call.mode == "required":
+                function = {"name": None, "arguments": fragment}
+            delta = {"tool_calls": [{"index": 0, "function": function}]}
+            steps.append((delta, fragment, tokens + count_tokens(so_far)))
+        return steps
+    # A tool parser (hermes): v0.33 sends an explicit null content on tool deltas.
+    lead: dict[str, Any] = {"content": None} if s.new else {}
+    name_entry = {**head, "function": {"name": call.name}}
+    so_far = ""
+    if s.merge_tool_name_delta and fragments:
+        so_far = fragments.pop(0)
+        entries = [name_entry, {"index": 0, "function": {"arguments": so_far}}]
+    else:
+        entries = [name_entry]
+    steps.append(({**lead, "tool_calls": entries}, so_far, tokens + count_tokens(so_far)))
+    for fragment in fragments:
+        so_far += fragment
+        delta = {**lead, "tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
+        steps.append((delta, fragment, tokens + count_tokens(so_far)))
+    return steps
+
+
+def _text_items(
+    s: Settings, wire: Wire, choice: ChoicePlan, include_usage: bool, continuous: bool
+) -> list[Send]:
     pieces = split_text(s.chunker, choice.content) or [""]
+    if choice.echo:
+        pieces[0] = choice.echo + pieces[0]
     items: list[Send] = []
     so_far = ""
+    offset = 0
     for position, piece in enumerate(pieces):
-        so_far += piece
+        first = position == 0
         last = position == len(pieces) - 1
-        usage = wire.running_usage(count_tokens(so_far)) if continuous else None
-        chunk = wire.text_chunk(choice.index, piece, choice.finish_reason if last else None, usage)
+        output = piece[len(choice.echo) :] if first else piece
+        so_far += output
+        usage = wire.running_usage(count_tokens(so_far), 0) if continuous else None
+        chunk = wire.text_chunk(choice, piece, offset, first, last, usage, not include_usage)
+        offset += len(piece)
         items.append(_sse(chunk, "finish" if last else "content"))
     return items
 

@@ -89,6 +89,7 @@ class FakeVLLMServer:
         first_token_delay: float = 0.0,
         token_delay: float = 0.0,
         merge_tool_name_delta: bool = False,
+        prompt_tokens_details: bool = False,
     ) -> None:
         if flavor not in VERSIONS:
             raise ValueError(f"flavor must be one of {sorted(VERSIONS)}, not {flavor!r}")
@@ -107,6 +108,8 @@ class FakeVLLMServer:
         self.first_token_delay = first_token_delay
         self.token_delay = token_delay
         self.merge_tool_name_delta = merge_tool_name_delta
+        # --enable-prompt-tokens-details: usage.prompt_tokens_details is filled in.
+        self.prompt_tokens_details = prompt_tokens_details
         self._lock = threading.Condition()
         self._requests: list[RecordedRequest] = []
         self._connections: set[socket.socket] = set()
@@ -229,6 +232,7 @@ class FakeVLLMServer:
             self.first_token_delay,
             self.token_delay,
             self.merge_tool_name_delta,
+            self.prompt_tokens_details,
         )
 
     def _register(self, connection: socket.socket) -> threading.Event | None:
