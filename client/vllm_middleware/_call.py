@@ -78,7 +78,7 @@ def _template(payload_key: str) -> dict[str, Any]:
 
 # Copying a sized dict and storing into it is cheaper than a 16-key literal, which CPython
 # grows key by key (two resizes).
-_TEMPLATES = {key: _template(key) for key in ("messages", "prompt")}
+_TEMPLATES = {key: _template(key) for key in ("messages", "prompt", "input")}
 
 
 def collect(**values: Any) -> dict[str, Any]:

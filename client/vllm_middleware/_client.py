@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call, usage_hidden
 from ._destination import mode_of, open_destination
+from ._endpoints import Endpoints
 from ._exceptions import APIError, ConfigurationError
 from ._http import exception_from_response, exception_from_transport
 from ._keys import StreamKeys
@@ -38,7 +39,7 @@ _ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
 
 
-class VLLMMiddleware:
+class VLLMMiddleware(Endpoints):
     """Async client for vLLM's OpenAI-compatible API that logs every request and response.
 
     Without a Redis URL (argument or `VLLM_MW_REDIS_URL`) records are written in-process to

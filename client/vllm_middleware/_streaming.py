@@ -13,12 +13,18 @@ import types
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import httpx
 import orjson
 
-from ._exceptions import APIConnectionError, APIError, APIStatusError, status_error_class
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    InvalidRequestError,
+    status_error_class,
+)
 from ._http import exception_from_response, exception_from_transport
 from ._reassembly import SSEDecoder, StreamAccumulator
 
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from ._call import Call
 
 __all__ = [
+    "Accumulator",
     "AsyncStream",
     "StreamEnd",
     "StreamState",
@@ -79,6 +86,19 @@ def error_from_event(body: dict[str, Any], request_id: str) -> APIStatusError:
 
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+class Accumulator(Protocol):
+    """What a stream's events are folded by (`StreamAccumulator`, `ResponsesAccumulator`)."""
+
+    chunks: int
+    ttft_ms: float | None
+
+    def add(self, chunk: dict[str, Any]) -> bool: ...
+
+    def all_finished(self) -> bool: ...
+
+    def response(self) -> Any: ...
 
 
 def _body_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -166,6 +186,7 @@ class StreamState:
         chat: bool,
         hide_usage: bool,
         spawn: Spawn,
+        acc: Accumulator | None = None,
     ) -> None:
         self.call = call
         self.started = started
@@ -174,9 +195,11 @@ class StreamState:
         self.receive = self.body.__anext__
         self.decoder = SSEDecoder()
         self.events: deque[bytes] = deque()  # payloads received but not handled yet
-        choice = call.params.get("tool_choice") if chat else None
-        forced = choice == "required" or isinstance(choice, dict)
-        self.acc = StreamAccumulator(chat, started, forced)
+        if acc is None:
+            choice = call.params.get("tool_choice") if chat else None
+            forced = choice == "required" or isinstance(choice, dict)
+            acc = StreamAccumulator(chat, started, forced)
+        self.acc = acc
         # With include_usage injected, vLLM moves system_fingerprint from the finish chunks to
         # the usage chunk; finish chunks wait for it so the caller sees what it asked for.
         self.hide_usage = hide_usage
@@ -483,7 +506,7 @@ async def fail_before_stream(call: Call, started: float, response: httpx.Respons
 def log_unstarted(
     call: Call,
     started: float,
-    error: APIError,
+    error: APIError | InvalidRequestError,
     end: StreamEnd,
     status_code: int | None = None,
 ) -> None:

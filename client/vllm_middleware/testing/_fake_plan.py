@@ -542,7 +542,7 @@ def _finish(
     if include_usage:
         events.append(_sse(wire.usage_chunk(choices), "usage"))
     if triggers.midstream_error or triggers.drop:
-        events = _cut_midway(events)
+        events = cut_midway(events)
         if triggers.drop:
             events.append(Drop())
         else:
@@ -554,7 +554,7 @@ def _finish(
     return Prepared(True, triggers, events=events)
 
 
-def _cut_midway(events: list[Event]) -> list[Event]:
+def cut_midway(events: list[Event]) -> list[Event]:
     """Keep the role chunks and about half of the content chunks."""
     content = [i for i, e in enumerate(events) if isinstance(e, Send) and e.tag == "content"]
     if content:

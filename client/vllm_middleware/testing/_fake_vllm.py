@@ -25,6 +25,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._fake_endpoints import ROUTES as ENDPOINT_ROUTES
+from ._fake_endpoints import EndpointHandler
 from ._fake_plan import (
     Drop,
     Prepared,
@@ -111,6 +113,7 @@ class FakeVLLMServer:
         # --enable-prompt-tokens-details: usage.prompt_tokens_details is filled in.
         self.prompt_tokens_details = prompt_tokens_details
         self._lock = threading.Condition()
+        self._endpoints = EndpointHandler()
         self._requests: list[RecordedRequest] = []
         self._connections: set[socket.socket] = set()
         self._aborted_streams = 0
@@ -409,7 +412,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._json(200, models_body(fake.flavor, fake.model, fake.max_model_len))
             return
-        if path not in (_CHAT, _COMPLETIONS):
+        if path not in (_CHAT, _COMPLETIONS) and path not in ENDPOINT_ROUTES:
             self._json(404, {"detail": "Not Found"})
             return
         if self.command != "POST":
@@ -417,9 +420,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         settings = fake._settings()
         try:
-            body = parse_json_body(settings, headers, raw)
-            prepare = prepare_chat if path == _CHAT else prepare_completion
-            prepared = prepare(settings, body, headers)
+            if path in ENDPOINT_ROUTES:
+                prepared = fake._endpoints.handle(settings, path, headers, raw)
+            else:
+                body = parse_json_body(settings, headers, raw)
+                prepare = prepare_chat if path == _CHAT else prepare_completion
+                prepared = prepare(settings, body, headers)
         except FakeHTTPError as error:
             self._json(error.status, error.payload)
             return
