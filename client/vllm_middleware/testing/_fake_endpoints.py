@@ -256,9 +256,19 @@ def responses(s: Settings, body: Mapping[str, Any]) -> Prepared:
     prompt_tokens = count_tokens(text) + count_tokens(str(body.get("instructions") or ""))
     usage = {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {
+            "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "input_tokens_per_turn": [],
+            "cached_tokens_per_turn": [],
+        },
         "output_tokens": reply.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {
+            "reasoning_tokens": 0,
+            "tool_output_tokens": 0,
+            "output_tokens_per_turn": [],
+            "tool_output_tokens_per_turn": [],
+        },
         "total_tokens": prompt_tokens + reply.completion_tokens,
     }
     part: dict[str, Any] = {
