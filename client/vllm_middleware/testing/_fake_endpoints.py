@@ -19,7 +19,8 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
-from ._fake_plan import DONE, Drop, Prepared, Send, Settings, cut_midway, parse_json_body
+from ._fake_checks import Settings, parse_json_body
+from ._fake_plan import DONE, Drop, Prepared, Send, cut_midway
 from ._fake_text import content_text, count_tokens, default_chunker, fake_reply, parse_triggers
 from ._fake_tokens import token_ids, tokens_of
 from ._fake_wire import FakeHTTPError, dumps, validation_error, vllm_validation_error

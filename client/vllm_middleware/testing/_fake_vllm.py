@@ -25,15 +25,14 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._fake_checks import Settings, parse_json_body
 from ._fake_endpoints import ROUTES as ENDPOINT_ROUTES
 from ._fake_endpoints import EndpointHandler
 from ._fake_plan import (
     Drop,
     Prepared,
     Send,
-    Settings,
     Sleep,
-    parse_json_body,
     prepare_chat,
     prepare_completion,
 )
