@@ -135,9 +135,8 @@ def main() -> None:
     print("| reply | base instr/req | new instr/req | change | change % |")
     print("|---|---:|---:|---:|---:|")
     for kind, base, new, delta, pct in rows:
-        print(
-            f"| {kind} | {base / 1000:.1f}k | {new / 1000:.1f}k | {delta / 1000:+.1f}k | {pct:+.2f}% |"
-        )
+        cells = [kind, f"{base / 1000:.1f}k", f"{new / 1000:.1f}k", f"{delta / 1000:+.1f}k"]
+        print("| " + " | ".join([*cells, f"{pct:+.2f}%"]) + " |")
 
 
 if __name__ == "__main__":
