@@ -46,7 +46,8 @@ async def test_queue_full_before_the_stream(
     (record,) = load_logs(tmp_path)
     assert record["status_code"] == 503 and record["stream"] is stream
     assert record["error_detail"]["type"] == "Service Unavailable"
-    assert "stream_end" not in record
+    # A stream that failed before its first byte still says how it ended.
+    assert record.get("stream_end") == ("http_error" if stream else None)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -67,8 +68,31 @@ async def test_validation_error(server: FakeVLLMServer, tmp_path: Path) -> None:
     with pytest.raises(BadRequestError) as caught:
         await client.chat_completion([{"role": "user", "content": "hi"}], n=0, stream=True)
     await client.close()
-    assert caught.value.status_code == 400 and caught.value.error_type == "Bad Request"
-    assert caught.value.param == ("body.n" if server.flavor == "v0.33" else None)
+    # n=0 passes v0.33's request model and fails in SamplingParams (a VLLMValidationError
+    # without a parameter); v0.10.2's request model rejected it.
+    new = server.flavor == "v0.33"
+    assert caught.value.status_code == 400
+    assert caught.value.error_type == ("BadRequestError" if new else "Bad Request")
+    assert caught.value.param is None
+    assert "n must be at least 1, got 0." in caught.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_model_validator_errors_name_the_parameter(
+    server: FakeVLLMServer, tmp_path: Path, stream: bool
+) -> None:
+    client = VLLMMiddleware(server.base_url, log_dir=tmp_path, redis_url="")
+    with pytest.raises(BadRequestError) as caught:
+        await client.chat_completion([{"role": "user", "content": "hi"}], tools=[], stream=stream)
+    await client.close()
+    error = caught.value
+    if server.flavor == "v0.33":
+        assert (error.error_type, error.param) == ("BadRequestError", "tools")
+        assert error.message.endswith("omit the field entirely. (parameter=tools)")
+    else:
+        assert (error.error_type, error.param) == ("Bad Request", None)
+    (record,) = load_logs(tmp_path)
+    assert record["error_detail"]["param"] == error.param
 
 
 @pytest.mark.parametrize("stream", [False, True])

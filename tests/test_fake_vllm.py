@@ -545,7 +545,8 @@ def test_chat_stream_framing_and_nulls(server: FakeVLLMServer, client: httpx.Cli
     assert "".join(c["choices"][0]["delta"]["content"] for c in deltas) == fake_reply(text).content
     assert len(deltas) == count_tokens(fake_reply(text).content)
     finish_choice = finish["choices"][0]
-    assert finish_choice["delta"] == {}
+    # The finish chunk carries the last token: EOS decodes to "" without a parser.
+    assert finish_choice["delta"] == {"content": ""}
     assert finish_choice["finish_reason"] == "stop"
     assert finish_choice["stop_reason"] is None
     assert ("weight_versions" in finish_choice) == new

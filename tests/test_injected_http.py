@@ -11,6 +11,7 @@ import httpx
 import pytest
 from vllm_middleware import (
     APIConnectionError,
+    ConfigurationError,
     InvalidRequestError,
     VLLMMiddleware,
     VLLMMiddlewareError,
@@ -59,25 +60,28 @@ async def test_every_call_uses_the_middlewares_base_url(
     assert all(r.status_code == 200 and r.error is None for r in records)
 
 
-async def test_an_unsendable_url_is_a_package_error_and_recorded(tmp_path: Path) -> None:
-    """A base_url the HTTP layer cannot send to (no scheme) raised a bare httpx/ValueError."""
+def test_a_base_url_the_http_layer_cannot_use_is_refused_at_construction(tmp_path: Path) -> None:
+    """A base_url without a scheme, or with a port that is not a number, used to fail only at
+    the first call (as a bare httpx or ValueError)."""
+    for url in ("vllm-host:8000/v1", "http://vllm-host:port/v1", "http://a:b:c/v1"):
+        with pytest.raises(ConfigurationError, match="base_url"):
+            VLLMMiddleware(base_url=url, log_dir=tmp_path, enable_file_logging=False)
+
+
+async def test_an_unsendable_url_is_a_package_error_and_recorded(
+    fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    """A URL httpx refuses to send (a NUL in the path) raised a bare httpx.InvalidURL."""
     async with (
         httpx.AsyncClient() as http,
-        VLLMMiddleware(base_url="vllm-host:8000/v1", log_dir=tmp_path, http_client=http) as mw,
+        VLLMMiddleware(base_url=fake_vllm.base_url, log_dir=tmp_path, http_client=http) as mw,
     ):
-        for call in (
-            lambda: mw.chat_completion(HELLO, model=MODEL),
-            lambda: mw.completions("x", model=MODEL, stream=True),
-            mw.models,
-        ):
-            with pytest.raises(VLLMMiddlewareError) as info:
-                await call()
-            assert isinstance(info.value, APIConnectionError | InvalidRequestError)
-        assert await mw.health() is False
+        with pytest.raises(VLLMMiddlewareError) as info:
+            await mw.request("POST", "chat/completions\x00", json={"model": MODEL})
+        assert isinstance(info.value, APIConnectionError | InvalidRequestError)
     records = load_logs(tmp_path)
-    assert len(records) == 2 and all(r.error for r in records)
-    kinds = {r.error_detail["kind"] for r in records}
-    assert kinds <= {"APIConnectionError", "InvalidRequestError"}
+    assert len(records) == 1 and records[0].error
+    assert records[0].error_detail["kind"] in {"APIConnectionError", "InvalidRequestError"}
 
 
 async def test_a_bad_header_value_is_an_invalid_request_and_recorded(

@@ -27,6 +27,8 @@ __all__ = [
     "missing_headers",
     "shrink_record",
     "start_call",
+    "usage_hidden",
+    "usage_options",
 ]
 
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
@@ -76,7 +78,7 @@ def _template(payload_key: str) -> dict[str, Any]:
 
 # Copying a sized dict and storing into it is cheaper than a 16-key literal, which CPython
 # grows key by key (two resizes).
-_TEMPLATES = {key: _template(key) for key in ("messages", "prompt")}
+_TEMPLATES = {key: _template(key) for key in ("messages", "prompt", "input")}
 
 
 def collect(**values: Any) -> dict[str, Any]:
@@ -87,6 +89,24 @@ def missing_headers(client: httpx.AsyncClient, wanted: Mapping[str, str]) -> dic
     """What `wanted` adds to the client's own default headers (None: nothing)."""
     missing = {k: v for k, v in wanted.items() if client.headers.get(k) != v}
     return missing or None
+
+
+_ASK_USAGE = {"include_usage": True}
+
+
+def usage_hidden(options: Any) -> bool:
+    """Whether a stream with the caller's `stream_options` would carry no usage (vLLM 0.33 and
+    the OpenAI API: `include_usage` defaults to false, continuous stats need it too)."""
+    return not (isinstance(options, Mapping) and options.get("include_usage"))
+
+
+def usage_options(options: Any) -> dict[str, Any] | None:
+    """The `stream_options` to send so the stream reports usage (None: send the caller's)."""
+    if options is None:
+        return _ASK_USAGE.copy()
+    if isinstance(options, Mapping) and not options.get("include_usage"):
+        return {**options, "include_usage": True}
+    return None  # already asked for, or not an object (the server says what is wrong)
 
 
 def header_request_id(headers: Mapping[str, str]) -> str | None:
@@ -255,10 +275,10 @@ def start_call(
     client.total_requests += 1
     call = Call(client, endpoint, payload_key, payload, model, params, metadata, now)
     body = dict(params)
-    if stream and params.get("stream_options") is None:
-        # Usage is only sent when asked for; ask for it when the caller did not decide
-        # (the stream hides the extra chunk). `parameters` stay the caller's own.
-        body["stream_options"] = {"include_usage": True}
+    if stream and (options := usage_options(params.get("stream_options"))) is not None:
+        # Usage is only sent when asked for: ask for it whatever else the caller set (the
+        # stream hides what the caller did not ask for). `parameters` stay the caller's own.
+        body["stream_options"] = options
     if model is not None:
         body["model"] = model
     body[payload_key] = payload
@@ -272,7 +292,8 @@ def start_call(
         content = orjson.dumps(body)
     except TypeError as exc:
         error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
-        call.log(started, error=error, stream=stream)
+        end = {"chunks": 0, "stream_end": "invalid_request"} if stream else None
+        call.log(started, error=error, stream=stream, extra=end)
         raise error from exc
     call.body_bytes = len(content)
     return call, started, content, send_headers

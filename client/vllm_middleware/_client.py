@@ -19,9 +19,10 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
-from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call
+from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call, usage_hidden
 from ._capture import CapturePolicy, ContentMode, Redactor, capture_policy
 from ._destination import Destination, collected_unclosed, mode_of, open_destination
+from ._endpoints import Endpoints
 from ._exceptions import APIError, ConfigurationError
 from ._http import (
     absolute_url,
@@ -38,7 +39,7 @@ from ._record import RecordEntry, default_host, utc_now
 from ._settings import ClientSettings
 from ._shipping import Shipper
 from ._stats import ClientStatistics, local_statistics
-from ._streaming import AsyncStream, StreamState, fail_before_stream
+from ._streaming import AsyncStream, StreamState, fail_before_stream, log_unstarted
 
 __all__ = ["VLLMMiddleware"]
 
@@ -48,7 +49,7 @@ _ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
 
 
-class VLLMMiddleware:
+class VLLMMiddleware(Endpoints):
     """Async client for vLLM's OpenAI-compatible API that logs every request and response.
 
     Without a Redis URL (argument or `VLLM_MW_REDIS_URL`) records are written in-process to
@@ -504,22 +505,22 @@ class VLLMMiddleware:
             self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now(), True
         )
         request_id = call.request_id
-        hide_usage = params.get("stream_options") is None
+        hide_usage = usage_hidden(params.get("stream_options"))
         url = self._urls[endpoint]
         try:
             request = self._http.build_request("POST", url, content=content, headers=send_headers)
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             api_error = exception_from_transport(exc, request_id)
-            call.log(started, error=api_error, stream=True)
+            log_unstarted(call, started, api_error, "disconnected")
             raise api_error from exc
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
             unsendable = exception_from_unsendable(exc, url, request_id)
-            call.log(started, error=unsendable, stream=True)
+            log_unstarted(call, started, unsendable, "invalid_request")
             raise unsendable from exc
         except asyncio.CancelledError:
             cancelled = APIError("cancelled by the caller before the response")
-            call.log(started, error=cancelled, stream=True)
+            log_unstarted(call, started, cancelled, "cancelled")
             raise
         if response.status_code >= 400:
             await fail_before_stream(call, started, response)

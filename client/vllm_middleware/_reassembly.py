@@ -217,7 +217,7 @@ class _Choice:
     def finished(self) -> bool:
         return self.extra.get("finish_reason") is not None
 
-    def build(self, chat: bool) -> dict[str, Any]:
+    def build(self, chat: bool, forced_tools: bool, empty_tools: bool) -> dict[str, Any]:
         text = None if self.content is None else "".join(self.content)
         out: dict[str, Any] = {"index": self.index}
         if not chat:
@@ -227,14 +227,14 @@ class _Choice:
         tool_calls = [self.tools[slot] for slot in sorted(self.tools, key=_sort_key)]
         message: dict[str, Any] = {
             "role": self.role or "assistant",
-            # The role chunk's "" is not an answer: a tool-call-only reply has null content,
-            # as in the non-streaming body.
-            "content": text if text or not tool_calls else None,
+            # The role chunk's "" is not an answer: a parser's tool-call-only reply has null
+            # content in the non-streaming body, a call forced by tool_choice has "".
+            "content": text if text or not tool_calls else "" if forced_tools else None,
         }
         for key, parts in self.reasoning.items():
             message[key] = "".join(parts)
         message.update(self.message_extra)
-        if tool_calls:
+        if tool_calls or empty_tools:
             message["tool_calls"] = tool_calls
         out["message"] = message
         out.update(self.extra)
@@ -246,12 +246,17 @@ def _sort_key(value: Any) -> tuple[int, str]:
 
 
 class StreamAccumulator:
-    """Folds stream chunks into the non-streaming response shape, choice by choice."""
+    """Folds stream chunks into the non-streaming response shape, choice by choice.
 
-    __slots__ = ("chat", "choices", "chunks", "started", "top", "ttft_ms", "usage")
+    `forced_tools`: the request forced tool calls (`tool_choice` "required" or a named tool),
+    for which vLLM's non-streaming message has `content: ""` rather than null.
+    """
 
-    def __init__(self, chat: bool, started: float) -> None:
+    __slots__ = ("chat", "choices", "chunks", "forced_tools", "started", "top", "ttft_ms", "usage")
+
+    def __init__(self, chat: bool, started: float, forced_tools: bool = False) -> None:
         self.chat = chat
+        self.forced_tools = forced_tools
         self.started = started
         self.top: dict[str, Any] = {}
         self.choices: dict[Any, _Choice] = {}
@@ -301,8 +306,14 @@ class StreamAccumulator:
             out["object"] = "chat.completion"
         elif "object" in out:
             out["object"] = "text_completion"
+        # vLLM 0.10's non-streaming messages always carry `tool_calls` ([] without calls);
+        # its streams are told apart by a role chunk with `prompt_token_ids` but no
+        # `prompt_text` (added later, together with omitting the empty list).
+        empty_tools = self.chat and "prompt_token_ids" in out and "prompt_text" not in out
+        forced = self.forced_tools
         out["choices"] = [
-            self.choices[index].build(self.chat) for index in sorted(self.choices, key=_sort_key)
+            self.choices[index].build(self.chat, forced, empty_tools)
+            for index in sorted(self.choices, key=_sort_key)
         ]
         out["usage"] = self.usage
         return out

@@ -476,8 +476,12 @@ class ClientSettings(EnvSettings):
             parts = urlsplit(value)
         except ValueError as exc:
             raise ValueError(f"not a URL ({exc})") from None
-        if parts.scheme not in HTTP_SCHEMES or not parts.netloc:
+        if parts.scheme not in HTTP_SCHEMES or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         return value
 
     _password_file = field_validator("redis_password_file")(check_password_file)

@@ -13,22 +13,43 @@ import types
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import httpx
 import orjson
 
-from ._exceptions import APIConnectionError, APIError, APIStatusError, status_error_class
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    InvalidRequestError,
+    status_error_class,
+)
 from ._http import exception_from_response, exception_from_transport
 from ._reassembly import SSEDecoder, StreamAccumulator
 
 if TYPE_CHECKING:
     from ._call import Call
 
-__all__ = ["AsyncStream", "StreamEnd", "StreamState", "error_from_event", "fail_before_stream"]
+__all__ = [
+    "Accumulator",
+    "AsyncStream",
+    "StreamEnd",
+    "StreamState",
+    "error_from_event",
+    "fail_before_stream",
+    "log_unstarted",
+]
 
 StreamEnd = Literal[
-    "completed", "error_event", "disconnected", "abandoned", "cancelled", "protocol_error"
+    "completed",
+    "error_event",
+    "disconnected",
+    "abandoned",
+    "cancelled",
+    "protocol_error",
+    "http_error",
+    "invalid_request",
 ]
 
 # After [DONE] or an error event only the chunked-encoding terminator should be left; reading
@@ -65,6 +86,19 @@ def error_from_event(body: dict[str, Any], request_id: str) -> APIStatusError:
 
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+class Accumulator(Protocol):
+    """What a stream's events are folded by (`StreamAccumulator`, `ResponsesAccumulator`)."""
+
+    chunks: int
+    ttft_ms: float | None
+
+    def add(self, chunk: dict[str, Any]) -> bool: ...
+
+    def all_finished(self) -> bool: ...
+
+    def response(self) -> Any: ...
 
 
 def _body_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -133,7 +167,6 @@ class StreamState:
         "events",
         "held",
         "hide_usage",
-        "hold_finish",
         "logged",
         "loop",
         "pending_error",
@@ -153,6 +186,7 @@ class StreamState:
         chat: bool,
         hide_usage: bool,
         spawn: Spawn,
+        acc: Accumulator | None = None,
     ) -> None:
         self.call = call
         self.started = started
@@ -161,11 +195,14 @@ class StreamState:
         self.receive = self.body.__anext__
         self.decoder = SSEDecoder()
         self.events: deque[bytes] = deque()  # payloads received but not handled yet
-        self.acc = StreamAccumulator(chat, started)
-        self.hide_usage = hide_usage
+        if acc is None:
+            choice = call.params.get("tool_choice") if chat else None
+            forced = choice == "required" or isinstance(choice, dict)
+            acc = StreamAccumulator(chat, started, forced)
+        self.acc = acc
         # With include_usage injected, vLLM moves system_fingerprint from the finish chunks to
         # the usage chunk; finish chunks wait for it so the caller sees what it asked for.
-        self.hold_finish = hide_usage and chat
+        self.hide_usage = hide_usage
         self.held: list[dict[str, Any]] = []
         self.ready: deque[dict[str, Any]] = deque()
         self.pending_error: APIError | None = None
@@ -262,7 +299,9 @@ class StreamState:
             if not choices and isinstance(choices, list):
                 self._release_held(chunk.get("system_fingerprint"))
                 return
-            if finished and self.hold_finish:
+            if "usage" in chunk:
+                del chunk["usage"]  # continuous stats come only with include_usage
+            if finished:
                 self.held.append(chunk)
                 return
         if self.held:
@@ -457,8 +496,20 @@ async def fail_before_stream(call: Call, started: float, response: httpx.Respons
     except asyncio.CancelledError:
         await response.aclose()
         cancelled = APIError("cancelled by the caller before the response")
-        call.log(started, error=cancelled, status_code=response.status_code, stream=True)
+        log_unstarted(call, started, cancelled, "cancelled", response.status_code)
         raise
     await response.aclose()
-    call.log(started, error=failure, status_code=response.status_code, stream=True)
+    log_unstarted(call, started, failure, "http_error", response.status_code)
     raise failure
+
+
+def log_unstarted(
+    call: Call,
+    started: float,
+    error: APIError | InvalidRequestError,
+    end: StreamEnd,
+    status_code: int | None = None,
+) -> None:
+    """Record a stream that never delivered a chunk (it still says how it ended)."""
+    extra = {"chunks": 0, "stream_end": end}
+    call.log(started, error=error, status_code=status_code, stream=True, extra=extra)

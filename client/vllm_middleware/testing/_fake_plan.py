@@ -7,7 +7,6 @@ list of stream events, so the HTTP layer only has to write bytes and sleep.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections import deque
@@ -15,9 +14,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._fake_checks import (
+    Settings,
+    check_model,
+    check_tools,
+    choice_count,
+    cut_at_stop,
+    int_field,
+    invalid,
+    new_response_id,
+    read_prompts,
+    request_extras,
+    stream_flags,
+    token_budget,
+)
 from ._fake_text import (
     REASONING_TEXT,
-    Chunker,
     Triggers,
     content_text,
     count_tokens,
@@ -30,34 +42,12 @@ from ._fake_text import (
 )
 from ._fake_wire import (
     ChoicePlan,
-    ErrorShape,
-    Flavor,
     ToolCallPlan,
     Wire,
-    api_error,
     dumps,
     midstream_error_event,
     validation_error,
 )
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The server configuration, read once per request."""
-
-    flavor: Flavor
-    model: str
-    error_shape: ErrorShape
-    max_model_len: int
-    reasoning: bool
-    chunker: Chunker | None
-    first_token_delay: float
-    token_delay: float
-    merge_tool_name_delta: bool
-
-    @property
-    def new(self) -> bool:
-        return self.flavor == "v0.33"
 
 
 @dataclass(frozen=True)
@@ -94,138 +84,6 @@ def _sse(obj: Any, tag: str) -> Send:
     return Send(b"data: " + dumps(obj) + b"\n\n", tag)
 
 
-def _check_model(s: Settings, body: Mapping[str, Any]) -> str:
-    model = body.get("model")
-    if model is None:
-        return s.model
-    if model != s.model:
-        if s.new:
-            message = f"The model `{model}` does not exist. Valid aliases: {s.model}."
-            raise api_error(s.error_shape, 404, "NotFoundError", message, "model")
-        raise api_error(s.error_shape, 404, "NotFoundError", f"The model `{model}` does not exist.")
-    return s.model
-
-
-def _response_id(
-    s: Settings, prefix: str, headers: Mapping[str, str], body: Mapping[str, Any]
-) -> str:
-    header_id = headers.get("x-request-id")
-    if header_id:
-        return prefix + header_id
-    body_id = body.get("request_id")
-    if isinstance(body_id, str) and body_id:
-        return prefix + body_id
-    return prefix + secrets.token_hex(8 if s.new else 16)
-
-
-def _stream_flags(s: Settings, body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
-    stream = bool(body.get("stream") or False)
-    options = body.get("stream_options")
-    if options is not None and not stream:
-        raise validation_error(
-            s.flavor,
-            s.error_shape,
-            "Value error, Stream options can only be defined when `stream=True`.",
-            "body",
-        )
-    if not stream or not isinstance(options, Mapping):
-        return stream, False, False
-    include_usage = options.get("include_usage")
-    if include_usage is None:
-        include_usage = not s.new  # the default flipped from True (v0.10) to False (v0.33)
-    continuous = bool(include_usage) and bool(options.get("continuous_usage_stats") or False)
-    return stream, bool(include_usage), continuous
-
-
-def _int_field(s: Settings, body: Mapping[str, Any], key: str, default: int | None) -> int | None:
-    value = body.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        message = f"Input should be a valid non-negative integer: {key}"
-        raise validation_error(s.flavor, s.error_shape, message, f"body.{key}")
-    return value
-
-
-def _n(s: Settings, body: Mapping[str, Any]) -> int:
-    n = _int_field(s, body, "n", 1)
-    if n is None:
-        return 1
-    if n < 1:
-        raise validation_error(s.flavor, s.error_shape, "n must be at least 1", "body.n")
-    return n
-
-
-def _max_tokens(s: Settings, requested: int | None, prompt_tokens: int, what: str) -> int:
-    limit = s.max_model_len
-    if prompt_tokens > limit:
-        if s.new:
-            message = (
-                f"This model's maximum context length is {limit} tokens. However, your prompt "
-                f"contains {prompt_tokens} input tokens, which exceeds this limit even without "
-                "any output tokens. Please reduce the length of the input prompt."
-            )
-            raise api_error(s.error_shape, 400, "BadRequestError", message, "input_tokens")
-        message = (
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens} tokens in the {what}, Please reduce the length of the {what}."
-        )
-        raise api_error(s.error_shape, 400, "BadRequestError", message)
-    if requested is None:
-        return limit - prompt_tokens
-    if s.new and requested > limit:
-        message = (
-            f"max_tokens={requested} cannot be greater than max_model_len={limit}. "
-            "Please request fewer output tokens."
-        )
-        raise api_error(s.error_shape, 400, "BadRequestError", message, "max_tokens")
-    if requested + prompt_tokens > limit:
-        if s.new:
-            return limit - prompt_tokens  # v0.33 clamps silently
-        message = (
-            f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
-            f"maximum context length is {limit} tokens and your request has {prompt_tokens} "
-            f"input tokens ({requested} > {limit} - {prompt_tokens})."
-        )
-        raise api_error(s.error_shape, 400, "BadRequestError", message)
-    return requested
-
-
-def _tools(s: Settings, body: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], Any]:
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if tools is not None and (not isinstance(tools, list) or not tools):
-        raise validation_error(
-            s.flavor, s.error_shape, "Value error, `tools` must be a non-empty list.", "body.tools"
-        )
-    valid = [tool for tool in tools or [] if isinstance(tool, Mapping)]
-    if choice in (None, "none", "auto"):
-        return valid, choice
-    if choice == "required" or isinstance(choice, Mapping):
-        if not valid:
-            raise validation_error(
-                s.flavor,
-                s.error_shape,
-                "Value error, When using `tool_choice`, `tools` must be set.",
-                "body",
-            )
-        if isinstance(choice, Mapping):
-            function = choice.get("function")
-            wanted = function.get("name") if isinstance(function, Mapping) else None
-            if not any(tool_name(tool) == wanted for tool in valid):
-                raise validation_error(
-                    s.flavor,
-                    s.error_shape,
-                    "Value error, The tool specified in `tool_choice` does not match any of "
-                    "the specified `tools`",
-                    "body",
-                )
-        return valid, choice
-    raise validation_error(
-        s.flavor, s.error_shape, f"Invalid tool_choice: {choice!r}", "body.tool_choice"
-    )
-
-
 def _pick_tool(
     tools: list[Mapping[str, Any]], choice: Any, last_role: Any, text: str
 ) -> Mapping[str, Any] | None:
@@ -243,8 +101,14 @@ def _pick_tool(
     return None
 
 
+def _rendered_prompt(messages: list[Mapping[str, Any]]) -> str:
+    """A stand-in for the chat template's output (``return_prompt_text``)."""
+    turns = [f"<|{m.get('role')}|>{content_text(m.get('content'))}" for m in messages]
+    return "".join(turns) + "<|assistant|>"
+
+
 def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str]) -> Prepared:
-    model = _check_model(s, body)
+    model = check_model(s, body)
     messages = body.get("messages")
     if (
         not isinstance(messages, list)
@@ -252,48 +116,68 @@ def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str
         or not all(isinstance(message, Mapping) for message in messages)
     ):
         raise validation_error(s.flavor, s.error_shape, "Field required: messages", "body.messages")
-    stream, include_usage, continuous = _stream_flags(s, body)
-    n = _n(s, body)
-    tools, tool_choice = _tools(s, body)
-    requested = _int_field(s, body, "max_completion_tokens", None)
+    stream, include_usage, continuous = stream_flags(s, body)
+    tools, tool_choice = check_tools(s, body)
+    n = choice_count(s, body)
+    requested = int_field(s, body, "max_completion_tokens", None)
     if requested is None:
-        requested = _int_field(s, body, "max_tokens", None)
+        requested = int_field(s, body, "max_tokens", None)
+    prompt = " ".join(content_text(m.get("content")) for m in messages)
     prompt_tokens = sum(count_tokens(content_text(m.get("content"))) for m in messages)
-    max_tokens = _max_tokens(s, requested, prompt_tokens, "messages")
+    extras = request_extras(s, body, True, prompt, _rendered_prompt(messages))
+    max_tokens = token_budget(s, requested, prompt_tokens, "messages")
     text = next(
         (content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"),
         "",
     )
-    tool = _pick_tool(tools, tool_choice, messages[-1].get("role"), text)
+    last = messages[-1]
+    # echo repeats the last message when it has the role being answered (vLLM's rule).
+    echo = (
+        content_text(last.get("content"))
+        if body.get("echo") and last.get("role") == "assistant"
+        else ""
+    )
+    tool = _pick_tool(tools, tool_choice, last.get("role"), text)
+    mode = (
+        "named"
+        if isinstance(tool_choice, Mapping)
+        else "required"
+        if tool_choice == "required"
+        else "auto"
+    )
     choices = []
     for index in range(n):
         if tool is None:
             reply = fake_reply(text, index=index, max_tokens=max_tokens, reasoning=s.reasoning)
-            choices.append(
-                ChoicePlan(
-                    index,
-                    reply.content,
-                    reply.reasoning,
-                    reply.finish_reason,
-                    reply.completion_tokens,
-                )
+            content, stop_reason = cut_at_stop(body, reply.content)
+            finish = "stop" if content != reply.content else reply.finish_reason
+            if finish != "stop":
+                stop_reason = None
+            tokens = count_tokens(reply.reasoning or "") + count_tokens(content)
+            plan = ChoicePlan(
+                index, content, reply.reasoning, finish, tokens, None, stop_reason, echo
             )
+            choices.append(plan)
             continue
         name = tool_name(tool)
         arguments = fake_tool_arguments(tool, text)
         reasoning = REASONING_TEXT if s.reasoning else None
         tokens = count_tokens(reasoning or "") + count_tokens(name) + count_tokens(arguments)
         call_id = "chatcmpl-tool-" + secrets.token_hex(8 if s.new else 16)
-        call = ToolCallPlan(call_id, name, arguments)
-        choices.append(ChoicePlan(index, "", reasoning, "tool_calls", tokens, call))
+        call = ToolCallPlan(call_id, name, arguments, mode)
+        # A forced single named tool finishes with "stop", as OpenAI reports it
+        # (resolve_finish_reason); a parser's call or "required" with "tool_calls".
+        finish = "stop" if mode == "named" else "tool_calls"
+        choices.append(ChoicePlan(index, "", reasoning, finish, tokens, call))
     wire = Wire(
         s.flavor,
-        _response_id(s, "chatcmpl-", headers, body),
+        new_response_id(s, "chatcmpl-", headers, body),
         _now(),
         model,
         True,
         prompt_tokens,
         s.reasoning,
+        extras,
     )
     return _finish(s, wire, choices, parse_triggers(text), stream, include_usage, continuous)
 
@@ -301,70 +185,50 @@ def prepare_chat(s: Settings, body: Mapping[str, Any], headers: Mapping[str, str
 def prepare_completion(
     s: Settings, body: Mapping[str, Any], headers: Mapping[str, str]
 ) -> Prepared:
-    model = _check_model(s, body)
-    prompts = _prompts(s, body.get("prompt"))
-    stream, include_usage, continuous = _stream_flags(s, body)
+    model = check_model(s, body)
+    prompts = read_prompts(s, body.get("prompt"))
+    stream, include_usage, continuous = stream_flags(s, body)
     if stream and body.get("use_beam_search"):
-        raise validation_error(
-            s.flavor,
-            s.error_shape,
-            "Value error, Streaming is not currently supported with beam search",
-            "body",
-        )
-    n = _n(s, body)
+        raise invalid(s, "Streaming is not currently supported with beam search", "stream")
+    n = choice_count(s, body)
     # Completions default to 16 tokens when max_tokens is absent; an explicit null means "up to
     # the context limit".
-    requested = _int_field(s, body, "max_tokens", 16)
+    requested = int_field(s, body, "max_tokens", 16)
+    all_text = " ".join(text for text, _ in prompts)
+    extras = request_extras(s, body, False, prompts[0][0], None)
+    echo = bool(body.get("echo"))
     choices = []
     for prompt_index, (text, prompt_tokens) in enumerate(prompts):
-        max_tokens = _max_tokens(s, requested, prompt_tokens, "prompt")
+        max_tokens = token_budget(s, requested, prompt_tokens, "prompt")
         for variant in range(n):
             reply = fake_reply(text, index=variant, max_tokens=max_tokens)
+            content, stop_reason = cut_at_stop(body, reply.content)
+            finish = "stop" if content != reply.content else reply.finish_reason
+            if finish != "stop":
+                stop_reason = None
             choices.append(
                 ChoicePlan(
                     variant + prompt_index * n,
-                    reply.content,
+                    content,
                     None,
-                    reply.finish_reason,
-                    reply.completion_tokens,
+                    finish,
+                    count_tokens(content),
+                    None,
+                    stop_reason,
+                    text if echo else "",
                 )
             )
     wire = Wire(
         s.flavor,
-        _response_id(s, "cmpl-", headers, body),
+        new_response_id(s, "cmpl-", headers, body),
         _now(),
         model,
         False,
         sum(tokens for _, tokens in prompts),
+        extras=extras,
     )
-    triggers = parse_triggers(" ".join(text for text, _ in prompts))
+    triggers = parse_triggers(all_text)
     return _finish(s, wire, choices, triggers, stream, include_usage, continuous)
-
-
-def _prompts(s: Settings, prompt: Any) -> list[tuple[str, int]]:
-    def is_ids(value: Any) -> bool:
-        return isinstance(value, list) and all(
-            isinstance(item, int) and not isinstance(item, bool) for item in value
-        )
-
-    prompts: list[tuple[str, int]] | None = None
-    if isinstance(prompt, str):
-        prompts = [(prompt, count_tokens(prompt))]
-    elif isinstance(prompt, list) and prompt:
-        if all(isinstance(item, str) for item in prompt):
-            prompts = [(item, count_tokens(item)) for item in prompt]
-        elif is_ids(prompt):
-            prompts = [(" ".join(map(str, prompt)), len(prompt))]
-        elif all(is_ids(item) and item for item in prompt):
-            prompts = [(" ".join(map(str, item)), len(item)) for item in prompt]
-    if not prompts:
-        raise validation_error(
-            s.flavor,
-            s.error_shape,
-            "Value error, Either prompt or prompt_embeds must be provided and non-empty.",
-            "body.prompt",
-        )
-    return prompts
 
 
 def _now() -> int:
@@ -392,11 +256,17 @@ def _finish(
     queues: list[deque[Send]] = []
     for choice in choices:
         if wire.chat:
-            usage = wire.running_usage(0) if continuous else None
+            usage = wire.running_usage(0, 0) if continuous else None
             events.append(_sse(wire.role_chunk(choice.index, usage), "role"))
             queues.append(deque(_chat_items(s, wire, choice, include_usage, continuous)))
         else:
-            queues.append(deque(_text_items(s, wire, choice, continuous)))
+            queues.append(deque(_text_items(s, wire, choice, include_usage, continuous)))
+    if wire.chat:
+        # The echoed message follows the role chunks, before any output.
+        for choice in choices:
+            if choice.echo:
+                usage = wire.running_usage(0, 0) if continuous else None
+                events.append(_sse(wire.echo_chunk(choice.index, choice.echo, usage), "role"))
     first_round = True
     while any(queues):
         if not first_round and s.token_delay > 0:
@@ -407,7 +277,7 @@ def _finish(
     if include_usage:
         events.append(_sse(wire.usage_chunk(choices), "usage"))
     if triggers.midstream_error or triggers.drop:
-        events = _cut_midway(events)
+        events = cut_midway(events)
         if triggers.drop:
             events.append(Drop())
         else:
@@ -419,7 +289,7 @@ def _finish(
     return Prepared(True, triggers, events=events)
 
 
-def _cut_midway(events: list[Event]) -> list[Event]:
+def cut_midway(events: list[Event]) -> list[Event]:
     """Keep the role chunks and about half of the content chunks."""
     content = [i for i, e in enumerate(events) if isinstance(e, Send) and e.tag == "content"]
     if content:
@@ -433,10 +303,14 @@ def _cut_midway(events: list[Event]) -> list[Event]:
 def _chat_items(
     s: Settings, wire: Wire, choice: ChoicePlan, include_usage: bool, continuous: bool
 ) -> list[Send]:
-    def usage(tokens: int) -> dict[str, Any] | None:
-        return wire.running_usage(tokens) if continuous else None
+    """The chunks of one choice after its role chunk: (delta, text) pairs, the last of which
+    the finish chunk carries when the engine's last step produced it (a length cut)."""
+    reasoning_tokens = 0
 
-    items: list[Send] = []
+    def usage(tokens: int) -> dict[str, Any] | None:
+        return wire.running_usage(tokens, reasoning_tokens) if continuous else None
+
+    steps: list[tuple[dict[str, Any], str, int]] = []  # delta, its text, tokens so far
     index = choice.index
     base = 0
     if choice.reasoning:
@@ -444,80 +318,91 @@ def _chat_items(
         so_far = ""
         for piece in split_text(s.chunker, choice.reasoning):
             so_far += piece
-            chunk = wire.delta_chunk(index, {key: piece}, usage(count_tokens(so_far)))
-            items.append(_sse(chunk, "content"))
+            steps.append(({key: piece}, piece, count_tokens(so_far)))
         base = count_tokens(choice.reasoning)
     call = choice.tool_call
     if call is not None:
-        # v0.33 sends an explicit null content on tool deltas; v0.10.2 leaves the key out.
-        lead: dict[str, Any] = {"content": None} if s.new else {}
-        name_entry: dict[str, Any] = {
-            "id": call.call_id,
-            "type": "function",
-            "index": 0,
-            "function": {"name": call.name},
-        }
-        fragments = split_text(s.chunker, call.arguments)
-        base += count_tokens(call.name)
-        so_far = ""
-        if s.merge_tool_name_delta and fragments:
-            so_far = fragments.pop(0)
-            entries = [name_entry, {"index": 0, "function": {"arguments": so_far}}]
-        else:
-            entries = [name_entry]
-        delta: dict[str, Any] = {**lead, "tool_calls": entries}
-        tokens = base + count_tokens(so_far)
-        items.append(_sse(wire.delta_chunk(index, delta, usage(tokens)), "content"))
-        for fragment in fragments:
-            so_far += fragment
-            entry = {"index": 0, "function": {"arguments": fragment}}
-            delta = {**lead, "tool_calls": [entry]}
-            tokens = base + count_tokens(so_far)
-            items.append(_sse(wire.delta_chunk(index, delta, usage(tokens)), "content"))
+        steps += _tool_steps(s, call, base)
     else:
         so_far = ""
         for piece in split_text(s.chunker, choice.content):
             so_far += piece
-            tokens = base + count_tokens(so_far)
-            items.append(
-                _sse(wire.delta_chunk(index, {"content": piece}, usage(tokens)), "content")
-            )
+            steps.append(({"content": piece}, piece, base + count_tokens(so_far)))
+    if choice.finish_reason == "length" and steps:
+        last_delta, last_text, _ = steps.pop()
+    elif call is None and not s.reasoning:
+        last_delta, last_text = {"content": ""}, ""  # the EOS token decodes to nothing
+    else:
+        last_delta, last_text = {}, ""  # a parser has nothing left to say
+    items: list[Send] = []
+    reasoning_total = count_tokens(choice.reasoning or "")
+    for delta, text, tokens in steps:
+        reasoning_tokens = min(tokens, reasoning_total)
+        items.append(_sse(wire.delta_chunk(index, delta, text, usage(tokens)), "content"))
+    reasoning_tokens = reasoning_total
     finish = wire.finish_chunk(
-        index, choice.finish_reason, usage(choice.completion_tokens), not include_usage
+        choice, last_delta, last_text, usage(choice.completion_tokens), not include_usage
     )
     items.append(_sse(finish, "finish"))
     return items
 
 
-def _text_items(s: Settings, wire: Wire, choice: ChoicePlan, continuous: bool) -> list[Send]:
+def _tool_steps(
+    s: Settings, call: ToolCallPlan, base: int
+) -> list[tuple[dict[str, Any], str, int]]:
+    """The deltas of one tool call, per parser (section 3 and vLLM's tool_parsers)."""
+    fragments = split_text(s.chunker, call.arguments)
+    tokens = base + count_tokens(call.name)
+    steps: list[tuple[dict[str, Any], str, int]] = []
+    head = {"id": call.call_id, "type": "function", "index": 0}
+    if call.mode != "auto":
+        # Forced calls are built by vLLM itself: no content key, and the first delta names the
+        # call and carries the first argument text; "required" sends an explicit null name on
+        # the later ones.
+        so_far = fragments.pop(0) if fragments else ""
+        first = {**head, "function": {"name": call.name, "arguments": so_far}}
+        steps.append(({"tool_calls": [first]}, so_far, tokens + count_tokens(so_far)))
+        for fragment in fragments:
+            so_far += fragment
+            function: dict[str, Any] = {"arguments": fragment}
+            if call.mode == "required":
+                function = {"name": None, "arguments": fragment}
+            delta = {"tool_calls": [{"index": 0, "function": function}]}
+            steps.append((delta, fragment, tokens + count_tokens(so_far)))
+        return steps
+    # A tool parser (hermes): v0.33 sends an explicit null content on tool deltas.
+    lead: dict[str, Any] = {"content": None} if s.new else {}
+    name_entry = {**head, "function": {"name": call.name}}
+    so_far = ""
+    if s.merge_tool_name_delta and fragments:
+        so_far = fragments.pop(0)
+        entries = [name_entry, {"index": 0, "function": {"arguments": so_far}}]
+    else:
+        entries = [name_entry]
+    steps.append(({**lead, "tool_calls": entries}, so_far, tokens + count_tokens(so_far)))
+    for fragment in fragments:
+        so_far += fragment
+        delta = {**lead, "tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
+        steps.append((delta, fragment, tokens + count_tokens(so_far)))
+    return steps
+
+
+def _text_items(
+    s: Settings, wire: Wire, choice: ChoicePlan, include_usage: bool, continuous: bool
+) -> list[Send]:
     pieces = split_text(s.chunker, choice.content) or [""]
+    if choice.echo:
+        pieces[0] = choice.echo + pieces[0]
     items: list[Send] = []
     so_far = ""
+    offset = 0
     for position, piece in enumerate(pieces):
-        so_far += piece
+        first = position == 0
         last = position == len(pieces) - 1
-        usage = wire.running_usage(count_tokens(so_far)) if continuous else None
-        chunk = wire.text_chunk(choice.index, piece, choice.finish_reason if last else None, usage)
+        output = piece[len(choice.echo) :] if first else piece
+        so_far += output
+        usage = wire.running_usage(count_tokens(so_far), 0) if continuous else None
+        chunk = wire.text_chunk(choice, piece, offset, first, last, usage, not include_usage)
+        offset += len(piece)
         items.append(_sse(chunk, "finish" if last else "content"))
     return items
-
-
-def parse_json_body(settings: Settings, headers: Mapping[str, str], raw: bytes) -> Any:
-    media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/json":
-        raise validation_error(
-            settings.flavor,
-            settings.error_shape,
-            "Unsupported Media Type: Only 'application/json' is allowed",
-        )
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise validation_error(
-            settings.flavor, settings.error_shape, f"JSON decode error: {exc}", "body"
-        ) from None
-    if not isinstance(body, dict):
-        raise validation_error(
-            settings.flavor, settings.error_shape, "Input should be a valid dictionary", "body"
-        )
-    return body

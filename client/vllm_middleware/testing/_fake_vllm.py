@@ -25,13 +25,14 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._fake_checks import Settings, parse_json_body
+from ._fake_endpoints import ROUTES as ENDPOINT_ROUTES
+from ._fake_endpoints import EndpointHandler
 from ._fake_plan import (
     Drop,
     Prepared,
     Send,
-    Settings,
     Sleep,
-    parse_json_body,
     prepare_chat,
     prepare_completion,
 )
@@ -89,6 +90,7 @@ class FakeVLLMServer:
         first_token_delay: float = 0.0,
         token_delay: float = 0.0,
         merge_tool_name_delta: bool = False,
+        prompt_tokens_details: bool = False,
     ) -> None:
         if flavor not in VERSIONS:
             raise ValueError(f"flavor must be one of {sorted(VERSIONS)}, not {flavor!r}")
@@ -107,7 +109,10 @@ class FakeVLLMServer:
         self.first_token_delay = first_token_delay
         self.token_delay = token_delay
         self.merge_tool_name_delta = merge_tool_name_delta
+        # --enable-prompt-tokens-details: usage.prompt_tokens_details is filled in.
+        self.prompt_tokens_details = prompt_tokens_details
         self._lock = threading.Condition()
+        self._endpoints = EndpointHandler()
         self._requests: list[RecordedRequest] = []
         self._connections: set[socket.socket] = set()
         self._aborted_streams = 0
@@ -229,6 +234,7 @@ class FakeVLLMServer:
             self.first_token_delay,
             self.token_delay,
             self.merge_tool_name_delta,
+            self.prompt_tokens_details,
         )
 
     def _register(self, connection: socket.socket) -> threading.Event | None:
@@ -405,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._json(200, models_body(fake.flavor, fake.model, fake.max_model_len))
             return
-        if path not in (_CHAT, _COMPLETIONS):
+        if path not in (_CHAT, _COMPLETIONS) and path not in ENDPOINT_ROUTES:
             self._json(404, {"detail": "Not Found"})
             return
         if self.command != "POST":
@@ -413,9 +419,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         settings = fake._settings()
         try:
-            body = parse_json_body(settings, headers, raw)
-            prepare = prepare_chat if path == _CHAT else prepare_completion
-            prepared = prepare(settings, body, headers)
+            if path in ENDPOINT_ROUTES:
+                prepared = fake._endpoints.handle(settings, path, headers, raw)
+            else:
+                body = parse_json_body(settings, headers, raw)
+                prepare = prepare_chat if path == _CHAT else prepare_completion
+                prepared = prepare(settings, body, headers)
         except FakeHTTPError as error:
             self._json(error.status, error.payload)
             return

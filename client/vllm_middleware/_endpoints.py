@@ -1,0 +1,476 @@
+"""The rest of vLLM's API surface, recorded like chat and completions.
+
+`Endpoints` is mixed into `VLLMMiddleware`: embeddings, the Responses API (plain and streamed),
+rerank and score, tokenize and detokenize, audio transcriptions and a generic `request`. Each
+call writes one record with the same fields as a chat call; `endpoint` says which API it was,
+the main input is the record's `input` (or `messages` / `prompt` where the API has those), and
+every other body field is in `parameters`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import mimetypes
+import os
+import time
+from array import array
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import httpx
+import orjson
+
+from ._call import Call, header_request_id
+from ._exceptions import APIError, InvalidRequestError
+from ._http import exception_from_response, exception_from_transport, exception_from_unsendable
+from ._record import utc_now
+from ._responses_reassembly import ResponsesAccumulator
+from ._streaming import AsyncStream, StreamState, fail_before_stream, log_unstarted
+
+if TYPE_CHECKING:
+    from ._client import VLLMMiddleware
+
+__all__ = ["AudioFile", "Endpoints", "embedding_summary"]
+
+AudioFile = bytes | str | os.PathLike[str] | tuple[str, bytes] | tuple[str, bytes, str]
+_JSON = {"content-type": "application/json", "accept": "application/json"}
+_SSE = {"content-type": "application/json", "accept": "text/event-stream"}
+_ACCEPT_JSON = {"accept": "application/json"}
+
+
+def embedding_summary(vector: Any) -> Any:
+    """What a record keeps of one embedding by default: its size and a hash of its float32
+    little-endian bytes (the same for a float list and vLLM's base64 form of it)."""
+    if isinstance(vector, str):
+        try:
+            raw = base64.b64decode(vector, validate=True)
+        except ValueError:
+            return vector
+        return {"dimensions": len(raw) // 4, "sha256": hashlib.sha256(raw).hexdigest()}
+    if isinstance(vector, list):
+        try:
+            raw = array("f", vector).tobytes()
+        except TypeError:
+            return vector
+        if array("f").itemsize != 4:  # pragma: no cover - every CPython platform has 4
+            return vector
+        return {"dimensions": len(vector), "sha256": hashlib.sha256(raw).hexdigest()}
+    return vector
+
+
+def _summarized(response: Any) -> Any:
+    data = response.get("data") if isinstance(response, dict) else None
+    if not isinstance(data, list):
+        return response
+    items = [
+        {**item, "embedding": embedding_summary(item["embedding"])}
+        if isinstance(item, dict) and "embedding" in item
+        else item
+        for item in data
+    ]
+    return {**response, "data": items}
+
+
+def _audio(file: AudioFile) -> tuple[str, bytes, str]:
+    """(file name, bytes, MIME type) of an audio argument."""
+    if isinstance(file, tuple):
+        name, data = file[0], file[1]
+        mime = file[2] if len(file) > 2 else None
+    elif isinstance(file, bytes):
+        name, data, mime = "audio.wav", file, None
+    else:
+        path = Path(file)
+        name, data, mime = path.name, path.read_bytes(), None
+    guessed = mimetypes.guess_type(name)[0]
+    return name, data, str(mime or guessed or "application/octet-stream")
+
+
+class _Audio:
+    """`client.audio`: the audio endpoints, named as in the openai SDK."""
+
+    def __init__(self, send: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+        self._send = send
+
+    async def transcriptions(
+        self,
+        file: AudioFile,
+        model: str | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /audio/transcriptions (multipart). The record's `messages` hold the audio as
+        an `input_audio` part, so the media policy stores it like any other blob."""
+        name, data, mime = _audio(file)
+        fields = {key: str(value) for key, value in extra.items() if value is not None}
+        if model is not None:
+            fields["model"] = model
+        audio_format = (mimetypes.guess_extension(mime) or Path(name).suffix or ".bin")[1:]
+        encoded = base64.b64encode(data).decode()
+        part = {"type": "input_audio", "input_audio": {"data": encoded, "format": audio_format}}
+        messages = [{"role": "user", "content": [part]}]
+        files = {"file": (name, data, mime)}
+        return await self._send(
+            "audio/transcriptions",
+            "messages",
+            messages,
+            model,
+            dict(extra),
+            metadata,
+            headers,
+            request={"files": files, "data": fields},
+            body_bytes=len(encoded),
+        )
+
+
+class Endpoints:
+    """vLLM's other endpoints; mixed into `VLLMMiddleware` (see the module docstring)."""
+
+    # Embedding vectors can be large: records keep their size and a hash unless this is set
+    # (per client, or per call with `store_embeddings=`).
+    store_embeddings: bool = False
+
+    @property
+    def audio(self) -> _Audio:
+        return _Audio(self._send_recorded)
+
+    async def embeddings(
+        self,
+        input: str | list[Any],  # noqa: A002 - the API's (and the openai SDK's) name
+        model: str | None = None,
+        *,
+        store_embeddings: bool | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /embeddings; returns the server's JSON with the vectors as sent."""
+        store = self.store_embeddings if store_embeddings is None else store_embeddings
+        body = {**extra, "input": input}
+        return await self._send_recorded(
+            "embeddings",
+            "input",
+            input,
+            model,
+            extra,
+            metadata,
+            headers,
+            json=body,
+            transform=None if store else _summarized,
+        )
+
+    async def rerank(
+        self,
+        query: Any,
+        documents: list[Any],
+        model: str | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /rerank (vLLM's, Jina/Cohere-style): documents ranked by relevance."""
+        payload = {"query": query, "documents": documents}
+        body = {**extra, **payload}
+        return await self._send_recorded(
+            "rerank", "input", payload, model, extra, metadata, headers, json=body
+        )
+
+    async def score(
+        self,
+        queries: Any,
+        documents: Any,
+        model: str | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /score: a relevance score per (query, document) pair (1:1, 1:N or N:N)."""
+        payload = {"queries": queries, "documents": documents}
+        body = {**extra, **payload}
+        return await self._send_recorded(
+            "score", "input", payload, model, extra, metadata, headers, json=body
+        )
+
+    async def tokenize(
+        self,
+        prompt: str | None = None,
+        model: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /tokenize (at the server root) for a prompt or chat `messages`."""
+        key, payload = ("messages", messages) if messages is not None else ("prompt", prompt)
+        body = {**extra, key: payload}
+        return await self._send_recorded(
+            "tokenize", key, payload, model, extra, metadata, headers, json=body, root=True
+        )
+
+    async def detokenize(
+        self,
+        tokens: list[int],
+        model: str | None = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST /detokenize (at the server root)."""
+        body = {**extra, "tokens": tokens}
+        return await self._send_recorded(
+            "detokenize", "input", tokens, model, extra, metadata, headers, json=body, root=True
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Any other endpoint: `path` relative to `base_url` (or from the server root when
+        it starts with "/"). The JSON body is the record's `input`, the answer its
+        `response`; `endpoint` is the path."""
+        root = path.startswith("/")
+        endpoint = path.strip("/")
+        model = json.get("model") if isinstance(json, dict) else None
+        return await self._send_recorded(
+            endpoint,
+            "input",
+            json,
+            model if isinstance(model, str) else None,
+            {},
+            metadata,
+            headers,
+            json=json,
+            root=root,
+            method=method.upper(),
+            include_model=False,
+        )
+
+    @overload
+    async def responses(
+        self,
+        input: Any,
+        model: str | None = None,
+        *,
+        stream: Literal[False] = False,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def responses(
+        self,
+        input: Any,
+        model: str | None = None,
+        *,
+        stream: Literal[True],
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> AsyncStream: ...
+
+    async def responses(
+        self,
+        input: Any,  # noqa: A002
+        model: str | None = None,
+        *,
+        stream: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any] | AsyncStream:
+        """POST /responses (the Responses API). With `stream=True`, an `AsyncStream` of its
+        typed events; the record holds the final response object (rebuilt from the events
+        when the stream ends early)."""
+        params = dict(extra)
+        if stream:
+            params["stream"] = True
+        body = {**params, "input": input}
+        if not stream:
+            return await self._send_recorded(
+                "responses", "input", input, model, params, metadata, headers, json=body
+            )
+        return await self._open_event_stream(
+            "responses", "input", input, model, params, metadata, headers, body
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _new_call(
+        self,
+        endpoint: str,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[Call, float]:
+        client: VLLMMiddleware = self  # type: ignore[assignment]
+        if asyncio.get_running_loop() is not client._loop:
+            client._enter_loop()  # a new event loop: the HTTP client may need renewing
+        started = time.perf_counter()
+        client.total_requests += 1
+        call = Call(client, endpoint, payload_key, payload, model, params, metadata, utc_now())
+        if headers:
+            call.client_request_id = header_request_id(headers)
+        return call, started
+
+    def _url(self, endpoint: str, root: bool) -> str:
+        client: VLLMMiddleware = self  # type: ignore[assignment]
+        base = client.base_url
+        if root and base.endswith("/v1"):
+            base = base[:-3]
+        return f"{base}/{endpoint}"
+
+    async def _send_recorded(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """`_exchange`, waiting for the record to be durable when the client says so.
+
+        (The answer is the server's JSON; `request` may return any JSON value.)"""
+        client: VLLMMiddleware = self  # type: ignore[assignment]
+        exchange = self._exchange(*args, **kwargs)
+        if client._durable:
+            return await client._wait_durable(exchange)
+        return await exchange  # type: ignore[no-any-return]
+
+    async def _exchange(
+        self,
+        endpoint: str,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        *,
+        json: Any = None,
+        request: dict[str, Any] | None = None,
+        transform: Any = None,
+        root: bool = False,
+        method: str = "POST",
+        include_model: bool = True,
+        body_bytes: int | None = None,
+    ) -> Any:
+        """One non-streaming exchange and its record (logged whatever happens)."""
+        client: VLLMMiddleware = self  # type: ignore[assignment]
+        call, started = self._new_call(
+            endpoint, payload_key, payload, model, params, metadata, headers
+        )
+        send_headers: dict[str, str] = dict(_ACCEPT_JSON if request is not None else _JSON)
+        if request is not None:
+            # Named here so a client default of application/json cannot replace it (httpx
+            # takes the boundary from this header).
+            send_headers["content-type"] = f"multipart/form-data; boundary={os.urandom(16).hex()}"
+        if headers:
+            send_headers.update(headers)
+        kwargs: dict[str, Any] = dict(request or {})
+        if request is None and json is not None:
+            if include_model and model is not None and isinstance(json, dict):
+                json = {**json, "model": model}
+            try:
+                kwargs["content"] = orjson.dumps(json)
+            except TypeError as exc:
+                error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
+                call.log(started, error=error)
+                raise error from exc
+            call.body_bytes = len(kwargs["content"])
+        elif body_bytes is not None:
+            call.body_bytes = body_bytes
+        if json is None and request is None:
+            send_headers.pop("content-type", None)
+        url = self._url(endpoint, root)
+        try:
+            response = await client._http.request(method, url, headers=send_headers, **kwargs)
+        except httpx.HTTPError as exc:
+            api_error = exception_from_transport(exc, call.request_id)
+            call.log(started, error=api_error)
+            raise api_error from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            unsendable = exception_from_unsendable(exc, url, call.request_id)
+            call.log(started, error=unsendable)
+            raise unsendable from exc
+        except asyncio.CancelledError:
+            call.log(started, error=APIError("cancelled by the caller before the response"))
+            raise
+        status_code = response.status_code
+        if status_code >= 400:
+            status_error = exception_from_response(response, call.request_id)
+            call.log(started, error=status_error, status_code=status_code)
+            raise status_error
+        raw = response.content
+        try:
+            result = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError as exc:
+            bad = APIError(f"server returned invalid JSON: {exc}", request_id=call.request_id)
+            call.log(started, error=bad, status_code=status_code)
+            raise bad from exc
+        recorded = result if transform is None else transform(result)
+        reply_bytes = len(raw) if transform is None else None
+        call.log(started, response=recorded, status_code=status_code, reply_bytes=reply_bytes)
+        return result
+
+    async def _open_event_stream(
+        self,
+        endpoint: str,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        body: dict[str, Any],
+    ) -> AsyncStream:
+        client: VLLMMiddleware = self  # type: ignore[assignment]
+        call, started = self._new_call(
+            endpoint, payload_key, payload, model, params, metadata, headers
+        )
+        if model is not None:
+            body = {**body, "model": model}
+        try:
+            content = orjson.dumps(body)
+        except TypeError as exc:
+            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
+            log_unstarted(call, started, error, "invalid_request")
+            raise error from exc
+        call.body_bytes = len(content)
+        send_headers = {**_SSE, **(headers or {})}
+        url = self._url(endpoint, False)
+        try:
+            request = client._http.build_request("POST", url, content=content, headers=send_headers)
+            response = await client._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            api_error = exception_from_transport(exc, call.request_id)
+            log_unstarted(call, started, api_error, "disconnected")
+            raise api_error from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            unsendable = exception_from_unsendable(exc, url, call.request_id)
+            log_unstarted(call, started, unsendable, "invalid_request")
+            raise unsendable from exc
+        except asyncio.CancelledError:
+            cancelled = APIError("cancelled by the caller before the response")
+            log_unstarted(call, started, cancelled, "cancelled")
+            raise
+        if response.status_code >= 400:
+            await fail_before_stream(call, started, response)
+        state = StreamState(
+            call,
+            started,
+            response,
+            chat=False,
+            hide_usage=False,
+            spawn=client._spawn,
+            acc=ResponsesAccumulator(started),
+        )
+        return AsyncStream(state)
