@@ -6,12 +6,14 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware import RecordEntry, StreamKeys
+from vllm_middleware import RecordEntry, StreamKeys, VLLMMiddleware
 from vllm_middleware._redis_sink import RedisStreamSink
 from vllm_middleware._shipping import ShippingSettings
 from vllm_middleware._spool import Spool
@@ -230,3 +232,36 @@ async def test_close_is_bounded_with_redis_hung_and_spools_the_rest(
     sink.submit(entry(5000))
     await close_when(sink, lambda: sink.counters.replayed == 5000, 10)
     assert sorted(await stream_records(redis_server.url)) == sorted(e.data for e in batch(0, 5001))
+
+
+async def test_close_waits_for_the_spool_replay_step_it_started(
+    redis_server: RedisServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's close (on a sink other clients may share) used to return between a replay
+    step's commit in the spool and its records being counted as replayed."""
+    reply = {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+    http = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, json=reply))
+    )
+    redis_server.stop()
+    client = VLLMMiddleware(http_client=http, redis_url=redis_server.url, log_dir=tmp_path)
+    sink = client._sink
+    assert isinstance(sink, RedisStreamSink)
+    for _ in range(20):
+        await client.chat_completion([{"role": "user", "content": "hi"}], model="m")
+    for _ in range(500):
+        if sink.counters.spooled == 20:
+            break
+        await asyncio.sleep(0.02)
+    assert sink.counters.spooled == 20
+    commit = Spool.commit
+
+    def slow_commit(self: Spool, group: object) -> None:
+        commit(self, group)  # type: ignore[arg-type]
+        time.sleep(0.3)  # the step has committed; its count comes after this returns
+
+    monkeypatch.setattr(Spool, "commit", slow_commit)
+    redis_server.start()
+    await client.close()
+    assert sink.counters.replayed == 20
+    await http.aclose()

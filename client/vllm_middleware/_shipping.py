@@ -120,6 +120,7 @@ class Shipper(ABC):
         self._lock = threading.RLock()
         self._asleep = False  # the shipping loop waits for a record, without a timer
         self._closing = False
+        self._in_backlog = False  # `_run` is inside `work_backlog`
         self._closed = False
         self._unreported_drops = 0
         # `durable` support: records accepted so far, and how many of them left memory (shipped,
@@ -310,7 +311,13 @@ class Shipper(ABC):
                 self._wakeup.clear()
             if await self._flush_once():
                 backoff = self.retry_backoff[0]
-                await self.work_backlog()
+                # Marked so `settle` waits for a replay step it sees half done: the spool says
+                # "empty" once the step committed, before its records are counted as replayed.
+                self._in_backlog = True
+                try:
+                    await self.work_backlog()
+                finally:
+                    self._in_backlog = False
                 await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
                 continue
             # Wait out the backoff, but let close() cut it short.
@@ -393,7 +400,11 @@ class Shipper(ABC):
 
     async def _settle_here(self, deadline: float) -> None:
         await self.before_close(max(0.0, deadline - time.monotonic()))
-        while self.has_backlog() and not self._closing and time.monotonic() < deadline:
+        while (
+            (self.has_backlog() or self._in_backlog)
+            and not self._closing
+            and time.monotonic() < deadline
+        ):
             if self._wakeup is not None:
                 self._wakeup.set()  # the flush loop replays without pausing while it lasts
             await asyncio.sleep(0.01)
