@@ -414,7 +414,7 @@ def test_an_endpoint_refusing_spans_is_a_one_line_error(
     finally:
         collector.close()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("vllm-mw: the OTLP endpoint") and "refused" in err[-1]
+    assert err[-1].startswith("vllm-mw: export: the OTLP endpoint") and "refused" in err[-1]
 
 
 def test_a_missing_otlp_exporter_names_the_extra(traffic: Path) -> None:

@@ -71,8 +71,10 @@ def test_healthy_with_a_worker_then_degraded_when_it_stops(
     add_records(bounded_redis.url, 50)
 
     def written() -> bool:
+        # The worker's own figures come from its heartbeat, written every few seconds.
         code, report = health("--redis-url", bounded_redis.url)
-        return code == 0 and report["lag"] == 0 and report["pending"] == 0
+        beats = [worker["records"] for worker in report.get("workers", [])]
+        return code == 0 and report["lag"] == 0 and report["pending"] == 0 and beats == [50]
 
     wait_for(written)
     code, report = health("--redis-url", bounded_redis.url)

@@ -117,7 +117,7 @@ def test_bad_sql_is_a_one_line_error_not_a_traceback(
         run_query(tree, "SELECT no_such_column FROM logs")
     assert main(["query", "--log-dir", str(tree), "SELECT * FROM nope"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("vllm-mw: query failed:") and err.count("\n") == 1
+    assert err.startswith("vllm-mw: query: Catalog Error") and err.count("\n") == 1
 
 
 def test_a_missing_duckdb_names_the_extra(tree: Path) -> None:
@@ -129,7 +129,7 @@ def test_a_missing_duckdb_names_the_extra(tree: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "vllm-mw: querying the logs needs DuckDB: pip install 'vllm-middleware[analytics]'"
+        "vllm-mw: query: querying the logs needs DuckDB: pip install 'vllm-middleware[analytics]'"
     )
 
 

@@ -382,7 +382,7 @@ async def test_no_option_no_policy(fake_vllm: FakeVLLMServer, tmp_path: Path) ->
     [
         {"sample_rate": 1.5},
         {"sample_rate": float("nan")},
-        {"sample_rate": "0.5"},
+        {"sample_rate": "half"},
         {"content": "none"},
         {"redact": "yes"},
     ],

@@ -105,6 +105,8 @@ async def test_statistics_survive_a_damaged_stats_hash(
     stats = get_statistics(redis_server.url)
     assert stats["total_requests"] == 7 and stats["by_date"] == {"2026-01-02": 3}
     assert stats["damaged_fields"] == {"requests:host:h": "x" * 64}
+    # The CLI refuses a stream nobody has used: make it as a worker would.
+    await redis.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
     assert cli_main(["stats", "--redis-url", redis_server.url]) == 0
     assert "requests:host:h" in capsys.readouterr().out
 

@@ -223,7 +223,7 @@ class Result:
             try:
                 chunk = self._cursor.fetchmany(batch)
             except duckdb.Error as exc:
-                raise QueryError(f"query failed: {_first_line(exc)}") from None
+                raise QueryError(_first_line(exc)) from None
             if not chunk:
                 return
             yield from chunk
@@ -236,7 +236,7 @@ def run_query(root: str | os.PathLike[str], sql: str) -> Result:
     try:
         cursor = con.execute(sql)
     except duckdb.Error as exc:
-        raise QueryError(f"query failed: {_first_line(exc)}") from None
+        raise QueryError(_first_line(exc)) from None
     return Result(cursor)
 
 
