@@ -67,6 +67,26 @@ def env_field(default: Any, env: str | None, description: str, **kwargs: Any) ->
     return Field(default=default, description=description, json_schema_extra=extra, **kwargs)
 
 
+def redis_password_field() -> Any:
+    """The Redis password setting, the same for the client and the worker."""
+    return env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD",
+        "Redis password, when the URL has none (kept out of argv, where `ps` shows it)",
+        repr=False,
+    )
+
+
+def redis_password_file_field() -> Any:
+    """The Redis password file setting, the same for the client and the worker."""
+    return env_field(
+        None,
+        "VLLM_MW_REDIS_PASSWORD_FILE",
+        "a file holding the Redis password (a mounted secret)",
+        allowed="a readable file",
+    )
+
+
 def mask_url(url: str) -> str:
     """`url` with its password replaced by `***` (for messages and logs)."""
     try:
@@ -350,18 +370,8 @@ class ClientSettings(EnvSettings):
         "`json`: each record pretty-printed (DuckDB: `format='unstructured'`)",
     )
     max_log_size_mb: PositiveFloat = env_field(100.0, None, "rotate files at this size")
-    redis_password: str | None = env_field(
-        None,
-        "VLLM_MW_REDIS_PASSWORD",
-        "Redis password, when the URL has none (kept out of argv, where `ps` shows it)",
-        repr=False,
-    )
-    redis_password_file: str | None = env_field(
-        None,
-        "VLLM_MW_REDIS_PASSWORD_FILE",
-        "a file holding the Redis password (a mounted secret)",
-        allowed="a readable file",
-    )
+    redis_password: str | None = redis_password_field()
+    redis_password_file: str | None = redis_password_file_field()
     redis_url: str | None = env_field(
         None,
         "VLLM_MW_REDIS_URL",

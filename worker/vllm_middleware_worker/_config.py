@@ -22,6 +22,8 @@ from vllm_middleware._settings import (
     check_redis_url,
     env_field,
     password_of,
+    redis_password_field,
+    redis_password_file_field,
     with_password,
 )
 
@@ -36,18 +38,8 @@ _Positive = annotated_types.Gt(0)
 
 
 class WorkerConfig(EnvSettings):
-    redis_password: str | None = env_field(
-        None,
-        "VLLM_MW_REDIS_PASSWORD",
-        "Redis password, when the URL has none (kept out of argv, where `ps` shows it)",
-        repr=False,
-    )
-    redis_password_file: str | None = env_field(
-        None,
-        "VLLM_MW_REDIS_PASSWORD_FILE",
-        "a file holding the Redis password (a mounted secret)",
-        allowed="a readable file",
-    )
+    redis_password: str | None = redis_password_field()
+    redis_password_file: str | None = redis_password_file_field()
     redis_url: str = env_field(
         "redis://127.0.0.1:6379/0",
         "VLLM_MW_REDIS_URL",
