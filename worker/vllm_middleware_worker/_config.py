@@ -134,13 +134,14 @@ class WorkerConfig(EnvSettings):
     compress: bool = env_field(
         False,
         "VLLM_MW_COMPRESS",
-        "gzip closed log files in place, hourly (`vllm-mw compress`; one worker per day)",
+        "gzip closed log files in place, at start-up and hourly (`vllm-mw compress`; one "
+        "worker per day)",
     )
     compact: bool = env_field(
         False,
         "VLLM_MW_COMPACT",
-        "turn closed days into Parquet, hourly (`vllm-mw compact`, needs the `[analytics]` "
-        "extra; one worker per day)",
+        "turn closed days into Parquet, at start-up and hourly (`vllm-mw compact`, needs "
+        "`[analytics]`; one worker per day)",
     )
     metrics_port: Annotated[int, annotated_types.Ge(0), annotated_types.Le(65535)] = env_field(
         0, "VLLM_MW_METRICS_PORT", "serve Prometheus `/metrics` on this port (0: off)"
