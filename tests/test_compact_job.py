@@ -133,3 +133,28 @@ def test_two_worker_processes_compress_and_compact_each_day_once(
     assert int(stats[b"compaction_records"]) == len(before)
     assert names(logs, "*.jsonl") == [] and len(names(logs, "*.parquet")) == 4
     assert ids(logs) == before
+
+
+@pytest.mark.parametrize("job", ["compact", "compress"])
+async def test_waits_while_a_dead_workers_batch_awaits_recovery(
+    tmp_path: Path, redis_server: RedisServerProcess, job: str
+) -> None:
+    make_tree(tmp_path)
+    [config] = configs(redis_server.url, tmp_path, 1, **{job: True})
+    run = run_compaction if job == "compact" else run_compression
+    keys = StreamKeys()
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        # A live worker's intent is its own business; a dead one's must be cut first.
+        await client.hset(keys.inflight, "alive\x00next", b"{}")
+        await client.set(keys.heartbeat("alive"), b"{}")
+        await client.hset(keys.inflight, "dead", b"{}")
+        skipped = await run(client, config)
+        assert "dead worker 'dead'" in skipped["skipped"]
+        assert names(tmp_path, "*.parquet") == [] and names(tmp_path, "*.gz") == []
+        await client.hdel(keys.inflight, "dead")  # recovered
+        ran = await run(client, config)
+        assert "skipped" not in ran
+    finally:
+        await client.aclose()
+    assert names(tmp_path, "*.jsonl") == []

@@ -253,3 +253,16 @@ def test_cli_compress(tmp_path: Path) -> None:
     report = json.loads(run.stdout)
     assert report["compressed"] == len(names(tmp_path, "*.jsonl.gz")) > 0
     assert report["errors"] == []
+
+
+def test_tail_shows_the_same_history_from_a_compressed_tree(tmp_path: Path) -> None:
+    from vllm_middleware._record_view import RecordFilter
+    from vllm_middleware._tail import last_records
+
+    make_tree(tmp_path)
+    before = [r["request_id"] for r in last_records(tmp_path, RecordFilter(), 50)]
+    pair_up(tmp_path)  # an interrupted compression: read once
+    assert [r["request_id"] for r in last_records(tmp_path, RecordFilter(), 50)] == before
+    compress_tree(tmp_path)
+    assert names(tmp_path, "*.jsonl") == []
+    assert [r["request_id"] for r in last_records(tmp_path, RecordFilter(), 50)] == before

@@ -5,6 +5,11 @@ arq's `unique=True` cron runs a tick on one worker of those sharing a Redis queu
 several hosts (or started apart) sharing one log tree are kept apart by a Redis lock per day and
 job (`SET NX PX`, renewed while the day is worked on, released only by its holder): a worker
 that dies lets its lock expire and another takes the day at a later tick.
+
+A run waits while a dead worker's intent is still in the inflight hash: its batch may sit,
+unacknowledged, in a file old enough to be taken (the fleet was down for a while), and recovery
+must cut it before anything else reads that file (or its records would be in the compressed or
+Parquet file and written again by the worker that claims them).
 """
 
 from __future__ import annotations
@@ -97,6 +102,15 @@ def _holds(host: Path, suffixes: tuple[str, ...]) -> bool:
     return any(n.endswith(suffixes) and not n.startswith((".", "_")) for n in names)
 
 
+async def _recovery_pending(redis: aioredis.Redis, keys: StreamKeys) -> str | None:
+    """A consumer that has an intent but no heartbeat (recovery has yet to cut its batch)."""
+    for field in await redis.hkeys(keys.inflight):
+        name = (field.decode() if isinstance(field, bytes) else str(field)).split("\x00")[0]
+        if not await redis.exists(keys.heartbeat(name)):
+            return name
+    return None
+
+
 def _min_age(config: WorkerConfig) -> float:
     # Well above the writers' idle close: no file taken can still be open for appending.
     return max(3600.0, 4 * config.file_idle_s)
@@ -109,6 +123,8 @@ async def run_compaction(redis: aioredis.Redis, config: WorkerConfig) -> dict[st
     from vllm_middleware._compact import compact_tree
 
     keys = StreamKeys(config.stream)
+    if (dead := await _recovery_pending(redis, keys)) is not None:
+        return {"skipped": f"waiting for the recovery of dead worker {dead!r}"}
     today = datetime.now(UTC).date().isoformat()
     days = await asyncio.to_thread(_days_with, Path(config.log_dir), _COMPACTABLE, today)
     done: list[str] = []
@@ -150,6 +166,8 @@ async def run_compression(redis: aioredis.Redis, config: WorkerConfig) -> dict[s
     from vllm_middleware._compress import compress_tree
 
     keys = StreamKeys(config.stream)
+    if (dead := await _recovery_pending(redis, keys)) is not None:
+        return {"skipped": f"waiting for the recovery of dead worker {dead!r}"}
     days = await asyncio.to_thread(_days_with, Path(config.log_dir), _PLAIN, None)
     files = saved = 0
     busy: list[str] = []
