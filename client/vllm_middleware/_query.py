@@ -87,6 +87,10 @@ def _present(root: Path) -> tuple[set[str], bool]:
     return suffixes, parquet
 
 
+# The file each row of the JSONL part came from (DuckDB's `filename=`), dropped from the view.
+_FILE_COLUMN = "_vllm_mw_file"
+
+
 def _jsonl_sql(root: Path, suffixes: set[str]) -> str:
     globs = ", ".join(_literal(str(root / "date=*" / "host=*" / f"*{s}")) for s in sorted(suffixes))
     columns = ", ".join(f"{_literal(name)}: {_literal(kind)}" for name, kind in COLUMNS.items())
@@ -109,9 +113,6 @@ def _jsonl_sql(root: Path, suffixes: set[str]) -> str:
         f"SELECT * EXCLUDE ({file}) FROM {source} WHERE NOT ({file} LIKE '%.gz' AND "
         f"left({file}, length({file}) - 3) IN (SELECT file FROM glob({plain})))"
     )
-
-
-_FILE_COLUMN = "_vllm_mw_file"
 
 
 # Columns `vllm-mw compact` stores typed beside each record's JSON (`_compact`).
