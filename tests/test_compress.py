@@ -4,6 +4,7 @@ the compressed tree (and an interrupted compression's pair once)."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import stat
@@ -266,3 +267,30 @@ def test_tail_shows_the_same_history_from_a_compressed_tree(tmp_path: Path) -> N
     compress_tree(tmp_path)
     assert names(tmp_path, "*.jsonl") == []
     assert [r["request_id"] for r in last_records(tmp_path, RecordFilter(), 50)] == before
+
+
+def test_the_embedded_writer_never_appends_to_a_file_idle_long_enough_to_be_compressed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm_middleware import _writer_main as writer_main
+    from vllm_middleware._partition import PartitionLines
+
+    monkeypatch.setattr(writer_main, "_FILE_IDLE_S", 0.2)
+    frames = []
+    for seq, rid in enumerate(("a", "b")):
+        lines = PartitionLines()
+        lines.add(DAYS[0], "h", orjson.dumps({"request_id": rid}))
+        frames.append(writer_main.frame(writer_main.BATCH, seq, writer_main.encode_batch(lines)))
+    replies_r, replies_w = os.pipe()
+    writer = PartitionWriter(tmp_path, "app", fsync=False)
+    try:
+        writer_main._serve(io.BytesIO(frames[0]), replies_w, writer, None)  # a batch, written
+        time.sleep(0.3)
+        age(tmp_path)
+        assert compress_tree(tmp_path).compressed == 1  # idle long enough: compressed
+        writer_main._serve(io.BytesIO(frames[1]), replies_w, writer, None)  # a later batch
+    finally:
+        writer.close()
+        os.close(replies_w)
+        os.close(replies_r)
+    assert ids(tmp_path) == ["a", "b"]  # "b" went to a new file, not to the removed inode
