@@ -10,6 +10,9 @@ from typing import Any
 
 __all__ = ["SSEDecoder", "SSEParser", "StreamAccumulator"]
 
+_CARRIED = 1  # `_Choice.add`: the chunk carried output
+_FINISHED = 2  # ... and a finish_reason
+
 
 class SSEParser:
     """Assembles `data:` payloads of server-sent events from lines (terminators stripped).
@@ -132,33 +135,53 @@ class _Choice:
         self.extra: dict[str, Any] = {}  # choice-level fields: finish_reason, logprobs...
         self.message_extra: dict[str, Any] = {}
 
-    def add(self, raw: dict[str, Any], chat: bool) -> bool:
-        """Fold one chunk's choice in; True if it carried output (for time-to-first-token)."""
-        carried = False
+    def add(self, raw: dict[str, Any], chat: bool) -> int:
+        """Fold one chunk's choice in: `_CARRIED` if it carried output (for time-to-first-token),
+        plus `_FINISHED` if it has a finish_reason.
+
+        One pass over the fields, the usual chunk's steps first: a null for a field seen before,
+        and a delta of content alone (inlined).
+        """
+        flags = 0
         extra = self.extra
-        output = "delta" if chat else "text"
         for key, value in raw.items():
             if value is None:
                 # Most fields are null in most chunks: a null only fills a field not seen yet.
-                if key not in extra and key != output and key != "index":
+                if key not in extra and key != "index" and key != ("delta" if chat else "text"):
                     extra[key] = None
-            elif key == output:
-                if chat:
-                    if isinstance(value, dict):
-                        carried = self._add_delta(value)
-                elif isinstance(value, str):
+            elif key == "delta" and chat:
+                if (
+                    type(value) is dict
+                    and len(value) == 1
+                    and type(text := value.get("content")) is str
+                ):
+                    if self.content is None:
+                        self.content = [text]
+                    else:
+                        self.content.append(text)
+                    if text:
+                        flags |= _CARRIED
+                elif isinstance(value, dict) and self._add_delta(value):
+                    flags |= _CARRIED
+            elif key == "index":
+                continue
+            elif key == "text" and not chat:
+                if isinstance(value, str):
                     if self.content is None:
                         self.content = []
                     self.content.append(value)
-                    carried = bool(value)
+                    if value:
+                        flags |= _CARRIED
             elif key == "logprobs":
                 extra[key] = _merge_logprobs(extra.get(key), value)
             elif key == "token_ids" and isinstance(value, list):
                 old = extra.get(key)
                 extra[key] = old + value if isinstance(old, list) else value
-            elif key != "index":
+            else:
                 extra[key] = value
-        return carried
+                if key == "finish_reason":
+                    flags |= _FINISHED
+        return flags
 
     def _add_delta(self, delta: dict[str, Any]) -> bool:
         carried = False
@@ -252,7 +275,7 @@ class StreamAccumulator:
     for which vLLM's non-streaming message has `content: ""` rather than null.
     """
 
-    __slots__ = ("chat", "choices", "chunks", "forced_tools", "started", "top", "ttft_ms", "usage")
+    __slots__ = ("chat", "choices", "chunks", "forced_tools", "started", "top", "ttft_ms")
 
     def __init__(self, chat: bool, started: float, forced_tools: bool = False) -> None:
         self.chat = chat
@@ -260,7 +283,6 @@ class StreamAccumulator:
         self.started = started
         self.top: dict[str, Any] = {}
         self.choices: dict[Any, _Choice] = {}
-        self.usage: Any = None
         self.chunks = 0
         self.ttft_ms: float | None = None
 
@@ -268,19 +290,15 @@ class StreamAccumulator:
         """Fold one chunk in; True if one of its choices finished (has a finish_reason)."""
         self.chunks += 1
         top = self.top
-        choices = None
+        # "choices" and "usage" are kept too, as the others, and taken out by `response`:
+        # one test per field, not three.
         for key, value in chunk.items():
-            if key == "choices":
-                choices = value
-            elif key == "usage":
-                if value is not None:
-                    self.usage = value  # continuous stats: the last one is the running total
-            elif value is not None or key not in top:
+            if value is not None or key not in top:
                 top[key] = value
+        choices = chunk.get("choices")
         if not isinstance(choices, list):
             return False
-        carried = finished = False
-        chat = self.chat
+        flags = 0
         known = self.choices
         for raw in choices:
             if not isinstance(raw, dict):
@@ -289,19 +307,23 @@ class StreamAccumulator:
             choice = known.get(index)
             if choice is None:
                 choice = known[index] = _Choice(index)
-            if choice.add(raw, chat):
-                carried = True
-            if raw.get("finish_reason") is not None:
-                finished = True
-        if carried and self.ttft_ms is None:
+            flags |= choice.add(raw, self.chat)
+        if flags & _CARRIED and self.ttft_ms is None:
             self.ttft_ms = round((time.perf_counter() - self.started) * 1000, 3)
-        return finished
+        return flags >= _FINISHED
+
+    @property
+    def usage(self) -> Any:
+        """The last non-null usage (with continuous stats, the running total)."""
+        return self.top.get("usage")
 
     def all_finished(self) -> bool:
         return bool(self.choices) and all(choice.finished for choice in self.choices.values())
 
     def response(self) -> dict[str, Any]:
         out = dict(self.top)
+        out.pop("choices", None)
+        usage = out.pop("usage", None)
         if self.chat:
             out["object"] = "chat.completion"
         elif "object" in out:
@@ -315,5 +337,5 @@ class StreamAccumulator:
             self.choices[index].build(self.chat, forced, empty_tools)
             for index in sorted(self.choices, key=_sort_key)
         ]
-        out["usage"] = self.usage
+        out["usage"] = usage
         return out
