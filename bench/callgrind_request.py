@@ -29,8 +29,9 @@ from typing import Any
 
 SCRIPT = Path(__file__).resolve()
 MODEL = "vllm:qwen-2.5-omni-7b"
-# bare-url: bare with the URL parsed once (as the middleware now does), not on every call
-MODES = ("bare", "bare-url", "redis", "embedded")
+# bare-url: bare with the URL parsed once (as the middleware now does), not on every call;
+# nolog: the middleware with logging off (what a record adds is redis/embedded - nolog)
+MODES = ("bare", "bare-url", "nolog", "redis", "embedded")
 
 
 async def child(args: argparse.Namespace) -> None:
@@ -84,6 +85,7 @@ async def child(args: argparse.Namespace) -> None:
 
         where: dict[str, Any] = (
             {"redis_url": args.redis_url} if args.mode == "redis"
+            else {"enable_file_logging": False} if args.mode == "nolog"
             else {"redis_url": "", "log_dir": args.log_dir}
         )  # fmt: skip
         mw = VLLMMiddleware(base_url="http://mock/v1", http_client=http, flush_interval=2.5,
@@ -154,8 +156,10 @@ def main() -> None:
     banner("callgrind_request", args)
     small, large = (200, 700) if args.quick else (500, 2500)
     baseline = baseline_client(args.baseline)
-    versions: list[tuple[str, Path | None]] = [(f"before ({args.baseline})", baseline),
-                                               ("after (this checkout)", None)]
+    versions: list[tuple[str, Path | None]] = [
+        (f"before ({args.baseline})", baseline),
+        ("after (this checkout)", None),
+    ]
     scratch = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     os.environ["VLLM_MW_SPOOL_DIR"] = str(scratch / "spool")  # never ~/.cache
     per_request: dict[tuple[str, int, str], float] = {}
