@@ -56,7 +56,7 @@ deltas = st.one_of(
     fields(
         {
             "role": st.one_of(st.none(), st.just("assistant")),
-            "content": st.one_of(st.none(), texts, st.integers()),
+            "content": st.one_of(st.none(), texts, st.integers(-9, 99)),
             "reasoning": st.one_of(st.none(), texts),
             "reasoning_content": st.one_of(st.none(), texts),
             "tool_calls": st.one_of(st.none(), tool_calls),
@@ -74,18 +74,23 @@ chat_logprobs = st.one_of(
 completion_logprobs = st.one_of(
     st.none(),
     fields(
-        {"tokens": st.lists(texts, max_size=2), "text_offset": st.lists(st.integers(), max_size=2)}
+        {
+            "tokens": st.lists(texts, max_size=2),
+            "text_offset": st.lists(st.integers(-9, 99), max_size=2),
+        }
     ),
 )
 choices = fields(
     {
         "index": st.one_of(st.integers(0, 2), st.none(), st.just("1")),
         "delta": deltas,
-        "text": st.one_of(st.none(), texts, st.integers()),
-        "logprobs": st.one_of(chat_logprobs, completion_logprobs, st.integers()),
+        "text": st.one_of(st.none(), texts, st.integers(-9, 99)),
+        "logprobs": st.one_of(chat_logprobs, completion_logprobs, st.integers(-9, 99)),
         "finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "length", "tool_calls"])),
         "stop_reason": scalars,
-        "token_ids": st.one_of(st.none(), st.lists(st.integers(0, 9), max_size=3), st.integers()),
+        "token_ids": st.one_of(
+            st.none(), st.lists(st.integers(0, 9), max_size=3), st.integers(-9, 99)
+        ),
         "weight_versions": scalars,
     }
 )
