@@ -27,7 +27,7 @@ from _common import banner, base_parser, make_record, median, pct, print_table, 
 from vllm_middleware import RecordEntry, StreamKeys
 from vllm_middleware._partition import BatchPlan, PartitionLines
 from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 
 STREAM = "bench:e2e"

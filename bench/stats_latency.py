@@ -17,7 +17,7 @@ import redis
 from _common import banner, base_parser, make_record, median, pct, print_table
 from vllm_middleware import StreamKeys, VLLMMiddleware
 from vllm_middleware import get_statistics as ops_get_statistics
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 STREAM = "bench:stats"
 

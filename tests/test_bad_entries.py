@@ -26,7 +26,7 @@ from vllm_middleware._keys import (
     FIELD_RECORD,
 )
 from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import drain
 from .test_worker import config

@@ -29,7 +29,7 @@ from vllm_middleware._keys import (
 )
 from vllm_middleware._partition import PartitionLines
 from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 
 from .conftest import drain

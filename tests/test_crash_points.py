@@ -20,7 +20,7 @@ from vllm_middleware._crash import CRASH_EXIT
 from vllm_middleware._file_sink import FileSink
 from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
 from vllm_middleware._shipping import ShippingSettings
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory, drain, wait_for
 from .test_worker import config

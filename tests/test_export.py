@@ -34,7 +34,7 @@ from vllm_middleware._cli import main
 from vllm_middleware._export import _WRITE_BYTES, ExportOptions, export
 from vllm_middleware._otlp import SEMCONV_VERSION
 from vllm_middleware._record_view import RecordFilter
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 IMAGE = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20).decode()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vllm_middleware.testing import (
+from vllm_middleware_testing import (
     QUEUE_FULL_MESSAGE,
     REASONING_TEXT,
     FakeVLLMServer,

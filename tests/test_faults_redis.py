@@ -21,7 +21,7 @@ import pytest
 import redis
 from vllm_middleware import StreamKeys, VLLMMiddleware
 from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory
 from .faults_support import Load, check_all_stored, mock_http, report, stored, until, worker_env

@@ -16,7 +16,7 @@ import pytest
 import redis as redis_sync
 from vllm_middleware import StreamKeys
 from vllm_middleware._health import Facts, Thresholds, assess, redact_url
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 

@@ -20,7 +20,7 @@ from vllm_middleware import (
     load_logs,
     sanitize_partition_value,
 )
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 

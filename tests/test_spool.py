@@ -17,7 +17,7 @@ from vllm_middleware import RecordEntry, StreamKeys, VLLMMiddleware
 from vllm_middleware._redis_sink import RedisStreamSink
 from vllm_middleware._shipping import ShippingSettings
 from vllm_middleware._spool import Spool
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 KEYS = StreamKeys()
 

@@ -20,7 +20,7 @@ import pytest
 from vllm_middleware import APIConnectionError, APIStatusError, VLLMMiddleware, load_logs
 from vllm_middleware import _streaming as streaming
 from vllm_middleware._reassembly import SSEParser
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 FLAVORS = ["v0.33", "v0.10.2"]
 WEATHER_TOOL = {

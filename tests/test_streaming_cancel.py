@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from vllm_middleware import VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 MESSAGES = [{"role": "user", "content": "one two three four five six seven eight"}]
 

@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     fake = None
     base_url = args.base_url
     if base_url is None:
-        from .testing import FakeVLLMServer
+        from vllm_middleware_testing import FakeVLLMServer
 
         fake = FakeVLLMServer().start()
         base_url = fake.base_url
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         redis_url = None if args.embedded else args.redis_url
         has_worker = importlib.util.find_spec("vllm_middleware_worker") is not None
         if not args.embedded and redis_url is None and shutil.which("redis-server") and has_worker:
-            from .testing import RedisServerProcess
+            from vllm_middleware_testing import RedisServerProcess
 
             redis_proc = RedisServerProcess(appendonly=True).start()
             redis_url = redis_proc.url
