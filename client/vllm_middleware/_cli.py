@@ -1,4 +1,4 @@
-"""`vllm-mw`: the operator's command line (stats, worker, demo).
+"""`vllm-mw`: the operator's command line (stats, worker, demo, and the ops and use commands).
 
 Every failure is one line on stderr, `vllm-mw: <what failed>: <why>`, with passwords in URLs
 masked, and a non-zero exit; `-v` adds the traceback.
@@ -114,6 +114,15 @@ def _worker_cli() -> Any:
         return None
 
 
+def _demo_cli() -> Any:
+    # The demo starts the test doubles (fake vLLM, a private redis-server), which live in their
+    # own package so that nothing on the client's import path loads them.
+    try:
+        return importlib.import_module("vllm_middleware_testing._demo")
+    except ImportError:
+        return None
+
+
 def _version() -> str:
     try:
         return version("vllm-middleware")
@@ -155,13 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     else:
         worker.set_defaults(handler=_no_worker)
 
-    from ._demo import add_arguments as add_demo_arguments
-    from ._demo import run as run_demo
-
-    demo = commands.add_parser("demo", help="run the whole pipeline on this machine and show it")
-    add_demo_arguments(demo)
-    demo.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
-    demo.set_defaults(handler=run_demo)
+    demo_cli = _demo_cli()
+    if demo_cli is not None:
+        demo = commands.add_parser("demo", help="run the whole pipeline on this machine")
+        demo_cli.add_arguments(demo)
+        demo.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
+        demo.set_defaults(handler=demo_cli.run)
 
     from ._cli_ops import add_ops_commands
     from ._cli_use import add_commands as add_use_commands
