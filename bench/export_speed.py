@@ -17,10 +17,11 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from _common import banner, base_parser, make_record, median, print_table, rss_mb, timed
-from vllm_middleware import RecordEntry, iter_logs
+from vllm_middleware import iter_logs
 from vllm_middleware._export import ExportOptions, export
 from vllm_middleware._partition import PartitionWriter
 from vllm_middleware._record_view import RecordFilter
+from vllm_middleware.storage import RecordEntry
 
 MB = 1024 * 1024
 HOSTS = ("app-1", "app-2")

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import orjson
 import redis.asyncio as aioredis
-from vllm_middleware import (
-    PartitionWriter,
-    RecordEntry,
-    StreamKeys,
-    get_statistics,
-    iter_logs,
-    load_logs,
-)
+from vllm_middleware import get_statistics, iter_logs, load_logs
 from vllm_middleware._keys import (
     BUNDLE_BYTES,
     BUNDLE_RECORDS,
@@ -29,6 +22,7 @@ from vllm_middleware._keys import (
 )
 from vllm_middleware._partition import PartitionLines
 from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
+from vllm_middleware.storage import PartitionWriter, RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 import redis as redis_sync
 import yaml
-from vllm_middleware import StreamKeys
+from vllm_middleware.storage import StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import vllm_middleware
 
 CLIENT = Path(vllm_middleware.__file__).parent
@@ -16,6 +19,12 @@ FORBIDDEN = ("vllm_middleware_testing", "vllm_middleware_worker")
 
 
 def _imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, relative imports resolved (`path` is in a package)."""
+    package = [path.parent.name]
+    for parent in path.parent.parents:
+        if not (parent / "__init__.py").exists():
+            break
+        package.insert(0, parent.name)
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -24,7 +33,6 @@ def _imported_modules(path: Path) -> set[str]:
             # A relative import's package, resolved against the client's own tree.
             module = node.module or ""
             if node.level:
-                package = path.parent.relative_to(CLIENT.parent).parts
                 base = ".".join(package[: len(package) - node.level + 1])
                 module = f"{base}.{module}" if module else base
             names.add(module)
@@ -58,3 +66,46 @@ def test_importing_every_client_module_loads_neither() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def _ruff_order(name: str) -> tuple[int, str]:
+    # The order ruff's RUF022 keeps: CONSTANTS, then Classes, then functions.
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+@pytest.mark.parametrize(
+    "module_name", ["vllm_middleware", "vllm_middleware.storage", "vllm_middleware_testing"]
+)
+def test_all_is_sorted_complete_and_importable(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    exported = list(module.__all__)
+    assert exported == sorted(exported, key=_ruff_order)
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    # Every public name is exported on purpose, and every export exists.
+    assert set(exported) == public
+    namespace: dict[str, object] = {}
+    exec(f"from {module_name} import *", namespace)
+    assert set(exported) <= set(namespace)
+
+
+def test_the_storage_contract_is_not_a_user_export() -> None:
+    storage = importlib.import_module("vllm_middleware.storage")
+    assert not set(storage.__all__) & set(vllm_middleware.__all__)
+    for name in ("PartitionWriter", "RecordEntry", "StreamKeys", "partition_dir"):
+        assert not hasattr(vllm_middleware, name)
+
+
+def test_the_worker_reads_the_storage_contract_from_one_module() -> None:
+    storage_modules = {"_keys", "_modes", "_partition", "_record"}
+    worker = Path(importlib.import_module("vllm_middleware_worker").__file__ or "").parent
+    offenders = {
+        f"{path.name}: {name}"
+        for path in worker.rglob("*.py")
+        for name in _imported_modules(path)
+        if name.startswith("vllm_middleware.") and name.split(".")[1] in storage_modules
+    }
+    assert not offenders

@@ -7,11 +7,10 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vllm_middleware import (
-    ConfigurationError,
+from vllm_middleware import ConfigurationError, load_logs
+from vllm_middleware.storage import (
     PartitionWriter,
     RecordEntry,
-    load_logs,
     partition_dir,
     sanitize_partition_value,
 )

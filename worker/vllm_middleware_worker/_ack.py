@@ -15,9 +15,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
-from vllm_middleware import StreamKeys
 from vllm_middleware._crash import crash_point
-from vllm_middleware._partition import BatchPlan
+from vllm_middleware.storage import BatchPlan, StreamKeys
 
 from ._entries import Poison, records_in
 from ._oom import ACK_LETTERS, ack_args, ack_at_oom, counters_check, is_oom

@@ -31,9 +31,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from vllm_middleware import PartitionWriter, StreamKeys
-from vllm_middleware._keys import BUNDLE_BYTES, BUNDLE_RECORDS
-from vllm_middleware._partition import BatchPlan, PartitionLines
+from vllm_middleware.storage import (
+    BUNDLE_BYTES,
+    BUNDLE_RECORDS,
+    BatchPlan,
+    PartitionLines,
+    PartitionWriter,
+    StreamKeys,
+)
 
 from ._ack import Acknowledger, batch_counters, dead_letters, is_damaged_stats
 from ._config import WorkerConfig

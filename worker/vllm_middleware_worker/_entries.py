@@ -1,6 +1,6 @@
 """Stream entries to lines: the checks a batch passes before it is written, and its dead letters.
 
-An entry is a bundle (`vllm_middleware._keys`): `n` records of one (date, host) joined by
+An entry is a bundle (`vllm_middleware.storage`): `n` records of one (date, host) joined by
 newlines. A bundle from this project's client carries the checksum its packing computed over
 orjson's output: when it matches (and a few byte scans agree with `n`), the bundle reaches the
 file as it is, never parsed. Anything else - an older client, another producer, a damaged
@@ -15,16 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from vllm_middleware._keys import (
+from vllm_middleware.storage import (
     FIELD_COUNT,
     FIELD_DATE,
     FIELD_ERROR,
     FIELD_HOST,
     FIELD_RECORD,
     FIELD_SUM,
+    PartitionLines,
     bundle_sum,
+    host_problem,
+    is_valid_date,
 )
-from vllm_middleware._partition import PartitionLines, host_problem, is_valid_date
 
 __all__ = ["Entry", "EntrySorter", "Poison", "SortedBatch", "records_in"]
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
-from vllm_middleware._partition import is_valid_date, sanitize_partition_value
+from vllm_middleware.storage import is_valid_date, sanitize_partition_value
 
 __all__ = ["Intent", "encode_intent", "parse_intent", "plan_cuts"]
 

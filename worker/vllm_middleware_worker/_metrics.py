@@ -51,7 +51,7 @@ class _StreamBacklog:
     """lag, pending and the oldest unwritten record's age, read with a blocking client."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        from vllm_middleware import StreamKeys
+        from vllm_middleware.storage import StreamKeys
 
         self.keys = StreamKeys(config.stream)
         self.client = redis.Redis.from_url(

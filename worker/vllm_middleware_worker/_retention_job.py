@@ -12,8 +12,8 @@ import logging
 from typing import Any
 
 import redis.asyncio as aioredis
-from vllm_middleware import StreamKeys
 from vllm_middleware._retention import apply_retention, plan_retention
+from vllm_middleware.storage import StreamKeys
 
 from ._config import WorkerConfig
 
