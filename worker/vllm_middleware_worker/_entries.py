@@ -12,7 +12,7 @@ neighbours nor the stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from vllm_middleware.storage import (
@@ -28,10 +28,18 @@ from vllm_middleware.storage import (
     is_valid_date,
 )
 
-__all__ = ["Entry", "EntrySorter", "Poison", "SortedBatch", "records_in"]
+__all__ = ["DeadLetter", "Entry", "EntrySorter", "SortedBatch", "records_in"]
 
 Entry = tuple[bytes, Any]  # (id, fields: dict, flat [field, value, ...] list, or None)
-Poison = tuple[bytes, dict[bytes, bytes], str]  # (source entry id, fields, reason)
+
+
+class DeadLetter(NamedTuple):
+    """An entry (or the records of one) that cannot be written, and why."""
+
+    entry_id: bytes  # the source entry's id
+    fields: dict[bytes, bytes]
+    reason: str
+
 
 _MAX_PARTITIONS = 10_000  # (date, host) checks remembered: hosts x dates seen recently
 
@@ -43,7 +51,7 @@ class SortedBatch:
 
     ids: list[bytes] = field(default_factory=list)
     lines: PartitionLines = field(default_factory=PartitionLines)
-    poison: list[Poison] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     nbytes: int = 0  # of the records read, for sizing the next read
 
 
@@ -87,11 +95,11 @@ class EntrySorter:
         self._partitions: dict[tuple[bytes, bytes], tuple[str, str] | str] = {}
 
     def sort(
-        self, entries: list[Entry], undeliverable: dict[bytes, str] | None = None
+        self, entries: list[Entry], dead_letter_reasons: dict[bytes, str] | None = None
     ) -> SortedBatch:
-        """`undeliverable` names entries to dead-letter whatever they hold, with the reason."""
+        """`dead_letter_reasons` names entries to dead-letter whatever they hold, and why."""
         batch = SortedBatch()
-        ids, poison = batch.ids, batch.poison
+        ids, letters = batch.ids, batch.dead_letters
         lines = batch.lines
         if len(self._partitions) > _MAX_PARTITIONS:
             self._partitions.clear()
@@ -101,8 +109,9 @@ class EntrySorter:
             ids.append(entry_id)
             if fields is None:  # deleted while pending (trimmed by an operator): nothing to write
                 continue
-            if undeliverable and entry_id in undeliverable:
-                poison.append((entry_id, as_dict(fields), undeliverable[entry_id]))
+            if dead_letter_reasons and entry_id in dead_letter_reasons:
+                reason = dead_letter_reasons[entry_id]
+                letters.append(DeadLetter(entry_id, as_dict(fields), reason))
                 continue
             # Fast path: the field order our clients write, a valid partition, the checksum
             # of our client's packing, lines that agree with the counts (`{` ... `}` around
@@ -134,7 +143,7 @@ class EntrySorter:
             good, bad = self._salvage(fields)
             for date, host, line, count, errs in good:
                 lines.add(date, host, line, count, errs)
-            poison += [(entry_id, dead, reason) for dead, reason in bad]
+            letters += [DeadLetter(entry_id, dead, reason) for dead, reason in bad]
         batch.nbytes = nbytes
         return batch
 

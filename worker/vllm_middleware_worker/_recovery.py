@@ -207,7 +207,7 @@ class Recovery:
                 # Entries deleted from the stream while pending come back without fields (or
                 # not at all); acknowledge them so they leave the pending list.
                 entries += [(entry_id, None) for entry_id in ids if entry_id not in found]
-                await self.consumer.process(entries, undeliverable=too_often)
+                await self.consumer.process(entries, dead_letter_reasons=too_often)
                 moved += len(entries)
                 await self.redis.pexpire(lock, _LOCK_TTL_MS)
             await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, name)
