@@ -109,3 +109,18 @@ def test_the_worker_reads_the_storage_contract_from_one_module() -> None:
         if name.startswith("vllm_middleware.") and name.split(".")[1] in storage_modules
     }
     assert not offenders
+
+
+def test_only_the_demo_command_loads_the_test_doubles() -> None:
+    code = (
+        "import sys\n"
+        "from vllm_middleware._cli import _parser\n"
+        "_parser(['--traceback', 'stats'])\n"
+        "print('vllm_middleware_testing' in sys.modules)\n"
+        "_parser(['demo', '--embedded'])\n"
+        "print('vllm_middleware_testing' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split() == ["False", "True"]
