@@ -12,6 +12,7 @@ Everything a process needs to put records where readers find them, and nothing e
   (`is_valid_date`), the host rules (`host_problem`, `check_host`, `sanitize_partition_value`,
   `MAX_HOST_LEN`) and the modes of the tree's files and directories (`FileModes`, `LOG_MODES`,
   `log_modes`, `make_dirs`, `parse_mode`);
+- undoing an unfinished batch (`cut_back`), for the writer process and the worker alike;
 - the **partition writer** (`PartitionWriter`: `PartitionLines` in, a `BatchPlan` of files and
   offsets decided before writing, a `WriteResult` out), which the embedded client's writer
   and the worker both use.
@@ -43,6 +44,7 @@ from ._partition import (
     PartitionWriter,
     WriteResult,
     check_host,
+    cut_back,
     host_problem,
     is_valid_date,
     partition_dir,
@@ -71,6 +73,7 @@ __all__ = [
     "WriteResult",
     "bundle_sum",
     "check_host",
+    "cut_back",
     "host_problem",
     "is_valid_date",
     "log_modes",

@@ -13,15 +13,14 @@ removes the intent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
+from vllm_middleware.storage import cut_back
 
 from ._config import WorkerConfig
 from ._intent import Intent, parse_intent, plan_cuts
@@ -144,16 +143,7 @@ class Recovery:
             if path is None:
                 logger.error("ignored a cut naming a path outside log_dir: %s", relative)
                 continue
-            # A path under something that is not a directory names no file either; any other
-            # error is raised, and reported by the caller.
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                size = path.stat().st_size
-                if size > offset:
-                    with open(path, "r+b") as handle:
-                        handle.truncate(offset)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    removed += size - offset
+            removed += cut_back(path, offset)  # other errors are reported by the caller
         return removed
 
     async def recover_dead_consumers(self) -> None:
