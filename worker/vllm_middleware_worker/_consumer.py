@@ -43,7 +43,7 @@ from vllm_middleware.storage import (
 from ._ack import Acknowledger, batch_counters, dead_letter_entries, is_damaged_stats
 from ._config import WorkerConfig
 from ._entries import DeadLetter, Entry, EntrySorter, SortedBatch
-from ._intent import encode_intent
+from ._intent import Cut, encode_intent
 from ._oom import group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
 from ._recovery import Recovery, intent_fields
 from ._status import ConsumerStatus
@@ -422,12 +422,12 @@ class StreamConsumer:
 
     async def _undo_until_clean(self, plan: BatchPlan) -> None:
         """Cut the files of a failed write back to their pre-batch sizes; retry until done."""
-        parts = [(path, offset) for path, offset, _ in self._parts(plan)]
+        cuts = [Cut(path, offset) for path, offset, _ in self._parts(plan)]
         backoff = 0.2
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(self._executor, self.recovery.truncate_parts, parts)
+                await loop.run_in_executor(self._executor, self.recovery.apply_cuts, cuts)
                 return
             except OSError as exc:
                 self.status.write_failures += 1
