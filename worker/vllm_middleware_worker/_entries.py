@@ -140,10 +140,7 @@ class EntrySorter:
                         continue
             fields = as_dict(fields)
             nbytes += len(fields.get(FIELD_RECORD, b""))
-            good, bad = self._salvage(fields)
-            for date, host, line, count, errs in good:
-                lines.add(date, host, line, count, errs)
-            letters += [DeadLetter(entry_id, dead, reason) for dead, reason in bad]
+            self._salvage(entry_id, fields, lines, letters)
         batch.nbytes = nbytes
         return batch
 
@@ -154,44 +151,53 @@ class EntrySorter:
         return known
 
     def _salvage(
-        self, fields: dict[bytes, bytes]
-    ) -> tuple[list[tuple[str, str, bytes, int, int]], list[tuple[dict[bytes, bytes], str]]]:
+        self,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        lines: PartitionLines,
+        letters: list[DeadLetter],
+    ) -> None:
         """An entry that missed the fast path (another field order, a new partition, a damaged
-        bundle): (date, host, lines, records, errors) to write, (fields, reason) to
-        dead-letter; a damaged bundle is taken apart record by record."""
+        bundle): what can be written goes to `lines`, the rest to `letters`; a damaged bundle
+        is taken apart record by record."""
         data = fields.get(FIELD_RECORD)
         raw_date, raw_host = fields.get(FIELD_DATE), fields.get(FIELD_HOST)
         if data is None:
-            return [], [(fields, "missing record field")]
+            letters.append(DeadLetter(entry_id, fields, "missing record field"))
+            return
         if len(data) > self.max_record_bytes:  # not even split: it would be copied whole
-            return [], [(fields, f"entry of {len(data)} bytes exceeds max_record_bytes")]
+            reason = f"entry of {len(data)} bytes exceeds max_record_bytes"
+            letters.append(DeadLetter(entry_id, fields, reason))
+            return
         if raw_date is None or raw_host is None:
-            return [], [(fields, "missing or undecodable date/host field")]
+            letters.append(DeadLetter(entry_id, fields, "missing or undecodable date/host field"))
+            return
         partition = self._partition(raw_date, raw_host)
         if isinstance(partition, str):
-            return [], [(fields, partition)]
+            letters.append(DeadLetter(entry_id, fields, partition))
+            return
         date, host = partition
         count = fields.get(FIELD_COUNT)
         raw_errors = fields.get(FIELD_ERROR, b"0")
         if count is None or count == b"1":  # one record: a newline in it may be JSON whitespace
             line, reason = self._check_record(data)
             if line is None:
-                return [], [(fields, reason)]
-            return [(date, host, line, 1, int(raw_errors == b"1"))], []
+                letters.append(DeadLetter(entry_id, fields, reason))
+            else:
+                lines.add(date, host, line, 1, int(raw_errors == b"1"))
+            return
         raw_sum = fields.get(FIELD_SUM)
         counts = _whole_bundle(data, count, raw_errors)
         if counts is not None and raw_sum is not None and _sum_matches(data, raw_sum):
-            return [(date, host, data, *counts)], []
-        good: list[tuple[str, str, bytes, int, int]] = []
-        bad: list[tuple[dict[bytes, bytes], str]] = []
+            lines.add(date, host, data, *counts)
+            return
         for raw in data.split(b"\n"):
             line, reason = self._check_record(raw)
             if line is None:
                 alone = {FIELD_DATE: raw_date, FIELD_HOST: raw_host, FIELD_RECORD: raw}
-                bad.append((alone, reason))
+                letters.append(DeadLetter(entry_id, alone, reason))
             else:
-                good.append((date, host, line, 1, _is_error(line)))
-        return good, bad
+                lines.add(date, host, line, 1, _is_error(line))
 
     def _check_record(self, data: bytes) -> tuple[bytes | None, str]:
         """The record as one JSON-object line, or why it cannot be written."""
