@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -444,3 +445,31 @@ def test_span_times_are_exact_nanoseconds(moment: datetime) -> None:
     assert clock.nanos(moment.isoformat()) == exact
     assert clock.nanos(moment.isoformat()) == exact  # from the cached second
     assert clock.nanos(moment.replace(tzinfo=None).isoformat()) == exact  # naive: UTC
+
+
+def test_otlp_output_does_not_depend_on_string_hashing(tmp_path: Path) -> None:
+    # Request parameters used to be visited in a set's order, which changes with each
+    # process's hash seed: the same records gave different bytes (and, with both max_tokens
+    # and max_completion_tokens, a different gen_ai.request.max_tokens) from run to run.
+    part = tmp_path / "logs" / "date=2025-10-21" / "host=a" / "w.jsonl"
+    part.parent.mkdir(parents=True)
+    names = ("temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed")
+    params = dict(zip(names, (0.5, 0.9, 40, 10, 20, 7), strict=True))
+    record = {"timestamp": "2025-10-21T10:00:00+00:00", "request_id": "r", "parameters": params}
+    part.write_bytes(orjson.dumps(record) + b"\n")
+    code = (
+        "import sys\n"
+        "from vllm_middleware._export import export\n"
+        "from vllm_middleware._record_view import RecordFilter\n"
+        "export(sys.argv[1], sys.argv[2], 'otlp-json', RecordFilter())"
+    )
+    outputs = set()
+    for seed in range(3):
+        out = tmp_path / f"spans-{seed}.jsonl"
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        command = [sys.executable, "-c", code, str(tmp_path / "logs"), str(out)]
+        subprocess.run(command, env=env, check=True)
+        outputs.add(out.read_bytes())
+    assert len(outputs) == 1
+    (span,) = read_lines(out)[0]["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert attrs_of(span)["gen_ai.request.max_tokens"] == "10"

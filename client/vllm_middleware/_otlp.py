@@ -263,8 +263,11 @@ def span_attributes(record: Mapping[str, Any], options: ExportOptions) -> tuple[
     params = record.get("parameters")
     if type(params) is dict:
         named: set[str] = set()
-        for key in params.keys() & _REQUEST_ATTRS.keys():
-            value, name = params[key], _REQUEST_ATTRS[key]
+        # In the table's order, not a set's: the output must not depend on string hashing.
+        for key, name in _REQUEST_ATTRS.items():
+            if key not in params:
+                continue
+            value = params[key]
             number = type(value) is int or (type(value) is float and math.isfinite(value))
             if number and name not in named:
                 named.add(name)
