@@ -110,9 +110,11 @@ def _clean_message(message: Any, media: MediaChoice) -> dict[str, Any]:
 
 
 def _answer(record: Mapping[str, Any]) -> dict[str, Any]:
-    choice = first_choice(record)
-    message = choice.get("message") if choice is not None else None
-    if not isinstance(message, dict):
+    response = record.get("response")
+    choices = response.get("choices") if type(response) is dict else None
+    choice = choices[0] if type(choices) is list and choices else None
+    message = choice.get("message") if type(choice) is dict else None
+    if type(message) is not dict:
         raise _Skip("no answer")
     answer: dict[str, Any] = {"role": "assistant"}
     content = message.get("content")
@@ -144,7 +146,19 @@ def to_chat(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _Skip("no messages (a completions or metadata-only record)")
-    turns = [_clean_message(m, options.media) for m in messages]
+    media = options.media
+    # A plain text turn with known keys only is kept as it is (most turns), tested inline:
+    # a call per turn cost more than the test.
+    turns = [
+        m
+        if type(m) is dict
+        and type(m.get("content")) is str
+        and type(m.get("role")) is str
+        and m.keys() <= _CHAT_KEY_SET
+        and None not in m.values()
+        else _clean_message(m, media)
+        for m in messages
+    ]
     turns.append(_answer(record))
     example: dict[str, Any] = {"messages": turns}
     params = record.get("parameters")
@@ -247,20 +261,43 @@ def examples(
 ) -> Iterator[dict[str, Any]]:
     """The fine-tuning examples of `records` in format `fmt`, skipped ones counted by reason."""
     convert = _CONVERTERS[fmt]
-    seen: set[bytes] = set()
+    seen: set[bytes] | None = set() if options.dedupe else None
+    skipped = result.skipped
     for record in records:
         try:
             example = convert(record, options)
         except _Skip as skip:
-            result.skipped[str(skip)] += 1
+            skipped[str(skip)] += 1
             continue
-        if options.dedupe:
+        if seen is not None:
             key = _conversation_key(example)
             if key in seen:
-                result.skipped["duplicate conversation"] += 1
+                skipped["duplicate conversation"] += 1
                 continue
             seen.add(key)
         yield example
+
+
+def _example_lines(
+    records: Iterable[Mapping[str, Any]], fmt: str, options: ExportOptions, result: ExportResult
+) -> Iterator[bytes]:
+    """`examples` encoded, one line each: the same loop in one frame, since a generator
+    layer per record costs about as much as converting a short record."""
+    if options.dedupe:
+        for example in examples(records, fmt, options, result):
+            yield _dumps(example, option=_NEWLINE)
+        return
+    convert = _CONVERTERS[fmt]
+    skipped = result.skipped
+    for record in records:
+        try:
+            yield _dumps(convert(record, options), option=_NEWLINE)
+        except _Skip as skip:
+            skipped[str(skip)] += 1
+
+
+_dumps = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 
 def _progress(enabled: bool) -> tuple[AbstractContextManager[Any], Callable[[int], None]]:
@@ -314,10 +351,7 @@ def export(
 
         lines: Iterator[bytes] = otlp_lines(records, opts, result)
     else:
-        lines = (
-            orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE)
-            for e in examples(records, fmt, opts, result)
-        )
+        lines = _example_lines(records, fmt, opts, result)
     if str(out) == "-":
         _write_all(lines, sys.stdout.buffer, result, fmt, progress)
         sys.stdout.flush()
@@ -358,17 +392,21 @@ def _write_all(
     lines: Iterator[bytes], handle: IO[bytes], result: ExportResult, fmt: str, progress: bool
 ) -> None:
     bar, tick = _progress(progress)
+    count = fmt != "otlp-json"  # otlp-json lines hold many spans: `otlp_lines` counts those
     buffer: list[bytes] = []
+    append = buffer.append
     size = 0
     with bar:
         for line in lines:
-            buffer.append(line)
+            append(line)
             size += len(line)
-            if fmt != "otlp-json":
-                result.written += 1
             if size >= _WRITE_BYTES:
                 handle.write(b"".join(buffer))
+                if count:
+                    result.written += len(buffer)
                 buffer.clear()
                 size = 0
                 tick(result.read.records)
         handle.write(b"".join(buffer))
+        if count:
+            result.written += len(buffer)
