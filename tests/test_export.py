@@ -473,3 +473,30 @@ def test_otlp_output_does_not_depend_on_string_hashing(tmp_path: Path) -> None:
     assert len(outputs) == 1
     (span,) = read_lines(out)[0]["resourceSpans"][0]["scopeSpans"][0]["spans"]
     assert attrs_of(span)["gen_ai.request.max_tokens"] == "10"
+
+
+@pytest.mark.parametrize(
+    "calls", ["not a list", ["not a call"], [{"function": "f"}], [{"function": {"name": "f"}}]]
+)
+def test_sharegpt_skips_a_request_turn_with_malformed_tool_calls(
+    calls: Any, tmp_path: Path
+) -> None:
+    # Anyone can log such a turn; the export used to stop on it with a TypeError or KeyError.
+    part = tmp_path / "date=2025-10-21" / "host=a" / "w.jsonl"
+    part.parent.mkdir(parents=True)
+    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+            ],
+            "response": answer,
+        },
+        {"messages": [{"role": "user", "content": "fine"}], "response": answer},
+    ]
+    part.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    out = tmp_path / "o.jsonl"
+    result = export(tmp_path, out, "sharegpt", RecordFilter())
+    assert result.written == 1 and result.skipped == {"malformed message": 1}
+    assert read_lines(out)[0]["conversations"][0] == {"from": "human", "value": "fine"}

@@ -22,7 +22,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -196,36 +196,83 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _request_text(content: Any) -> str:
+    """A request turn's text as `openai-chat` with media dropped would leave it."""
+    if type(content) is str:
+        return content
+    if type(content) is list:
+        return "".join(
+            p["text"]
+            for p in content
+            if type(p) is dict and type(p.get("text")) is str and not _media_part(p)
+        )
+    return ""
+
+
+def _has_text_left(content: Any) -> bool:
+    # Whether an assistant turn keeps any content once media parts are dropped.
+    if type(content) is list:
+        return any(type(p) is dict and not _media_part(p) for p in content)
+    return bool(content)
+
+
+def _function_call(function: Mapping[str, Any]) -> dict[str, str]:
+    value = {"name": function["name"], "arguments": _arguments(function["arguments"])}
+    return {"from": "function_call", "value": orjson.dumps(value).decode()}
+
+
 def to_sharegpt(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]:
-    """One `sharegpt` example from the same turns as `openai-chat` (text only)."""
+    """One `sharegpt` example from the same turns as `openai-chat` (text only).
+
+    Read from the record directly rather than through `to_chat`: the same turns and the same
+    skips, without building the chat example first."""
     del options
-    chat = to_chat(record, _TEXT_ONLY)
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Skip("no messages (a completions or metadata-only record)")
     system: list[str] = []
     turns: list[dict[str, str]] = []
-    for message in chat["messages"]:
-        role = message["role"]
-        if role in ("system", "developer"):
-            system.append(_text(message.get("content")))
-        elif role == "user":
-            turns.append({"from": "human", "value": _text(message.get("content"))})
-        elif role == "tool":
-            turns.append({"from": "observation", "value": _text(message.get("content"))})
+    add = turns.append
+    for message in messages:
+        role = message.get("role") if type(message) is dict else None
+        if type(role) is not str:
+            raise _Skip("malformed message")
+        if role == "user":
+            add({"from": "human", "value": _request_text(message.get("content"))})
         elif role == "assistant":
-            for call in message.get("tool_calls") or []:
-                function = call["function"]
-                value = {"name": function["name"], "arguments": _arguments(function["arguments"])}
-                turns.append({"from": "function_call", "value": orjson.dumps(value).decode()})
-            if message.get("content"):
-                turns.append({"from": "gpt", "value": _text(message["content"])})
+            calls = message.get("tool_calls")
+            if calls:
+                if type(calls) is not list:
+                    raise _Skip("malformed message")
+                for call in calls:
+                    function = call.get("function") if type(call) is dict else None
+                    if type(function) is not dict or not function.keys() >= _CALL_KEYS:
+                        raise _Skip("malformed message")
+                    add(_function_call(function))
+            content = message.get("content")
+            if _has_text_left(content):
+                add({"from": "gpt", "value": _request_text(content)})
+        elif role == "tool":
+            add({"from": "observation", "value": _request_text(message.get("content"))})
+        elif role == "system" or role == "developer":
+            system.append(_request_text(message.get("content")))
+    answer = _answer(record)
+    for call in answer.get("tool_calls", ()):
+        add(_function_call(call["function"]))
+    if answer.get("content"):
+        add({"from": "gpt", "value": _text(answer["content"])})
     example: dict[str, Any] = {"conversations": turns}
     if system:
         example["system"] = "\n".join(system)
-    if "tools" in chat:
-        example["tools"] = orjson.dumps(chat["tools"]).decode()
+    params = record.get("parameters")
+    if type(params) is dict:
+        tools = params.get("tools")
+        if type(tools) is list and tools:
+            example["tools"] = orjson.dumps(tools).decode()
     return example
 
 
-_TEXT_ONLY = ExportOptions(media="drop")
+_CALL_KEYS = frozenset(("name", "arguments"))
 
 
 def _arguments(arguments: Any) -> Any:
@@ -279,7 +326,12 @@ def examples(
 
 
 def _example_lines(
-    records: Iterable[Mapping[str, Any]], fmt: str, options: ExportOptions, result: ExportResult
+    records: Iterable[Mapping[str, Any]],
+    fmt: str,
+    options: ExportOptions,
+    result: ExportResult,
+    *,
+    skip_errors: bool = False,
 ) -> Iterator[bytes]:
     """`examples` encoded, one line each: the same loop in one frame, since a generator
     layer per record costs about as much as converting a short record."""
@@ -290,6 +342,8 @@ def _example_lines(
     convert = _CONVERTERS[fmt]
     skipped = result.skipped
     for record in records:
+        if skip_errors and record.get("error") is not None:
+            continue
         try:
             yield _dumps(convert(record, options), option=_NEWLINE)
         except _Skip as skip:
@@ -336,6 +390,17 @@ def export(
         raise ConfigurationError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
     opts = options or ExportOptions()
     result = ExportResult()
+    # Fine-tuning sets leave errors out: tested in the converting loop when that is the only
+    # per-record test, since a filter call per record costs more than the test itself.
+    skip_errors = (
+        fmt in _CONVERTERS
+        and not opts.dedupe
+        and flt.exclude_errors
+        and not flt.meta
+        and flt.finish_reason is None
+    )
+    if skip_errors:
+        flt = replace(flt, exclude_errors=False)
     records = _dicts(log_dir, flt, result.read, restore_media=opts.media == "keep")
     if otlp_endpoint is not None:
         if fmt != "otlp-json" or out is not None:
@@ -351,7 +416,7 @@ def export(
 
         lines: Iterator[bytes] = otlp_lines(records, opts, result)
     else:
-        lines = _example_lines(records, fmt, opts, result)
+        lines = _example_lines(records, fmt, opts, result, skip_errors=skip_errors)
     if str(out) == "-":
         _write_all(lines, sys.stdout.buffer, result, fmt, progress)
         sys.stdout.flush()
