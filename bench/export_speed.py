@@ -15,6 +15,7 @@ child, which a busy machine disturbs less), the median of the per-child ratios t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 import tempfile
@@ -110,6 +111,53 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def breakdown(root: Path, records: int) -> None:
+    """Per-record CPU of each stage, on records already parsed (this checkout's code)."""
+    import time
+
+    from _common import print_table
+    from vllm_middleware import iter_logs
+    from vllm_middleware._export import _CONVERTERS, ExportOptions
+    from vllm_middleware._otlp import _SpanEncoder
+
+    options = ExportOptions(media="drop")
+    files = sorted(root.rglob("*.jsonl"))
+    sample = [line for line in files[0].read_bytes().splitlines() if line.strip()][:20_000]
+    parsed = [orjson.loads(line) for line in sample]
+
+    def per_record(fn: Any, items: list[Any]) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            fn(items)
+            best = min(best, time.process_time() - start)
+        return best / len(items) * 1e6
+
+    def read_all(_: Any) -> None:
+        for _ in iter_logs(root):
+            pass
+
+    chat, sharegpt = _CONVERTERS["openai-chat"], _CONVERTERS["sharegpt"]
+    dumps, newline, sha256 = orjson.dumps, orjson.OPT_APPEND_NEWLINE, hashlib.sha256
+    stages = [
+        ("iter_logs, whole pass (files, split, parse, LogRecord)",
+         per_record(read_all, [None] * records)),
+        ("  of which orjson.loads of the line",
+         per_record(lambda xs: list(map(orjson.loads, xs)), sample)),
+        ("otlp-json: span encoding (_SpanEncoder.span)",
+         per_record(lambda xs: list(map(_SpanEncoder(options).span, xs)), parsed)),
+        ("  of which sha256 of the request id (trace/span ids)",
+         per_record(lambda xs: [sha256(r["request_id"].encode()).hexdigest() for r in xs],
+                    parsed)),
+        ("openai-chat: convert + orjson.dumps",
+         per_record(lambda xs: [dumps(chat(r, options), option=newline) for r in xs], parsed)),
+        ("sharegpt: convert + orjson.dumps",
+         per_record(lambda xs: [dumps(sharegpt(r, options), option=newline) for r in xs], parsed)),
+    ]  # fmt: skip
+    print_table("per-record CPU by stage (µs, best of 5, this checkout)", ["stage", "µs/record"],
+                [[name, f"{us:.2f}"] for name, us in stages])  # fmt: skip
+
+
 def parent(args: argparse.Namespace) -> None:
     from _common import banner, median, print_table
     from _versions import baseline_client, run_child
@@ -126,6 +174,8 @@ def parent(args: argparse.Namespace) -> None:
         root = work / "logs"
         records = generate(root, size_mb)
         print(f"  tree: {records:,} records, {size_mb} MB", flush=True)
+        if args.breakdown:
+            breakdown(root, records)
         for _ in range(repeats):
             for fmt in FORMATS:
                 for name, client_dir in versions:
@@ -171,6 +221,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--baseline", default="", help="git revision to compare with")
+    parser.add_argument("--breakdown", action="store_true", help="also time each stage")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", default="")
     parser.add_argument("--out", default="")

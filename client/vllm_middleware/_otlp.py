@@ -233,7 +233,8 @@ def _server(address: str | None) -> list[bytes]:
 _CACHE_SIZE = 16_384
 _CACHE_KEY_BYTES = 256
 # The parameters read, in the table's order (not a set's: the output must not depend on
-# string hashing); their JSON is the cache key, so 1, 1.0 and true, or 0.0 and -0.0, differ.
+# string hashing). Parameters are cached by their JSON, so 1, 1.0 and true, or 0.0 and -0.0,
+# differ.
 _PARAM_KEYS = (*_REQUEST_ATTRS, "stop")
 _sha256 = hashlib.sha256
 _RESPONSE_ID = b"," + _K["gen_ai.response.id"] + b'{"stringValue":'
@@ -350,7 +351,11 @@ class _SpanEncoder:
         add = parts.append
         params = get("parameters")
         if type(params) is dict:
-            key = _dumps(tuple(map(params.get, _PARAM_KEYS)))
+            # The parameters' JSON is the key when short (the usual case: cheapest to make),
+            # else the JSON of the values read: an object and an array never collide.
+            key = _dumps(params)
+            if len(key) > _CACHE_KEY_BYTES:
+                key = _dumps(tuple(map(params.get, _PARAM_KEYS)))
             add(self._params.get(key) or keep(self._params, key, _param_attrs(params)))
         response = get("response")
         usage = get("usage")
