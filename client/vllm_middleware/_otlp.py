@@ -155,11 +155,6 @@ def _content_attrs(record: Mapping[str, Any], attrs: dict[str, Any]) -> None:
         attrs["gen_ai.tool.definitions"] = orjson.dumps(params["tools"]).decode()
 
 
-def _ids(request_id: str) -> bytes:
-    """Trace id (the first 32 hex digits) and span id (the next 16) of a request id."""
-    return hashlib.sha256(request_id.encode()).hexdigest().encode()
-
-
 # Spans are written as JSON text piece by piece: this runs once per record, and building
 # ~50 small dicts per span for orjson to walk cost four times the reader's own time per record.
 _dumps = orjson.dumps
