@@ -119,7 +119,7 @@ def breakdown(root: Path, records: int) -> None:
     from _common import print_table
     from vllm_middleware import iter_logs
     from vllm_middleware._export import _CONVERTERS, ExportOptions, ExportResult
-    from vllm_middleware._otlp import otlp_lines
+    from vllm_middleware._otlp import _Clock, otlp_lines
 
     options = ExportOptions(media="drop")
     files = sorted(root.rglob("*.jsonl"))
@@ -152,6 +152,11 @@ def breakdown(root: Path, records: int) -> None:
         ("  of which sha256 of the request id (trace/span ids)",
          per_record(lambda xs: drain(sha256(r["request_id"].encode()).hexdigest() for r in xs),
                     parsed)),
+        ("  of which the timestamp as nanoseconds (_Clock.nanos)",
+         per_record(lambda xs: drain(map(_Clock().nanos, [r["timestamp"] for r in xs])), parsed)),
+        ("  of which orjson.dumps of request id, response id, parameters",
+         per_record(lambda xs: drain(dumps((r["request_id"], r["response"]["id"], r["parameters"]))
+                                     for r in xs), parsed)),
         ("openai-chat: convert + orjson.dumps",
          per_record(lambda xs: drain(dumps(chat(r, options), option=newline) for r in xs), parsed)),
         ("sharegpt: convert + orjson.dumps",
