@@ -431,8 +431,11 @@ def span_of(record: Mapping[str, Any], options: ExportOptions) -> bytes | None:
 
 
 def _request(by_host: dict[str, list[bytes]], options: ExportOptions, version: str) -> bytes:
+    # One join over all the pieces: every copy of a batch (~0.7 MB) is fresh memory the
+    # kernel has to fault in, so the document is built in one copy, not three.
     scope = _dumps({"name": "vllm-middleware", "version": version})
-    resources = []
+    schema = _dumps(SCHEMA_URL)
+    pieces = [b'{"resourceSpans":[']
     for host, spans in by_host.items():
         resource = _dumps(
             {
@@ -442,11 +445,15 @@ def _request(by_host: dict[str, list[bytes]], options: ExportOptions, version: s
                 ]
             }
         )
-        resources.append(
-            b'{"resource":%b,"scopeSpans":[{"scope":%b,"schemaUrl":%b,"spans":[%b]}]}'
-            % (resource, scope, _dumps(SCHEMA_URL), b",".join(spans))
-        )
-    return b'{"resourceSpans":[' + b",".join(resources) + b"]}\n"
+        if len(pieces) > 1:
+            pieces.append(b",")
+        pieces += (b'{"resource":', resource, b',"scopeSpans":[{"scope":', scope)
+        pieces += (b',"schemaUrl":', schema, b',"spans":[')
+        for span in spans:
+            pieces += (span, b",")
+        pieces[-1] = b"]}]}"
+    pieces.append(b"]}\n")
+    return b"".join(pieces)
 
 
 def _version() -> str:
