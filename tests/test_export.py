@@ -500,3 +500,16 @@ def test_sharegpt_skips_a_request_turn_with_malformed_tool_calls(
     result = export(tmp_path, out, "sharegpt", RecordFilter())
     assert result.written == 1 and result.skipped == {"malformed message": 1}
     assert read_lines(out)[0]["conversations"][0] == {"from": "human", "value": "fine"}
+
+
+def test_otlp_takes_a_model_that_is_not_text(tmp_path: Path) -> None:
+    # Anyone can log such a record; the span name's cache used to hash the raw value.
+    part = tmp_path / "date=2025-10-21" / "host=a" / "w.jsonl"
+    part.parent.mkdir(parents=True)
+    base = {"timestamp": "2025-10-21T10:00:00+00:00", "request_id": "r"}
+    records = [{**base, "model": ["a", "b"]}, {**base, "model": {"x": 1}}]
+    part.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    out = tmp_path / "spans.jsonl"
+    assert export(tmp_path, out, "otlp-json", RecordFilter()).written == 2
+    spans = read_lines(out)[0]["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert [s["name"] for s in spans] == ["text_completion ['a', 'b']", "text_completion {'x': 1}"]
