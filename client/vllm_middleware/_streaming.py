@@ -27,7 +27,7 @@ from ._stream_core import (
 )
 
 if TYPE_CHECKING:
-    from ._call import Call
+    from ._recorder import Call
 
 __all__ = [
     "Accumulator",

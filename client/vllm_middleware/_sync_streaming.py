@@ -24,7 +24,7 @@ from ._exceptions import APIError
 from ._stream_core import Accumulator, StreamCore, body_reading, log_unstarted, refused_stream
 
 if TYPE_CHECKING:
-    from ._call import Call
+    from ._recorder import Call
 
 __all__ = ["Stream", "SyncStreamState", "fail_before_sync_stream"]
 
