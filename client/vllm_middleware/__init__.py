@@ -29,6 +29,8 @@ from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
 from ._redact import redact_secrets
 from ._stats import get_statistics
 from ._streaming import AsyncStream, StreamEnd
+from ._sync_client import SyncVLLMMiddleware
+from ._sync_streaming import Stream
 
 __version__ = "0.2.0"
 
@@ -54,8 +56,10 @@ __all__ = [
     "ReadStats",
     "RecordEntry",
     "ServiceUnavailableError",
+    "Stream",
     "StreamEnd",
     "StreamKeys",
+    "SyncVLLMMiddleware",
     "VLLMMiddleware",
     "VLLMMiddlewareError",
     "get_statistics",

@@ -11,9 +11,6 @@ stream waits one second. vLLM ends the body right after [DONE].
 from __future__ import annotations
 
 import contextlib
-import os
-import queue
-import threading
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -39,49 +36,6 @@ def _body_bytes(response: httpx.Response) -> Iterator[bytes]:
     return (text.encode() for text in response.iter_text())
 
 
-class _Closer:
-    """Closes the connections of streams dropped unclosed, from a thread of its own.
-
-    A finalizer can run while its own thread holds the connection pool's lock (the cyclic
-    garbage collector runs at any allocation), so closing the response there could deadlock;
-    `SimpleQueue.put` is safe in finalizers. The thread is started with the first stream, not
-    in a finalizer.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[SyncStreamState] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def ensure_running(self) -> None:
-        if self._thread is not None:
-            return
-        with self._lock:
-            if self._thread is None:
-                thread = threading.Thread(
-                    target=self._run, name="vllm-mw-stream-closer", daemon=True
-                )
-                thread.start()
-                self._thread = thread
-
-    def put(self, state: SyncStreamState) -> None:
-        self._queue.put(state)
-
-    def _run(self) -> None:
-        while True:
-            self._queue.get().close_transport()
-
-    def forget_thread(self) -> None:
-        """In a forked child: the parent's thread is not there."""
-        self._thread = None
-        self._lock = threading.Lock()
-
-
-_closer = _Closer()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_closer.forget_thread)
-
-
 class SyncStreamState(StreamCore):
     """A sync stream's reading and closing around `StreamCore`, kept apart from `Stream` so
     its finalizer can use it."""
@@ -102,7 +56,6 @@ class SyncStreamState(StreamCore):
         self.body = _body_bytes(response)
         self.receive = self.body.__next__
         self.connected = True
-        _closer.ensure_running()
 
     def next_chunk(self) -> dict[str, Any]:
         """The next chunk for the caller; reads only as far as that needs (one event a time)."""
@@ -176,11 +129,13 @@ class SyncStreamState(StreamCore):
             self.close_transport()
 
     def collect(self) -> None:
-        """Finalizer: the stream object was garbage-collected without being closed."""
+        """Finalizer: the stream object was garbage-collected without being closed.
+
+        Its connection is not closed from here: the body's generators, collected with this
+        state, give it back to the pool (httpcore closes a response whose body iterator is
+        finalized), with no lock taken in a finalizer of ours.
+        """
         self.collected()
-        if self.connected:
-            self.connected = False
-            _closer.put(self)
 
 
 class Stream:
