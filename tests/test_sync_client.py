@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import socket
 import threading
@@ -421,3 +422,14 @@ def test_close_flushes_and_durable_waits(fake_vllm: FakeVLLMServer, tmp_path: Pa
     ) as client:
         client.completions("y", model=MODEL)
         assert len(load_logs(durable)) == 1  # on disk before the call returned
+
+
+def test_the_same_arguments_as_the_async_client() -> None:
+    sync = inspect.signature(SyncVLLMMiddleware.__init__).parameters
+    async_ = inspect.signature(VLLMMiddleware.__init__).parameters
+    assert list(sync) == list(async_)
+    for name, parameter in async_.items():
+        assert (sync[name].kind, sync[name].default) == (parameter.kind, parameter.default), name
+    for method in ("chat_completion", "completions"):
+        got = inspect.signature(getattr(SyncVLLMMiddleware, method)).parameters
+        assert list(got) == list(inspect.signature(getattr(VLLMMiddleware, method)).parameters)
