@@ -4,7 +4,9 @@ traffic, shared by the threads of a pool, streams however they end, close and dr
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import hashlib
 import inspect
 import logging
 import socket
@@ -433,3 +435,24 @@ def test_the_same_arguments_as_the_async_client() -> None:
     for method in ("chat_completion", "completions"):
         got = inspect.signature(getattr(SyncVLLMMiddleware, method)).parameters
         assert list(got) == list(inspect.signature(getattr(VLLMMiddleware, method)).parameters)
+
+
+def test_media_from_threads_is_moved_to_files(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    # (No event loop in these threads: the media pipeline finishes the record where it is.)
+    images = [hashlib.sha256(str(i).encode()).digest() * 2000 for i in range(4)]
+
+    def one(image: bytes) -> None:
+        url = f"data:image/png;base64,{base64.b64encode(image).decode()}"
+        parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+        client.chat_completion([{"role": "user", "content": parts}], model=MODEL)
+
+    with (
+        SyncVLLMMiddleware(fake_vllm.base_url, log_dir=tmp_path) as client,
+        ThreadPoolExecutor(max_workers=4) as pool,
+    ):
+        list(pool.map(one, images))
+    stored = set()
+    for record in load_logs(tmp_path):
+        ref = record["messages"][0]["content"][0]["image_url"]["url"]["media_ref"]
+        stored.add((tmp_path / ref["path"]).read_bytes())
+    assert stored == set(images)
