@@ -10,6 +10,9 @@ import hashlib
 import inspect
 import logging
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -456,3 +459,25 @@ def test_media_from_threads_is_moved_to_files(fake_vllm: FakeVLLMServer, tmp_pat
         ref = record["messages"][0]["content"][0]["image_url"]["url"]["media_ref"]
         stored.add((tmp_path / ref["path"]).read_bytes())
     assert stored == set(images)
+
+
+def test_records_buffered_at_exit_are_written(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
+    # A script that never closes its client: the records still in memory at interpreter exit
+    # are written (the sink's exit handler), as with the async client.
+    program = textwrap.dedent(
+        f"""
+        from vllm_middleware import SyncVLLMMiddleware
+
+        client = SyncVLLMMiddleware(
+            {fake_vllm.base_url!r}, log_dir={str(tmp_path)!r}, redis_url="", flush_interval=60
+        )
+        for _ in range(3):
+            client.completions("x", model={MODEL!r})
+        print(client.get_statistics()["client"]["buffered"], flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["3"], "the records were not in memory at exit"
+    assert len(load_logs(tmp_path)) == 3
