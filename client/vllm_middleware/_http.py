@@ -22,6 +22,7 @@ from ._exceptions import (
 
 __all__ = [
     "absolute_url",
+    "control_reply",
     "error_details",
     "exception_from_response",
     "exception_from_transport",
@@ -113,6 +114,16 @@ def exception_from_unsendable(
     if isinstance(exc, httpx.InvalidURL) or "url" in detail.lower():
         return APIConnectionError(f"cannot send to {url}: {detail}", request_id=request_id)
     return InvalidRequestError(f"request to {url} cannot be sent: {detail}")
+
+
+def control_reply(response: httpx.Response, label: str) -> Any:
+    """The JSON answer of a control-plane call (`models`: no record), or its error raised."""
+    if response.status_code >= 400:
+        raise exception_from_response(response, label)
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(f"server returned invalid JSON: {exc}") from exc
 
 
 def error_details(exc: APIError | InvalidRequestError) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any, Literal, overload
 
 import httpx
-import orjson
 import redis.asyncio as aioredis
 
 from ._call import (
@@ -33,7 +32,7 @@ from ._capture import ContentMode, Redactor
 from ._client_base import ClientBase, call_params, request_body
 from ._exceptions import APIError, InvalidRequestError
 from ._http import (
-    exception_from_response,
+    control_reply,
     exception_from_transport,
     exception_from_unsendable,
     new_sync_http_client,
@@ -276,12 +275,7 @@ class SyncVLLMMiddleware(ClientBase):
             raise exception_from_transport(exc, "models") from exc
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
             raise exception_from_unsendable(exc, url, None) from exc
-        if response.status_code >= 400:
-            raise exception_from_response(response, "models")
-        try:
-            return orjson.loads(response.content)  # type: ignore[no-any-return]
-        except orjson.JSONDecodeError as exc:
-            raise APIError(f"server returned invalid JSON: {exc}") from exc
+        return control_reply(response, "models")  # type: ignore[no-any-return]
 
     def health(self, timeout: float = 5.0) -> bool:
         """GET /health (at the server root, beside /v1): True when the server answers 200.
