@@ -84,7 +84,11 @@ class ClientBase:
             sample_rate=sample_rate,
         )
         self._recorder = recorder = Recorder.from_settings(
-            settings, metadata=metadata, redis_client=redis_client, redact=redact
+            settings,
+            metadata=metadata,
+            redis_client=redis_client,
+            redact=redact,
+            owner=type(self).__name__,
         )
         self.base_url = base_url.rstrip("/")
         # Absolute URLs, so the middleware's base_url applies whatever an injected client's

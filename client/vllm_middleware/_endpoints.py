@@ -22,10 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import httpx
-import orjson
 
 from ._call import JSON_HEADERS, SSE_HEADERS, encode_body, json_reply, send_logged
-from ._exceptions import APIError
 from ._http import control_reply, exception_from_transport, exception_from_unsendable
 from ._responses_reassembly import ResponsesAccumulator
 from ._streaming import AsyncStream
