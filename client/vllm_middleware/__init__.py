@@ -27,6 +27,8 @@ from ._record import SCHEMA_VERSION, LogRecord, new_request_id
 from ._redact import redact_secrets
 from ._stats import get_statistics
 from ._streaming import AsyncStream, StreamEnd
+from ._sync_client import SyncVLLMMiddleware
+from ._sync_streaming import Stream
 
 __version__ = "0.2.0"
 
@@ -50,7 +52,9 @@ __all__ = [
     "RateLimitError",
     "ReadStats",
     "ServiceUnavailableError",
+    "Stream",
     "StreamEnd",
+    "SyncVLLMMiddleware",
     "VLLMMiddleware",
     "VLLMMiddlewareError",
     "get_statistics",
