@@ -240,6 +240,7 @@ class RedisStreamSink(Shipper):
         # counts of the last attempt to send them (it may have landed: its marker says).
         self._owed = (0, 0)
         self._owed_attempt: tuple[str, int, int] | None = None
+        self._sending_owed = False  # (`settle` may report while the flush loop does)
         self.timeout = self.settings.redis_timeout
         self.healthy = True
         self.spool: Spool | None = None
@@ -310,12 +311,17 @@ class RedisStreamSink(Shipper):
 
     async def report_counts(self, dropped: int, sampled_out: int) -> None:
         self._owe(dropped, sampled_out)
-        if not self.healthy or (self._owed == (0, 0) and self._owed_attempt is None):
-            return  # (unhealthy: sent once Redis answers again, at the next idle flush)
+        if self._sending_owed or not self.healthy:
+            return  # sent by the call under way, or once Redis answers again
+        if self._owed == (0, 0) and self._owed_attempt is None:
+            return
+        self._sending_owed = True
         try:
             await asyncio.wait_for(self._send_owed(), self.timeout)
         except Exception as exc:  # owed still: the next idle flush tries again
             self.counters.last_error = f"counts: {type(exc).__name__}: {exc}"
+        finally:
+            self._sending_owed = False
 
     async def _send_owed(self) -> None:
         """Send the owed counts as a batch of no records, with its own marker: an attempt

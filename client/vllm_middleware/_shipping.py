@@ -460,6 +460,10 @@ class Shipper(ABC):
 
     async def _settle_here(self, deadline: float) -> None:
         await self.before_close(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
+            await asyncio.wait_for(
+                self._report_counts_alone(), max(0.1, deadline - time.monotonic())
+            )
         while (
             (self.has_backlog() or self._in_backlog)
             and not self._closing
