@@ -3,7 +3,9 @@
 Callers send chat requests through `VLLMMiddleware` over an `httpx.MockTransport` as fast as
 they can for a fixed time, with one of two handlers: `plain` (a plain function: nothing in a
 call ever suspends, so the app's loop never turns, like an in-process or cached upstream) and
-`yield` (one `await asyncio.sleep(0)` per call, like real I/O). Concurrency 1, 64 and 512.
+`yield` (one `await asyncio.sleep(0)` per call, like real I/O). Concurrency 1, 64 and 512;
+and `yield` at concurrency 1 once more with the interpreter's forced GIL switch out of play
+(`forced_switch_off`: what a quiet machine does to the shipping thread, on a loaded one too).
 Redis mode ships to a private redis-server drained by one `vllm-mw worker` process; embedded
 mode writes the files through its writer process. Default settings (`max_buffer` 50,000).
 
@@ -92,8 +94,8 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
         if held > high:
             high = held
 
-    async def timed_ship(batch: Any, *, dropped: int) -> None:
-        await ship(batch, dropped=dropped)
+    async def timed_ship(batch: Any, **counts: int) -> None:
+        await ship(batch, **counts)
         now = clock()
         pop = submitted.popleft
         latencies.extend([now - pop() for _ in range(len(batch))])
@@ -106,6 +108,8 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.005)
     sink.submit = timed_submit  # type: ignore[method-assign]
     sink.ship = timed_ship  # type: ignore[method-assign]
+    if args.no_forced_switch:
+        forced_switch_off()
 
     calls = 0
     end = time.monotonic() + args.seconds
@@ -140,6 +144,23 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def forced_switch_off() -> None:
+    """What a quiet machine does to the shipping thread behind a loop that keeps yielding,
+    on any machine: the interpreter's forced switch never fires (switch interval beyond the
+    run) and, with two CPUs, the app's thread and the sink's threads run on different ones
+    (a thread woken on the GIL holder's CPU preempts it and wins the GIL)."""
+    import threading
+
+    sys.setswitchinterval(1000.0)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return
+    os.sched_setaffinity(0, {cpus[0]})
+    for thread in threading.enumerate():
+        if thread.name.startswith("vllm-mw-") and thread.native_id is not None:
+            os.sched_setaffinity(thread.native_id, {cpus[1]})
+
+
 # -- parent ------------------------------------------------------------------------------------
 
 
@@ -154,6 +175,7 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--log-dir", default="")
+    parser.add_argument("--no-forced-switch", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         sys.path.insert(0, str(SCRIPT.parent))
@@ -171,8 +193,10 @@ def parent(args: argparse.Namespace) -> None:
     banner("shipping_load", args)
     seconds = args.seconds or (1.5 if args.quick else 6.0)
     baseline = baseline_client(args.baseline)
-    versions: list[tuple[str, Path | None]] = [(f"before ({args.baseline})", baseline),
-                                               ("after (this checkout)", None)]
+    versions: list[tuple[str, Path | None]] = [
+        (f"before ({args.baseline})", baseline),
+        ("after (this checkout)", None),
+    ]
     scratch = Path(tempfile.mkdtemp(prefix="bench-shipping-"))
     os.environ["VLLM_MW_SPOOL_DIR"] = str(scratch / "spool")  # never ~/.cache
     rows: list[list[Any]] = []
@@ -184,25 +208,28 @@ def parent(args: argparse.Namespace) -> None:
             stdout=worker_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
+            cases = [(h, c, False) for h in ("plain", "yield") for c in (1, 64, 512)]
+            cases.append(("yield", 1, True))  # a quiet machine's GIL race, on any machine
             for mode in ("redis", "embedded"):
-                for handler in ("plain", "yield"):
-                    for callers in (1, 64, 512):
-                        for name, client_dir in versions:
-                            log_dir = tempfile.mkdtemp(dir=scratch)
-                            result = run_child(SCRIPT, client_dir, [
-                                "--mode", mode, "--handler", handler, "--callers", str(callers),
-                                "--seconds", str(seconds), "--redis-url", server.url,
-                                "--log-dir", log_dir,
-                            ])  # fmt: skip
-                            shutil.rmtree(log_dir, ignore_errors=True)
-                            met = result["dropped"] == 0 and result["p99_ms"] < 250
-                            rows.append([
-                                mode, handler, callers, name, result["calls"],
-                                result["rate"], result["high_water"], result["dropped"],
-                                result["spooled"], result["p50_ms"], result["p99_ms"],
-                                "yes" if met else "NO",
-                            ])  # fmt: skip
-                            print(f"  done: {mode} {handler} c={callers} {name}", flush=True)
+                for handler, callers, no_switch in cases:
+                    for name, client_dir in versions:
+                        log_dir = tempfile.mkdtemp(dir=scratch)
+                        extra = ["--no-forced-switch"] if no_switch else []
+                        result = run_child(SCRIPT, client_dir, [
+                            "--mode", mode, "--handler", handler, "--callers", str(callers),
+                            "--seconds", str(seconds), "--redis-url", server.url,
+                            "--log-dir", log_dir, *extra,
+                        ])  # fmt: skip
+                        shutil.rmtree(log_dir, ignore_errors=True)
+                        met = result["dropped"] == 0 and result["p99_ms"] < 250
+                        shown = f"{handler}, no forced switch" if no_switch else handler
+                        rows.append([
+                            mode, shown, callers, name, result["calls"],
+                            result["rate"], result["high_water"], result["dropped"],
+                            result["spooled"], result["p50_ms"], result["p99_ms"],
+                            "yes" if met else "NO",
+                        ])  # fmt: skip
+                        print(f"  done: {mode} {shown} c={callers} {name}", flush=True)
         finally:
             worker.terminate()
             worker.wait(timeout=30)
