@@ -23,8 +23,11 @@ from collections.abc import Callable
 
 __all__ = ["Handoff"]
 
-# At most one handoff per this many seconds (the interpreter's own switch interval).
+# At most one handoff per this many seconds (the interpreter's own switch interval), doubled
+# up to `_SLOW_INTERVAL_S` while the handoffs find the thread waiting for its sink: then what
+# holds records back is the sink, not the GIL, and the handoffs would only cost the app.
 _INTERVAL_S = 0.005
+_SLOW_INTERVAL_S = 0.05
 # The longest the app's loop waits for the shipping loop to finish its turn.
 _WAIT_S = 0.002
 
@@ -32,7 +35,7 @@ _WAIT_S = 0.002
 class Handoff:
     """The app side asks (`check`, from `submit`); the shipping side says when it is idle."""
 
-    __slots__ = ("_batons", "_next", "_scheduled", "_wake", "beat", "lent", "overdue")
+    __slots__ = ("_batons", "_interval", "_next", "_scheduled", "_wake", "beat", "lent", "overdue")
 
     def __init__(self, overdue: float, wake: Callable[[], bool]) -> None:
         self.overdue = overdue  # seconds without catching up that count as starved
@@ -43,6 +46,7 @@ class Handoff:
         self.beat = time.monotonic()
         self.lent = 0  # handoffs done (for the benchmark and tests)
         self._next = 0.0
+        self._interval = _INTERVAL_S
         self._scheduled = False
         self._batons: list[threading.Lock] = []  # held by app loops waiting for our turn
 
@@ -61,7 +65,7 @@ class Handoff:
     def _lend(self, shipping_loop: asyncio.AbstractEventLoop) -> None:
         """On the app's loop: wait, without the GIL, for the shipping loop's turn."""
         self._scheduled = False
-        self._next = time.monotonic() + _INTERVAL_S
+        self._next = time.monotonic() + self._interval
         baton = threading.Lock()
         baton.acquire()
         try:
@@ -74,8 +78,10 @@ class Handoff:
     def _arrive(self, baton: threading.Lock) -> None:
         """On the shipping loop: our turn came. Flush, and free the app loop once idle."""
         if self._wake():
+            self._interval = _INTERVAL_S
             self._batons.append(baton)
         else:
+            self._interval = min(2 * self._interval, _SLOW_INTERVAL_S)
             asyncio.get_running_loop().call_soon(_release, baton)
 
     def turn(self) -> None:
