@@ -109,7 +109,19 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
     sink.submit = timed_submit  # type: ignore[method-assign]
     sink.ship = timed_ship  # type: ignore[method-assign]
     if args.no_forced_switch:
-        forced_switch_off()
+        gil_conditions(1000.0, "split")
+    elif args.switch_interval or args.pin != "none":
+        gil_conditions(args.switch_interval or sys.getswitchinterval(), args.pin)
+    flushes = 0
+    ship_timed = sink.ship
+
+    async def counted_ship(batch: Any, **counts: int) -> None:
+        nonlocal flushes
+        flushes += 1
+        await ship_timed(batch, **counts)
+
+    sink.ship = counted_ship  # type: ignore[method-assign]
+    wakeups_before = thread_wakeups()
 
     calls = 0
     end = time.monotonic() + args.seconds
@@ -123,6 +135,9 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(args.callers)))
     elapsed = time.perf_counter() - started
+    wakeups = thread_wakeups() - wakeups_before
+    ran = flushes
+    handoff = getattr(sink, "_handoff", None)
     await mw.aclose(timeout=60)
     await http.aclose()
     latencies.sort()
@@ -141,24 +156,43 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": pct(50),
         "p99_ms": pct(99),
         "spooled": counters.spooled,
+        "flushes_per_s": ran / elapsed,
+        "wakeups_per_s": wakeups / elapsed,
+        "handoffs": getattr(handoff, "lent", None),
     }
 
 
-def forced_switch_off() -> None:
-    """What a quiet machine does to the shipping thread behind a loop that keeps yielding,
-    on any machine: the interpreter's forced switch never fires (switch interval beyond the
-    run) and, with two CPUs, the app's thread and the sink's threads run on different ones
-    (a thread woken on the GIL holder's CPU preempts it and wins the GIL)."""
+def thread_wakeups() -> int:
+    """Voluntary context switches of the shipping thread so far: each is a sleep it was woken
+    from (a timer, I/O, or a GIL release by another thread)."""
     import threading
 
-    sys.setswitchinterval(1000.0)
+    total = 0
+    for thread in threading.enumerate():
+        if thread.name.startswith("vllm-mw-") and "spool" not in thread.name and thread.native_id:
+            with open(f"/proc/self/task/{thread.native_id}/status") as status:
+                for line in status:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    return total
+
+
+def gil_conditions(interval: float, pin: str) -> None:
+    """`--no-forced-switch` (1000 s, "split") is what a quiet machine does to the shipping
+    thread behind a loop that keeps yielding, on any machine: the interpreter's forced switch
+    never fires, and the app's thread and the sink's threads run on different CPUs (a thread
+    woken on the GIL holder's CPU preempts it and wins the GIL: "same")."""
+    import threading
+
+    sys.setswitchinterval(interval)
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
+    if pin == "none" or len(cpus) < 2:
         return
     os.sched_setaffinity(0, {cpus[0]})
+    other = cpus[1] if pin == "split" else cpus[0]
     for thread in threading.enumerate():
         if thread.name.startswith("vllm-mw-") and thread.native_id is not None:
-            os.sched_setaffinity(thread.native_id, {cpus[1]})
+            os.sched_setaffinity(thread.native_id, {other})
 
 
 # -- parent ------------------------------------------------------------------------------------
@@ -176,12 +210,66 @@ def main() -> None:
     parser.add_argument("--redis-url", default="")
     parser.add_argument("--log-dir", default="")
     parser.add_argument("--no-forced-switch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--switch-interval", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--pin", default="none", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--mechanism",
+        action="store_true",
+        help="only the GIL experiment: c=1 yielding callers, embedded, under switch intervals "
+        "and CPU placements",
+    )
     args = parser.parse_args()
     if args.child:
         sys.path.insert(0, str(SCRIPT.parent))
         print(orjson.dumps(asyncio.run(child_run(args))).decode())
         return
+    if args.mechanism:
+        mechanism(args)
+        return
     parent(args)
+
+
+def mechanism(args: argparse.Namespace) -> None:
+    """How often the shipping thread runs behind one yielding caller, and what changes it."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from _common import banner, print_table
+    from _versions import baseline_client, run_child
+
+    banner("shipping_load --mechanism", args)
+    seconds = args.seconds or 4.0
+    baseline = baseline_client(args.baseline)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-gil-"))
+    conditions = [
+        ("5 ms (default)", "none"),
+        ("100 µs", "none"),
+        ("1000 s", "none"),
+        ("1000 s", "same"),
+        ("1000 s", "split"),
+    ]
+    intervals = {"5 ms (default)": 0.005, "100 µs": 0.0001, "1000 s": 1000.0}
+    rows: list[list[Any]] = []
+    for name, client_dir in [(f"before ({args.baseline})", baseline), ("after", None)]:
+        for interval, pin in conditions:
+            log_dir = tempfile.mkdtemp(dir=scratch)
+            result = run_child(SCRIPT, client_dir, [
+                "--mode", "embedded", "--handler", "yield", "--callers", "1",
+                "--seconds", str(seconds), "--log-dir", log_dir,
+                "--switch-interval", str(intervals[interval]), "--pin", pin,
+            ])  # fmt: skip
+            rows.append([
+                name, interval, pin, result["rate"], result["flushes_per_s"],
+                result["wakeups_per_s"], result["handoffs"] or "", result["high_water"],
+                result["p99_ms"],
+            ])  # fmt: skip
+            print(f"  done: {name} {interval} {pin}", flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(baseline.parent, ignore_errors=True)
+    print_table(
+        f"One yielding caller, embedded, {seconds:g} s: the shipping thread's turns",
+        ["client", "switch interval", "CPUs (app / shipping thread)", "calls/s", "flushes/s",
+         "thread wake-ups/s", "handoffs", "buffer high-water", "p99 ms"],
+        rows,
+    )  # fmt: skip
 
 
 def parent(args: argparse.Namespace) -> None:
