@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--no-forced-switch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--switch-interval", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--pin", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--handlers", default="", help="only these handlers (plain,yield)")
     parser.add_argument(
         "--mechanism",
         action="store_true",
@@ -298,6 +299,8 @@ def parent(args: argparse.Namespace) -> None:
         try:
             cases = [(h, c, False) for h in ("plain", "yield") for c in (1, 64, 512)]
             cases.append(("yield", 1, True))  # a quiet machine's GIL race, on any machine
+            if args.handlers:
+                cases = [case for case in cases if case[0] in args.handlers.split(",")]
             for mode in ("redis", "embedded"):
                 for handler, callers, no_switch in cases:
                     for name, client_dir in versions:
