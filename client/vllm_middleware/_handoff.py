@@ -28,6 +28,9 @@ __all__ = ["Handoff"]
 # holds records back is the sink, not the GIL, and the handoffs would only cost the app.
 _INTERVAL_S = 0.005
 _SLOW_INTERVAL_S = 0.05
+# A handoff scheduled on a loop that has not run it for this long (a loop that stopped, or one
+# that stopped yielding) no longer holds back the next one, on another loop maybe.
+_STALE_S = 1.0
 # The longest the app's loop waits for the shipping loop to finish its turn.
 _WAIT_S = 0.002
 
@@ -35,7 +38,16 @@ _WAIT_S = 0.002
 class Handoff:
     """The app side asks (`check`, from `submit`); the shipping side says when it is idle."""
 
-    __slots__ = ("_batons", "_interval", "_next", "_scheduled", "_wake", "beat", "lent", "overdue")
+    __slots__ = (
+        "_batons",
+        "_interval",
+        "_next",
+        "_scheduled_at",
+        "_wake",
+        "beat",
+        "lent",
+        "overdue",
+    )
 
     def __init__(self, overdue: float, wake: Callable[[], bool]) -> None:
         self.overdue = overdue  # seconds without catching up that count as starved
@@ -47,25 +59,30 @@ class Handoff:
         self.lent = 0  # handoffs done (for the benchmark and tests)
         self._next = 0.0
         self._interval = _INTERVAL_S
-        self._scheduled = False
+        self._scheduled_at = 0.0  # when a handoff was scheduled that has not run yet (0: none)
         self._batons: list[threading.Lock] = []  # held by app loops waiting for our turn
 
     def check(self, shipping_loop: asyncio.AbstractEventLoop) -> None:
         """From `submit` (any thread): if the shipping thread is overdue and the caller runs
         on an event loop, lend it the GIL on that loop's next turn. Never blocks here."""
         now = time.monotonic()
-        if self._scheduled or now - self.beat < self.overdue or now < self._next:
+        if now - self.beat < self.overdue or now < self._next:
             return
+        if now - self._scheduled_at < _STALE_S:
+            return  # one is scheduled already
         loop = asyncio._get_running_loop()
         if loop is None or loop is shipping_loop:
             return  # a plain thread blocks in its own I/O, which releases the GIL for long
-        self._scheduled = True
+        self._scheduled_at = now
         loop.call_soon(self._lend, shipping_loop)
 
     def _lend(self, shipping_loop: asyncio.AbstractEventLoop) -> None:
         """On the app's loop: wait, without the GIL, for the shipping loop's turn."""
-        self._scheduled = False
-        self._next = time.monotonic() + self._interval
+        self._scheduled_at = 0.0
+        now = time.monotonic()
+        if now < self._next or now - self.beat < self.overdue:
+            return  # another loop's handoff came first, or the thread caught up meanwhile
+        self._next = now + self._interval
         baton = threading.Lock()
         baton.acquire()
         try:
@@ -100,7 +117,7 @@ class Handoff:
     def reset(self) -> None:
         """In a forked child: no app loop waits for a thread the child does not have."""
         self._batons = []
-        self._scheduled = False
+        self._scheduled_at = 0.0
         self.beat = time.monotonic()
 
 
