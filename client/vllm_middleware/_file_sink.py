@@ -64,7 +64,7 @@ class FileSink(Shipper):
         self._executor: ThreadPoolExecutor | None = None
         self._may_fall_back = kind == "auto"
 
-    async def ship(self, batch: list[RecordEntry], *, dropped: int) -> None:
+    async def ship(self, batch: list[RecordEntry], *, dropped: int, sampled_out: int) -> None:
         process = self.process
         if process is not None:
             try:

@@ -370,6 +370,7 @@ class Call:
             and error is None
             and not capture.sampled(self.request_id, self.client_request_id)
         ):
+            sink.count_sampled_out()  # the fleet's statistics count what sampling left out
             return
         # Microseconds, as milliseconds with 3 decimals (round(x, 3) costs ~0.5 µs more).
         latency_ms = int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000

@@ -74,12 +74,22 @@ _T = TypeVar("_T")
 # its first write (a script that has not written yet), so an OOM batch writes nothing.
 # Each XADD is a bundle (`_keys.py`): records of one (date, host), joined by newlines.
 # KEYS: stream, marker, stats.
-# ARGV: marker ttl, dropped, damaged, k, k x (date, host), then chunks of bundles: (bundle
-#       count, '<I2' partition index, '<I4' records, '<I4' errors, '<I4' checksum, '<I4' byte
-#       length - one of each per bundle - and the bundles concatenated)...
+# ARGV: marker ttl, dropped, damaged, sampled out, k, k x (date, host), then chunks of bundles:
+#       (bundle count, '<I2' partition index, '<I4' records, '<I4' errors, '<I4' checksum,
+#       '<I4' byte length - one of each per bundle - and the bundles concatenated)...
+# A counter that anyone made a non-integer (`HSET ... dropped abc`) is left alone rather than
+# fail the script after its XADDs (scripts are not rolled back); `get_statistics` reports it.
 _SHIP_BATCH = f"""
 local stream = KEYS[1]
-local a = 5 + 2 * tonumber(ARGV[4])
+local function count(field, n)
+  if n == '0' then return end
+  local v = redis.call('HGET', KEYS[3], field)
+  if v and not (string.len(v) <= 18 and (v == '0' or string.match(v, '^%-?[1-9]%d*$'))) then
+    return
+  end
+  redis.call('HINCRBY', KEYS[3], field, n)
+end
+local a = 6 + 2 * tonumber(ARGV[5])
 local r = 0
 while a <= #ARGV do
   local count, parts, ns, errs, sums, lens, blob = tonumber(ARGV[a]), ARGV[a + 1],
@@ -87,7 +97,7 @@ while a <= #ARGV do
   local pos = 1
   for j = 0, count - 1 do
     local len = struct.unpack('<I4', lens, 4 * j + 1)
-    local g = 3 + 2 * struct.unpack('<I2', parts, 2 * j + 1)
+    local g = 4 + 2 * struct.unpack('<I2', parts, 2 * j + 1)
     local n = struct.unpack('<I4', ns, 4 * j + 1)
     redis.call('XADD', stream, '*', '{FIELD_DATE.decode()}', ARGV[g + 2],
       '{FIELD_HOST.decode()}', ARGV[g + 3],
@@ -100,8 +110,9 @@ while a <= #ARGV do
   a = a + 7
 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
-if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[3], 'dropped', ARGV[2]) end
-if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[3], 'spool_damaged', ARGV[3]) end
+count('dropped', ARGV[2])
+count('spool_damaged', ARGV[3])
+count('sampled_out', ARGV[4])
 return r
 """
 _CHUNK_BYTES = 8 * _MB  # bundles per blob argument: far below Redis's 512 MB bulk limit
@@ -112,6 +123,7 @@ def pack_batch(
     dropped: int,
     damaged: int,
     *,
+    sampled_out: int = 0,
     bundle_records: int = BUNDLE_RECORDS,
 ) -> list[Any]:
     """The `_SHIP_BATCH` arguments for `batch` (a few bytes objects, whatever its length)."""
@@ -124,7 +136,7 @@ def pack_batch(
                 raise ValueError("more than 65536 partitions in one batch")
             group = groups[key] = []
         group.append(entry)
-    args: list[Any] = [_MARKER_TTL_S, dropped, damaged, len(groups)]
+    args: list[Any] = [_MARKER_TTL_S, dropped, damaged, sampled_out, len(groups)]
     chunk = _Chunk()
     chunks = [chunk]
     for index, ((date, host), entries) in enumerate(groups.items()):
@@ -223,7 +235,12 @@ class RedisStreamSink(Shipper):
         self._batch_seq = itertools.count(1)
         self._batch_id: str | None = None  # id of the in-flight batch, kept across retries
         self._attempted = False
-        self._attempt_drops = 0
+        self._attempt_counts = (0, 0)  # (dropped, sampled out) the attempted flush carried
+        # Counts reported with no batch to carry them, not yet in Redis, and the id and
+        # counts of the last attempt to send them (it may have landed: its marker says).
+        self._owed = (0, 0)
+        self._owed_attempt: tuple[str, int, int] | None = None
+        self._sending_owed = False  # (`settle` may report while the flush loop does)
         self.timeout = self.settings.redis_timeout
         self.healthy = True
         self.spool: Spool | None = None
@@ -247,36 +264,83 @@ class RedisStreamSink(Shipper):
     def _new_batch_id(self) -> str:
         return f"{self._token}-{next(self._batch_seq)}"
 
-    async def ship(self, batch: list[RecordEntry], *, dropped: int) -> None:
+    async def ship(self, batch: list[RecordEntry], *, dropped: int, sampled_out: int) -> None:
         if not self.healthy and self._io is not None:
             raise RedisUnavailable("Redis did not answer; spooling until it does")
         if self._batch_id is None:
             self._batch_id = self._new_batch_id()
             self._attempted = False
-            self._attempt_drops = 0
-        await asyncio.wait_for(self._send_live(batch, dropped), self.timeout)
+            self._attempt_counts = (0, 0)
+        await asyncio.wait_for(self._send_live(batch, dropped, sampled_out), self.timeout)
         self._batch_id = None
         self._probe_backoff = self.retry_backoff[0]
+        if self._owed != (0, 0) or self._owed_attempt is not None:
+            await self.report_counts(0, 0)
 
-    async def _send_live(self, batch: list[RecordEntry], dropped: int) -> None:
+    async def _send_live(self, batch: list[RecordEntry], dropped: int, sampled: int) -> None:
         assert self._batch_id is not None
         marker = self.keys.batch_marker(self._batch_id)
         if self._attempted and await self.redis.exists(marker):
-            # The earlier attempt landed, its drop count included; report only newer drops.
-            if dropped > self._attempt_drops:
-                await self.redis.hincrby(self.keys.stats, "dropped", dropped - self._attempt_drops)
+            # The earlier attempt landed, its counts included: what came since goes on
+            # with a batch of no records.
+            was_dropped, was_sampled = self._attempt_counts
+            self._owe(max(0, dropped - was_dropped), max(0, sampled - was_sampled))
             return
         self._attempted = True
-        self._attempt_drops = dropped
-        await self._transaction(batch, marker, dropped)
+        self._attempt_counts = (dropped, sampled)
+        await self._transaction(batch, marker, dropped, sampled_out=sampled)
 
     async def _transaction(
-        self, batch: Sequence[RecordEntry], marker: str, dropped: int, *, damaged: int = 0
+        self,
+        batch: Sequence[RecordEntry],
+        marker: str,
+        dropped: int,
+        *,
+        damaged: int = 0,
+        sampled_out: int = 0,
     ) -> None:
         """XADD the batch, SET its marker and count drops/damage: one atomic script call."""
         stats = self.keys.stats
-        args = pack_batch(batch, dropped, damaged)
+        args = pack_batch(batch, dropped, damaged, sampled_out=sampled_out)
         await self._ship_script(keys=[self.keys.stream, marker, stats], args=args)
+
+    # -- counts with no batch to carry them ---------------------------------------------------
+    def _owe(self, dropped: int, sampled: int) -> None:
+        owed_dropped, owed_sampled = self._owed
+        self._owed = (owed_dropped + dropped, owed_sampled + sampled)
+
+    async def report_counts(self, dropped: int, sampled_out: int) -> None:
+        self._owe(dropped, sampled_out)
+        if self._sending_owed or not self.healthy:
+            return  # sent by the call under way, or once Redis answers again
+        if self._owed == (0, 0) and self._owed_attempt is None:
+            return
+        self._sending_owed = True
+        try:
+            await asyncio.wait_for(self._send_owed(), self.timeout)
+        except Exception as exc:  # owed still: the next idle flush tries again
+            self.counters.last_error = f"counts: {type(exc).__name__}: {exc}"
+        finally:
+            self._sending_owed = False
+
+    async def _send_owed(self) -> None:
+        """Send the owed counts as a batch of no records, with its own marker: an attempt
+        that failed after landing is found by its marker and never counted twice."""
+        if self._owed_attempt is not None:
+            batch_id, dropped, sampled = self._owed_attempt
+            if await self.redis.exists(self.keys.batch_marker(batch_id)):
+                owed_dropped, owed_sampled = self._owed
+                self._owed = (owed_dropped - dropped, owed_sampled - sampled)
+            self._owed_attempt = None
+        dropped, sampled = self._owed
+        if not dropped and not sampled:
+            return
+        batch_id = self._new_batch_id()
+        self._owed_attempt = (batch_id, dropped, sampled)
+        await self._transaction([], self.keys.batch_marker(batch_id), dropped, sampled_out=sampled)
+        self._owed_attempt = None
+        owed_dropped, owed_sampled = self._owed
+        self._owed = (owed_dropped - dropped, owed_sampled - sampled)
 
     async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
         if self._io is None:

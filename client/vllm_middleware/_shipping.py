@@ -6,6 +6,8 @@ I/O never waits for a turn of the app's loop, so records leave memory at the rat
 made even while the app's loop never yields (an in-process or cached upstream). The thread is
 woken once per batch (or by its `flush_interval` timer), never per record or per loop turn: a
 thread woken that often loses the GIL race to a busy loop on every wake (`docs/benchmarks.md`).
+Behind an app loop that keeps yielding it would rarely win that race at all: that loop lends
+it the GIL when it falls behind (`_handoff.py`). `submit` is safe from any thread.
 The thread takes batches off the buffer and hands them to the sink's `ship`. A
 failed batch is offered to the sink's `on_ship_failed` (the Redis sink spools it to disk); if the
 sink cannot take it either, it stays at the head and is retried with backoff, so a slow or dead
@@ -23,77 +25,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ._exit import register
+from ._handoff import Handoff
 from ._record import RecordEntry
+from ._shipping_settings import BufferCounters, ShippingSettings
 
 __all__ = ["BufferCounters", "Shipper", "ShippingSettings"]
 
 logger = logging.getLogger("vllm_middleware")
-
-
-@dataclass(frozen=True)
-class ShippingSettings:
-    """How records wait between the request path and the sink."""
-
-    max_buffer: int = 50_000  # records held in memory at most; beyond, dropped and counted
-    batch_size: int = 500  # records per flush at most
-    flush_interval: float = 0.05  # seconds a partial batch may wait
-    retry_backoff: tuple[float, float] = (0.05, 5.0)  # first and largest pause after a failure
-    # -- Redis sink only: the on-disk spool and the timeouts (defaults from VLLM_MW_* env) --
-    #: spool batches Redis did not take (env VLLM_MW_SPOOL=0 turns it off)
-    spool: bool = field(default_factory=lambda: _env_flag("VLLM_MW_SPOOL", True))
-    #: spool root (env VLLM_MW_SPOOL_DIR, default ~/.cache/vllm-middleware/spool)
-    spool_dir: str | None = field(default_factory=lambda: os.environ.get("VLLM_MW_SPOOL_DIR"))
-    #: spool size bound; beyond it batches are dropped and counted (env VLLM_MW_SPOOL_MAX_MB)
-    spool_max_mb: float = field(default_factory=lambda: _env_float("VLLM_MW_SPOOL_MAX_MB", 1024))
-    spool_fsync: bool = True  # fsync every spooled batch before it counts as durable
-    #: seconds one Redis flush may take before the batch goes to the spool (env
-    #: VLLM_MW_REDIS_TIMEOUT); the request path never waits for it
-    redis_timeout: float = field(default_factory=lambda: _env_float("VLLM_MW_REDIS_TIMEOUT", 2.0))
-    #: wait for each record to be durable (Redis or spool) before the call returns
-    durable: bool = field(default_factory=lambda: _env_flag("VLLM_MW_DURABLE", False))
-    # -- embedded sink only --
-    #: who writes the files (env VLLM_MW_EMBEDDED_WRITER): "process" (a writer process beside
-    #: the app), "thread" (a thread in the app), or "auto": the process where it can start
-    embedded_writer: str = field(
-        default_factory=lambda: os.environ.get("VLLM_MW_EMBEDDED_WRITER", "auto").strip() or "auto"
-    )
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    return raw not in ("0", "false", "no", "off")
-
-
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
-@dataclass
-class BufferCounters:
-    submitted: int = 0
-    shipped: int = 0
-    dropped: int = 0
-    failed_batches: int = 0
-    last_error: str | None = None
-    spooled: int = 0  # records written to the spool
-    replayed: int = 0  # spooled records shipped to Redis since
-    spool_damaged: int = 0  # damaged spool regions skipped (each a torn or corrupted frame)
-    spool_bytes: int = 0  # bytes in the spool now
-    high_water: int = 0  # most records held in memory at once (seen when a batch is taken)
 
 
 class Shipper(ABC):
@@ -118,11 +63,18 @@ class Shipper(ABC):
         # Starting, closing, and counting drops (rare paths). Reentrant: a client's finalizer
         # (closing or releasing this sink) may run in any thread, inside any allocation.
         self._lock = threading.RLock()
+        # `submit` from many threads at once (a sync client's thread pool): `+=` on an
+        # attribute is not atomic, so the counts and the append are taken under this lock.
+        self._submit_lock = threading.Lock()
+        # Behind an app loop that keeps yielding the thread would rarely get the GIL.
+        self._handoff = Handoff(max(1.25 * self.flush_interval, 0.01), self._handoff_arrived)
+        self._waiting = False  # `_run` waits for its timer or a wake-up (not for the sink)
         self._asleep = False  # the shipping loop waits for a record, without a timer
         self._closing = False
         self._in_backlog = False  # `_run` is inside `work_backlog`
         self._closed = False
         self._unreported_drops = 0
+        self._unreported_sampled = 0  # calls sampled out, not yet counted in Redis
         # `durable` support: records accepted so far, and how many of them left memory (shipped,
         # spooled or dropped); batches leave in order, so one counter pair is enough.
         # `_accepted` is written by the request path only, `_resolved` by the shipping loop only.
@@ -133,12 +85,8 @@ class Shipper(ABC):
 
     # -- request path -----------------------------------------------------------------------
     def submit(self, entry: RecordEntry) -> None:
-        """Queue one encoded record. Never blocks, never raises for a full buffer."""
-        counters = self.counters
-        counters.submitted += 1
-        if self._closed or len(self._pending) + len(self._inflight) >= self.max_buffer:
-            self._drop_one()
-            return
+        """Queue one encoded record. Never blocks, never raises for a full buffer. Safe from
+        any thread."""
         pending = self._pending
         if self._inflight and len(pending) >= self.batch_size:
             # The buffer is backing up behind a batch the sink has not taken (slow or down),
@@ -148,15 +96,33 @@ class Shipper(ABC):
             entry = RecordEntry(
                 entry.date, entry.host, entry.is_error, bytes(memoryview(entry.data))
             )
-        pending.append(entry)
-        self._accepted += 1
-        if self._loop is None:
+        lock = self._submit_lock
+        lock.acquire()  # (not `with`: its two extra method calls cost ~650 instructions)
+        try:
+            self.counters.submitted += 1
+            held = len(pending) + len(self._inflight)
+            full = self._closed or held >= self.max_buffer
+            if not full:
+                pending.append(entry)
+                self._accepted += 1
+        finally:
+            lock.release()
+        if full:
+            self._drop_one()
+            return
+        loop = self._loop
+        if loop is None:
             self._start()
-        elif len(pending) == self.batch_size:
+            return
+        held = len(pending)
+        if held == self.batch_size:
             self._wake()  # a full batch is ready: no need to wait for the timer
         elif self._asleep:  # the first record after a quiet spell: start the timer
             self._asleep = False
+            self._handoff.beat = time.monotonic()
             self._wake()
+        elif not held & 7:  # every 8 records: is the shipping thread keeping up?
+            self._handoff.check(loop)
 
     def _drop_one(self) -> None:
         counters = self.counters
@@ -168,6 +134,22 @@ class Shipper(ABC):
             logger.warning(
                 "log buffer full (%d records): %d records dropped so far", self.max_buffer, dropped
             )
+
+    def _handoff_arrived(self) -> bool:
+        """On the shipping loop, a handoff from a busy app loop: flush now. True if `_run`
+        was waiting (it reaches `Handoff.idle` again after this flush)."""
+        if not self._waiting:
+            return False  # busy with the sink, or backing off after a failure
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return True
+
+    def count_sampled_out(self, count: int = 1) -> None:
+        """Calls left out by `sample_rate`: counted here and in the fleet's statistics (the
+        Redis sink adds them to the stats hash with its next batch). Safe from any thread."""
+        with self._lock:
+            self.counters.sampled_out += count
+            self._unreported_sampled += count
 
     def _wake(self) -> None:
         """Cut the shipping loop's wait short (from any thread)."""
@@ -276,38 +258,47 @@ class Shipper(ABC):
         """The shipping thread is the parent's (a child has none), and so are the records
         buffered before the fork: the parent ships them. Start afresh on the next record."""
         self._lock = threading.RLock()
+        self._submit_lock = threading.Lock()
         self._loop = self._wakeup = self._task = self._stopped = self._close_future = None
         self._pending.clear()
         self._inflight = []
         self._waiters = []
         self._resolved = self._accepted
         self._asleep = False
+        self._waiting = False
+        self._handoff.reset()
 
     async def _run(self) -> None:
         assert self._wakeup is not None
         backoff = self.retry_backoff[0]
         # Closing: ship the buffer, then keep replaying a backlog (spool) while the sink can,
         # until done or aclose's time budget cancels us (the spool then waits on disk).
+        handoff = self._handoff
         while not (
             self._closing and not self._inflight and not self._pending and not self.has_backlog()
         ):
+            handoff.turn()  # a turn of ours: app loops waiting for one go on
             idle = not self._inflight and len(self._pending) < self.batch_size
             if not self._closing and idle and not (self._waiters and self.buffered):
                 if not self._pending and self.sleeps_when_empty():
                     # Nothing to ship: no timer, so an idle sink (one the clients let go of)
                     # costs nothing; the first record wakes it (`submit`), then it waits one
                     # `flush_interval` for the batch to fill as usual.
-                    self._asleep = True
+                    self._asleep = self._waiting = True
+                    handoff.idle()
                     if not self._pending:  # (a record submitted just before `_asleep`)
                         await self._wakeup.wait()
-                    self._asleep = False
+                    self._asleep = self._waiting = False
                     self._wakeup.clear()
                     continue
                 # With a backlog to replay, do not sleep between replayed batches.
                 wait = 0.0 if self.has_backlog() else self.flush_interval
                 if wait:
+                    self._waiting = True
+                    handoff.idle()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), wait)
+                    self._waiting = False
                 self._wakeup.clear()
             if await self._flush_once():
                 backoff = self.retry_backoff[0]
@@ -321,6 +312,7 @@ class Shipper(ABC):
                 await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
                 continue
             # Wait out the backoff, but let close() cut it short.
+            handoff.idle()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), backoff)
             self._wakeup.clear()
@@ -332,6 +324,7 @@ class Shipper(ABC):
             held = len(self._pending)
             take = min(held, self.take_limit())
             if take == 0:
+                await self._report_counts_alone()
                 return True
             if held > self.counters.high_water:
                 self.counters.high_water = held
@@ -339,13 +332,14 @@ class Shipper(ABC):
             self._inflight = [pop() for _ in range(take)]
         with self._lock:
             drops, self._unreported_drops = self._unreported_drops, 0
+            sampled, self._unreported_sampled = self._unreported_sampled, 0
         try:
-            await self.ship(self._inflight, dropped=drops)
+            await self.ship(self._inflight, dropped=drops, sampled_out=sampled)
         except asyncio.CancelledError:
-            self._give_back(drops)
+            self._give_back(drops, sampled)
             raise
         except Exception as exc:  # any sink failure: keep the batch, retry later
-            self._give_back(drops)
+            self._give_back(drops, sampled)
             self.counters.failed_batches += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
             if await self.on_ship_failed(self._inflight, exc):
@@ -360,9 +354,18 @@ class Shipper(ABC):
         self._inflight = []
         return True
 
-    def _give_back(self, drops: int) -> None:
+    def _give_back(self, drops: int, sampled: int) -> None:
         with self._lock:
             self._unreported_drops += drops
+            self._unreported_sampled += sampled
+
+    async def _report_counts_alone(self) -> None:
+        """Counts waiting for a batch to carry them while there is none: hand them to the
+        sink, which then owes them (`report_counts`)."""
+        with self._lock:
+            drops, sampled = self._unreported_drops, self._unreported_sampled
+            self._unreported_drops = self._unreported_sampled = 0
+        await self.report_counts(drops, sampled)
 
     def count_dropped(self, count: int, why: str) -> None:
         """Records given up on purpose: counted, reported to Redis later, and logged."""
@@ -400,6 +403,10 @@ class Shipper(ABC):
 
     async def _settle_here(self, deadline: float) -> None:
         await self.before_close(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
+            await asyncio.wait_for(
+                self._report_counts_alone(), max(0.1, deadline - time.monotonic())
+            )
         while (
             (self.has_backlog() or self._in_backlog)
             and not self._closing
@@ -475,15 +482,15 @@ class Shipper(ABC):
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
-        self._closed = True
-        # A record the request path appended just as `_closed` was set is rescued with the
-        # rest (later ones see `_closed` and are counted as dropped).
-        await asyncio.sleep(0)
-        # The in-flight batch apart from the rest: the sink may know it under an id (a flush
-        # that may have landed), which must never cover records outside it (see `rescue`).
-        inflight, pending = self._inflight, list(self._pending)
-        self._pending.clear()
-        self._inflight = []
+        # Under the submit lock: a record is either appended before (and rescued with the
+        # rest) or sees `_closed` (and is counted as dropped), from whatever thread.
+        with self._submit_lock:
+            self._closed = True
+            # The in-flight batch apart from the rest: the sink may know it under an id (a
+            # flush that may have landed), which must never cover records outside it.
+            inflight, pending = self._inflight, list(self._pending)
+            self._pending.clear()
+            self._inflight = []
         left = len(inflight) + len(pending)
         if left:
             try:
@@ -495,6 +502,10 @@ class Shipper(ABC):
             if left > saved:
                 self.count_dropped(left - saved, "closed with unshipped log records")
             self._resolve(left)
+        with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
+            await asyncio.wait_for(
+                self._report_counts_alone(), max(0.1, deadline - time.monotonic())
+            )
         await self.close_sink()
 
     # -- hooks (the Redis sink overrides them) -----------------------------------------------
@@ -506,6 +517,12 @@ class Shipper(ABC):
     async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
         """Take care of a batch `ship` failed on (True), or leave it to be retried (False)."""
         return False
+
+    async def report_counts(self, dropped: int, sampled_out: int) -> None:
+        """Take drops and sampled-out calls to report with no batch to carry them (the
+        sink owes them from now on; zeros when there are none: a sink that still owes some
+        sends them); must not raise. Only a fleet-wide sink reports them."""
+        return None
 
     def take_limit(self) -> int:
         """Records to take off the buffer for the next `ship`."""
@@ -531,8 +548,9 @@ class Shipper(ABC):
 
     # -- sink -------------------------------------------------------------------------------
     @abstractmethod
-    async def ship(self, batch: list[RecordEntry], *, dropped: int) -> None:
-        """Make `batch` durable at the destination, or raise. `dropped`: drops to report."""
+    async def ship(self, batch: list[RecordEntry], *, dropped: int, sampled_out: int) -> None:
+        """Make `batch` durable at the destination, or raise. `dropped`, `sampled_out`:
+        records dropped and calls sampled out to report with it."""
 
     @abstractmethod
     async def close_sink(self) -> None:
