@@ -18,7 +18,7 @@ from vllm_middleware._keys import (
     FIELD_HOST,
     FIELD_RECORD,
 )
-from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
+from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 

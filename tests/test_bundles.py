@@ -21,7 +21,7 @@ from vllm_middleware._keys import (
     FIELD_SUM,
 )
 from vllm_middleware._partition import PartitionLines
-from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
+from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
 from vllm_middleware.storage import PartitionWriter, RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis

@@ -273,8 +273,8 @@ def test_tail_shows_the_same_history_from_a_compressed_tree(tmp_path: Path) -> N
 def test_the_embedded_writer_never_appends_to_a_file_idle_long_enough_to_be_compressed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vllm_middleware import _writer_main as writer_main
     from vllm_middleware._partition import PartitionLines
+    from vllm_middleware._sinks import _writer_main as writer_main
 
     monkeypatch.setattr(writer_main, "_FILE_IDLE_S", 0.2)
     frames = []

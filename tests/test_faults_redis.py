@@ -20,7 +20,7 @@ import psutil
 import pytest
 import redis
 from vllm_middleware import VLLMMiddleware
-from vllm_middleware._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
 from vllm_middleware.storage import StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
@@ -189,8 +189,8 @@ import asyncio, os, signal, sys
 import orjson
 import redis.asyncio as aioredis
 from vllm_middleware.storage import RecordEntry, StreamKeys
-from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware._shipping import ShippingSettings
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._shipping import ShippingSettings
 
 async def main() -> None:
     url, count = sys.argv[1], int(sys.argv[2])

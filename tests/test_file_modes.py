@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from vllm_middleware import ConfigurationError, VLLMMiddleware, load_logs
-from vllm_middleware._spool import Spool
+from vllm_middleware._sinks._spool import Spool
 from vllm_middleware.storage import RecordEntry
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from vllm_middleware import BadRequestError, VLLMMiddleware, get_statistics
-from vllm_middleware._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
 from vllm_middleware_testing import RedisServerProcess
 
 REPLY = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}

@@ -16,8 +16,8 @@ import orjson
 import redis as redis_sync
 import redis.asyncio as aioredis
 from vllm_middleware import load_logs
-from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware._shipping import ShippingSettings
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._shipping import ShippingSettings
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 

@@ -18,10 +18,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from vllm_middleware import VLLMMiddleware, load_logs
-from vllm_middleware._file_sink import FileSink
 from vllm_middleware._keys import FIELD_COUNT
 from vllm_middleware._record import RecordEntry
-from vllm_middleware._shipping import ShippingSettings
+from vllm_middleware._sinks._file_sink import FileSink
+from vllm_middleware._sinks._shipping import ShippingSettings
 from vllm_middleware_testing import RedisServerProcess
 
 REPLY = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}

@@ -16,11 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 from vllm_middleware import ConfigurationError, ReadStats, iter_logs
-from vllm_middleware._file_sink import FileSink
 from vllm_middleware._partition import PartitionLines
 from vllm_middleware._record import RecordEntry
-from vllm_middleware._shipping import ShippingSettings
-from vllm_middleware._writer_main import decode_batch, encode_batch
+from vllm_middleware._sinks._file_sink import FileSink
+from vllm_middleware._sinks._shipping import ShippingSettings
+from vllm_middleware._sinks._writer_main import decode_batch, encode_batch
 
 DATE = "2026-11-27"
 
@@ -353,8 +353,8 @@ def test_a_sink_never_closed_saves_its_records_at_exit(tmp_path: Path) -> None:
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_writer_process import entries, ship
         from pathlib import Path
-        from vllm_middleware._file_sink import FileSink
-        from vllm_middleware._shipping import ShippingSettings
+        from vllm_middleware._sinks._file_sink import FileSink
+        from vllm_middleware._sinks._shipping import ShippingSettings
 
         async def main():
             settings = ShippingSettings(batch_size=50, flush_interval=60)

@@ -18,7 +18,7 @@ from ._media import MediaPipeline, MediaPolicy
 from ._partition import LogFormat
 from ._recorder import Call, Recorder
 from ._settings import ClientSettings
-from ._shipping import Shipper
+from ._sinks._shipping import Shipper
 
 __all__ = ["ClientBase", "call_params", "request_body"]
 

@@ -24,7 +24,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ._capture import CapturePolicy, Redactor, capture_policy
-from ._destination import Destination, collected_unclosed, mode_of, open_destination
 from ._exceptions import APIError, InvalidRequestError
 from ._http import error_details
 from ._keys import StreamKeys
@@ -41,7 +40,8 @@ from ._record import (
     utc_now,
 )
 from ._settings import ClientSettings
-from ._shipping import Shipper
+from ._sinks._destination import Destination, collected_unclosed, mode_of, open_destination
+from ._sinks._shipping import Shipper
 from ._stats import ClientStatistics, local_statistics
 
 __all__ = ["Call", "Recorder"]

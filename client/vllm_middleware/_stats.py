@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from ._keys import StreamKeys
 from ._media import MediaPipeline
 from ._reader import iter_log_files, iter_logs
-from ._shipping import Shipper
+from ._sinks._shipping import Shipper
 
 __all__ = [
     "ClientStatistics",

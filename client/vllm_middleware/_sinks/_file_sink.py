@@ -14,12 +14,12 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from ._exceptions import ConfigurationError
-from ._exit import run_blocking
-from ._modes import LOG_MODES, FileModes
-from ._partition import LogFormat, PartitionWriter
+from .._exceptions import ConfigurationError
+from .._exit import run_blocking
+from .._modes import LOG_MODES, FileModes
+from .._partition import LogFormat, PartitionWriter
+from .._record import RecordEntry
 from ._process_writer import ProcessWriter, WriterProcessUnavailable
-from ._record import RecordEntry
 from ._shipping import Shipper, ShippingSettings
 
 __all__ = ["FileSink"]

@@ -31,9 +31,9 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 
-from ._exit import register
+from .._exit import register
+from .._record import RecordEntry
 from ._handoff import Handoff
-from ._record import RecordEntry
 from ._shipping_settings import BufferCounters, ShippingSettings
 
 __all__ = ["BufferCounters", "Shipper", "ShippingSettings"]

@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from ._exit import run_blocking
-from ._keys import (
+from .._exit import run_blocking
+from .._keys import (
     BUNDLE_BYTES,
     BUNDLE_RECORDS,
     FIELD_COUNT,
@@ -47,8 +47,8 @@ from ._keys import (
     StreamKeys,
     bundle_sum,
 )
-from ._partition import sanitize_partition_value
-from ._record import RecordEntry
+from .._partition import sanitize_partition_value
+from .._record import RecordEntry
 from ._shipping import Shipper, ShippingSettings
 from ._spool import Spool, SpoolGroup
 

@@ -37,9 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._modes import SPOOL_MODES, make_dirs
-from ._partition import fsync_dir
-from ._record import RecordEntry
+from .._modes import SPOOL_MODES, make_dirs
+from .._partition import fsync_dir
+from .._record import RecordEntry
 
 __all__ = ["Spool", "SpoolGroup"]
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .._keys import StreamKeys
+from .._media import MediaPipeline, MediaPolicy, media_pipeline
+from .._modes import LOG_MODES, FileModes
+from .._partition import LogFormat
 from ._file_sink import FileSink
-from ._keys import StreamKeys
-from ._media import MediaPipeline, MediaPolicy, media_pipeline
-from ._modes import LOG_MODES, FileModes
-from ._partition import LogFormat
 from ._redis_sink import RedisStreamSink
 from ._shipping import Shipper, ShippingSettings
 

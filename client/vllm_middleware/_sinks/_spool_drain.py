@@ -20,8 +20,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from ._keys import StreamKeys
-from ._partition import fsync_dir, sanitize_partition_value
+from .._keys import StreamKeys
+from .._partition import fsync_dir, sanitize_partition_value
 from ._redis_sink import RedisStreamSink
 from ._shipping import ShippingSettings
 from ._spool_inventory import spool_root

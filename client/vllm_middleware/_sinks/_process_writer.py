@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import orjson
 
-from ._modes import LOG_MODES, FileModes
-from ._partition import PartitionLines
-from ._record import RecordEntry
+from .._modes import LOG_MODES, FileModes
+from .._partition import PartitionLines
+from .._record import RecordEntry
 from ._writer_main import (
     BATCH,
     DONE,
@@ -47,7 +47,7 @@ _BOOTSTRAP = (
     "package = types.ModuleType('vllm_middleware')\n"
     "package.__path__ = [sys.argv[1]]\n"
     "sys.modules['vllm_middleware'] = package\n"
-    "from vllm_middleware._writer_main import main\n"
+    "from vllm_middleware._sinks._writer_main import main\n"
     "sys.exit(main(sys.argv[2:]))\n"
 )
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

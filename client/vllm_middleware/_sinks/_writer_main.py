@@ -31,9 +31,9 @@ from typing import BinaryIO
 
 import orjson
 
-from ._crash import crash_point
-from ._modes import FileModes
-from ._partition import PartitionLines, PartitionWriter, cut_back
+from .._crash import crash_point
+from .._modes import FileModes
+from .._partition import PartitionLines, PartitionWriter, cut_back
 
 __all__ = [
     "BATCH",
