@@ -1,4 +1,4 @@
-"""`vllm-mw`: the operator's command line (stats, worker, demo).
+"""`vllm-mw`: the operator's command line (stats, worker, demo, proxy, ...).
 
 Every failure is one line on stderr, `vllm-mw: <what failed>: <why>`, with passwords in URLs
 masked, and a non-zero exit; `-v` adds the traceback.
@@ -162,6 +162,15 @@ def _parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
     demo.set_defaults(handler=run_demo)
+
+    from ._proxy_cli import add_arguments as add_proxy_arguments
+    from ._proxy_cli import run as run_proxy
+
+    proxy = commands.add_parser(
+        "proxy", help="an OpenAI-compatible logging proxy: apps change only their base URL"
+    )
+    add_proxy_arguments(proxy)
+    proxy.set_defaults(handler=run_proxy)
 
     from ._cli_ops import add_ops_commands
     from ._cli_use import add_commands as add_use_commands
