@@ -73,6 +73,8 @@ def start_proxy(tmp_path: Path) -> Iterator[Any]:
 
     def start(*args: str, record: bool = True) -> Proxy:
         log_dir = tmp_path / "logs" if record and "--redis-url" not in args else None
+        if not record:
+            args = (*args, "--no-record")
         proxy = Proxy(*args, log_dir=log_dir)
         proxies.append(proxy)
         return proxy
@@ -162,6 +164,19 @@ def test_stream_chunks_pass_through_as_they_arrive(start_proxy: Any) -> None:
         assert len(arrivals) >= 3
         # Buffered, they would arrive together at the end; streamed, ~0.3 s apart.
         assert arrivals[-1] - arrivals[0] >= 0.5
+
+
+def test_upstream_connections_are_kept_alive_and_reused(start_proxy: Any) -> None:
+    with FakeVLLMServer() as fake:
+        proxy = start_proxy("--upstream", fake.base_url, record=False)
+        with httpx.Client() as client:
+            for _ in range(10):
+                assert client.post(proxy.base_url + "/chat/completions", json=CHAT).is_success
+            body = {**CHAT, "stream": True}
+            for _ in range(5):
+                with client.stream("POST", proxy.base_url + "/chat/completions", json=body) as r:
+                    r.read()
+        assert len(_connections_to(proxy, fake.port)) == 1
 
 
 # -- the openai SDK -----------------------------------------------------------------------

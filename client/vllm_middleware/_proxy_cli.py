@@ -20,6 +20,7 @@ import orjson
 
 from ._exceptions import ConfigurationError
 from ._proxy import ProxyApp
+from ._proxy_pool import UpstreamPool
 from ._proxy_routes import UpstreamMap, parse_upstreams
 from ._settings import argv_password_warning, mask_url
 
@@ -157,12 +158,7 @@ def _recording(
 
 def build_app(args: argparse.Namespace, upstreams: UpstreamMap) -> tuple[ProxyApp, str]:
     """The app for `args`, and a line saying where its records go."""
-    limits = httpx.Limits(
-        max_connections=args.max_connections,
-        max_keepalive_connections=args.max_connections,
-        keepalive_expiry=60.0,
-    )
-    inner = httpx.AsyncHTTPTransport(limits=limits)
+    inner = UpstreamPool(max_connections=args.max_connections, keepalive_expiry=60.0)
     recorded, flush, recorder, where = _recording(args, inner)
     metrics = None
     if not args.no_metrics:
