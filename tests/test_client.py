@@ -138,7 +138,7 @@ async def test_invalid_json_from_the_server(tmp_path: Path) -> None:
 async def test_logging_failure_never_reaches_the_caller(
     fake_vllm: FakeVLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vllm_middleware._call as call_module
+    import vllm_middleware._recorder as call_module
 
     def broken(record: object) -> bytes:
         raise RuntimeError("encoder exploded")

@@ -373,7 +373,7 @@ async def test_sampling_is_deterministic_by_request_id_and_keeps_errors(
 
 async def test_no_option_no_policy(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
     client = client_for(fake_vllm, tmp_path)
-    assert client._capture is None  # the request path does nothing more than before
+    assert client.recorder.capture is None  # the request path does nothing more than before
     await client.close()
 
 

@@ -10,42 +10,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import weakref
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
 
 import httpx
-import orjson
 import redis.asyncio as aioredis
 
-from ._call import JSON_HEADERS, SSE_HEADERS, missing_headers, start_call, usage_hidden
-from ._capture import CapturePolicy, ContentMode, Redactor, capture_policy
-from ._destination import Destination, collected_unclosed, mode_of, open_destination
+from ._call import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    encode_body,
+    header_request_id,
+    json_reply,
+    missing_headers,
+    send_logged,
+    usage_hidden,
+    usage_options,
+)
+from ._capture import ContentMode, Redactor
 from ._endpoints import Endpoints
-from ._exceptions import APIError, ConfigurationError
+from ._exceptions import APIError, ConfigurationError, InvalidRequestError
 from ._http import (
     absolute_url,
-    exception_from_response,
-    exception_from_transport,
     exception_from_unsendable,
     new_http_client,
 )
-from ._keys import StreamKeys
 from ._media import MediaPipeline, MediaPolicy
-from ._modes import log_modes
-from ._partition import LogFormat, check_host
-from ._record import RecordEntry, default_host, utc_now
+from ._partition import LogFormat
+from ._recorder import Call, Recorder
 from ._settings import ClientSettings
 from ._shipping import Shipper
-from ._stats import ClientStatistics, local_statistics
-from ._streaming import AsyncStream, StreamState, fail_before_stream, log_unstarted
+from ._streaming import (
+    Accumulator,
+    AsyncStream,
+    StreamEnd,
+    StreamState,
+    fail_before_stream,
+    log_unstarted,
+)
 
 __all__ = ["VLLMMiddleware"]
 
 logger = logging.getLogger("vllm_middleware")
 
-_ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
 
 
@@ -122,11 +131,8 @@ class VLLMMiddleware(Endpoints):
             content=content,
             sample_rate=sample_rate,
         )
-        # Records hold prompts and answers: not world-readable (0640/0750 unless configured).
-        self.file_modes = log_modes(settings.file_mode, settings.dir_mode)
-        # None unless an option is set: the request path then checks one attribute, no more.
-        self._capture: CapturePolicy | None = capture_policy(
-            redact, settings.content, settings.sample_rate
+        self._recorder = recorder = Recorder.from_settings(
+            settings, metadata=metadata, redis_client=redis_client, redact=redact
         )
         self.base_url = base_url.rstrip("/")
         # Absolute URLs, so the middleware's base_url applies whatever an injected client's
@@ -139,10 +145,10 @@ class VLLMMiddleware(Endpoints):
         self.enable_file_logging = enable_file_logging
         self.log_format = log_format
         self.max_log_size_mb = max_log_size_mb
-        self.host = check_host(settings.host or default_host())
-        self.metadata: dict[str, Any] = dict(metadata or {})
-        self.keys = StreamKeys(stream)
-        self.redis_url = settings.redis_url
+        self.keys = recorder.keys
+        self.redis_url = recorder.redis_url
+        self.file_modes = recorder.file_modes
+        self.max_record_bytes = max_record_bytes
 
         self._owns_http = http_client is None
         self._http_settings = (api_key, timeout)
@@ -155,54 +161,51 @@ class VLLMMiddleware(Endpoints):
         # own defaults do not already say JSON (an injected client may not).
         self._json_headers: Mapping[str, str] | None = missing_headers(http_client, JSON_HEADERS)
         self._sse_headers: Mapping[str, str] | None = missing_headers(http_client, SSE_HEADERS)
-
-        self.total_requests = 0
-        self.logging_errors = 0
-        self.records_truncated = 0
-        #: called with each record before it is encoded (`ClientMetrics.attach`); off if None
-        self.record_observer: Callable[[dict[str, Any]], None] | None = None
-        self.max_record_bytes = max_record_bytes
-        self.media_policy: MediaPolicy = media_policy
-        self._media: MediaPipeline | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._redis: aioredis.Redis | None = None
-        self._sink: Shipper | None = None
-        self._destination: Destination | None = None
-        self._durable = False
-        if enable_file_logging:
-            destination = open_destination(
-                log_dir=log_dir,
-                redis_url=self.redis_url,
-                redis_client=redis_client,
-                keys=self.keys,
-                shipping=settings.shipping(),
-                durable=None,
-                max_log_size_mb=max_log_size_mb,
-                log_format=log_format,
-                fsync=fsync,
-                media_policy=media_policy,
-                media_dir=media_dir,
-                media_min_bytes=media_min_bytes,
-                max_record_bytes=max_record_bytes,
-                modes=self.file_modes,
-            )
-            self._destination = destination
-            self._sink, self._media = destination.sink, destination.media
-            self._redis, self._durable = destination.redis, destination.durable
-            if self._media is not None:
-                self.media_policy = self._media.policy
-        self._stats = ClientStatistics(
-            log_dir=self.log_dir,
-            logging_enabled=enable_file_logging,
-            keys=self.keys,
-            redis_client=self._redis,
-            redis_url=self.redis_url,
-        )
+        # The recorder's sink and media store (read by `durable` waits and by tests).
+        self._sink: Shipper | None = recorder.sink
+        self._media: MediaPipeline | None = recorder.media
+        self._durable = recorder.durable
+        self._closed = False
 
-        # Dropped without close: save what is buffered, and say so (never at exit: there the
-        # shippers' own exit handler saves everything, quietly).
-        self._finalizer = weakref.finalize(self, collected_unclosed, self._destination)
-        self._finalizer.atexit = False
+    # The recorder's counters and settings, under the names the original tool used.
+    @property
+    def host(self) -> str:
+        return self._recorder.host
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._recorder.metadata
+
+    @property
+    def media_policy(self) -> MediaPolicy:
+        return self._recorder.media_policy
+
+    @property
+    def total_requests(self) -> int:
+        return self._recorder.total_requests
+
+    @property
+    def logging_errors(self) -> int:
+        return self._recorder.logging_errors
+
+    @property
+    def records_truncated(self) -> int:
+        return self._recorder.records_truncated
+
+    @property
+    def record_observer(self) -> Callable[[dict[str, Any]], None] | None:
+        """Called with each record before it is encoded (`ClientMetrics.attach`); off if None."""
+        return self._recorder.record_observer
+
+    @record_observer.setter
+    def record_observer(self, observer: Callable[[dict[str, Any]], None] | None) -> None:
+        self._recorder.record_observer = observer
+
+    @property
+    def recorder(self) -> Recorder:
+        """Builds and ships this client's records (shared with other doors if wanted)."""
+        return self._recorder
 
     def _new_http_client(self) -> httpx.AsyncClient:
         api_key, timeout = self._http_settings
@@ -228,7 +231,7 @@ class VLLMMiddleware(Endpoints):
 
     @property
     def mode(self) -> str:
-        return mode_of(self._sink)
+        return self._recorder.mode
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> VLLMMiddleware:
@@ -244,17 +247,15 @@ class VLLMMiddleware(Endpoints):
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush buffered records (within `timeout`) and close what this client created."""
-        if not self._finalizer.detach():
-            return  # closed already
-
+        if self._closed:
+            return
+        self._closed = True
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
-        if self._destination is not None:
-            await self._destination.aclose(timeout)
+        await self._recorder.aclose(timeout)
         if self._owns_http and self._loop in (None, asyncio.get_running_loop()):
             # (On another loop than the calls', its connections went with their loop.)
             await self._http.aclose()
-        self._stats.close()
 
     aclose = close
 
@@ -393,40 +394,49 @@ class VLLMMiddleware(Endpoints):
             return await self._wait_durable(call)
         return await call
 
-    async def models(self) -> dict[str, Any]:
-        """GET /models: the served models, as the server's JSON.
-
-        Like `health`, a control-plane call: it is not traffic and writes no record.
-        """
+    def _start(
+        self,
+        endpoint: str,
+        payload_key: str,
+        payload: Any,
+        model: str | None,
+        params: dict[str, Any],
+        metadata: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+    ) -> Call:
+        """A call begins: on this loop's HTTP client, counted by the recorder."""
         if asyncio.get_running_loop() is not self._loop:
             self._enter_loop()
-        url = self._urls["models"]
-        try:
-            response = await self._http.get(url, headers=_ACCEPT_JSON)
-        except httpx.HTTPError as exc:
-            raise exception_from_transport(exc, "models") from exc
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise exception_from_unsendable(exc, url, None) from exc
-        if response.status_code >= 400:
-            raise exception_from_response(response, "models")
-        try:
-            return orjson.loads(response.content)  # type: ignore[no-any-return]
-        except orjson.JSONDecodeError as exc:
-            raise APIError(f"server returned invalid JSON: {exc}") from exc
+        client_request_id = header_request_id(headers)
+        if client_request_id is None and "request_id" in params:
+            client_request_id = params["request_id"]
+        return self._recorder.start(
+            endpoint,
+            payload_key,
+            payload,
+            model,
+            params,
+            metadata,
+            client_request_id=client_request_id,
+        )
 
-    async def health(self, timeout: float = 5.0) -> bool:
-        """GET /health (at the server root, beside /v1): True when the server answers 200.
-
-        Never raises for an unreachable or failing server; writes no record.
-        """
-        if asyncio.get_running_loop() is not self._loop:
-            self._enter_loop()
-        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
-        try:
-            response = await self._http.get(f"{root}/health", timeout=timeout)
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, TypeError):
-            return False
-        return response.status_code == 200
+    def _body(
+        self,
+        params: dict[str, Any],
+        model: str | None,
+        payload_key: str,
+        payload: Any,
+        stream: bool,
+    ) -> dict[str, Any]:
+        body = dict(params)
+        if stream and (options := usage_options(params.get("stream_options"))) is not None:
+            # Usage is only sent when asked for: ask for it whatever else the caller set (the
+            # stream hides what the caller did not ask for). `parameters` stay the caller's own.
+            body["stream_options"] = options
+        if model is not None:
+            body["model"] = model
+        body[payload_key] = payload
+        return body
 
     async def _call(
         self,
@@ -439,39 +449,16 @@ class VLLMMiddleware(Endpoints):
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """A non-streaming call: the HTTP exchange, its record logged whatever happens."""
-        if asyncio.get_running_loop() is not self._loop:
-            self._enter_loop()
-        call, started, content, send_headers = start_call(
-            self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now()
-        )
+        started = time.perf_counter()
+        call = self._start(endpoint, payload_key, payload, model, params, metadata, headers)
+        content = encode_body(call, started, self._body(params, model, payload_key, payload, False))
+        send_headers = self._json_headers
+        if headers:
+            send_headers = {**(send_headers or {}), **headers}
         url = self._urls[endpoint]
-        try:
-            response = await self._http.post(url, content=content, headers=send_headers)
-        except httpx.HTTPError as exc:
-            api_error = exception_from_transport(exc, call.request_id)
-            call.log(started, error=api_error)
-            raise api_error from exc
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            unsendable = exception_from_unsendable(exc, url, call.request_id)
-            call.log(started, error=unsendable)
-            raise unsendable from exc
-        except asyncio.CancelledError:
-            call.log(started, error=APIError("cancelled by the caller before the response"))
-            raise
-        status_code = response.status_code
-        if status_code >= 400:
-            status_error = exception_from_response(response, call.request_id)
-            call.log(started, error=status_error, status_code=status_code)
-            raise status_error
-        raw = response.content
-        try:
-            result = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            bad = APIError(f"server returned invalid JSON: {exc}", request_id=call.request_id)
-            call.log(started, error=bad, status_code=status_code)
-            raise bad from exc
-        call.log(started, response=result, status_code=status_code, reply_bytes=len(raw))
-        return result  # type: ignore[no-any-return]
+        sending = self._http.post(url, content=content, headers=send_headers)
+        response = await send_logged(call, started, url, sending)
+        return json_reply(call, started, response)  # type: ignore[no-any-return]
 
     async def _wait_durable(self, call: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
         """`durable=True`: run `call`, then wait until its record is in Redis, the spool or the
@@ -480,14 +467,8 @@ class VLLMMiddleware(Endpoints):
             return await call
         finally:
             task = asyncio.current_task()
-            sink = self._sink
-            if sink is not None and (task is None or not task.cancelling()):
-                try:
-                    if self._media is not None:
-                        await self._media.drain(sink.settings.redis_timeout * 2 + 1)
-                    await sink.wait_durable(sink.settings.redis_timeout * 2 + 1)
-                except Exception:
-                    self._logging_failed(None)
+            if task is None or not task.cancelling():
+                await self._recorder.wait_durable()
 
     async def _open_stream(
         self,
@@ -499,38 +480,59 @@ class VLLMMiddleware(Endpoints):
         metadata: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
     ) -> AsyncStream:
-        if asyncio.get_running_loop() is not self._loop:
-            self._enter_loop()
-        call, started, content, send_headers = start_call(
-            self, endpoint, payload_key, payload, model, params, metadata, headers, utc_now(), True
+        started = time.perf_counter()
+        call = self._start(endpoint, payload_key, payload, model, params, metadata, headers)
+        body = self._body(params, model, payload_key, payload, True)
+        content = encode_body(call, started, body, stream=True)
+        send_headers = self._sse_headers
+        if headers:
+            send_headers = {**(send_headers or {}), **headers}
+        return await self._send_stream(
+            call,
+            started,
+            self._urls[endpoint],
+            content,
+            send_headers,
+            chat=endpoint == "chat/completions",
+            hide_usage=usage_hidden(params.get("stream_options")),
         )
-        request_id = call.request_id
-        hide_usage = usage_hidden(params.get("stream_options"))
-        url = self._urls[endpoint]
+
+    async def _send_stream(
+        self,
+        call: Call,
+        started: float,
+        url: httpx.URL | str,
+        content: bytes,
+        headers: Mapping[str, str] | None,
+        *,
+        chat: bool = False,
+        hide_usage: bool = False,
+        acc: Accumulator | None = None,
+    ) -> AsyncStream:
+        """Send a streaming request; its record is logged however the stream ends."""
+
+        def unstarted(error: APIError | InvalidRequestError, end: StreamEnd) -> None:
+            log_unstarted(call, started, error, end)
+
+        http = self._http
         try:
-            request = self._http.build_request("POST", url, content=content, headers=send_headers)
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            api_error = exception_from_transport(exc, request_id)
-            log_unstarted(call, started, api_error, "disconnected")
-            raise api_error from exc
+            request = http.build_request("POST", url, content=content, headers=headers)
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            unsendable = exception_from_unsendable(exc, url, request_id)
-            log_unstarted(call, started, unsendable, "invalid_request")
+            unsendable = exception_from_unsendable(exc, url, call.request_id)
+            unstarted(unsendable, "invalid_request")
             raise unsendable from exc
-        except asyncio.CancelledError:
-            cancelled = APIError("cancelled by the caller before the response")
-            log_unstarted(call, started, cancelled, "cancelled")
-            raise
+        sending = http.send(request, stream=True)
+        response = await send_logged(call, started, url, sending, unstarted)
         if response.status_code >= 400:
             await fail_before_stream(call, started, response)
         state = StreamState(
             call,
             started,
             response,
-            chat=endpoint == "chat/completions",
+            chat=chat,
             hide_usage=hide_usage,
             spawn=self._spawn,
+            acc=acc,
         )
         return AsyncStream(state)
 
@@ -540,43 +542,15 @@ class VLLMMiddleware(Endpoints):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # -- logging ----------------------------------------------------------------------------
-    def _logging_failed(self, request_id: Any, exc: BaseException | None = None) -> None:
-        """A record could not be logged: counted (and logged, sparingly), never raised."""
-        self.logging_errors += 1
-        if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
-            logger.error("could not log request %s", request_id, exc_info=exc or True)
-
-    def _ship(self, date: str, is_error: bool) -> Callable[[bytes], None]:
-        def ship(data: bytes) -> None:
-            if self._sink is not None:
-                self._sink.submit(RecordEntry(date, self.host, is_error, data))
-
-        return ship
-
     # -- statistics -------------------------------------------------------------------------
-    def _local_statistics(self) -> dict[str, Any]:
-        stats = local_statistics(
-            self.mode,
-            self.total_requests,
-            self._sink,
-            self._media,
-            logging_errors=self.logging_errors,
-            truncated=self.records_truncated,
-            media_policy=self.media_policy,
-        )
-        if self._capture is not None:
-            stats.update(self._capture.statistics())
-        return stats
-
     def get_statistics(self) -> dict[str, Any]:
         """Usage statistics; includes the original tool's keys.
 
         Redis mode: the workers' exact fleet-wide counters (O(1)); embedded: this client's
         request count and a scan of the file tree. `client` holds this process's counters.
         """
-        return self._stats.read(self._local_statistics(), self.total_requests)
+        return self._recorder.statistics()
 
     async def aget_statistics(self) -> dict[str, Any]:
         """`get_statistics` without blocking the event loop on Redis or the file scan."""
-        return await self._stats.aread(self._local_statistics(), self.total_requests)
+        return await self._recorder.astatistics()

@@ -1,9 +1,9 @@
 """The rest of vLLM's API surface, recorded like chat and completions.
 
 `Endpoints` is mixed into `VLLMMiddleware`: embeddings, the Responses API (plain and streamed),
-rerank and score, tokenize and detokenize, audio transcriptions and a generic `request`. Each
-call writes one record with the same fields as a chat call; `endpoint` says which API it was,
-the main input is the record's `input` (or `messages` / `prompt` where the API has those), and
+rerank and score, tokenize and detokenize, audio transcriptions and a generic `request`, and
+the control-plane `models` and `health` (which write no record). Each other call writes one
+record with the same fields as a chat call; `endpoint` says which API it was, the main input is the record's `input` (or `messages` / `prompt` where the API has those), and
 every other body field is in `parameters`.
 """
 
@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import httpx
 import orjson
 
-from ._call import Call, header_request_id
-from ._exceptions import APIError, InvalidRequestError
+from ._call import JSON_HEADERS, SSE_HEADERS, encode_body, json_reply, send_logged
+from ._exceptions import APIError
 from ._http import exception_from_response, exception_from_transport, exception_from_unsendable
-from ._record import utc_now
 from ._responses_reassembly import ResponsesAccumulator
-from ._streaming import AsyncStream, StreamState, fail_before_stream, log_unstarted
+from ._streaming import AsyncStream
 
 if TYPE_CHECKING:
     from ._client import VLLMMiddleware
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["AudioFile", "Endpoints", "embedding_summary"]
 
 AudioFile = bytes | str | os.PathLike[str] | tuple[str, bytes] | tuple[str, bytes, str]
-_JSON = {"content-type": "application/json", "accept": "application/json"}
-_SSE = {"content-type": "application/json", "accept": "text/event-stream"}
 _ACCEPT_JSON = {"accept": "application/json"}
 
 
@@ -137,6 +134,43 @@ class Endpoints:
     @property
     def audio(self) -> _Audio:
         return _Audio(self._send_recorded)
+
+    async def models(self) -> dict[str, Any]:
+        """GET /models: the served models, as the server's JSON.
+
+        Like `health`, a control-plane call: it is not traffic and writes no record.
+        """
+        client: VLLMMiddleware = self  # type: ignore[assignment]
+        if asyncio.get_running_loop() is not client._loop:
+            client._enter_loop()
+        url = client._urls["models"]
+        try:
+            response = await client._http.get(url, headers=_ACCEPT_JSON)
+        except httpx.HTTPError as exc:
+            raise exception_from_transport(exc, "models") from exc
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise exception_from_unsendable(exc, url, None) from exc
+        if response.status_code >= 400:
+            raise exception_from_response(response, "models")
+        try:
+            return orjson.loads(response.content)  # type: ignore[no-any-return]
+        except orjson.JSONDecodeError as exc:
+            raise APIError(f"server returned invalid JSON: {exc}") from exc
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        """GET /health (at the server root, beside /v1): True when the server answers 200.
+
+        Never raises for an unreachable or failing server; writes no record.
+        """
+        client: VLLMMiddleware = self  # type: ignore[assignment]
+        if asyncio.get_running_loop() is not client._loop:
+            client._enter_loop()
+        root = client.base_url[:-3] if client.base_url.endswith("/v1") else client.base_url
+        try:
+            response = await client._http.get(f"{root}/health", timeout=timeout)
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, TypeError):
+            return False
+        return response.status_code == 200
 
     async def embeddings(
         self,
@@ -308,26 +342,6 @@ class Endpoints:
         )
 
     # -- plumbing -----------------------------------------------------------------------------
-    def _new_call(
-        self,
-        endpoint: str,
-        payload_key: str,
-        payload: Any,
-        model: str | None,
-        params: dict[str, Any],
-        metadata: Mapping[str, Any] | None,
-        headers: Mapping[str, str] | None,
-    ) -> tuple[Call, float]:
-        client: VLLMMiddleware = self  # type: ignore[assignment]
-        if asyncio.get_running_loop() is not client._loop:
-            client._enter_loop()  # a new event loop: the HTTP client may need renewing
-        started = time.perf_counter()
-        client.total_requests += 1
-        call = Call(client, endpoint, payload_key, payload, model, params, metadata, utc_now())
-        if headers:
-            call.client_request_id = header_request_id(headers)
-        return call, started
-
     def _url(self, endpoint: str, root: bool) -> str:
         client: VLLMMiddleware = self  # type: ignore[assignment]
         base = client.base_url
@@ -365,10 +379,9 @@ class Endpoints:
     ) -> Any:
         """One non-streaming exchange and its record (logged whatever happens)."""
         client: VLLMMiddleware = self  # type: ignore[assignment]
-        call, started = self._new_call(
-            endpoint, payload_key, payload, model, params, metadata, headers
-        )
-        send_headers: dict[str, str] = dict(_ACCEPT_JSON if request is not None else _JSON)
+        started = time.perf_counter()
+        call = client._start(endpoint, payload_key, payload, model, params, metadata, headers)
+        send_headers: dict[str, str] = dict(_ACCEPT_JSON if request is not None else JSON_HEADERS)
         if request is not None:
             # Named here so a client default of application/json cannot replace it (httpx
             # takes the boundary from this header).
@@ -379,47 +392,15 @@ class Endpoints:
         if request is None and json is not None:
             if include_model and model is not None and isinstance(json, dict):
                 json = {**json, "model": model}
-            try:
-                kwargs["content"] = orjson.dumps(json)
-            except TypeError as exc:
-                error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
-                call.log(started, error=error)
-                raise error from exc
-            call.body_bytes = len(kwargs["content"])
+            kwargs["content"] = encode_body(call, started, json)
         elif body_bytes is not None:
             call.body_bytes = body_bytes
         if json is None and request is None:
             send_headers.pop("content-type", None)
         url = self._url(endpoint, root)
-        try:
-            response = await client._http.request(method, url, headers=send_headers, **kwargs)
-        except httpx.HTTPError as exc:
-            api_error = exception_from_transport(exc, call.request_id)
-            call.log(started, error=api_error)
-            raise api_error from exc
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            unsendable = exception_from_unsendable(exc, url, call.request_id)
-            call.log(started, error=unsendable)
-            raise unsendable from exc
-        except asyncio.CancelledError:
-            call.log(started, error=APIError("cancelled by the caller before the response"))
-            raise
-        status_code = response.status_code
-        if status_code >= 400:
-            status_error = exception_from_response(response, call.request_id)
-            call.log(started, error=status_error, status_code=status_code)
-            raise status_error
-        raw = response.content
-        try:
-            result = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError as exc:
-            bad = APIError(f"server returned invalid JSON: {exc}", request_id=call.request_id)
-            call.log(started, error=bad, status_code=status_code)
-            raise bad from exc
-        recorded = result if transform is None else transform(result)
-        reply_bytes = len(raw) if transform is None else None
-        call.log(started, response=recorded, status_code=status_code, reply_bytes=reply_bytes)
-        return result
+        sending = client._http.request(method, url, headers=send_headers, **kwargs)
+        response = await send_logged(call, started, url, sending)
+        return json_reply(call, started, response, transform, allow_empty=True)
 
     async def _open_event_stream(
         self,
@@ -433,44 +414,13 @@ class Endpoints:
         body: dict[str, Any],
     ) -> AsyncStream:
         client: VLLMMiddleware = self  # type: ignore[assignment]
-        call, started = self._new_call(
-            endpoint, payload_key, payload, model, params, metadata, headers
-        )
+        started = time.perf_counter()
+        call = client._start(endpoint, payload_key, payload, model, params, metadata, headers)
         if model is not None:
             body = {**body, "model": model}
-        try:
-            content = orjson.dumps(body)
-        except TypeError as exc:
-            error = InvalidRequestError(f"request body is not JSON-serializable: {exc}")
-            log_unstarted(call, started, error, "invalid_request")
-            raise error from exc
-        call.body_bytes = len(content)
-        send_headers = {**_SSE, **(headers or {})}
+        content = encode_body(call, started, body, stream=True)
+        send_headers = {**SSE_HEADERS, **(headers or {})}
         url = self._url(endpoint, False)
-        try:
-            request = client._http.build_request("POST", url, content=content, headers=send_headers)
-            response = await client._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            api_error = exception_from_transport(exc, call.request_id)
-            log_unstarted(call, started, api_error, "disconnected")
-            raise api_error from exc
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            unsendable = exception_from_unsendable(exc, url, call.request_id)
-            log_unstarted(call, started, unsendable, "invalid_request")
-            raise unsendable from exc
-        except asyncio.CancelledError:
-            cancelled = APIError("cancelled by the caller before the response")
-            log_unstarted(call, started, cancelled, "cancelled")
-            raise
-        if response.status_code >= 400:
-            await fail_before_stream(call, started, response)
-        state = StreamState(
-            call,
-            started,
-            response,
-            chat=False,
-            hide_usage=False,
-            spawn=client._spawn,
-            acc=ResponsesAccumulator(started),
+        return await client._send_stream(
+            call, started, url, content, send_headers, acc=ResponsesAccumulator(started)
         )
-        return AsyncStream(state)

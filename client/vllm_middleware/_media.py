@@ -31,11 +31,10 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 
-from ._call import shrink_record
 from ._media_files import media_name
 from ._modes import LOG_MODES, FileModes, create_file, make_dirs
 from ._partition import fsync_dir
-from ._record import encode_record
+from ._record import encode_record, shrink_record
 
 __all__ = [
     "MEDIA_POLICIES",

@@ -23,6 +23,8 @@ __all__ = [
     "default_host",
     "encode_record",
     "new_request_id",
+    "record_identity",
+    "shrink_record",
     "utc_now",
 ]
 
@@ -214,3 +216,47 @@ class LogRecord(Mapping[str, Any]):
     @property
     def status_code(self) -> int | None:
         return self._data.get("status_code")
+
+
+# What a truncated record keeps: enough to count, attribute and debug the call.
+_KEPT_FIELDS = (
+    "timestamp",
+    "request_id",
+    "model",
+    "parameters",
+    "latency_ms",
+    "error",
+    "metadata",
+    "schema_version",
+    "host",
+    "endpoint",
+    "status_code",
+    "usage",
+    "stream",
+    "ttft_ms",
+    "error_detail",
+    "client_request_id",
+    "chunks",
+    "stream_end",
+)
+_SMALL_FIELDS = ("parameters", "metadata", "error_detail")  # kept only when small
+_SMALL_BYTES = 16 * 1024
+
+
+def shrink_record(record: Mapping[str, Any], original_bytes: int, max_bytes: int) -> bytes:
+    """The encoded stand-in for a record of `original_bytes` over the `max_bytes` cap.
+
+    Keeps the metadata (`parameters`, `metadata` and `error_detail` only when small) and says
+    why in `truncated`, so the call is still counted and attributable.
+    """
+    small: dict[str, Any] = {key: record[key] for key in _KEPT_FIELDS if key in record}
+    for key in _SMALL_FIELDS:
+        if key in small and len(encode_record(small[key])) > _SMALL_BYTES:
+            small[key] = {"truncated": True}
+    if isinstance(small.get("error"), str) and len(small["error"]) > _SMALL_BYTES:
+        small["error"] = small["error"][:_SMALL_BYTES]
+    small["truncated"] = {
+        "original_bytes": original_bytes,
+        "reason": f"record exceeds max_record_bytes ({original_bytes} > {max_bytes})",
+    }
+    return encode_record(small)

@@ -29,7 +29,7 @@ from ._http import exception_from_response, exception_from_transport
 from ._reassembly import SSEDecoder, StreamAccumulator
 
 if TYPE_CHECKING:
-    from ._call import Call
+    from ._recorder import Call
 
 __all__ = [
     "Accumulator",
@@ -423,7 +423,7 @@ class StreamState:
                 extra={"chunks": self.acc.chunks, "stream_end": end},
             )
         except Exception:  # a logging failure never reaches the caller
-            call.client._logging_failed(call.request_id)
+            call.recorder.logging_failed(call.request_id)
 
 
 class AsyncStream:
