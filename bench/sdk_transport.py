@@ -20,7 +20,7 @@ import importlib
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,6 @@ def measure(lib: Any, is_async: bool, stream: bool, n: int, rounds: int, root: P
         for mode in ("bare", "instrumented"):
             log_dir = None if mode == "bare" else root / f"{lib.__name__}-{round_no}"
             client = make_client(lib, is_async, log_dir)
-            run: Callable[[], float]
             if is_async:
 
                 async def both(c: Any = client) -> float:

@@ -94,9 +94,29 @@ def test_chat_record_metadata_header_stripped_and_no_secret(
     no_secret(logs)
 
 
-def test_invalid_metadata_header_is_a_note_not_an_error(
+def test_host_header_sets_the_partition_bad_one_is_a_note(
     server: FakeVLLMServer, logs: Path
 ) -> None:
+    client = sync_client(server, logs)
+    client.chat.completions.create(
+        model=server.model, messages=USER, extra_headers={"X-VLLM-MW-Host": "app-7"}
+    )
+    for host in ("../../etc", ""):
+        client.chat.completions.create(
+            model=server.model, messages=USER, extra_headers={"X-VLLM-MW-Host": host}
+        )
+    client.close()
+    assert not any(name.startswith("x-vllm-mw") for name in server.requests[-1].headers)
+    chosen, escaping, empty = records(logs)
+    assert chosen["host"] == "app-7" and list(logs.glob("date=*/host=app-7/*"))
+    # Kept as given in the record, its partition stays inside the log directory.
+    assert escaping["host"] == "../../etc" and list(logs.glob("date=*/host=___.._etc/*"))
+    assert empty["host"] not in ("", "app-7")  # the recorder's own host
+    assert "x-vllm-mw-host ignored: the host is empty" in empty["capture_notes"][0]
+    assert sorted(p.name for p in logs.iterdir()) == [chosen["timestamp"][:10].join(["date=", ""])]
+
+
+def test_invalid_metadata_header_is_a_note_not_an_error(server: FakeVLLMServer, logs: Path) -> None:
     client = sync_client(server, logs)
     answer = client.chat.completions.create(
         model=server.model, messages=USER, extra_headers={"X-VLLM-MW-Metadata": "{not json"}
@@ -156,7 +176,7 @@ def test_raw_and_streaming_responses(server: FakeVLLMServer, logs: Path) -> None
     assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
     plain, streamed = records(logs)
     assert plain["response"] == json.loads(raw.content)
-    assert streamed["stream"] is True and streamed["stream_end"] == "done"
+    assert streamed["stream"] is True and streamed["stream_end"] == "completed"
     assert streamed["response"]["choices"][0]["message"]["content"]
 
 
@@ -198,12 +218,13 @@ def test_stream_iterated_broken_closed_dropped_one_record_each(
     gc.collect()
     client.close()
     done, broken, closed_record, dropped_record = records(logs)
-    assert done["stream_end"] == "done" and done["error"] is None
+    assert done["stream_end"] == "completed" and done["error"] is None
     assert done["response"]["choices"][0]["message"]["content"] == text
     assert done["chunks"] >= 3 and done["ttft_ms"] is not None
-    assert broken["stream_end"] == "closed" and closed_record["stream_end"] == "closed"
-    assert dropped_record["stream_end"] == "dropped"
-    assert 1 <= dropped_record["chunks"] < done["chunks"] + 10
+    for record in (broken, closed_record, dropped_record):
+        assert record["stream_end"] == "abandoned" and record["chunks"] >= 1
+    assert closed_record["error"] == "stream closed by the caller after 1 chunks"
+    assert dropped_record["error"] == "stream garbage-collected unclosed after 1 chunks"
 
 
 def test_responses_api_plain_and_streamed(server: FakeVLLMServer, logs: Path) -> None:
@@ -216,7 +237,7 @@ def test_responses_api_plain_and_streamed(server: FakeVLLMServer, logs: Path) ->
     assert first["endpoint"] == "responses" and first["input"] == "hi"
     assert first["parameters"]["tools"] == tools
     assert first["response"]["id"] == plain.id
-    assert streamed["stream_end"] == "done" and streamed["chunks"] == len(events)
+    assert streamed["stream_end"] == "completed" and streamed["chunks"] == len(events)
     assert streamed["response"] == events[-1].response.model_dump(mode="json", exclude_unset=True)
 
 
@@ -305,8 +326,12 @@ async def test_async_chat_stream_close_drop_and_responses(
     async for _ in events:
         pass
     await client.close()
-    ends = [r.get("stream_end") for r in records(logs)]
-    assert ends == [None, "done", "closed", "dropped", "done"]
+    found = records(logs)
+    ends = [r.get("stream_end") for r in found]
+    assert ends == [None, "completed", "abandoned", "abandoned", "completed"]
+    assert "closed by the caller" in found[2]["error"]
+    assert "garbage-collected" in found[3]["error"]
+    assert found[4]["endpoint"] == "responses" and found[4]["response"]["status"] == "completed"
 
 
 async def test_async_retries_and_timeouts(server: FakeVLLMServer, logs: Path) -> None:

@@ -23,9 +23,10 @@ import orjson
 
 from ._exceptions import APIConnectionError, APIError, APITimeoutError, status_error_class
 from ._http import parse_error_body
+from ._partition import host_problem
 from ._reassembly import SSEDecoder, StreamAccumulator
 from ._responses_reassembly import ResponsesAccumulator
-from ._streaming import Accumulator, error_from_event
+from ._streaming import Accumulator, StreamEnd, error_from_event
 from ._wire_body import decode_body, endpoint_of, summarize_embeddings
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ _WANTED = frozenset((*CONTROL_HEADERS, "x-request-id", "content-type", _RETRY_CO
 _RETRIED = frozenset({408, 409, 429})
 _MAX_LINKS = 1024  # failed attempts remembered for their retries
 _MAX_NOTE = 200
+# Streams folded into a response: one cut before its end is a disconnection.
+_REASSEMBLED = frozenset({"chat/completions", "completions", "responses"})
 
 
 class _RetryLinks:
@@ -143,8 +146,12 @@ class WireCapture:
         )
         call.body_bytes = len(body)
         host = seen.get(HOST_HEADER)
-        if host:
-            call.host = host
+        if host is not None:
+            problem = host_problem(host)
+            if problem is None:
+                call.host = host
+            else:
+                notes.append(f"{HOST_HEADER} ignored: {problem}")
         exchange = Exchange(self, call, started, endpoint, notes)
         retry = seen.get(_RETRY_COUNT)
         idempotency = seen.get(_IDEMPOTENCY)
@@ -183,7 +190,6 @@ class Exchange:
         "_decoder",
         "_encoding",
         "_ended",
-        "_error",
         "_extra",
         "_inflater",
         "_json",
@@ -215,7 +221,6 @@ class Exchange:
         self._json = True
         self._encoding: str | None = None
         self._inflater: Any = None
-        self._error: APIError | None = None  # an in-band error event
         self._ended = False
         self._link: tuple[str, bytes] | None = None  # set for calls that may be retried
         self._attempt: int | None = None  # the SDK's attempt number (0 first)
@@ -320,44 +325,35 @@ class Exchange:
 
     def _event(self, data: bytes) -> None:
         acc = self._acc
-        if acc is None or self._error is not None:
+        if acc is None:
             return
         if data == b"[DONE]":
-            self._finish_stream("done")
+            self._finish_stream("completed")
             return
         try:
             chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._note("stream event is not JSON")
+        except orjson.JSONDecodeError as exc:
+            error = APIError(f"invalid JSON in stream: {exc}", request_id=self.call.request_id)
+            self._finish_stream("protocol_error", error)
             return
         if not isinstance(chunk, dict):
+            error = APIError("stream event is not a JSON object", request_id=self.request_id)
+            self._finish_stream("protocol_error", error)
             return
-        if "error" in chunk and "choices" not in chunk and "type" not in chunk:
-            self._error = error_from_event(chunk, self.call.request_id)
+        if "error" in chunk and "choices" not in chunk:
+            self._finish_stream("error_event", error_from_event(chunk, self.call.request_id))
             return
         acc.add(chunk)
 
     def finish(self, end: str = "done", error: APIError | None = None) -> None:
         """The body ended: "done" (read to its end), "closed" (by the caller before its end),
-        "disconnected" (the connection failed: `error` says how), "dropped" (never closed),
-        "cancelled"."""
+        "dropped" (garbage-collected unclosed), "disconnected" (the connection failed:
+        `error` says how) or "cancelled". Streams record it in `stream_end` with the words
+        the middleware's own streams use (`StreamEnd`)."""
         if self._ended:
             return
         if self._acc is not None:
-            if end == "done" and self._decoder is not None:
-                for event in self._decoder.close():
-                    self._event(event)
-                if self._ended:
-                    return
-                if self._error is None and not self._acc.all_finished():
-                    if self.endpoint not in ("chat/completions", "completions", "responses"):
-                        self._finish_stream("done")
-                        return
-                    error = APIConnectionError(
-                        "stream ended before [DONE]", request_id=self.call.request_id
-                    )
-                    end = "disconnected"
-            self._finish_stream(end, error)
+            self._end_stream(end, error)
             return
         self._ended = True
         status = self._status
@@ -406,12 +402,34 @@ class Exchange:
             extra=extra,
         )
 
-    def _finish_stream(self, end: str, error: APIError | None = None) -> None:
+    def _end_stream(self, end: str, error: APIError | None) -> None:
+        acc = self._acc
+        assert acc is not None and self._decoder is not None
+        rid = self.call.request_id
+        if end == "done":
+            for event in self._decoder.close():
+                self._event(event)
+            if self._ended:
+                return
+            if acc.all_finished() or self.endpoint not in _REASSEMBLED:
+                self._finish_stream("completed")  # a server that does not send [DONE]
+            else:
+                error = APIConnectionError("stream ended before [DONE]", request_id=rid)
+                self._finish_stream("disconnected", error)
+        elif end in ("closed", "dropped"):
+            if acc.all_finished():  # only the usage chunk and [DONE] were left
+                self._finish_stream("completed")
+                return
+            how = "closed by the caller" if end == "closed" else "garbage-collected unclosed"
+            message = f"stream {how} after {acc.chunks} chunks"
+            self._finish_stream("abandoned", APIError(message, request_id=rid))
+        else:
+            self._finish_stream(end, error)
+
+    def _finish_stream(self, end: StreamEnd, error: APIError | None = None) -> None:
         self._ended = True
         acc = self._acc
         assert acc is not None
-        if self._error is not None:
-            error, end = self._error, "error"
         extra = self._extra
         extra["chunks"] = acc.chunks
         extra["stream_end"] = end
