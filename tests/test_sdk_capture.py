@@ -370,3 +370,74 @@ def test_package_imports_without_openai_or_httpx2() -> None:
         "assert 'httpx2' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the same records as the middleware's own client ---------------------------------------------
+def sdk_golden_traffic(server: FakeVLLMServer, log_dir: Path) -> None:
+    """`test_record_equality`'s traffic, made through the SDK (the closed-early stream aside:
+    where it is cut depends on how the bytes arrive)."""
+    sdk = openai.OpenAI(base_url=server.base_url, api_key=SECRET, max_retries=0)
+    client = instrument(sdk, log_dir=log_dir, host="golden", metadata={"app": "golden"})
+    model = server.model
+    messages = [{"role": "user", "content": "Hello there"}]
+    client.chat.completions.create(
+        model=model,
+        messages=messages,
+        temperature=0.0,
+        max_tokens=8,
+        extra_headers={"X-VLLM-MW-Metadata": '{"n": 1}'},
+    )
+    client.completions.create(
+        model=model, prompt="Once upon", max_tokens=5, extra_headers={"X-Request-Id": "golden-2"}
+    )
+    usage = {"include_usage": True}  # the middleware's client asks for it itself
+    for _ in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, stream=True, stream_options=usage
+    ):
+        pass
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ]
+    client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,
+        tool_choice="required",
+    )
+    client.embeddings.create(model=model, input=["a", "b"], dimensions=4)
+    client.responses.create(model=model, input="Say hi", max_output_tokens=5)
+    for _ in client.responses.create(
+        model=model, input="Say hi twice", max_output_tokens=5, stream=True
+    ):
+        pass
+    client.post(server.url + "/tokenize", body={"prompt": "hello"}, cast_to=object)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=messages, max_tokens=-1)
+    client.close()
+
+
+def as_the_client_sends(record: dict[str, Any]) -> dict[str, Any]:
+    """What the SDK itself sends differently from the middleware's client, undone."""
+    params = dict(record["parameters"])
+    if record["endpoint"] == "embeddings":
+        params.pop("encoding_format")  # the SDK asks for base64 (hashed the same)
+    if record["stream"] and record["endpoint"] == "chat/completions":
+        params.pop("stream_options")  # the client asks for usage without saying so
+    if record["error"] is not None:
+        record = {**record, "model": None}  # the SDK always sends a model
+    return {**record, "parameters": params}
+
+
+def test_records_equal_the_middleware_clients(server: FakeVLLMServer, logs: Path) -> None:
+    golden = importlib.import_module("tests.test_record_equality")
+    sdk_golden_traffic(server, logs)
+    written = [
+        as_the_client_sends(golden._normalized(json.loads(line)))
+        for path in sorted(logs.rglob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    pinned = [json.loads(line) for line in golden.GOLDEN.read_text().splitlines()]
+    closed_early = [r for r in pinned if r.get("stream_end") == "abandoned"]
+    assert len(closed_early) == 1 and len(written) == len(pinned) - 1
+    for record in written:
+        assert record in pinned, record

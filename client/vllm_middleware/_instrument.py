@@ -9,6 +9,7 @@ responses and parsing are left as they are; each sees the server's bytes unchang
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ._recorder import Recorder
@@ -19,7 +20,7 @@ __all__ = ["instrument"]
 _Client = TypeVar("_Client")
 
 
-def _capture_class(http_client: Any) -> type[SyncTransportLogic | AsyncTransportLogic]:
+def _capture_class(http_client: Any) -> Callable[..., SyncTransportLogic | AsyncTransportLogic]:
     """The capture transport for `http_client`: of its library (httpx or httpx2), sync or
     async as the client is (a transport may offer both, as `MockTransport` does)."""
     if any(cls.__module__.partition(".")[0] == "httpx2" for cls in type(http_client).__mro__):
@@ -54,7 +55,7 @@ def instrument(
     Closing the SDK client (`client.close()` / `await client.close()`) flushes the records.
     Instrumenting a client twice changes nothing the second time.
     """
-    http_client = getattr(client, "_client", None)
+    http_client: Any = getattr(client, "_client", None)
     transport = getattr(http_client, "_transport", None)
     if transport is None:
         raise TypeError(

@@ -30,8 +30,7 @@ from ._streaming import Accumulator, StreamEnd, error_from_event
 from ._wire_body import decode_body, endpoint_of, summarize_embeddings
 
 if TYPE_CHECKING:
-    from ._call import Call
-    from ._recorder import Recorder
+    from ._recorder import Call, Recorder
 
 __all__ = [
     "CONTROL_HEADERS",
@@ -424,7 +423,7 @@ class Exchange:
             message = f"stream {how} after {acc.chunks} chunks"
             self._finish_stream("abandoned", APIError(message, request_id=rid))
         else:
-            self._finish_stream(end, error)
+            self._finish_stream("cancelled" if end == "cancelled" else "disconnected", error)
 
     def _finish_stream(self, end: StreamEnd, error: APIError | None = None) -> None:
         self._ended = True
