@@ -278,6 +278,41 @@ def test_timeout_and_connection_error_recorded_and_raised_unchanged(
     no_secret(logs)
 
 
+def test_stream_cut_by_server_and_in_band_error(server: FakeVLLMServer, logs: Path) -> None:
+    cut = [{"role": "user", "content": "one two three four [[drop]]"}]
+    raised = []
+    bare = openai.OpenAI(base_url=server.base_url, api_key=SECRET, max_retries=0)
+    client = sync_client(server, logs, max_retries=0)
+    for sdk in (bare, client):
+        with pytest.raises(Exception) as caught:  # what the SDK raises varies by version
+            for _ in sdk.chat.completions.create(model=server.model, messages=cut, stream=True):
+                pass
+        raised.append(type(caught.value))
+    assert raised[0] is raised[1]  # the transport re-raises what the HTTP layer raised
+    bare.close()
+    failing = [{"role": "user", "content": "one two three four [[midstream_error]]"}]
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(model=server.model, messages=failing, stream=True):
+            pass
+    client.close()
+    dropped, failed = records(logs)
+    assert dropped["stream_end"] == "disconnected" and dropped["chunks"] >= 1
+    assert dropped["error_detail"]["kind"] in ("APIConnectionError", "APITimeoutError")
+    assert failed["stream_end"] == "error_event" and failed["error_detail"]["status_code"] >= 400
+
+
+def test_redis_mode(server: FakeVLLMServer, redis_server: Any) -> None:
+    import redis as redis_py
+
+    sdk = openai.OpenAI(base_url=server.base_url, api_key=SECRET)
+    client = instrument(sdk, redis_url=redis_server.url, host="app-7")
+    client.chat.completions.create(model=server.model, messages=USER)
+    client.close()  # flushes into the stream
+    entries = redis_py.Redis.from_url(redis_server.url).xrange("vllm:logs")
+    assert len(entries) == 1
+    assert SECRET.encode() not in repr(entries).encode()
+
+
 # -- bytes unchanged -----------------------------------------------------------------------------
 def exchange_bytes(client: Any, model: str, rid: str) -> tuple[bytes, bytes]:
     headers = {"X-Request-Id": rid}
