@@ -100,7 +100,14 @@ def make_upstream(lib: Any, *, is_async: bool) -> Any:
     return lib.MockTransport(answer_async)
 
 
-def make_client(lib: Any, is_async: bool, log_dir: Path | None) -> Any:
+BODY = orjson.dumps({"model": MODEL, "messages": MESSAGES})
+STREAM_BODY = orjson.dumps({"model": MODEL, "messages": MESSAGES, "stream": True})
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def make_sdk(lib: Any, is_async: bool, log_dir: Path | None) -> Any:
+    """An openai SDK client on a `lib` HTTP client with the mock upstream; instrumented when
+    `log_dir` is given."""
     import openai
     from vllm_middleware import instrument
 
@@ -114,63 +121,114 @@ def make_client(lib: Any, is_async: bool, log_dir: Path | None) -> Any:
     return sdk if log_dir is None else instrument(sdk, log_dir=log_dir)
 
 
-def run_sync(client: Any, n: int, stream: bool) -> float:
+def make_http(lib: Any, is_async: bool, log_dir: Path | None) -> Any:
+    """A bare `lib` client on the mock upstream, or one with a capture transport around it."""
+    capture = importlib.import_module(
+        "vllm_middleware.httpx2" if lib.__name__ == "httpx2" else "vllm_middleware"
+    )
+    transport = make_upstream(lib, is_async=is_async)
+    if log_dir is not None:
+        wrapper = capture.AsyncCaptureTransport if is_async else capture.CaptureTransport
+        transport = wrapper(transport, log_dir=log_dir)
+    factory = lib.AsyncClient if is_async else lib.Client
+    return factory(transport=transport, base_url="http://vllm/v1")
+
+
+def sdk_call_sync(client: Any, stream: bool) -> None:
     create = client.chat.completions.create
-    start = time.process_time()
-    for _ in range(n):
-        if stream:
-            for _chunk in create(model=MODEL, messages=MESSAGES, stream=True):
-                pass
-        else:
-            create(model=MODEL, messages=MESSAGES)
-    return (time.process_time() - start) / n
+    if stream:
+        for _chunk in create(model=MODEL, messages=MESSAGES, stream=True):
+            pass
+    else:
+        create(model=MODEL, messages=MESSAGES)
 
 
-async def run_async(client: Any, n: int, stream: bool) -> float:
+async def sdk_call_async(client: Any, stream: bool) -> None:
     create = client.chat.completions.create
-    start = time.process_time()
-    for _ in range(n):
-        if stream:
-            async for _chunk in await create(model=MODEL, messages=MESSAGES, stream=True):
-                pass
-        else:
-            await create(model=MODEL, messages=MESSAGES)
-    return (time.process_time() - start) / n
+    if stream:
+        async for _chunk in await create(model=MODEL, messages=MESSAGES, stream=True):
+            pass
+    else:
+        await create(model=MODEL, messages=MESSAGES)
 
 
-def measure(lib: Any, is_async: bool, stream: bool, n: int, rounds: int, root: Path) -> list[Any]:
+def http_call_sync(client: Any, stream: bool) -> None:
+    body = STREAM_BODY if stream else BODY
+    with client.stream("POST", "/chat/completions", content=body, headers=JSON_HEADERS) as r:
+        for _chunk in r.iter_bytes():
+            pass
+
+
+async def http_call_async(client: Any, stream: bool) -> None:
+    body = STREAM_BODY if stream else BODY
+    async with client.stream(
+        "POST", "/chat/completions", content=body, headers=JSON_HEADERS
+    ) as response:
+        async for _chunk in response.aiter_bytes():
+            pass
+
+
+def cpu_per_call_sync(client: Any, call: Any, n: int, stream: bool) -> float:
+    for _ in range(max(n // 10, 5)):  # warm-up
+        call(client, stream)
+    with quiet_gc():
+        start = time.process_time()
+        for _ in range(n):
+            call(client, stream)
+        return (time.process_time() - start) / n
+
+
+async def cpu_per_call_async(client: Any, call: Any, n: int, stream: bool) -> float:
+    for _ in range(max(n // 10, 5)):
+        await call(client, stream)
+    with quiet_gc():
+        start = time.process_time()
+        for _ in range(n):
+            await call(client, stream)
+        return (time.process_time() - start) / n
+
+
+def one_run(
+    kind: str, lib: Any, is_async: bool, stream: bool, n: int, log_dir: Path | None
+) -> float:
+    make = make_sdk if kind == "SDK" else make_http
+    client = make(lib, is_async, log_dir)
+    if is_async:
+        call = sdk_call_async if kind == "SDK" else http_call_async
+
+        async def run() -> float:
+            cost = await cpu_per_call_async(client, call, n, stream)
+            close = client.close if kind == "SDK" else client.aclose
+            await close()
+            return cost
+
+        return asyncio.run(run())
+    call = sdk_call_sync if kind == "SDK" else http_call_sync
+    cost = cpu_per_call_sync(client, call, n, stream)
+    client.close()
+    return cost
+
+
+def measure(
+    kind: str, lib: Any, is_async: bool, stream: bool, n: int, rounds: int, root: Path
+) -> list[Any]:
     bare_times: list[float] = []
     added: list[float] = []
     for round_no in range(rounds):
-        per_mode: dict[str, float] = {}
-        for mode in ("bare", "instrumented"):
-            log_dir = None if mode == "bare" else root / f"{lib.__name__}-{round_no}"
-            client = make_client(lib, is_async, log_dir)
-            if is_async:
-
-                async def both(c: Any = client) -> float:
-                    await run_async(c, max(n // 10, 5), stream)  # warm-up
-                    with quiet_gc():
-                        cost = await run_async(c, n, stream)
-                    await c.close()
-                    return cost
-
-                per_mode[mode] = asyncio.run(both())
-            else:
-                run_sync(client, max(n // 10, 5), stream)
-                with quiet_gc():
-                    per_mode[mode] = run_sync(client, n, stream)
-                client.close()
-        bare_times.append(per_mode["bare"])
-        added.append(per_mode["instrumented"] - per_mode["bare"])
-    bare = median(bare_times) * 1e6
+        log_dir = root / f"{kind}-{lib.__name__}-{is_async}-{stream}-{round_no}"
+        bare = one_run(kind, lib, is_async, stream, n, None)
+        captured = one_run(kind, lib, is_async, stream, n, log_dir)
+        bare_times.append(bare)
+        added.append(captured - bare)
+    base = median(bare_times) * 1e6
     extra = median(added) * 1e6
     return [
+        kind,
         lib.__name__,
         "async" if is_async else "sync",
         "stream (24 events)" if stream else "JSON",
-        f"{bare:.1f}",
-        f"{bare + extra:.1f}",
+        f"{base:.1f}",
+        f"{base + extra:.1f}",
         f"{extra:+.1f}",
     ]
 
@@ -191,18 +249,23 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-sdk-"))
     rows = []
     try:
-        for lib in libraries:
-            for is_async in (False, True):
-                for stream in (False, True):
-                    rows.append(measure(lib, is_async, stream, n, rounds, root))
+        for kind in ("HTTP client", "SDK"):
+            for lib in libraries:
+                for is_async in (False, True):
+                    for stream in (False, True):
+                        rows.append(measure(kind, lib, is_async, stream, n, rounds, root))
+                        print("  done:", *rows[-1][:4], flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print_table(
-        "openai SDK: CPU per call, bare vs instrument() (mock upstream)",
-        ["library", "client", "reply", "bare µs/call", "instrumented µs/call", "added µs"],
+        "capture transport: CPU per call, bare vs captured (mock upstream)",
+        ["calls through", "library", "client", "reply", "bare µs", "captured µs", "added µs"],
         rows,
     )
-    print(f"{n} calls per run, median of {rounds} interleaved rounds; target: added <= 15 µs")
+    print(
+        f"{n} calls per run, median of {rounds} rounds (bare and captured runs interleaved);"
+        " target: added <= 15 µs per call"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,15 @@ from typing import Any, ClassVar, Protocol
 
 from ._exceptions import APIError
 from ._recorder import Recorder
-from ._wire_capture import CONTROL_HEADERS, Exchange, WireCapture, transport_error
+from ._wire_capture import (
+    CONTROL_HEADERS,
+    HOST_HEADER,
+    METADATA_HEADER,
+    Exchange,
+    WireCapture,
+    read_headers,
+    transport_error,
+)
 
 __all__ = ["AsyncBodyLogic", "AsyncTransportLogic", "SyncBodyLogic", "SyncTransportLogic"]
 
@@ -41,14 +49,13 @@ def _started(
 ) -> tuple[Exchange, Any]:
     """Begin the record; remove our control headers from the request before it leaves."""
     headers = request.headers
-    items = headers.multi_items()
-    exchange = capture.begin(request.method, request.url.path, items, body, started)
-    for name, _ in items:
-        if name in CONTROL_HEADERS:
-            for control in CONTROL_HEADERS:
-                headers.pop(control, None)
-            break
-    return exchange, request.url
+    found = read_headers(headers.raw)
+    url = request.url
+    exchange = capture.begin(request.method, url.path, found, body, started)
+    if METADATA_HEADER in found or HOST_HEADER in found:
+        for control in CONTROL_HEADERS:
+            headers.pop(control, None)
+    return exchange, url
 
 
 def _failure(exchange: Exchange, exc: BaseException, url: Any, timeouts: tuple[type, ...]) -> None:
@@ -217,7 +224,7 @@ class SyncTransportLogic(_TransportBase):
         except BaseException as exc:
             _failure(exchange, exc, url, self.timeouts)
             raise
-        exchange.respond(response.status_code, response.headers.multi_items())
+        exchange.respond(response.status_code, read_headers(response.headers.raw))
         response.stream = self.body_class(response.stream, exchange)
         return response
 
@@ -244,7 +251,7 @@ class AsyncTransportLogic(_TransportBase):
         except BaseException as exc:
             _failure(exchange, exc, url, self.timeouts)
             raise
-        exchange.respond(response.status_code, response.headers.multi_items())
+        exchange.respond(response.status_code, read_headers(response.headers.raw))
         response.stream = self.body_class(response.stream, exchange)
         return response
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -36,8 +36,10 @@ __all__ = [
     "CONTROL_HEADERS",
     "HOST_HEADER",
     "METADATA_HEADER",
+    "READ_HEADERS",
     "Exchange",
     "WireCapture",
+    "read_headers",
     "transport_error",
 ]
 
@@ -47,7 +49,31 @@ HOST_HEADER: Final = "x-vllm-mw-host"  # the record's host (partition) for this 
 CONTROL_HEADERS: Final = (METADATA_HEADER, HOST_HEADER)
 _RETRY_COUNT = "x-stainless-retry-count"  # the openai SDK's attempt number (0 first)
 _IDEMPOTENCY = "idempotency-key"
-_WANTED = frozenset((*CONTROL_HEADERS, "x-request-id", "content-type", _RETRY_COUNT, _IDEMPOTENCY))
+#: The headers `begin` and `respond` read (lower-case); nothing else of a request is looked at.
+READ_HEADERS: Final = frozenset(
+    (
+        *CONTROL_HEADERS,
+        "x-request-id",
+        "content-type",
+        "content-encoding",
+        _RETRY_COUNT,
+        _IDEMPOTENCY,
+    )
+)
+_READ_RAW = frozenset(name.encode() for name in READ_HEADERS)
+
+
+def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers this module reads, from (name, value) byte pairs in any case (httpx's
+    `Headers.raw`, an ASGI scope's headers): cheaper than decoding every header."""
+    found: dict[str, str] = {}
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in _READ_RAW:
+            found[lowered.decode()] = value.decode("latin-1")
+    return found
+
+
 # Statuses after which the openai SDK tries again (and so do most clients).
 _RETRIED = frozenset({408, 409, 429})
 _MAX_LINKS = 1024  # failed attempts remembered for their retries
@@ -118,22 +144,22 @@ class WireCapture:
         self,
         method: str,
         path: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Mapping[str, str],
         body: bytes,
         started: float | None = None,
     ) -> Exchange:
-        """Start recording one request. `headers`: its (lower-case name, value) pairs."""
+        """Start recording one request. `headers`: at least its `READ_HEADERS`, by lower-case
+        name (`read_headers` picks them)."""
         if started is None:
             started = time.perf_counter()
-        seen: dict[str, str] = {}
-        for name, value in headers:
-            if name in _WANTED:
-                seen[name] = value
+        get = headers.get
         endpoint = endpoint_of(path)
-        facts = decode_body(endpoint, seen.get("content-type", ""), body)
+        facts = decode_body(endpoint, get("content-type", ""), body)
         notes: list[str] = []
-        metadata = _metadata(seen.get(METADATA_HEADER), notes)
-        rid = seen.get("x-request-id", facts.client_request_id)
+        metadata = None
+        metadata_header = get(METADATA_HEADER)
+        if metadata_header is not None:
+            metadata = _metadata(metadata_header, notes)
         call = self.recorder.start(
             endpoint,
             facts.payload_key,
@@ -141,10 +167,10 @@ class WireCapture:
             facts.model,
             facts.params,
             metadata,
-            client_request_id=rid,
+            client_request_id=get("x-request-id", facts.client_request_id),
         )
         call.body_bytes = len(body)
-        host = seen.get(HOST_HEADER)
+        host = get(HOST_HEADER)
         if host is not None:
             problem = host_problem(host)
             if problem is None:
@@ -152,8 +178,8 @@ class WireCapture:
             else:
                 notes.append(f"{HOST_HEADER} ignored: {problem}")
         exchange = Exchange(self, call, started, endpoint, notes)
-        retry = seen.get(_RETRY_COUNT)
-        idempotency = seen.get(_IDEMPOTENCY)
+        retry = get(_RETRY_COUNT)
+        idempotency = get(_IDEMPOTENCY)
         if retry is not None or idempotency is not None:
             exchange.link(method, body, retry, idempotency)
         return exchange
@@ -165,9 +191,7 @@ class WireCapture:
         return self._links.take(key)
 
 
-def _metadata(header: str | None, notes: list[str]) -> dict[str, Any] | None:
-    if header is None:
-        return None
+def _metadata(header: str, notes: list[str]) -> dict[str, Any] | None:
     try:
         value = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
@@ -266,17 +290,16 @@ class Exchange:
             self._capture.retried(self._link, group)
 
     # -- response ---------------------------------------------------------------------------
-    def respond(self, status_code: int, headers: Iterable[tuple[str, str]]) -> None:
-        """The status line and headers arrived (lower-case names)."""
+    def respond(self, status_code: int, headers: Mapping[str, str]) -> None:
+        """The status line and headers arrived: `headers` as in `begin`."""
         self._status = status_code
-        content_type = ""
-        for name, value in headers:
-            if name == "content-type":
-                content_type = value
-            elif name == "x-request-id":
-                self._extra["server_request_id"] = value
-            elif name == "content-encoding" and value.lower() not in ("", "identity"):
-                self._encoding = value.lower()
+        content_type = headers.get("content-type", "")
+        server_id = headers.get("x-request-id")
+        if server_id is not None:
+            self._extra["server_request_id"] = server_id
+        encoding = headers.get("content-encoding")
+        if encoding is not None and encoding.lower() not in ("", "identity"):
+            self._encoding = encoding.lower()
         if self._encoding is not None:
             if self._encoding in ("gzip", "deflate"):
                 wbits = 47 if self._encoding == "gzip" else zlib.MAX_WBITS
