@@ -3,6 +3,7 @@
 from vllm_middleware import VLLMMiddleware, load_logs
 """
 
+from ._capture_transport import AsyncCaptureTransport, CaptureTransport
 from ._client import VLLMMiddleware
 from ._client_metrics import ClientMetrics
 from ._exceptions import (
@@ -21,6 +22,7 @@ from ._exceptions import (
     ServiceUnavailableError,
     VLLMMiddlewareError,
 )
+from ._instrument import instrument
 from ._keys import StreamKeys
 from ._media import MediaPolicy
 from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
@@ -38,9 +40,11 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncCaptureTransport",
     "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
+    "CaptureTransport",
     "ClientMetrics",
     "ConfigurationError",
     "InternalServerError",
@@ -59,6 +63,7 @@ __all__ = [
     "VLLMMiddleware",
     "VLLMMiddlewareError",
     "get_statistics",
+    "instrument",
     "iter_log_files",
     "iter_logs",
     "load_logs",
