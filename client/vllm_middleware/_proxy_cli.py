@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -221,9 +223,38 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.drain_timeout,
         timeout_keep_alive=75,
     )
+    _quiet_cut_responses()
     server = uvicorn.Server(config)
+
+    def terminate(signum: int, frame: Any) -> None:
+        # uvicorn handles SIGTERM while it serves (drain, then shutdown) and raises it again
+        # once done, to this handler: the drain went well, exit 0. Before it serves: stop.
+        if not server.started:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
     return 0
+
+
+class _CutResponses(logging.Filter):
+    """uvicorn's line for a response left incomplete on purpose (the upstream cut it, and the
+    proxy has already said so)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing response."
+
+
+def _quiet_cut_responses() -> None:
+    logging.getLogger("uvicorn.error").addFilter(_CutResponses())
+    ours = logging.getLogger("vllm_middleware.proxy")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("vllm-mw proxy: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False

@@ -26,7 +26,7 @@ import httpx
 __all__ = ["UpstreamPool"]
 
 # httpcore's exceptions and httpx's, most specific first (subclasses before their bases).
-_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.PoolTimeout, httpx.PoolTimeout),
     (httpcore.ConnectTimeout, httpx.ConnectTimeout),
     (httpcore.ReadTimeout, httpx.ReadTimeout),
@@ -167,7 +167,7 @@ class UpstreamPool(httpx.AsyncBaseTransport):
                 scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
             ),
             headers=request.headers.raw,
-            content=request.stream,  # type: ignore[arg-type]
+            content=request.stream,
             extensions=request.extensions,
         )
         conn = self._checkout(origin)
