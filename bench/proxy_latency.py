@@ -13,7 +13,13 @@ a noisy machine shifts every column alike. For each case:
   per request (its process's CPU time over the window): 1e6 / (CPU µs per request) is the
   requests/s one core sustains.
 
-Usage: .venv/bin/python bench/proxy_latency.py [--quick] [--delay S] [--rounds N]
+With `--callgrind`, also the proxy's instructions per request (valgrind's callgrind, the
+proxy process traced whole; (instructions of a run of N requests - those of a run of M) /
+(N - M), so start-up cancels out), which do not depend on the machine's load: per parser and
+loop (h11 + asyncio, httptools + uvloop) and with recording on (the embedded writer process,
+not traced, does the file writes).
+
+Usage: .venv/bin/python bench/proxy_latency.py [--quick] [--delay S] [--rounds N] [--callgrind]
 """
 
 from __future__ import annotations
@@ -57,11 +63,12 @@ class Child:
         )
         pipe = self.proc.stdout if stream == "stdout" else self.proc.stderr
         assert pipe is not None
-        line = pipe.readline()
-        found = re.search(pattern, line)
-        if found is None:
+        seen = []
+        while (line := pipe.readline()) and (found := re.search(pattern, line)) is None:
+            seen.append(line)  # valgrind's banner, warnings
+        if not line or found is None:
             self.proc.kill()
-            raise RuntimeError(f"child did not start: {line!r}")
+            raise RuntimeError(f"child did not start: {''.join(seen)!r}")
         self.port = int(found.group(1))
 
     def stop(self) -> None:
@@ -84,8 +91,8 @@ def fake_upstream(delay: float) -> Child:
     return Child([sys.executable, "-c", code], r"(\d+)", "stdout")
 
 
-def proxy(upstream: str, *extra: str) -> Child:
-    argv = [sys.executable, "-m", "vllm_middleware._cli", "proxy", "--upstream", upstream]
+def proxy(upstream: str, *extra: str, prefix: tuple[str, ...] = ()) -> Child:
+    argv = [*prefix, sys.executable, "-m", "vllm_middleware._cli", "proxy", "--upstream", upstream]
     argv += ["--listen", "127.0.0.1:0", *extra]
     return Child(argv, r"127\.0\.0\.1:(\d+)/v1", "stderr")
 
@@ -213,16 +220,67 @@ async def throughput_table(targets: dict[str, str], pids: dict[str, int], total:
     )
 
 
+def _instructions(upstream: str, extra: list[str], requests: int, out: Path) -> int:
+    prefix = ("valgrind", "-q", "--tool=callgrind", f"--callgrind-out-file={out}")
+    child = proxy(upstream, *extra, prefix=prefix)
+    base = f"http://127.0.0.1:{child.port}/v1"
+    with httpx.Client(timeout=600) as client:
+        for i in range(requests):
+            body = STREAM_BODY if i % 2 else JSON_BODY
+            with client.stream("POST", f"{base}/chat/completions", content=body, headers=JSON) as r:
+                r.read()
+    child.proc.terminate()
+    child.proc.wait(timeout=600)
+    text = out.read_text(errors="replace")
+    found = re.search(r"^summary:\s+(\d+)", text, re.MULTILINE) or re.search(
+        r"^totals:\s+(\d+)", text, re.MULTILINE
+    )
+    assert found, f"no summary in {out}"
+    return int(found.group(1))
+
+
+def callgrind_table(tmp: Path, quick: bool) -> None:
+    upstream = fake_upstream(0.0)
+    base = f"http://127.0.0.1:{upstream.port}/v1"
+    few, many = (10, 40) if quick else (20, 120)
+    variants = {
+        "h11 + asyncio, no record": ["--http", "h11", "--loop", "asyncio", "--no-record"],
+        "httptools + uvloop, no record": ["--http", "httptools", "--loop", "uvloop", "--no-record"],
+        "httptools + uvloop, recording": [
+            *("--http", "httptools", "--loop", "uvloop", "--log-dir", str(tmp / "cg-logs"))
+        ],
+    }
+    rows = []
+    try:
+        for name, extra in variants.items():
+            low = _instructions(base, [*extra, "--no-metrics"], few, tmp / "cg.low")
+            high = _instructions(base, [*extra, "--no-metrics"], many, tmp / "cg.high")
+            rows.append([name, (high - low) / (many - few) / 1000])
+    finally:
+        upstream.stop()
+    print_table(
+        "proxy instructions per request (callgrind; half JSON, half streamed chat)",
+        ["proxy", "k instructions / request"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--delay", type=float, default=0.02, help="server-side delay, seconds")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--callgrind", action="store_true", help="instructions per request too")
+    parser.add_argument("--only-callgrind", action="store_true", help="just those")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     per_round = {1: 30, 64: 256} if args.quick else {1: 150, 64: 1024}
     total = 500 if args.quick else 3000
     banner("proxy_latency", args)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.callgrind or args.only_callgrind:
+            callgrind_table(Path(tmp), args.quick)
+        if args.only_callgrind:
+            return
         upstream = fake_upstream(args.delay)
         base = f"http://127.0.0.1:{upstream.port}/v1"
         plain = proxy(base, "--no-record", "--no-metrics")

@@ -9,7 +9,6 @@ connections and the recorder, which flushes its records.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import socket
@@ -88,6 +87,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         help="on SIGTERM, seconds to let requests in flight finish (default 30)",
+    )
+    parser.add_argument(
+        "--http",
+        choices=("auto", "h11", "httptools"),
+        default="auto",
+        help="uvicorn's HTTP parser (auto: httptools when installed, the [proxy] extra has it)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop (auto: uvloop when installed, the [proxy] extra has it)",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
 
@@ -222,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=args.drain_timeout,
         timeout_keep_alive=75,
+        http=args.http,
+        loop=args.loop,
     )
     _quiet_cut_responses()
     server = uvicorn.Server(config)
@@ -234,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        server.run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
