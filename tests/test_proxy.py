@@ -226,6 +226,40 @@ def test_openai_sdk_through_the_proxy(
     assert all("x-vllm-mw-metadata" not in r.headers for r in fake_vllm.requests)
 
 
+def test_proxy_records_equal_the_sdk_doors_for_the_same_traffic(
+    start_proxy: Any, fake_vllm: FakeVLLMServer, tmp_path: Path
+) -> None:
+    from vllm_middleware import CaptureTransport
+
+    proxy = start_proxy("--upstream", fake_vllm.base_url, "--host", "app-1")
+    calls = [
+        ("/chat/completions", CHAT),
+        ("/chat/completions", {**CHAT, "stream": True}),
+        ("/embeddings", {"model": CHAT["model"], "input": "x"}),
+    ]
+    headers = {"x-request-id": "same-id", "X-VLLM-MW-Metadata": '{"k": "v"}'}
+    sdk_dir = tmp_path / "sdk-logs"
+    with httpx.Client(transport=CaptureTransport(log_dir=str(sdk_dir), host="app-1")) as sdk:
+        for base, client in ((fake_vllm.base_url, sdk), (proxy.base_url, httpx.Client())):
+            for path, body in calls:
+                with client.stream("POST", base + path, json=body, headers=headers) as r:
+                    r.read()
+    proxy.stop()
+    varying = ("request_id", "timestamp", "latency_ms", "ttft_ms", "created")
+
+    def comparable(found: list[dict[str, Any]]) -> list[bytes]:
+        out = []
+        for record in found:
+            kept = {k: v for k, v in record.items() if k not in varying}
+            out.append(_stable(orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)))
+        return sorted(out)
+
+    from_sdk = comparable(list(load_logs(sdk_dir)))
+    from_proxy = comparable(records(tmp_path))
+    assert len(from_proxy) == 3
+    assert from_proxy == from_sdk
+
+
 # -- streams cut by either side -----------------------------------------------------------
 
 
