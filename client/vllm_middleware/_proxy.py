@@ -184,7 +184,8 @@ class ProxyApp:
             method,
             upstream.target(path, scope["query_string"]),
             headers=forwarded_request_headers(scope["headers"]),
-            content=body,
+            # No body, no Content-Length: a GET goes out as the client sent it.
+            content=body if body or method not in ("GET", "HEAD") else None,
             extensions=self._extensions,
         )
         transport = self.recorded if is_traffic(method, path) else self.plain
