@@ -156,9 +156,12 @@ async def latency_tables(targets: dict[str, str], rounds: int, per_round: dict[i
             for concurrency, count in per_round.items():
                 firsts: dict[str, list[float]] = {t: [] for t in targets}
                 totals: dict[str, list[float]] = {t: [] for t in targets}
-                for _ in range(rounds):
+                # c=1: the targets take turns request by request (a load spike hits all
+                # alike); c=64: round by round.
+                turns, size = (rounds * count, 1) if concurrency == 1 else (rounds, count)
+                for _ in range(turns):
                     for target, base in targets.items():
-                        f, t, _ = await run(client, base, call, count, concurrency)
+                        f, t, _ = await run(client, base, call, size, concurrency)
                         firsts[target] += f
                         totals[target] += t
                 _print_latency(name, concurrency, firsts, totals)
