@@ -166,7 +166,7 @@ def parent(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(SCRIPT.parent))
     from _common import banner, print_table
     from _versions import baseline_client, run_child
-    from vllm_middleware.testing import RedisServerProcess
+    from vllm_middleware_testing import RedisServerProcess
 
     banner("shipping_load", args)
     seconds = args.seconds or (1.5 if args.quick else 6.0)

@@ -177,7 +177,7 @@ run_env() {  # run_env ENV [PYTEST ARGS...]: stops at the environment's first fa
     main)
       echo "== [main] $(describe "$dir"): ruff"
       "$dir/bin/ruff" check .
-      "$dir/bin/ruff" format --check --quiet client worker
+      "$dir/bin/ruff" format --check --quiet client worker testing
       echo "== [main] mypy (strict)"
       "$dir/bin/mypy"
       echo "== [main] $(describe "$dir"): pytest"

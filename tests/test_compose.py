@@ -18,8 +18,8 @@ import orjson
 import pytest
 import redis as redis_sync
 import yaml
-from vllm_middleware import StreamKeys
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

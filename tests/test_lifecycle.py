@@ -27,7 +27,7 @@ from vllm_middleware import (
     load_logs,
 )
 from vllm_middleware._spool import Spool
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 HELLO = [{"role": "user", "content": "hello"}]

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from vllm_middleware import VLLMMiddleware, load_logs
 from vllm_middleware._keys import FIELD_COUNT
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 REPLY = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}
 CALLERS = 64

@@ -23,11 +23,9 @@ from ._exceptions import (
     VLLMMiddlewareError,
 )
 from ._instrument import instrument
-from ._keys import StreamKeys
 from ._media import MediaPolicy
-from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
 from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
-from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
+from ._record import SCHEMA_VERSION, LogRecord, new_request_id
 from ._redact import redact_secrets
 from ._stats import get_statistics
 from ._streaming import AsyncStream, StreamEnd
@@ -53,13 +51,10 @@ __all__ = [
     "LogRecord",
     "MediaPolicy",
     "NotFoundError",
-    "PartitionWriter",
     "RateLimitError",
     "ReadStats",
-    "RecordEntry",
     "ServiceUnavailableError",
     "StreamEnd",
-    "StreamKeys",
     "VLLMMiddleware",
     "VLLMMiddlewareError",
     "get_statistics",
@@ -68,7 +63,5 @@ __all__ = [
     "iter_logs",
     "load_logs",
     "new_request_id",
-    "partition_dir",
     "redact_secrets",
-    "sanitize_partition_value",
 ]

@@ -88,8 +88,8 @@ class WriterProcessUnavailable(WriterProcessError):
     """The writer process could not be started."""
 
 
-class _Life:
-    """One writer process and its two pipe ends, from start to exit."""
+class _Spawned:
+    """One spawned writer process and its two pipe ends, from start to exit."""
 
     def __init__(self, proc: subprocess.Popen[bytes], send_fd: int, recv_fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -162,34 +162,34 @@ class ProcessWriter:
         self.close_timeout = 10.0  # how long close waits for the writer to finish and exit
         self.starts = 0  # writers started so far (restarts after a death included)
         self.fault: str | None = None  # test seam: passed to the next writer started
-        self._life: _Life | None = None
+        self._spawned: _Spawned | None = None
         self._undo: list[list[object]] = []  # parts a dead writer may have left half written
         self._seq = 0
         _INSTANCES.add(self)
 
     @property
     def pid(self) -> int | None:
-        return self._life.proc.pid if self._life is not None and self._life.alive else None
+        return self._spawned.proc.pid if self._spawned is not None and self._spawned.alive else None
 
     async def write(self, batch: Sequence[RecordEntry]) -> None:
         """Append `batch` durably, or raise `WriterProcessError` (nothing of it is kept)."""
-        life = await self._running()
+        spawned = await self._running()
         self._seq += 1
         seq = self._seq
         done = asyncio.get_running_loop().create_future()
-        life.waiting[seq] = done
+        spawned.waiting[seq] = done
         try:
             body = encode_batch(PartitionLines.from_entries(batch))
-            await self._send(life, frame(BATCH, seq, body))
+            await self._send(spawned, frame(BATCH, seq, body))
             await done
         finally:
-            life.waiting.pop(seq, None)
+            spawned.waiting.pop(seq, None)
 
     async def aclose(self, timeout: float | None = None) -> None:
         """Let the writer finish what it was sent, then wait (bounded) for it to exit."""
-        life, self._life = self._life, None
-        if life is not None:
-            await self._retire(life, self.close_timeout if timeout is None else timeout)
+        spawned, self._spawned = self._spawned, None
+        if spawned is not None:
+            await self._retire(spawned, self.close_timeout if timeout is None else timeout)
         if self._undo:
             # A dead writer's unfinished batch that no new writer was started to cut back
             # (closing before the retry): cut it here, so what the app counts as dropped is
@@ -198,45 +198,45 @@ class ProcessWriter:
                 undo(self._undo)
                 self._undo = []
 
-    async def _retire(self, life: _Life, timeout: float) -> None:
-        life.close_send()  # end of input: the writer finishes, closes its files and exits
+    async def _retire(self, spawned: _Spawned, timeout: float) -> None:
+        spawned.close_send()  # end of input: the writer finishes, closes its files and exits
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(life.exited), timeout)
+            await asyncio.wait_for(asyncio.shield(spawned.exited), timeout)
         # Its output has ended, so it is exiting: reap it rather than leave a zombie behind.
         deadline = time.monotonic() + min(1.0, timeout)
-        while life.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+        while spawned.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         # Still running: it is stuck in the disk. It exits by itself once the write returns;
         # killing it could tear the line it is writing.
-        if not life.exited.done():
-            self._lost(life, running=True)
+        if not spawned.exited.done():
+            self._lost(spawned, running=True)
 
     # -- starting -----------------------------------------------------------------------------
-    async def _running(self) -> _Life:
-        life = self._life
-        if life is None or not life.alive:
-            if life is not None:
-                life.close_send()
-            self._life = life = self._spawn()
-        if not life.ready.done():  # a start in progress (or one a cancelled batch left)
-            await self._await_ready(life)
+    async def _running(self) -> _Spawned:
+        spawned = self._spawned
+        if spawned is None or not spawned.alive:
+            if spawned is not None:
+                spawned.close_send()
+            self._spawned = spawned = self._spawn()
+        if not spawned.ready.done():  # a start in progress (or one a cancelled batch left)
+            await self._await_ready(spawned)
         if self._undo:
             self._seq += 1
             undone = asyncio.get_running_loop().create_future()
-            life.waiting[self._seq] = undone
-            await self._send(life, frame(UNDO, self._seq, orjson.dumps(self._undo)))
+            spawned.waiting[self._seq] = undone
+            await self._send(spawned, frame(UNDO, self._seq, orjson.dumps(self._undo)))
             await undone
             self._undo = []
-        return life
+        return spawned
 
-    def _spawn(self) -> _Life:
+    def _spawn(self) -> _Spawned:
         settings = dict(self.settings)
         if self.fault:
             settings["fault"], self.fault = self.fault, None
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
         try:
-            # vfork and exec: about a millisecond, once per writer life; asyncio's subprocess
+            # vfork and exec: about a millisecond, once per spawn; asyncio's subprocess
             # API would add a child-watcher thread to the app for nothing.
             proc = subprocess.Popen(
                 [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_DIR, str(request_read),
@@ -254,22 +254,22 @@ class ProcessWriter:
         _widen(request_write)
         os.set_blocking(request_write, False)
         os.set_blocking(reply_read, False)
-        life = _Life(proc, request_write, reply_read)
-        asyncio.get_running_loop().add_reader(reply_read, self._on_readable, life)
-        return life
+        spawned = _Spawned(proc, request_write, reply_read)
+        asyncio.get_running_loop().add_reader(reply_read, self._on_readable, spawned)
+        return spawned
 
-    async def _await_ready(self, life: _Life) -> None:
+    async def _await_ready(self, spawned: _Spawned) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(life.ready), self.start_timeout)
+            await asyncio.wait_for(asyncio.shield(spawned.ready), self.start_timeout)
         except (TimeoutError, WriterProcessError) as exc:
-            life.close_send()
-            if life.proc.poll() is None:
-                life.proc.kill()
-            self._lost(life)
-            if self._life is life:
-                self._life = None
+            spawned.close_send()
+            if spawned.proc.poll() is None:
+                spawned.proc.kill()
+            self._lost(spawned)
+            if self._spawned is spawned:
+                self._spawned = None
             raise WriterProcessUnavailable(
-                f"the writer process did not start (exit code {life.proc.poll()})"
+                f"the writer process did not start (exit code {spawned.proc.poll()})"
             ) from exc
         self.starts += 1
 
@@ -277,51 +277,51 @@ class ProcessWriter:
         """In a forked child: the writer and its pipes are the parent's. Close our copies (the
         parent's writer sees end of input only once every copy is closed) and start afresh,
         under an owner name of our own."""
-        life, self._life = self._life, None
-        if life is not None:
-            life.close_fds()
+        spawned, self._spawned = self._spawned, None
+        if spawned is not None:
+            spawned.close_fds()
         self._undo = []
         self.settings["owner"] = f"{self.settings['owner']}-fork{os.getpid()}"
 
     # -- the pipes ----------------------------------------------------------------------------
-    async def _send(self, life: _Life, data: bytes) -> None:
+    async def _send(self, spawned: _Spawned, data: bytes) -> None:
         loop = asyncio.get_running_loop()
         view = memoryview(data)
         try:
             while view:
-                if not life.alive:
+                if not spawned.alive:
                     raise WriterProcessError("the writer process exited")
                 try:
-                    view = view[os.write(life.send_fd, view) :]
+                    view = view[os.write(spawned.send_fd, view) :]
                 except BlockingIOError:
-                    life.room = room = loop.create_future()
-                    loop.add_writer(life.send_fd, _wake, room)
+                    spawned.room = room = loop.create_future()
+                    loop.add_writer(spawned.send_fd, _wake, room)
                     try:
                         await room
                     finally:
-                        if life.room is room:  # else close_send has unregistered it
-                            life.room = None
-                            loop.remove_writer(life.send_fd)
+                        if spawned.room is room:  # else close_send has unregistered it
+                            spawned.room = None
+                            loop.remove_writer(spawned.send_fd)
         except BrokenPipeError as exc:
             raise WriterProcessError("the writer process exited") from exc
         except BaseException:
             if view and len(view) < len(data):
                 # Cut off mid-frame (cancelled): the stream is out of step. The writer drops
                 # the partial frame at end of input and exits; the next batch starts anew.
-                life.close_send()
+                spawned.close_send()
             raise
 
-    def _on_readable(self, life: _Life) -> None:
+    def _on_readable(self, spawned: _Spawned) -> None:
         try:
-            data = os.read(life.recv_fd, 65536)
+            data = os.read(spawned.recv_fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
-            self._lost(life)
+            self._lost(spawned)
             return
-        buffer = life.buffer
+        buffer = spawned.buffer
         buffer += data
         size = HEADER.size
         while len(buffer) >= size:
@@ -330,18 +330,18 @@ class ProcessWriter:
                 break
             body = bytes(buffer[size : size + length])
             del buffer[: size + length]
-            self._on_reply(life, kind, seq, body)
+            self._on_reply(spawned, kind, seq, body)
 
-    def _on_reply(self, life: _Life, kind: int, seq: int, body: bytes) -> None:
+    def _on_reply(self, spawned: _Spawned, kind: int, seq: int, body: bytes) -> None:
         if kind == READY:
-            if not life.ready.done():
-                life.ready.set_result(None)
+            if not spawned.ready.done():
+                spawned.ready.set_result(None)
             return
         if kind == PLAN:
-            life.plans[seq] = orjson.loads(body)
+            spawned.plans[seq] = orjson.loads(body)
             return
-        life.plans.pop(seq, None)
-        waiter = life.waiting.pop(seq, None)
+        spawned.plans.pop(seq, None)
+        waiter = spawned.waiting.pop(seq, None)
         if waiter is None or waiter.done():
             return
         if kind == DONE:
@@ -349,29 +349,29 @@ class ProcessWriter:
         elif kind == FAILED:
             waiter.set_exception(WriterProcessError(body.decode("utf-8", "replace")))
 
-    def _lost(self, life: _Life, *, running: bool = False) -> None:
+    def _lost(self, spawned: _Spawned, *, running: bool = False) -> None:
         """The writer's output ended: it exited (or was killed). Fail what it still owed.
 
         `running`: given up on while still alive (stuck in the disk at close). What it was
         writing is not cut back then: it may still be writing there.
         """
-        if life.exited.done():
+        if spawned.exited.done():
             return
-        life.exited.set_result(None)
+        spawned.exited.set_result(None)
         with contextlib.suppress(OSError, RuntimeError):
-            asyncio.get_running_loop().remove_reader(life.recv_fd)
-        life.close_send()
-        life.close_fds()
+            asyncio.get_running_loop().remove_reader(spawned.recv_fd)
+        spawned.close_send()
+        spawned.close_fds()
         if not running:
-            for parts in life.plans.values():
+            for parts in spawned.plans.values():
                 self._undo.extend(parts)
-        life.plans.clear()
-        code = life.proc.poll()
+        spawned.plans.clear()
+        code = spawned.proc.poll()
         error = WriterProcessError(f"the writer process exited (code {code})")
-        if not life.ready.done():
-            life.ready.set_exception(error)
-            life.ready.exception()  # retrieved: only `_await_ready` may be waiting for it
-        for waiter in life.waiting.values():
+        if not spawned.ready.done():
+            spawned.ready.set_exception(error)
+            spawned.ready.exception()  # retrieved: only `_await_ready` may be waiting for it
+        for waiter in spawned.waiting.values():
             if not waiter.done():
                 waiter.set_exception(error)
-        life.waiting.clear()
+        spawned.waiting.clear()

@@ -152,6 +152,24 @@ def _resume(step: Any, yielded: Any) -> Generator[Any, Any, Any]:
                 return stop.value
 
 
+# Tasks releasing connections, kept alive until they end (the loop holds tasks weakly).
+_RELEASING: set[asyncio.Task[None]] = set()
+
+
+async def _uncut(release: Coroutine[Any, Any, None]) -> None:
+    """Run a connection's release in a task of its own and wait for it.
+
+    A cancellation of the caller must not land inside it: httpcore marks its stream closed
+    before it gives the connection back to the pool, across awaits, so a release cut short
+    leaves the connection checked out for good (the pool shrinks by one per such cancel). The
+    caller's cancel still ends the wait at once; the release finishes in the background.
+    """
+    task = asyncio.get_running_loop().create_task(release)
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
+    await asyncio.shield(task)
+
+
 class StreamState:
     """Everything a stream needs, kept apart from `AsyncStream` so a finalizer can use it."""
 
@@ -331,6 +349,9 @@ class StreamState:
             self.pending_error = error
 
     async def _disconnect(self) -> None:
+        await _uncut(self._release())
+
+    async def _release(self) -> None:
         """Give the connection back: after [DONE] only the body's end should be left to read."""
         if self.drain:
             try:
@@ -342,7 +363,7 @@ class StreamState:
                     self.connected = False
                     return
         self.connected = False
-        await self.close_transport()
+        await self._close_transport()
 
     async def _drain(self) -> None:
         # Usually the end of the body is already here: try a read without arming a timer (a
@@ -364,6 +385,9 @@ class StreamState:
                     pass
 
     async def close_transport(self) -> None:
+        await _uncut(self._close_transport())
+
+    async def _close_transport(self) -> None:
         with contextlib.suppress(Exception):
             await self.body.aclose()  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):

@@ -33,7 +33,7 @@ import orjson
 
 from ._crash import crash_point
 from ._modes import FileModes
-from ._partition import PartitionLines, PartitionWriter
+from ._partition import PartitionLines, PartitionWriter, cut_back
 
 __all__ = [
     "BATCH",
@@ -113,20 +113,20 @@ def _frames(source: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
 
 
 def undo(parts: list[list[object]]) -> None:
-    """Cut files back to where a dead writer's unfinished batch started.
+    """Cut files back to where a dead writer's unfinished batch started (see `cut_back`).
 
-    A file the batch created (offset 0) is removed rather than left empty. Only this owner's
-    files are named, and nothing else writes to them, so no other data can be behind the cut.
+    A file the batch created (offset 0) is then removed rather than left empty: the writer that
+    had it open is gone, and the cut is durable first, so a crash leaves at worst an empty file.
     """
     for path, offset in parts:
         assert isinstance(path, str) and isinstance(offset, int)
-        try:
-            if offset == 0:
+        cut_back(path, offset)
+        if offset == 0:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            elif os.path.getsize(path) > offset:
-                os.truncate(path, offset)
-        except FileNotFoundError:
-            continue
+
+
+_FILE_IDLE_S = 300.0
 
 
 def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str | None) -> None:
@@ -145,6 +145,9 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
     for kind, seq, body in _frames(source):
         try:
             if kind == BATCH:
+                # As the worker does: a file idle this long is closed and never appended to
+                # again, so compression and retention can take files that stay unchanged.
+                writer.close_idle(_FILE_IDLE_S)
                 plan = writer.plan(decode_batch(body))
                 reply(PLAN, seq, orjson.dumps([[str(p.path), p.offset] for p in plan.parts]))
                 crash_point("after-plan")

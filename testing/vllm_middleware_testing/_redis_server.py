@@ -14,8 +14,11 @@ import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 _HOST = "127.0.0.1"
 _LOG_NAME = "redis.log"
@@ -32,27 +35,6 @@ def _free_port() -> int:
         probe.bind((_HOST, 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def _resp(*args: str) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-def _read_reply(reader: BinaryIO) -> bytes | None:
-    """Read one simple/error/integer/bulk RESP reply (all a PING or INFO can return)."""
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ValueError("connection closed mid-reply")
-    if line[:1] == b"$":
-        size = int(line[1:-2])
-        if size < 0:
-            return None
-        return reader.read(size + 2)[:-2]
-    return line[:-2]
 
 
 def _kill_quietly(process: subprocess.Popen[bytes]) -> None:
@@ -230,34 +212,40 @@ class RedisServerProcess:
                 texts.append((self.dir / name).read_text(errors="replace")[-2000:])
         return "\n".join(text for text in texts if text.strip()) or "(no log output)"
 
-    def _call(self, command: Sequence[str], timeout: float) -> bytes | None:
-        """Send one command (after AUTH when needed) on a fresh socket; return its reply."""
-        commands = [list(command)]
-        if self.password is not None:
-            commands.insert(0, ["AUTH", self.password])
-        try:
-            with socket.create_connection((_HOST, self._port), timeout=timeout) as conn:
-                conn.sendall(b"".join(_resp(*args) for args in commands))
-                with conn.makefile("rb") as reader:
-                    reply = None
-                    for _ in commands:
-                        reply = _read_reply(reader)
-                    return reply
-        except (OSError, ValueError):
-            return None
+    def _client(self, timeout: float) -> redis.Redis:
+        # A fresh connection per probe, no retries: a probe answers "up now?", never waits.
+        return redis.Redis(
+            host=_HOST,
+            port=self._port,
+            password=self.password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),
+            lib_name=None,  # no CLIENT SETINFO: one command per probe, answered while loading
+            lib_version=None,
+        )
 
     def ping(self, timeout: float = 1.0) -> bool:
         """True when the server answers PING with PONG (False while loading, paused or down)."""
-        return self._call(["PING"], timeout) == b"+PONG"
+        client = self._client(timeout)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def _answering_pid(self, timeout: float) -> int | None:
-        info = self._call(["INFO", "server"], timeout)
-        if info is None or info.startswith(b"-"):
+        client = self._client(timeout)
+        try:
+            info = client.info("server")
+        except redis.RedisError:
             return None
-        for line in info.splitlines():
-            if line.startswith(b"process_id:"):
-                return int(line.split(b":", 1)[1])
-        return None
+        finally:
+            client.close()
+        pid = info.get("process_id")
+        return pid if isinstance(pid, int) else None
 
     def _signal(self, signum: int) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 _TOKEN = re.compile(r"\s*\S+|\s+$")
@@ -37,14 +36,6 @@ def _logprob(token: str, rank: int) -> float:
 def _alternatives(token: str, k: int) -> list[str]:
     # The sampled token first, then made-up alternatives, as if ranked by probability.
     return [token] + [f"{token.strip()}~{rank}" for rank in range(1, k)]
-
-
-@dataclass(frozen=True)
-class LogprobRequest:
-    """What the request asked for: None where it did not."""
-
-    top: int | None = None  # chat: top_logprobs when logprobs=true; completions: logprobs
-    prompt: int | None = None  # prompt_logprobs
 
 
 def chat_logprobs(text: str, top: int) -> list[dict[str, Any]]:

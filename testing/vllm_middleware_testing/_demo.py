@@ -1,5 +1,8 @@
 """`vllm-mw demo`: the whole pipeline on one machine, shown end to end.
 
+It lives beside the test doubles it starts, so the client and the worker never import them;
+`vllm-mw` looks it up at run time.
+
 Starts what is missing: a FAKE vLLM server unless `--base-url` names a real one, a private
 redis-server and worker processes when redis-server is installed (otherwise the embedded
 mode), sends a mix of requests from two app "hosts", then prints the statistics, the partition
@@ -22,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._client import VLLMMiddleware
-from ._exceptions import APIError
-from ._reader import iter_log_files, load_logs
-from ._stats import get_statistics
+from vllm_middleware import APIError, VLLMMiddleware, get_statistics, iter_log_files, load_logs
+
+from ._fake_vllm import FakeVLLMServer
+from ._redis_server import RedisServerProcess
 
 __all__ = ["add_arguments", "run"]
 
@@ -165,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
     fake = None
     base_url = args.base_url
     if base_url is None:
-        from .testing import FakeVLLMServer
-
         fake = FakeVLLMServer().start()
         base_url = fake.base_url
         _say("=" * 78)
@@ -179,8 +180,6 @@ def run(args: argparse.Namespace) -> int:
         redis_url = None if args.embedded else args.redis_url
         has_worker = importlib.util.find_spec("vllm_middleware_worker") is not None
         if not args.embedded and redis_url is None and shutil.which("redis-server") and has_worker:
-            from .testing import RedisServerProcess
-
             redis_proc = RedisServerProcess(appendonly=True).start()
             redis_url = redis_proc.url
             _say(f"Started a private redis-server (AOF on) at {redis_url}")

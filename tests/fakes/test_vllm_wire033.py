@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from vllm_middleware.testing import FakeVLLMServer, fake_reply
-from vllm_middleware.testing._fake_tokens import token_ids
+from vllm_middleware_testing import FakeVLLMServer, fake_reply
+from vllm_middleware_testing._fake_tokens import token_ids
 
 TOOL = {
     "type": "function",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from vllm_middleware.testing import RedisServerError, RedisServerProcess
+from vllm_middleware_testing import RedisServerError, RedisServerProcess
 
 
 @pytest.fixture
