@@ -476,3 +476,47 @@ def test_records_equal_the_middleware_clients(server: FakeVLLMServer, logs: Path
     assert len(closed_early) == 1 and len(written) == len(pinned) - 1
     for record in written:
         assert record in pinned, record
+
+
+def test_capture_transport_on_an_httpx_client_of_ones_own(logs: Path) -> None:
+    """The public transport around any httpx transport: a gzip body is recorded decoded, the
+    server's request id and the Idempotency-Key are kept, the bytes reach the caller as sent."""
+    import gzip
+
+    import httpx
+    from vllm_middleware import CaptureTransport
+
+    reply = json.dumps({"id": "x", "choices": [], "usage": {"total_tokens": 3}}).encode()
+    packed = gzip.compress(reply)
+
+    class Arriving(httpx.SyncByteStream):  # a body still to be read, in two pieces
+        def __iter__(self) -> Iterator[bytes]:
+            yield packed[:10]
+            yield packed[10:]
+
+    def server(request: httpx.Request) -> httpx.Response:
+        assert "x-vllm-mw-metadata" not in request.headers
+        headers = {
+            "content-type": "application/json",
+            "content-encoding": "gzip",
+            "x-request-id": "srv-9",
+        }
+        if request.url.path.endswith("/embeddings"):  # a body given whole, read by httpx
+            return httpx.Response(200, headers=headers, content=packed)
+        return httpx.Response(200, headers=headers, stream=Arriving())
+
+    transport = CaptureTransport(httpx.MockTransport(server), log_dir=logs)
+    with httpx.Client(transport=transport, base_url="http://vllm/v1") as client:
+        response = client.post(
+            "/chat/completions",
+            json={"model": "m", "messages": USER, "n": 2},
+            headers={"Idempotency-Key": "idem-1", "X-VLLM-MW-Metadata": '["not", "an object"]'},
+        )
+        whole = client.post("/embeddings", json={"model": "m", "input": "x"})
+    assert response.json() == whole.json() == json.loads(reply)
+    record, embedded = records(logs)
+    assert embedded["response"] == json.loads(reply) and embedded["input"] == "x"
+    assert record["response"] == json.loads(reply) and record["usage"] == {"total_tokens": 3}
+    assert record["server_request_id"] == "srv-9" and record["parameters"] == {"n": 2}
+    assert record["idempotency_key"] == "idem-1" and "attempt" not in record
+    assert "not a JSON object" in record["capture_notes"][0]

@@ -82,6 +82,23 @@ def _ended_by(exc: BaseException, exchange: Exchange, timeouts: tuple[type, ...]
         exchange.finish("cancelled", APIError(message, request_id=exchange.request_id))
 
 
+def _observe(exchange: Exchange, response: Any) -> bool:
+    """Show the response to the exchange; True if its body is still to come (to be wrapped).
+
+    A transport may answer with the body already in memory (httpx reads a `content=` body at
+    once, as `MockTransport` answers and caching transports do): it is recorded now, decoded.
+    """
+    headers = read_headers(response.headers.raw)
+    if not response.is_stream_consumed:
+        exchange.respond(response.status_code, headers)
+        return True
+    headers.pop("content-encoding", None)
+    exchange.respond(response.status_code, headers)
+    exchange.feed(response.content)
+    exchange.finish("done")
+    return False
+
+
 class SyncBodyLogic:
     """A response body passed through to the caller and shown to the exchange."""
 
@@ -224,8 +241,8 @@ class SyncTransportLogic(_TransportBase):
         except BaseException as exc:
             _failure(exchange, exc, url, self.timeouts)
             raise
-        exchange.respond(response.status_code, read_headers(response.headers.raw))
-        response.stream = self.body_class(response.stream, exchange)
+        if _observe(exchange, response):
+            response.stream = self.body_class(response.stream, exchange)
         return response
 
     def close(self) -> None:
@@ -251,8 +268,8 @@ class AsyncTransportLogic(_TransportBase):
         except BaseException as exc:
             _failure(exchange, exc, url, self.timeouts)
             raise
-        exchange.respond(response.status_code, read_headers(response.headers.raw))
-        response.stream = self.body_class(response.stream, exchange)
+        if _observe(exchange, response):
+            response.stream = self.body_class(response.stream, exchange)
         return response
 
     async def aclose(self) -> None:
