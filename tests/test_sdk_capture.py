@@ -520,3 +520,30 @@ def test_capture_transport_on_an_httpx_client_of_ones_own(logs: Path) -> None:
     assert record["server_request_id"] == "srv-9" and record["parameters"] == {"n": 2}
     assert record["idempotency_key"] == "idem-1" and "attempt" not in record
     assert "not a JSON object" in record["capture_notes"][0]
+
+
+def test_a_body_the_capture_chokes_on_still_reaches_the_caller(logs: Path) -> None:
+    """Bad data from the server (a choice index that is a list) makes folding the stream fail:
+    the failure is counted, the caller still gets every byte and no error."""
+    import httpx
+    from vllm_middleware import CaptureTransport
+
+    events = [
+        b'data: {"id":"c","choices":[{"index":[1],"delta":{"content":"hi"}}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+
+    class Events(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield from events
+
+    def server(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Events())
+
+    transport = CaptureTransport(httpx.MockTransport(server), log_dir=logs)
+    body = {"model": "m", "messages": USER, "stream": True}
+    with httpx.Client(transport=transport, base_url="http://vllm/v1") as client:
+        with client.stream("POST", "/chat/completions", json=body) as response:
+            received = b"".join(response.iter_raw())
+        assert transport.recorder.local_statistics()["logging_errors"] == 1
+    assert received == b"".join(events)

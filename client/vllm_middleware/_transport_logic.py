@@ -46,7 +46,7 @@ def _shown(url: _URL) -> str:
 
 def _started(
     capture: WireCapture, request: Any, body: bytes, started: float
-) -> tuple[Exchange, Any]:
+) -> tuple[Exchange | None, Any]:
     """Begin the record; remove our control headers from the request before it leaves."""
     headers = request.headers
     found = read_headers(headers.raw)
@@ -236,6 +236,8 @@ class SyncTransportLogic(_TransportBase):
         except Exception:  # a streamed body (multipart upload): read it so it can be recorded
             body = request.read()
         exchange, url = _started(self.capture, request, body, started)
+        if exchange is None:
+            return self._inner.handle_request(request)
         try:
             response = self._inner.handle_request(request)
         except BaseException as exc:
@@ -263,6 +265,8 @@ class AsyncTransportLogic(_TransportBase):
         except Exception:  # a streamed body (multipart upload): read it so it can be recorded
             body = await request.aread()
         exchange, url = _started(self.capture, request, body, started)
+        if exchange is None:
+            return await self._inner.handle_async_request(request)
         try:
             response = await self._inner.handle_async_request(request)
         except BaseException as exc:

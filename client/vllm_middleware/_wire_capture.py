@@ -13,6 +13,7 @@ below): `Authorization` and API keys never reach a record.
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from collections import OrderedDict
@@ -91,17 +92,19 @@ class _RetryLinks:
     the same body takes the group from it. Successful calls never pay for this.
     """
 
-    __slots__ = ("_groups",)
+    __slots__ = ("_groups", "_lock")
 
     def __init__(self) -> None:
         self._groups: OrderedDict[tuple[str, bytes], str] = OrderedDict()
+        self._lock = threading.Lock()
 
     def remember(self, key: tuple[str, bytes], group: str) -> None:
-        groups = self._groups
-        groups[key] = group
-        groups.move_to_end(key)
-        while len(groups) > _MAX_LINKS:
-            groups.popitem(last=False)
+        with self._lock:  # the doors' threads share it (only failed attempts get here)
+            groups = self._groups
+            groups[key] = group
+            groups.move_to_end(key)
+            while len(groups) > _MAX_LINKS:
+                groups.popitem(last=False)
 
     def take(self, key: tuple[str, bytes]) -> str | None:
         return self._groups.pop(key, None)
@@ -147,9 +150,24 @@ class WireCapture:
         headers: Mapping[str, str],
         body: bytes,
         started: float | None = None,
-    ) -> Exchange:
+    ) -> Exchange | None:
         """Start recording one request. `headers`: at least its `READ_HEADERS`, by lower-case
-        name (`read_headers` picks them)."""
+        name (`read_headers` picks them). None when it cannot be recorded (a failure to log,
+        counted): the door then sends the request uncaptured."""
+        try:
+            return self._begin(method, path, headers, body, started)
+        except Exception as exc:
+            self.recorder.logging_failed(None, exc)
+            return None
+
+    def _begin(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        started: float | None,
+    ) -> Exchange:
         if started is None:
             started = time.perf_counter()
         get = headers.get
@@ -328,6 +346,16 @@ class Exchange:
         """A chunk of the (raw) body, as it passes to the caller."""
         if self._ended or not data:
             return
+        try:
+            self._take(data)
+        except Exception as exc:  # a logging failure never reaches the caller
+            self._broken(exc)
+
+    def _broken(self, exc: Exception) -> None:
+        self._ended = True
+        self._capture.recorder.logging_failed(self.call.request_id, exc)
+
+    def _take(self, data: bytes) -> None:
         if self._inflater is not None:
             try:
                 data = self._inflater.decompress(data)
@@ -374,6 +402,12 @@ class Exchange:
         the middleware's own streams use (`StreamEnd`)."""
         if self._ended:
             return
+        try:
+            self._finish(end, error)
+        except Exception as exc:  # a logging failure never reaches the caller
+            self._broken(exc)
+
+    def _finish(self, end: str, error: APIError | None) -> None:
         if self._acc is not None:
             self._end_stream(end, error)
             return
