@@ -258,6 +258,11 @@ def instructions(spec: list[str], scratch: Path) -> int:
     return int(found.group(1))
 
 
+def calls(n: int) -> int:
+    """Calls a run of `n` makes: its warm-up too (`cpu_per_call_sync`)."""
+    return n + max(n // 10, 5)
+
+
 def instruction_rows(libraries: list[Any], few: int, many: int) -> list[list[Any]]:
     """Instructions per call (the difference of a run of `many` calls and one of `few`, so
     imports and start-up cancel out), bare and captured: independent of the machine's load."""
@@ -271,7 +276,7 @@ def instruction_rows(libraries: list[Any], few: int, many: int) -> list[list[Any
                     for captured in ("0", "1"):
                         spec = [kind, lib.__name__, is_async, "0", captured]
                         runs = [instructions([*spec, str(n)], scratch) for n in (few, many)]
-                        per_call[captured] = (runs[1] - runs[0]) / (many - few)
+                        per_call[captured] = (runs[1] - runs[0]) / (calls(many) - calls(few))
                     bare, added = per_call["0"], per_call["1"] - per_call["0"]
                     rows.append(
                         [kind, lib.__name__, "async" if is_async == "1" else "sync", "JSON",
