@@ -4,6 +4,7 @@ exchange, and the SDK sees the server's bytes unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import json
@@ -380,6 +381,18 @@ async def test_async_retries_and_timeouts(server: FakeVLLMServer, logs: Path) ->
     assert first["error_detail"]["kind"] == second["error_detail"]["kind"] == "APITimeoutError"
     assert first["retry_group"] == second["retry_group"]
     assert (first["attempt"], second["attempt"]) == (0, 1)
+
+
+async def test_async_call_cancelled_by_the_caller(server: FakeVLLMServer, logs: Path) -> None:
+    client = async_client(server, logs, max_retries=2)
+    slow = [{"role": "user", "content": "[[slow:3]]"}]
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await client.chat.completions.create(model=server.model, messages=slow)
+    await client.close()
+    [record] = records(logs)
+    assert record["error"] == "cancelled by the caller before the response"
+    assert "retry_group" not in record  # nobody retries a cancelled call
 
 
 # -- the transports on their own -----------------------------------------------------------------

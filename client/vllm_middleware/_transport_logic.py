@@ -61,10 +61,10 @@ def _started(
 def _failure(exchange: Exchange, exc: BaseException, url: Any, timeouts: tuple[type, ...]) -> None:
     if isinstance(exc, Exception):
         is_timeout = isinstance(exc, timeouts)
-        error = transport_error(exc, _shown(url), exchange.request_id, timeout=is_timeout)
+        exchange.fail(transport_error(exc, _shown(url), exchange.request_id, timeout=is_timeout))
     else:  # cancelled (asyncio, anyio, trio) or interrupted: not the server's doing
         error = APIError("cancelled by the caller before the response")
-    exchange.fail(error)
+        exchange.fail(error, retried=False)
 
 
 def _ended_by(exc: BaseException, exchange: Exchange, timeouts: tuple[type, ...]) -> None:

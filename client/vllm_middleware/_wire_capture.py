@@ -499,12 +499,14 @@ class Exchange:
             extra=extra,
         )
 
-    def fail(self, error: APIError) -> None:
-        """No response: the request timed out or the connection failed (retried by the SDK)."""
+    def fail(self, error: APIError, *, retried: bool = True) -> None:
+        """No response: the request timed out or the connection failed (which the SDK
+        retries), or the caller gave up waiting (`retried=False`)."""
         if self._ended:
             return
         self._ended = True
-        self._retryable_failure()
+        if retried:
+            self._retryable_failure()
         self.call.log(self.started, error=error, extra=self._extra or None)
 
     def _note(self, text: str) -> None:
