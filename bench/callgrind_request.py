@@ -52,8 +52,13 @@ async def child(args: argparse.Namespace) -> None:
         return httpx.Response(200, content=orjson.dumps(reply))
 
     # base_url on the injected client too: the baseline needs it (issue 10 item 1)
+    if args.stream:
+        from client_overhead import sse_handler
+
+        handler = sse_handler  # type: ignore[assignment]
     http = httpx.AsyncClient(base_url="http://mock/v1", transport=httpx.MockTransport(handler))
     headers = {"content-type": "application/json", "accept": "application/json"}
+    sse_headers = {"content-type": "application/json", "accept": "text/event-stream"}
     mw: Any = None
     if args.mode in ("bare", "bare-url"):
         url: Any = "chat/completions"
@@ -62,6 +67,15 @@ async def child(args: argparse.Namespace) -> None:
 
         async def call() -> Any:
             body = {"temperature": 0.2, "max_tokens": 256, "model": MODEL, "messages": messages}
+            if args.stream:  # as an app does: stream, parse each event, keep the chunks
+                body.update(stream=True, stream_options={"include_usage": True})
+                chunks = []
+                async with http.stream("POST", url, content=orjson.dumps(body),
+                                       headers=sse_headers) as response:  # fmt: skip
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            chunks.append(orjson.loads(line[6:]))
+                return chunks
             response = await http.post(url, content=orjson.dumps(body),
                                        headers=headers)  # fmt: skip
             return orjson.loads(response.content)
@@ -76,6 +90,10 @@ async def child(args: argparse.Namespace) -> None:
                             **where)  # fmt: skip
 
         async def call() -> Any:
+            if args.stream:
+                stream = await mw.chat_completion(messages, model=MODEL, temperature=0.2,
+                                                  max_tokens=256, stream=True)  # fmt: skip
+                return [chunk async for chunk in stream]
             return await mw.chat_completion(messages, model=MODEL, temperature=0.2,
                                             max_tokens=256)  # fmt: skip
 
@@ -116,6 +134,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--baseline", default="main", help="git revision to compare with")
     parser.add_argument("--modes", nargs="*", default=list(MODES), help="clients to trace")
+    parser.add_argument("--stream", action="store_true", help="streamed replies (~23 chunks)")
+    parser.add_argument("--concurrencies", nargs="*", type=int, default=[1, 32])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="bare")
     parser.add_argument("--concurrency", type=int, default=1)
@@ -140,7 +160,7 @@ def main() -> None:
     os.environ["VLLM_MW_SPOOL_DIR"] = str(scratch / "spool")  # never ~/.cache
     per_request: dict[tuple[str, int, str], float] = {}
     with RedisServerProcess(tmp_dir=scratch / "redis") as server:
-        for concurrency in (1, 32):
+        for concurrency in args.concurrencies:
             for mode in args.modes:
                 for name, client_dir in versions:
                     if mode.startswith("bare") and client_dir is not None:
@@ -151,7 +171,7 @@ def main() -> None:
                         counts.append(instructions(client_dir, [
                             "--mode", mode, "--concurrency", str(concurrency),
                             "--requests", str(requests), "--redis-url", server.url,
-                            "--log-dir", log_dir,
+                            "--log-dir", log_dir, *(["--stream"] if args.stream else []),
                         ], scratch))  # fmt: skip
                     per_request[(mode, concurrency, name)] = (counts[1] - counts[0]) / (
                         large - small
@@ -160,7 +180,7 @@ def main() -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(baseline.parent, ignore_errors=True)
     rows = []
-    for concurrency in (1, 32):
+    for concurrency in args.concurrencies:
         bare = per_request.get(("bare", concurrency, versions[1][0]))
         for mode in args.modes:
             for name, _ in versions:
@@ -170,7 +190,8 @@ def main() -> None:
                 added = "" if bare is None or mode == "bare" else f"{(value - bare) / 1000:+.1f}k"
                 rows.append([concurrency, mode, name, f"{value / 1000:.1f}k", added])
     print_table(
-        f"Instructions per request (callgrind; ({large:,} - {small:,}) / {large - small:,})",
+        f"Instructions per {'streamed ' if args.stream else ''}request (callgrind; "
+        f"({large:,} - {small:,}) / {large - small:,})",
         ["conc", "client", "version", "instructions/request", "added over bare"],
         rows,
     )

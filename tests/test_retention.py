@@ -160,3 +160,45 @@ def test_retention_command(tmp_path: Path) -> None:
     code, report = run("--keep-days", "3", "--log-dir", str(tmp_path))
     assert code == 0 and report["deleted"] == ["2020-01-01"]
     assert not (tmp_path / "date=2020-01-01").exists() and len(load_logs(tmp_path)) == 2
+
+
+async def test_cron_job_deletes_unreferenced_media_once_partitions_are_gone(
+    tmp_path: Path, redis_server: RedisServerProcess
+) -> None:
+    from .test_media_gc import path_of, store, write
+
+    logs = tmp_path / "logs"
+    old_only, shared, orphan = store(logs, 1), store(logs, 2), store(logs, 3)
+    write(logs, "2020-01-01", [old_only, shared])
+    write(logs, date.today().isoformat(), [shared])
+    past = time.time() - 2 * HOUR
+    for path in logs.rglob("*"):
+        os.utime(path, (past, past))
+    time.sleep(1.0)  # past the grace period (ctime cannot be set back)
+    config = WorkerConfig(
+        redis_url=redis_server.url,
+        log_dir=str(logs),
+        consumer="w0",
+        retention_days=7,
+        media_grace_days=0.5 / 86400,
+    )
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        report = await run_retention(client, config)
+        assert report["deleted"] == ["2020-01-01"]
+        assert report["media"] == {"deleted": 2, "bytes": 6400, "errors": []}
+        assert path_of(logs, shared).exists()
+        assert not path_of(logs, old_only).exists() and not path_of(logs, orphan).exists()
+        stats = await client.hgetall(StreamKeys().stats)
+        assert stats[b"retention_media_deleted"] == b"2"
+        # Nothing deleted since the last complete scan: the tree is not read again.
+        again = await run_retention(client, config)
+        assert "skipped" in again["media"]
+        # An incomplete scan (a symbolic link the reader skips) is retried at the next tick.
+        await client.set("vllm:logs:retention:media_pending", b"1")
+        (logs / f"date={date.today().isoformat()}" / "host=h" / "x.jsonl").symlink_to(tmp_path)
+        refused = await run_retention(client, config)
+        assert "symbolic links" in refused["media"]["refused"]
+        assert await client.exists("vllm:logs:retention:media_pending")
+    finally:
+        await client.aclose()

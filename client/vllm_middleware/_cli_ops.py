@@ -1,5 +1,5 @@
 """The operator's subcommands of `vllm-mw`: `health`, `dead-letters`, `spool`,
-`retention`, `compact`.
+`retention`, `compress`, `compact`.
 
 Kept apart from `_cli.py`, which only calls `add_ops_commands`.
 """
@@ -64,6 +64,7 @@ def add_ops_commands(commands: Any) -> None:
     add_dead_letter_commands(commands)
     add_spool_commands(commands)
     add_retention_command(commands)
+    add_compress_command(commands)
     add_compact_command(commands)
 
 
@@ -311,6 +312,16 @@ def add_retention_command(commands: Any) -> None:
         default=3600.0,
         help="seconds every file of a partition must be unchanged (above the writers' idle close)",
     )
+    parser.add_argument(
+        "--media-grace-days",
+        type=float,
+        default=7.0,
+        help="media no record references is deleted once this old (above the longest time a "
+        "record can wait in a spool)",
+    )
+    parser.add_argument(
+        "--keep-media", action="store_true", help="leave log_dir/media alone (no scan of the tree)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="show what would be deleted")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_cmd_retention)
@@ -333,6 +344,7 @@ def _cmd_retention(args: argparse.Namespace) -> int:
         result = apply_retention(plan)
         report.update(deleted=result.deleted, deleted_bytes=result.bytes, errors=result.errors)
         errors = result.errors
+    media = None if args.keep_media else _retention_media(args, plan, report, errors)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -342,9 +354,77 @@ def _cmd_retention(args: argparse.Namespace) -> int:
             print(f"  date={part['date']}: {part['files']} files, {part['bytes']} bytes")
         for day in report["kept_recently_changed"]:
             print(f"  date={day}: kept, changed within {args.min_age:g} s")
+        if media is not None:
+            print(
+                f"{verb} {len(media.delete)} media files no record references "
+                f"({media.bytes} bytes); {media.kept_recent} kept within the grace period"
+            )
+            if media.refused:
+                print(f"  media kept: {media.refused}")
         for error in errors:
             print(f"vllm-mw retention: {error}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _retention_media(
+    args: argparse.Namespace, plan: Any, report: dict[str, Any], errors: list[str]
+) -> Any:
+    """Media retention after the partitions (planned as if they were gone, on a dry run)."""
+    from ._media_gc import apply_media_gc, plan_media_gc
+
+    gone = [p.date for p in plan.delete] if args.dry_run else []
+    media = plan_media_gc(plan.log_dir, grace_s=args.media_grace_days * 86400, excluding_days=gone)
+    entry: dict[str, Any] = {
+        "files": len(media.delete),
+        "bytes": media.bytes,
+        "kept_recent": media.kept_recent,
+        "referenced": media.referenced,
+        "refused": media.refused,
+    }
+    if not args.dry_run:
+        done = apply_media_gc(media)
+        entry.update(deleted=done.deleted, deleted_bytes=done.bytes)
+        errors.extend(done.errors)
+    report["media"] = entry
+    return media
+
+
+# -- compression --------------------------------------------------------------------------------
+def add_compress_command(commands: Any) -> None:
+    parser = commands.add_parser(
+        "compress", help="gzip closed log files in place (every reader reads .jsonl.gz)"
+    )
+    parser.add_argument("--date", help="only this day (YYYY-MM-DD); default: every day")
+    parser.add_argument("--log-dir", help="log tree (env VLLM_MW_LOG_DIR, default ./logs/vllm)")
+    parser.add_argument(
+        "--min-age",
+        type=float,
+        default=3600.0,
+        help="seconds a file must be unchanged (above the writers' idle close)",
+    )
+    parser.add_argument("--level", type=int, default=6, help="gzip level, 1 (fast) to 9")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(handler=_cmd_compress)
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ._compress import compress_tree
+
+    log_dir = args.log_dir or os.environ.get("VLLM_MW_LOG_DIR") or "./logs/vllm"
+    result = compress_tree(log_dir, day=args.date, min_age_s=args.min_age, level=args.level)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    else:
+        print(
+            f"compressed {result.compressed} files: {result.bytes_before} -> "
+            f"{result.bytes_after} bytes; {result.finished_pairs} interrupted compressions "
+            f"finished; {result.skipped_recent} files changed within {args.min_age:g} s left"
+        )
+        for error in result.errors:
+            print(f"vllm-mw compress: {error}", file=sys.stderr)
+    return 1 if result.errors else 0
 
 
 # -- compaction ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Any
 from ._exceptions import ConfigurationError, LogReadError
 from ._partition import fsync_dir, is_valid_date
 
-__all__ = ["CompactResult", "compact_tree", "iter_compacted"]
+__all__ = ["CompactResult", "check_duckdb", "compact_tree", "iter_compacted"]
 
 PARQUET_PREFIX = "compacted-"
 _JSONL = (".jsonl", ".jsonl.gz")
@@ -53,6 +53,11 @@ def _duckdb() -> Any:
             "Parquet needs DuckDB: pip install 'vllm-middleware[analytics]'"
         ) from None
     return duckdb
+
+
+def check_duckdb() -> None:
+    """ConfigurationError unless DuckDB (the `[analytics]` extra) is installed."""
+    _duckdb()
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -142,6 +147,10 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, float]]:
 def _sources(directory: Path) -> PartitionSources:
     names = sorted(p for p in directory.iterdir() if not p.name.startswith((".", "_")))
     jsonl = [p for p in names if p.name.endswith(_JSONL) and p.is_file()]
+    plain = {p.name for p in jsonl}
+    # `X.jsonl` beside `X.jsonl.gz`: a compression in place not finished; same records (as
+    # the reader, read the plain one only).
+    jsonl = [p for p in jsonl if not (p.name.endswith(".gz") and p.name[:-3] in plain)]
     parquet = [p for p in names if p.name.startswith(PARQUET_PREFIX) and p.suffix == ".parquet"]
     return PartitionSources(directory, jsonl, parquet, _snapshot(directory))
 

@@ -196,15 +196,15 @@ class _SharedSinks:
 _SHARED = _SharedSinks()
 
 
-def collected_unclosed(destination: Destination | None) -> None:
+def collected_unclosed(destination: Destination | None, owner: str = "VLLMMiddleware") -> None:
     """A client garbage-collected without close: its buffered records are saved by the
     shipping thread (shipped, or spooled / written), not left to vanish with it."""
     if destination is None:
         return
     sink = destination.sink
     message = (
-        f"VLLMMiddleware ({mode_of(sink)}) was garbage-collected without close(); saving "
-        f"{sink.buffered} buffered log records: use `async with` or `await client.aclose()`"
+        f"{owner} ({mode_of(sink)}) was garbage-collected without close(); saving "
+        f"{sink.buffered} buffered log records: use `with`/`async with`, or close it"
     )
     warnings.warn(message, ResourceWarning, stacklevel=2)
     logger.warning("%s", message)

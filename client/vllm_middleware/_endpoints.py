@@ -3,8 +3,9 @@
 `Endpoints` is mixed into `VLLMMiddleware`: embeddings, the Responses API (plain and streamed),
 rerank and score, tokenize and detokenize, audio transcriptions and a generic `request`, and
 the control-plane `models` and `health` (which write no record). Each other call writes one
-record with the same fields as a chat call; `endpoint` says which API it was, the main input is the record's `input` (or `messages` / `prompt` where the API has those), and
-every other body field is in `parameters`.
+record with the same fields as a chat call; `endpoint` says which API it was, the main input
+is the record's `input` (or `messages` / `prompt` where the API has those), and every other
+body field is in `parameters`.
 """
 
 from __future__ import annotations

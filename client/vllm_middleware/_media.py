@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,6 +60,10 @@ _SAFE_EXT = re.compile(r"[^a-z0-9]")
 # (counted as skipped) rather than holding unbounded memory behind a slow disk.
 _MAX_PENDING_CHARS = 512 * 1024 * 1024
 _KNOWN_FILES_MAX = 10_000
+# A stored blob that new records reference again gets its mtime refreshed at most this often:
+# media retention (`_media_gc.py`) only deletes files unreferenced and older than a grace period
+# far longer than this, so a file a record in flight references is never taken.
+_TOUCH_S = 600.0
 _warned_shared = False
 
 Ship = Callable[[bytes], None]
@@ -230,7 +235,7 @@ class MediaPipeline:
         self.fsync = fsync
         self._executor: ThreadPoolExecutor | None = None
         self._pending: set[asyncio.Future[Any]] = set()
-        self._known: set[str] = set()
+        self._known: dict[str, float] = {}  # name -> when it was written or last touched
         self._closed = False
         self.pending_chars = 0
         # Written by the media thread only (one writer), read by statistics.
@@ -407,9 +412,8 @@ class MediaPipeline:
     def _write(self, name: str, raw: bytes) -> None:
         """Write a blob once: skip it if present, else temp file + fsync + atomic rename."""
         path = self.root / name
-        if name in self._known or path.exists():
+        if self._stored(name, path):
             self.deduplicated += 1
-            self._remember(name)
             return
         make_dirs(path.parent, self.modes.dir)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
@@ -430,10 +434,28 @@ class MediaPipeline:
         self.stored += 1
         self._remember(name)
 
+    def _stored(self, name: str, path: Path) -> bool:
+        """Whether the blob is stored already (then its mtime is fresh: see `_TOUCH_S`)."""
+        now = time.monotonic()
+        touched = self._known.get(name)
+        if touched is not None and now - touched < _TOUCH_S:
+            return True
+        try:
+            os.utime(path)
+        except FileNotFoundError:  # never written, or deleted by media retention: write it
+            self._known.pop(name, None)
+            return False
+        except OSError:  # not ours to touch (another owner's file)
+            if not path.exists():
+                self._known.pop(name, None)
+                return False
+        self._remember(name)
+        return True
+
     def _remember(self, name: str) -> None:
         if len(self._known) >= _KNOWN_FILES_MAX:
             self._known.clear()
-        self._known.add(name)
+        self._known[name] = time.monotonic()
 
 
 def media_pipeline(

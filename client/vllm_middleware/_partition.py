@@ -290,7 +290,9 @@ class PartitionWriter:
             seq = int(after.stem.rsplit("-", 1)[1]) + 1
         while True:
             candidate = directory / f"{self.owner}-{seq:06d}{self._suffix}"
-            if not candidate.exists():
+            # A name compressed in place (`X.jsonl.gz`) is taken too: readers read only the
+            # plain file of a pair, which must therefore hold the same records.
+            if not candidate.exists() and not candidate.with_name(candidate.name + ".gz").exists():
                 return candidate
             seq += 1
 

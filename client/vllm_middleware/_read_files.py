@@ -5,6 +5,9 @@ files are opened, without following symbolic links unless asked (`follow_symlink
 with O_NONBLOCK, so that a FIFO named like a log file cannot block a read. Anything else named
 like a log file is skipped and counted. Gzip files are inflated in bounded steps: a cut file
 keeps every complete record before the cut, a file that is not gzip is counted as damaged.
+Compression in place (`_compress.py`) briefly leaves `X.jsonl` beside `X.jsonl.gz` (or a crash
+does): only `X.jsonl` of such a pair is read, and a listed `X.jsonl` that is gone when opened is
+read from `X.jsonl.gz`, so every record is read once.
 Memory is bounded by the read chunk plus about twice the longest line; lines over
 `max_line_bytes` are skipped and counted.
 """
@@ -36,6 +39,7 @@ DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
 _CHUNK = 4 * 1024 * 1024
 # `.parquet`: days compacted by `vllm-mw compact` (`_compact.py`), read back record by record.
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+_PLAIN = (".jsonl", ".json")  # the names compression in place gives a ".gz"
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _OPEN_FLAGS = (
@@ -86,17 +90,21 @@ def _subdirs(
 
 def _log_files(directory: str, follow: bool, stats: ReadStats) -> list[Path]:
     files: list[Path] = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if not _is_log_name(entry.name):
-                continue
-            if not follow and entry.is_symlink():
-                stats.skipped_links += 1
-            elif entry.is_file(follow_symlinks=follow):
-                files.append(Path(entry.path))
-            else:
-                stats.skipped_entries += 1
-                logger.warning("skipped %s: not a regular file", entry.path)
+    with os.scandir(directory) as scan:
+        entries = list(scan)
+    plain = {entry.name for entry in entries if entry.is_file(follow_symlinks=False)}
+    for entry in entries:
+        if not _is_log_name(entry.name):
+            continue
+        if entry.name.endswith(".gz") and entry.name[:-3] in plain:
+            continue  # a compression in progress or interrupted: the plain file is read
+        if not follow and entry.is_symlink():
+            stats.skipped_links += 1
+        elif entry.is_file(follow_symlinks=follow):
+            files.append(Path(entry.path))
+        else:
+            stats.skipped_entries += 1
+            logger.warning("skipped %s: not a regular file", entry.path)
     files.sort()
     return files
 
@@ -315,6 +323,10 @@ def iter_documents(
     its last line), else counted as a torn tail.
     """
     fd = _open_regular(path, follow_symlinks, stats)
+    if fd is None and path.name.endswith(_PLAIN) and not os.path.lexists(path):
+        # Compressed in place since it was listed: the same records are in `X.gz` now.
+        path = path.with_name(path.name + ".gz")
+        fd = _open_regular(path, follow_symlinks, stats)
     if fd is None:
         return
     name = path.name

@@ -95,6 +95,7 @@ class Recorder:
         metadata: Mapping[str, Any] | None = None,
         redis_client: aioredis.Redis | None = None,
         redact: Redactor | None = None,
+        owner: str = "VLLMMiddleware",
     ) -> None:
         # Records hold prompts and answers: not world-readable (0640/0750 unless configured).
         self.file_modes: FileModes = log_modes(settings.file_mode, settings.dir_mode)
@@ -150,7 +151,7 @@ class Recorder:
         )
         # Dropped without close: save what is buffered, and say so (never at exit: there the
         # shippers' own exit handler saves everything, quietly).
-        self._finalizer = weakref.finalize(self, collected_unclosed, self._destination)
+        self._finalizer = weakref.finalize(self, collected_unclosed, self._destination, owner)
         self._finalizer.atexit = False
 
     @classmethod
@@ -161,8 +162,16 @@ class Recorder:
         metadata: Mapping[str, Any] | None = None,
         redis_client: aioredis.Redis | None = None,
         redact: Redactor | None = None,
+        owner: str = "VLLMMiddleware",
     ) -> Recorder:
-        return cls(settings=settings, metadata=metadata, redis_client=redis_client, redact=redact)
+        """`owner` names the door in the warning of a recorder dropped without close."""
+        return cls(
+            settings=settings,
+            metadata=metadata,
+            redis_client=redis_client,
+            redact=redact,
+            owner=owner,
+        )
 
     @classmethod
     def open(
@@ -171,6 +180,7 @@ class Recorder:
         metadata: Mapping[str, Any] | None = None,
         redis_client: aioredis.Redis | None = None,
         redact: Redactor | None = None,
+        owner: str = "Recorder",
         **options: Any,
     ) -> Recorder:
         """A recorder for the logging keywords of `VLLMMiddleware` (validated the same way,
@@ -179,7 +189,13 @@ class Recorder:
             if isinstance(options.get(key), os.PathLike):
                 options[key] = os.fspath(options[key])
         settings = ClientSettings.load(**options)
-        return cls(settings=settings, metadata=metadata, redis_client=redis_client, redact=redact)
+        return cls(
+            settings=settings,
+            metadata=metadata,
+            redis_client=redis_client,
+            redact=redact,
+            owner=owner,
+        )
 
     @property
     def mode(self) -> str:

@@ -12,7 +12,7 @@ Deleting: the directory is first renamed to a dot-name (`.retention-...`: reader
 changed meanwhile puts it back), then removed.
 
 Media files (`media/`) are not collected here: a content-addressed file may be shared by kept
-and deleted records.
+and deleted records. `_media_gc.py` deletes those no remaining record references, after this.
 """
 
 from __future__ import annotations

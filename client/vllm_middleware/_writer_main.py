@@ -129,6 +129,9 @@ def undo(parts: list[list[object]]) -> None:
             continue
 
 
+_FILE_IDLE_S = 300.0
+
+
 def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str | None) -> None:
     def reply(kind: int, seq: int, body: bytes = b"") -> None:
         data = memoryview(frame(kind, seq, body))
@@ -145,6 +148,9 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
     for kind, seq, body in _frames(source):
         try:
             if kind == BATCH:
+                # As the worker does: a file idle this long is closed and never appended to
+                # again, so compression and retention can take files that stay unchanged.
+                writer.close_idle(_FILE_IDLE_S)
                 plan = writer.plan(decode_batch(body))
                 reply(PLAN, seq, orjson.dumps([[str(p.path), p.offset] for p in plan.parts]))
                 crash_point("after-plan")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ._compact_job import compact_job, compress_job
 from ._config import WorkerConfig
 from ._consumer import ConsumerStatus, StreamConsumer
 from ._jobs import aggregate_file_stats, publish_file_stats
@@ -45,6 +46,7 @@ def make_worker_settings(config: WorkerConfig | None = None) -> type:
         cron_jobs: ClassVar[list[Any]] = [
             cron(aggregate_file_stats, second=seconds, unique=True, run_at_startup=False),
             *retention_cron(cfg),
+            *maintenance_crons(cfg),
         ]
         on_startup = staticmethod(startup)
         on_shutdown = staticmethod(on_shutdown)
@@ -63,6 +65,21 @@ def retention_cron(cfg: WorkerConfig) -> list[Any]:
     if cfg.retention_days <= 0:
         return []
     return [cron(retention_job, minute={7}, second={0}, unique=True, run_at_startup=True)]
+
+
+def maintenance_crons(cfg: WorkerConfig) -> list[Any]:
+    """Compression (minute 23) and compaction (minute 37): at start-up and hourly, when on."""
+    from arq import cron
+
+    jobs = []
+    if cfg.compress:
+        jobs.append(cron(compress_job, minute={23}, second={0}, unique=True, run_at_startup=True))
+    if cfg.compact:
+        from vllm_middleware._compact import check_duckdb
+
+        check_duckdb()  # refuse to start without the [analytics] extra, not fail every hour
+        jobs.append(cron(compact_job, minute={37}, second={0}, unique=True, run_at_startup=True))
+    return jobs
 
 
 def __getattr__(name: str) -> Any:

@@ -125,6 +125,24 @@ class WorkerConfig(EnvSettings):
     retention_days: Annotated[int, annotated_types.Ge(0)] = env_field(
         0, "VLLM_MW_RETENTION_DAYS", "delete date partitions older than this many days (0: keep)"
     )
+    media_grace_days: Annotated[float, annotated_types.Ge(0)] = env_field(
+        7.0,
+        "VLLM_MW_MEDIA_GRACE_DAYS",
+        "retention also deletes media no record references once this old; keep it above the "
+        "longest time a record can wait in a spool (0: never delete media)",
+    )
+    compress: bool = env_field(
+        False,
+        "VLLM_MW_COMPRESS",
+        "gzip closed log files in place, at start-up and hourly (`vllm-mw compress`; one "
+        "worker per day)",
+    )
+    compact: bool = env_field(
+        False,
+        "VLLM_MW_COMPACT",
+        "turn closed days into Parquet, at start-up and hourly (`vllm-mw compact`, needs "
+        "`[analytics]`; one worker per day)",
+    )
     metrics_port: Annotated[int, annotated_types.Ge(0), annotated_types.Le(65535)] = env_field(
         0, "VLLM_MW_METRICS_PORT", "serve Prometheus `/metrics` on this port (0: off)"
     )

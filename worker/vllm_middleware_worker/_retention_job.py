@@ -1,5 +1,10 @@
 """The retention cron job (`VLLM_MW_RETENTION_DAYS`): once across the fleet, logged and counted.
 
+After deleting partitions it deletes the media no remaining record references
+(`_media_gc.py`, files older than `VLLM_MW_MEDIA_GRACE_DAYS`). That scan reads the whole tree, so
+it runs only when partitions were deleted, or when an earlier scan was refused or failed (a
+flag in Redis carries that over to a later tick, on any worker).
+
 arq's `unique=True` cron already runs a tick on one worker only; a Redis lock (`SET NX PX`,
 released only by its holder) also keeps a slow run from overlapping the next tick's, or a run
 started by `vllm-mw worker` processes on several hosts sharing one log tree.
@@ -13,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from vllm_middleware import StreamKeys
+from vllm_middleware._media_gc import apply_media_gc, plan_media_gc
 from vllm_middleware._retention import apply_retention, plan_retention
 
 from ._config import WorkerConfig
@@ -61,9 +67,48 @@ async def run_retention(redis: aioredis.Redis, config: WorkerConfig) -> dict[str
             )
         for error in result.errors:
             logger.warning("retention: %s", error)
-        return {"deleted": result.deleted, "bytes": result.bytes, "errors": result.errors}
+        report: dict[str, Any] = {
+            "deleted": result.deleted,
+            "bytes": result.bytes,
+            "errors": result.errors,
+        }
+        if config.media_grace_days > 0:
+            report["media"] = await _media_retention(redis, config, bool(result.deleted))
+        return report
     finally:
         await redis.eval(_RELEASE, 1, lock, token)
+
+
+async def _media_retention(
+    redis: aioredis.Redis, config: WorkerConfig, partitions_deleted: bool
+) -> dict[str, Any]:
+    keys = StreamKeys(config.stream)
+    pending = f"{config.stream}:retention:media_pending"
+    if not partitions_deleted and not await redis.exists(pending):
+        return {"skipped": "no partition deleted since the last complete scan"}
+    await redis.set(pending, b"1")
+    plan = await asyncio.to_thread(
+        plan_media_gc, config.log_dir, grace_s=config.media_grace_days * 86400
+    )
+    if plan.refused is not None:
+        logger.warning("retention: media kept: %s", plan.refused)
+        return {"refused": plan.refused}
+    result = await asyncio.to_thread(apply_media_gc, plan)
+    for error in result.errors:
+        logger.warning("retention: %s", error)
+    if not result.errors:
+        await redis.delete(pending)
+    if result.deleted:
+        pipe = redis.pipeline(transaction=True)
+        pipe.hincrby(keys.stats, "retention_media_deleted", result.deleted)
+        pipe.hincrby(keys.stats, "retention_media_bytes_deleted", result.bytes)
+        await pipe.execute()
+        logger.info(
+            "retention: deleted %d media files no record references (%d bytes)",
+            result.deleted,
+            result.bytes,
+        )
+    return {"deleted": result.deleted, "bytes": result.bytes, "errors": result.errors}
 
 
 async def retention_job(ctx: dict[str, Any]) -> dict[str, Any]:
