@@ -211,7 +211,7 @@ class _TransportBase:
         self._inner = transport
         self._owns_recorder = recorder is None
         if recorder is None:
-            recorder = Recorder.open(**options)
+            recorder = Recorder.open(owner=type(self).__name__, **options)
         elif options:
             raise TypeError(f"capture options given with a recorder: {sorted(options)}")
         self.capture = WireCapture(recorder, store_embeddings=store_embeddings)
