@@ -81,7 +81,8 @@ def decode_body(endpoint: str, content_type: str, body: bytes) -> RequestFacts:
     if route is None:  # anything else: the whole body is the input, as `request()` records it
         return RequestFacts(endpoint, "input", parsed, model, {}, rid)
     key, fields = route
-    params = {k: v for k, v in parsed.items() if k != "model"}
+    params = parsed  # parsed here, so ours to take the model and the payload out of
+    params.pop("model", None)
     if isinstance(fields, str):
         payload = params.pop(fields, None)
     else:
