@@ -13,10 +13,8 @@ below): `Authorization` and API keys never reach a record.
 
 from __future__ import annotations
 
-import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -28,7 +26,7 @@ from ._partition import host_problem
 from ._reassembly import SSEDecoder, StreamAccumulator
 from ._responses_reassembly import ResponsesAccumulator
 from ._streaming import Accumulator, StreamEnd, error_from_event
-from ._wire_body import decode_body, endpoint_of, summarize_embeddings
+from ._wire_body import RetryLinks, decode_body, endpoint_of, summarize_embeddings
 
 if TYPE_CHECKING:
     from ._recorder import Call, Recorder
@@ -77,37 +75,9 @@ def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 # Statuses after which the openai SDK tries again (and so do most clients).
 _RETRIED = frozenset({408, 409, 429})
-_MAX_LINKS = 1024  # failed attempts remembered for their retries
 _MAX_NOTE = 200
 # Streams folded into a response: one cut before its end is a disconnection.
 _REASSEMBLED = frozenset({"chat/completions", "completions", "responses"})
-
-
-class _RetryLinks:
-    """Links the attempts of one call the SDK retries: each attempt is a record, and they share
-    `retry_group` (the first attempt's request_id, or the Idempotency-Key when one is sent).
-
-    The SDK sends no id common to its attempts (only the attempt number), so an attempt that
-    failed in a way that is retried leaves its (endpoint, body) here, and the next attempt with
-    the same body takes the group from it. Successful calls never pay for this.
-    """
-
-    __slots__ = ("_groups", "_lock")
-
-    def __init__(self) -> None:
-        self._groups: OrderedDict[tuple[str, bytes], str] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, key: tuple[str, bytes], group: str) -> None:
-        with self._lock:  # the doors' threads share it (only failed attempts get here)
-            groups = self._groups
-            groups[key] = group
-            groups.move_to_end(key)
-            while len(groups) > _MAX_LINKS:
-                groups.popitem(last=False)
-
-    def take(self, key: tuple[str, bytes]) -> str | None:
-        return self._groups.pop(key, None)
 
 
 class _Events:
@@ -141,7 +111,7 @@ class WireCapture:
         self.recorder = recorder
         # Embedding vectors are recorded as their size and hash unless this is set.
         self.store_embeddings = store_embeddings
-        self._links = _RetryLinks()
+        self._links = RetryLinks()
 
     def begin(
         self,
