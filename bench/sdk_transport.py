@@ -15,9 +15,13 @@ the paired difference per call.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -233,11 +237,71 @@ def measure(
     ]
 
 
+def child(spec: list[str]) -> None:
+    """`--child KIND LIB ASYNC STREAM CAPTURED N`: N calls, for callgrind to count."""
+    kind, lib_name, is_async, stream, captured, n = spec
+    lib = importlib.import_module(lib_name)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-sdk-cg-")) if captured == "1" else None
+    one_run(kind, lib, is_async == "1", stream == "1", int(n), log_dir)
+
+
+def instructions(spec: list[str], scratch: Path) -> int:
+    out = scratch / f"callgrind.{len(list(scratch.iterdir()))}"
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+         sys.executable, str(Path(__file__).resolve()), "--child", *spec],
+        check=True, capture_output=True, timeout=3600,
+    )  # fmt: skip
+    text = out.read_text(errors="replace")
+    found = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.MULTILINE)
+    assert found, f"no summary in {out}"
+    return int(found.group(1))
+
+
+def calls(n: int) -> int:
+    """Calls a run of `n` makes: its warm-up too (`cpu_per_call_sync`)."""
+    return n + max(n // 10, 5)
+
+
+def instruction_rows(libraries: list[Any], few: int, many: int) -> list[list[Any]]:
+    """Instructions per call (the difference of a run of `many` calls and one of `few`, so
+    imports and start-up cancel out), bare and captured: independent of the machine's load."""
+    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-sdk-cg-"))
+    try:
+        # Sync clients only: under valgrind each run takes minutes, and the capture's work is
+        # the same code in both (the clock table has async too).
+        configs = [("HTTP client", lib, "0") for lib in libraries]
+        configs += [("SDK", lib, "0") for lib in libraries[:1]]
+        for kind, lib, is_async in configs:
+            per_call = {}
+            for captured in ("0", "1"):
+                spec = [kind, lib.__name__, is_async, "0", captured]
+                runs = [instructions([*spec, str(n)], scratch) for n in (few, many)]
+                per_call[captured] = (runs[1] - runs[0]) / (calls(many) - calls(few))
+            bare, added = per_call["0"], per_call["1"] - per_call["0"]
+            rows.append(
+                [kind, lib.__name__, "async" if is_async == "1" else "sync", "JSON",
+                 f"{bare / 1000:.0f}k", f"{added / 1000:+.1f}k", f"{added / bare:+.1%}"]
+            )  # fmt: skip
+            print("  done:", *rows[-1][:3], flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions under callgrind"
+    )
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
     n, rounds = (200, 2) if args.quick else (args.calls, args.rounds)
     banner("sdk_transport", args)
     libraries = []
@@ -246,6 +310,15 @@ def main() -> None:
             libraries.append(importlib.import_module(name))
         except ImportError:
             print(f"{name} not installed: skipped")
+    if args.instructions:
+        few, many = (20, 60) if args.quick else (100, 400)
+        print_table(
+            "capture transport: instructions per call (callgrind), bare vs captured",
+            ["calls through", "library", "client", "reply", "bare", "added", "added %"],
+            instruction_rows(libraries, few, many),
+        )
+        print(f"(instructions of {many} calls - those of {few}) / {many - few}")
+        return
     root = Path(tempfile.mkdtemp(prefix="bench-sdk-"))
     rows = []
     try:

@@ -4,11 +4,10 @@ exchange, and the SDK sees the server's bytes unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -382,29 +381,16 @@ async def test_async_retries_and_timeouts(server: FakeVLLMServer, logs: Path) ->
     assert (first["attempt"], second["attempt"]) == (0, 1)
 
 
-# -- the transports on their own -----------------------------------------------------------------
-def test_instrument_twice_and_transport_kept(server: FakeVLLMServer, logs: Path) -> None:
-    sdk = openai.OpenAI(base_url=server.base_url, api_key=SECRET)
-    inner = sdk._client._transport
-    client = instrument(instrument(sdk, log_dir=logs), log_dir=logs)
-    assert client is sdk
-    wrapper = sdk._client._transport
-    assert wrapper.transport is inner  # the SDK's own transport (pool, proxies, TLS) sends
-    lib = http_library(sdk)
-    assert isinstance(wrapper, lib.BaseTransport)
-    client.close()
-
-
-def test_package_imports_without_openai_or_httpx2() -> None:
-    code = (
-        "import sys\n"
-        "sys.modules['openai'] = None\n"
-        "sys.modules['httpx2'] = None\n"
-        "import vllm_middleware\n"
-        "assert vllm_middleware.instrument and vllm_middleware.CaptureTransport\n"
-        "assert 'httpx2' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+async def test_async_call_cancelled_by_the_caller(server: FakeVLLMServer, logs: Path) -> None:
+    client = async_client(server, logs, max_retries=2)
+    slow = [{"role": "user", "content": "[[slow:3]]"}]
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await client.chat.completions.create(model=server.model, messages=slow)
+    await client.close()
+    [record] = records(logs)
+    assert record["error"] == "cancelled by the caller before the response"
+    assert "retry_group" not in record  # nobody retries a cancelled call
 
 
 # -- the same records as the middleware's own client ---------------------------------------------

@@ -46,7 +46,7 @@ def _shown(url: _URL) -> str:
 
 def _started(
     capture: WireCapture, request: Any, body: bytes, started: float
-) -> tuple[Exchange, Any]:
+) -> tuple[Exchange | None, Any]:
     """Begin the record; remove our control headers from the request before it leaves."""
     headers = request.headers
     found = read_headers(headers.raw)
@@ -61,10 +61,10 @@ def _started(
 def _failure(exchange: Exchange, exc: BaseException, url: Any, timeouts: tuple[type, ...]) -> None:
     if isinstance(exc, Exception):
         is_timeout = isinstance(exc, timeouts)
-        error = transport_error(exc, _shown(url), exchange.request_id, timeout=is_timeout)
+        exchange.fail(transport_error(exc, _shown(url), exchange.request_id, timeout=is_timeout))
     else:  # cancelled (asyncio, anyio, trio) or interrupted: not the server's doing
         error = APIError("cancelled by the caller before the response")
-    exchange.fail(error)
+        exchange.fail(error, retried=False)
 
 
 def _ended_by(exc: BaseException, exchange: Exchange, timeouts: tuple[type, ...]) -> None:
@@ -80,6 +80,23 @@ def _ended_by(exc: BaseException, exchange: Exchange, timeouts: tuple[type, ...]
     else:
         message = "cancelled by the caller while the response was read"
         exchange.finish("cancelled", APIError(message, request_id=exchange.request_id))
+
+
+def _observe(exchange: Exchange, response: Any) -> bool:
+    """Show the response to the exchange; True if its body is still to come (to be wrapped).
+
+    A transport may answer with the body already in memory (httpx reads a `content=` body at
+    once, as `MockTransport` answers and caching transports do): it is recorded now, decoded.
+    """
+    headers = read_headers(response.headers.raw)
+    if not response.is_stream_consumed:
+        exchange.respond(response.status_code, headers)
+        return True
+    headers.pop("content-encoding", None)
+    exchange.respond(response.status_code, headers)
+    exchange.feed(response.content)
+    exchange.finish("done")
+    return False
 
 
 class SyncBodyLogic:
@@ -194,7 +211,7 @@ class _TransportBase:
         self._inner = transport
         self._owns_recorder = recorder is None
         if recorder is None:
-            recorder = Recorder.open(**options)
+            recorder = Recorder.open(owner=type(self).__name__, **options)
         elif options:
             raise TypeError(f"capture options given with a recorder: {sorted(options)}")
         self.capture = WireCapture(recorder, store_embeddings=store_embeddings)
@@ -219,13 +236,15 @@ class SyncTransportLogic(_TransportBase):
         except Exception:  # a streamed body (multipart upload): read it so it can be recorded
             body = request.read()
         exchange, url = _started(self.capture, request, body, started)
+        if exchange is None:
+            return self._inner.handle_request(request)
         try:
             response = self._inner.handle_request(request)
         except BaseException as exc:
             _failure(exchange, exc, url, self.timeouts)
             raise
-        exchange.respond(response.status_code, read_headers(response.headers.raw))
-        response.stream = self.body_class(response.stream, exchange)
+        if _observe(exchange, response):
+            response.stream = self.body_class(response.stream, exchange)
         return response
 
     def close(self) -> None:
@@ -246,13 +265,15 @@ class AsyncTransportLogic(_TransportBase):
         except Exception:  # a streamed body (multipart upload): read it so it can be recorded
             body = await request.aread()
         exchange, url = _started(self.capture, request, body, started)
+        if exchange is None:
+            return await self._inner.handle_async_request(request)
         try:
             response = await self._inner.handle_async_request(request)
         except BaseException as exc:
             _failure(exchange, exc, url, self.timeouts)
             raise
-        exchange.respond(response.status_code, read_headers(response.headers.raw))
-        response.stream = self.body_class(response.stream, exchange)
+        if _observe(exchange, response):
+            response.stream = self.body_class(response.stream, exchange)
         return response
 
     async def aclose(self) -> None:

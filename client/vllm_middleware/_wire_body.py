@@ -1,4 +1,5 @@
-"""What a request body says, read from its bytes: which API it calls and with what.
+"""What a request body says, read from its bytes: which API it calls and with what; and
+which earlier attempt a retried request repeats.
 
 Pure functions shared by the doors that see HTTP rather than Python arguments (the SDK
 transports and the logging proxy). The record they lead to has the fields the middleware's own
@@ -12,6 +13,8 @@ import base64
 import hashlib
 import mimetypes
 import re
+import threading
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import orjson
@@ -20,6 +23,7 @@ from ._endpoints import embedding_summary
 
 __all__ = [
     "RequestFacts",
+    "RetryLinks",
     "decode_body",
     "endpoint_of",
     "summarize_embeddings",
@@ -38,6 +42,7 @@ _ROUTES: dict[str, tuple[str, str | tuple[str, ...]]] = {
 }
 _AUDIO = frozenset({"audio/transcriptions", "audio/translations"})
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_MAX_LINKS = 1024  # failed attempts remembered for their retries
 _DISPOSITION_FIELD = re.compile(rb'\b(name|filename)="((?:[^"\\]|\\.)*)"', re.IGNORECASE)
 
 
@@ -81,7 +86,8 @@ def decode_body(endpoint: str, content_type: str, body: bytes) -> RequestFacts:
     if route is None:  # anything else: the whole body is the input, as `request()` records it
         return RequestFacts(endpoint, "input", parsed, model, {}, rid)
     key, fields = route
-    params = {k: v for k, v in parsed.items() if k != "model"}
+    params = parsed  # parsed here, so ours to take the model and the payload out of
+    params.pop("model", None)
     if isinstance(fields, str):
         payload = params.pop(fields, None)
     else:
@@ -164,3 +170,30 @@ def summarize_embeddings(response: Any) -> Any:
         for item in data
     ]
     return {**response, "data": items}
+
+
+class RetryLinks:
+    """Links the attempts of one call the SDK retries: each attempt is a record, and they share
+    `retry_group` (the first attempt's request_id, or the Idempotency-Key when one is sent).
+
+    The SDK sends no id common to its attempts (only the attempt number), so an attempt that
+    failed in a way that is retried leaves its (endpoint, body) here, and the next attempt with
+    the same body takes the group from it. Successful calls never pay for this.
+    """
+
+    __slots__ = ("_groups", "_lock")
+
+    def __init__(self) -> None:
+        self._groups: OrderedDict[tuple[str, bytes], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, key: tuple[str, bytes], group: str) -> None:
+        with self._lock:  # the doors' threads share it (only failed attempts get here)
+            groups = self._groups
+            groups[key] = group
+            groups.move_to_end(key)
+            while len(groups) > _MAX_LINKS:
+                groups.popitem(last=False)
+
+    def take(self, key: tuple[str, bytes]) -> str | None:
+        return self._groups.pop(key, None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -27,7 +26,7 @@ from ._partition import host_problem
 from ._reassembly import SSEDecoder, StreamAccumulator
 from ._responses_reassembly import ResponsesAccumulator
 from ._streaming import Accumulator, StreamEnd, error_from_event
-from ._wire_body import decode_body, endpoint_of, summarize_embeddings
+from ._wire_body import RetryLinks, decode_body, endpoint_of, summarize_embeddings
 
 if TYPE_CHECKING:
     from ._recorder import Call, Recorder
@@ -76,35 +75,9 @@ def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 # Statuses after which the openai SDK tries again (and so do most clients).
 _RETRIED = frozenset({408, 409, 429})
-_MAX_LINKS = 1024  # failed attempts remembered for their retries
 _MAX_NOTE = 200
 # Streams folded into a response: one cut before its end is a disconnection.
 _REASSEMBLED = frozenset({"chat/completions", "completions", "responses"})
-
-
-class _RetryLinks:
-    """Links the attempts of one call the SDK retries: each attempt is a record, and they share
-    `retry_group` (the first attempt's request_id, or the Idempotency-Key when one is sent).
-
-    The SDK sends no id common to its attempts (only the attempt number), so an attempt that
-    failed in a way that is retried leaves its (endpoint, body) here, and the next attempt with
-    the same body takes the group from it. Successful calls never pay for this.
-    """
-
-    __slots__ = ("_groups",)
-
-    def __init__(self) -> None:
-        self._groups: OrderedDict[tuple[str, bytes], str] = OrderedDict()
-
-    def remember(self, key: tuple[str, bytes], group: str) -> None:
-        groups = self._groups
-        groups[key] = group
-        groups.move_to_end(key)
-        while len(groups) > _MAX_LINKS:
-            groups.popitem(last=False)
-
-    def take(self, key: tuple[str, bytes]) -> str | None:
-        return self._groups.pop(key, None)
 
 
 class _Events:
@@ -138,7 +111,7 @@ class WireCapture:
         self.recorder = recorder
         # Embedding vectors are recorded as their size and hash unless this is set.
         self.store_embeddings = store_embeddings
-        self._links = _RetryLinks()
+        self._links = RetryLinks()
 
     def begin(
         self,
@@ -147,9 +120,24 @@ class WireCapture:
         headers: Mapping[str, str],
         body: bytes,
         started: float | None = None,
-    ) -> Exchange:
+    ) -> Exchange | None:
         """Start recording one request. `headers`: at least its `READ_HEADERS`, by lower-case
-        name (`read_headers` picks them)."""
+        name (`read_headers` picks them). None when it cannot be recorded (a failure to log,
+        counted): the door then sends the request uncaptured."""
+        try:
+            return self._begin(method, path, headers, body, started)
+        except Exception as exc:
+            self.recorder.logging_failed(None, exc)
+            return None
+
+    def _begin(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        started: float | None,
+    ) -> Exchange:
         if started is None:
             started = time.perf_counter()
         get = headers.get
@@ -328,6 +316,16 @@ class Exchange:
         """A chunk of the (raw) body, as it passes to the caller."""
         if self._ended or not data:
             return
+        try:
+            self._take(data)
+        except Exception as exc:  # a logging failure never reaches the caller
+            self._broken(exc)
+
+    def _broken(self, exc: Exception) -> None:
+        self._ended = True
+        self._capture.recorder.logging_failed(self.call.request_id, exc)
+
+    def _take(self, data: bytes) -> None:
         if self._inflater is not None:
             try:
                 data = self._inflater.decompress(data)
@@ -374,6 +372,12 @@ class Exchange:
         the middleware's own streams use (`StreamEnd`)."""
         if self._ended:
             return
+        try:
+            self._finish(end, error)
+        except Exception as exc:  # a logging failure never reaches the caller
+            self._broken(exc)
+
+    def _finish(self, end: str, error: APIError | None) -> None:
         if self._acc is not None:
             self._end_stream(end, error)
             return
@@ -465,12 +469,14 @@ class Exchange:
             extra=extra,
         )
 
-    def fail(self, error: APIError) -> None:
-        """No response: the request timed out or the connection failed (retried by the SDK)."""
+    def fail(self, error: APIError, *, retried: bool = True) -> None:
+        """No response: the request timed out or the connection failed (which the SDK
+        retries), or the caller gave up waiting (`retried=False`)."""
         if self._ended:
             return
         self._ended = True
-        self._retryable_failure()
+        if retried:
+            self._retryable_failure()
         self.call.log(self.started, error=error, extra=self._extra or None)
 
     def _note(self, text: str) -> None:
