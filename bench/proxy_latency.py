@@ -83,7 +83,7 @@ class Child:
 def fake_upstream(delay: float) -> Child:
     code = (
         "import sys\n"
-        "from vllm_middleware.testing import FakeVLLMServer\n"
+        "from vllm_middleware_testing import FakeVLLMServer\n"
         f"s = FakeVLLMServer(model={MODEL!r}, first_token_delay={delay!r}).start()\n"
         "print(s.port, flush=True)\n"
         "sys.stdin.read()\n"

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 from vllm_middleware import load_logs
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 from .conftest import wait_for
 
