@@ -3,6 +3,7 @@
 from vllm_middleware import VLLMMiddleware, load_logs
 """
 
+from ._capture_transport import AsyncCaptureTransport, CaptureTransport
 from ._client import VLLMMiddleware
 from ._client_metrics import ClientMetrics
 from ._exceptions import (
@@ -21,6 +22,7 @@ from ._exceptions import (
     ServiceUnavailableError,
     VLLMMiddlewareError,
 )
+from ._instrument import instrument
 from ._media import MediaPolicy
 from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
 from ._record import SCHEMA_VERSION, LogRecord, new_request_id
@@ -38,9 +40,11 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncCaptureTransport",
     "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
+    "CaptureTransport",
     "ClientMetrics",
     "ConfigurationError",
     "InternalServerError",
@@ -58,6 +62,7 @@ __all__ = [
     "VLLMMiddleware",
     "VLLMMiddlewareError",
     "get_statistics",
+    "instrument",
     "iter_log_files",
     "iter_logs",
     "load_logs",

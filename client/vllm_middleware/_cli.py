@@ -1,4 +1,5 @@
-"""`vllm-mw`: the operator's command line (stats, worker, demo, and the ops and use commands).
+"""`vllm-mw`: the operator's command line (stats, worker, demo, proxy, and the ops and use
+commands).
 
 Every failure is one line on stderr, `vllm-mw: <what failed>: <why>`, with passwords in URLs
 masked, and a non-zero exit; `-v` adds the traceback.
@@ -176,6 +177,15 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         demo.set_defaults(handler=demo_cli.run)
     else:
         demo.set_defaults(handler=_no_demo)
+
+    from ._proxy_cli import add_arguments as add_proxy_arguments
+    from ._proxy_cli import run as run_proxy
+
+    proxy = commands.add_parser(
+        "proxy", help="an OpenAI-compatible logging proxy: apps change only their base URL"
+    )
+    add_proxy_arguments(proxy)
+    proxy.set_defaults(handler=run_proxy)
 
     from ._cli_ops import add_ops_commands
     from ._cli_use import add_commands as add_use_commands
