@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from vllm_middleware import instrument
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 from tests.test_sdk_capture import SECRET, USER, http_library, records
 

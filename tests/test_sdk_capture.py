@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from vllm_middleware import instrument, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")

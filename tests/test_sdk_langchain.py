@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from vllm_middleware import instrument, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 langchain_openai = pytest.importorskip("langchain_openai")
 
