@@ -151,7 +151,7 @@ def main() -> None:
         return
     from _common import banner, print_table
     from _versions import baseline_client
-    from vllm_middleware.testing import RedisServerProcess
+    from vllm_middleware_testing import RedisServerProcess
 
     banner("callgrind_request", args)
     small, large = (200, 700) if args.quick else (500, 2500)

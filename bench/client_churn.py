@@ -106,7 +106,7 @@ def main() -> None:
 def parent(args: argparse.Namespace) -> None:
     from _common import banner, median, print_table
     from _versions import baseline_client, run_child
-    from vllm_middleware.testing import RedisServerProcess
+    from vllm_middleware_testing import RedisServerProcess
 
     banner("client_churn", args)
     calls = args.calls or (20 if args.quick else 50)

@@ -40,7 +40,7 @@ import httpx
 import orjson
 from _common import banner, base_parser, median, print_table, quiet_gc, sample_messages
 from vllm_middleware import VLLMMiddleware
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 # nolog: the wrapper with logging off; embedded-thread: the files written from a thread
@@ -122,7 +122,7 @@ class FakeServer:
     def __init__(self) -> None:
         code = (
             "import sys\n"
-            "from vllm_middleware.testing import FakeVLLMServer\n"
+            "from vllm_middleware_testing import FakeVLLMServer\n"
             f"s = FakeVLLMServer(model={MODEL!r}).start()\n"
             "print(s.port, flush=True)\n"
             "sys.stdin.read()\n"

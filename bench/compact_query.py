@@ -24,8 +24,8 @@ from pathlib import Path
 import duckdb
 import orjson
 from _common import banner, base_parser, print_table
-from vllm_middleware import PartitionWriter, RecordEntry
 from vllm_middleware._compact import compact_tree
+from vllm_middleware.storage import PartitionWriter, RecordEntry
 
 QUERY = (
     "SELECT date, model, round(quantile_cont(latency_ms, 0.99), 3) AS p99, count(*) AS n "

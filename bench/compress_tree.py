@@ -30,10 +30,11 @@ from typing import Any
 import orjson
 from _common import banner, base_parser, print_table
 from compact_query import MODELS
-from vllm_middleware import PartitionWriter, RecordEntry, iter_logs
+from vllm_middleware import iter_logs
 from vllm_middleware._compress import compress_tree
 from vllm_middleware._media_gc import plan_media_gc
 from vllm_middleware._query import connect
+from vllm_middleware.storage import PartitionWriter, RecordEntry
 
 QUERY = (
     "SELECT date, model, round(quantile_cont(latency_ms, 0.99), 3), count(*) FROM logs "

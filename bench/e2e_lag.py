@@ -24,10 +24,10 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from _common import banner, base_parser, make_record, median, pct, print_table, today
-from vllm_middleware import RecordEntry, StreamKeys
 from vllm_middleware._partition import BatchPlan, PartitionLines
-from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 
 STREAM = "bench:e2e"

@@ -21,7 +21,7 @@ import httpx
 from _common import banner, base_parser, print_table, rss_mb, sample_messages
 from client_overhead import MODEL, drive, mock_handler
 from vllm_middleware import VLLMMiddleware
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 
 def child(redis_url: str, bound: int, total: int, spool: bool, results: Any) -> None:

@@ -28,9 +28,10 @@ from typing import Any
 
 import orjson
 from _common import banner, base_parser, make_record, median, print_table, rss_mb
-from vllm_middleware import RecordEntry, iter_logs, load_logs
+from vllm_middleware import iter_logs, load_logs
 from vllm_middleware._partition import PartitionWriter
 from vllm_middleware._reader import iter_log_files
+from vllm_middleware.storage import RecordEntry
 
 MB = 1024 * 1024
 HOSTS = ("app-1", "app-2", "app-3", "app-4")

@@ -15,9 +15,10 @@ from typing import Any
 
 import redis
 from _common import banner, base_parser, make_record, median, pct, print_table
-from vllm_middleware import StreamKeys, VLLMMiddleware
+from vllm_middleware import VLLMMiddleware
 from vllm_middleware import get_statistics as ops_get_statistics
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 STREAM = "bench:stats"
 

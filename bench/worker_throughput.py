@@ -26,10 +26,10 @@ from typing import Any
 
 import redis
 from _common import banner, base_parser, make_record, median, print_table, today
-from vllm_middleware import RecordEntry
 from vllm_middleware._keys import BUNDLE_RECORDS
-from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
+from vllm_middleware.storage import RecordEntry
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 
 STREAM = "bench:logs"

@@ -6,6 +6,8 @@
 #   py3.13   .venv-py3.13: the whole suite on Python 3.13
 #   redis8   .venv-redis8: the client's tests against the newest redis-py (the worker, which
 #            needs arq and so redis-py < 6, is left out)
+#   openai2  .venv-openai2: the SDK capture tests on the last openai 2.x (built on httpx; the
+#            other environments have openai 3, built on httpx2)
 # Each virtualenv is reinstalled only when pyproject.toml changed (pip's cache makes a fresh
 # one quick). Choose environments with VLLM_MW_TEST_ENVS="main redis8"; a Python that cannot be
 # found is an error under CI (CI=true) and a warning otherwise.
@@ -44,7 +46,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 # --- end chromium
 
-envs="${VLLM_MW_TEST_ENVS:-main py3.12 py3.13 redis8}"
+envs="${VLLM_MW_TEST_ENVS:-main py3.12 py3.13 redis8 openai2}"
 # Tests of the worker (arq, so redis-py < 6): not part of the newest-redis-py run.
 # Elsewhere, tests that start worker processes skip themselves there (tests/conftest.py).
 worker_tests=(
@@ -55,7 +57,10 @@ worker_tests=(
   --ignore=tests/test_retention.py --ignore=tests/test_crash_points.py
   --ignore=tests/test_health.py --ignore=tests/test_metrics.py
   --ignore=tests/test_ops_cli.py --ignore=tests/test_bad_entries.py
+  --ignore=tests/test_compact_job.py --ignore=tests/test_arq_seam.py
 )
+# The tests of the capture of the openai SDK (run again on openai 2 by the openai2 environment).
+sdk_tests=(tests/test_sdk_capture.py tests/test_capture_transport.py tests/test_sdk_langchain.py)
 
 find_python() {  # find_python 3.12 -> a path to that interpreter, or nothing
   local version="$1" candidate
@@ -142,8 +147,12 @@ for env in $envs; do
       env_dir[$env]=.venv-redis8; env_python[$env]="${PYTHON:-python3}"
       env_extra[$env]=test-client; env_pip[$env]="redis[hiredis]>=8"
       ;;
+    openai2)
+      env_dir[$env]=.venv-openai2; env_python[$env]="${PYTHON:-python3}"
+      env_extra[$env]=test; env_pip[$env]="openai<3"
+      ;;
     *)
-      echo "unknown environment $env (known: main py3.12 py3.13 redis8)" >&2
+      echo "unknown environment $env (known: main py3.12 py3.13 redis8 openai2)" >&2
       exit 2
       ;;
   esac
@@ -177,7 +186,7 @@ run_env() {  # run_env ENV [PYTEST ARGS...]: stops at the environment's first fa
     main)
       echo "== [main] $(describe "$dir"): ruff"
       "$dir/bin/ruff" check .
-      "$dir/bin/ruff" format --check --quiet client worker
+      "$dir/bin/ruff" format --check --quiet client worker testing
       echo "== [main] mypy (strict)"
       "$dir/bin/mypy"
       echo "== [main] $(describe "$dir"): pytest"
@@ -190,6 +199,10 @@ run_env() {  # run_env ENV [PYTEST ARGS...]: stops at the environment's first fa
     redis8)
       echo "== [redis8] $(describe "$dir"): pytest (client tests)"
       "$dir/bin/python" -m pytest -q -p no:cacheprovider "${worker_tests[@]}" "$@"
+      ;;
+    openai2)
+      echo "== [openai2] $(describe "$dir"), openai $("$dir/bin/python" -c 'import openai; print(openai.__version__)'): pytest (SDK capture tests)"
+      "$dir/bin/python" -m pytest -q -p no:cacheprovider "${sdk_tests[@]}" "$@"
       ;;
   esac
 }

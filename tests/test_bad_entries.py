@@ -10,14 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware import (
-    ConfigurationError,
-    RecordEntry,
-    StreamKeys,
-    VLLMMiddleware,
-    get_statistics,
-    iter_log_files,
-)
+from vllm_middleware import ConfigurationError, VLLMMiddleware, get_statistics, iter_log_files
 from vllm_middleware._keys import (
     FIELD_COUNT,
     FIELD_DATE,
@@ -25,8 +18,9 @@ from vllm_middleware._keys import (
     FIELD_HOST,
     FIELD_RECORD,
 )
-from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import drain
 from .test_worker import config

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import orjson
 import redis.asyncio as aioredis
-from vllm_middleware import (
-    PartitionWriter,
-    RecordEntry,
-    StreamKeys,
-    get_statistics,
-    iter_logs,
-    load_logs,
-)
+from vllm_middleware import get_statistics, iter_logs, load_logs
 from vllm_middleware._keys import (
     BUNDLE_BYTES,
     BUNDLE_RECORDS,
@@ -28,8 +21,9 @@ from vllm_middleware._keys import (
     FIELD_SUM,
 )
 from vllm_middleware._partition import PartitionLines
-from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
+from vllm_middleware.storage import PartitionWriter, RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 
 from .conftest import drain
@@ -148,7 +142,7 @@ async def test_a_damaged_bundle_is_taken_apart_and_only_bad_records_dead_lettere
     assert stats["dead_letters"] == 2
 
 
-async def test_an_undeliverable_bundle_is_dead_lettered_whole_and_counted_in_records(
+async def test_a_bundle_delivered_too_often_is_dead_lettered_whole_and_counted_in_records(
     redis: aioredis.Redis, redis_server: RedisServerProcess, tmp_path: Path
 ) -> None:
     await redis.xadd(KEYS.stream, bundle("2026-01-02", "h", [record(i) for i in range(7)]))
@@ -157,7 +151,7 @@ async def test_an_undeliverable_bundle_is_dead_lettered_whole_and_counted_in_rec
     consumer = StreamConsumer(client, cfg)
     try:
         entries = await redis.xrange(KEYS.stream)
-        await consumer.process(entries, undeliverable={entries[0][0]: "delivered 10 times"})
+        await consumer.process(entries, dead_letter_reasons={entries[0][0]: "delivered 10 times"})
         await consumer._settle_ack()
     finally:
         await client.aclose()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from vllm_middleware import load_logs
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 
 
 def vllm_mw(

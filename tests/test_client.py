@@ -24,7 +24,7 @@ from vllm_middleware import (
     VLLMMiddlewareError,
     load_logs,
 )
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 HELLO = [{"role": "user", "content": "hello"}]

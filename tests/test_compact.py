@@ -16,9 +16,10 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
-from vllm_middleware import PartitionWriter, RecordEntry, load_logs
 from vllm_middleware import _compact as compact
+from vllm_middleware import load_logs
 from vllm_middleware._compact import compact_tree
+from vllm_middleware.storage import PartitionWriter, RecordEntry
 
 DAYS = ["2026-01-01", "2026-01-02"]
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
-from vllm_middleware import StreamKeys, load_logs
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware import load_logs
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import WorkerConfig, make_worker_settings
 from vllm_middleware_worker._compact_job import DayLock, run_compaction, run_compression
 

@@ -18,8 +18,8 @@ import orjson
 import pytest
 import redis as redis_sync
 import yaml
-from vllm_middleware import StreamKeys
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -60,6 +60,16 @@ def test_images_are_pinned() -> None:
         assert image, f"{name} has no image tag"
         tag = image.rsplit(":", 1)[1] if ":" in image.split("/")[-1] else None
         assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: {image} is not pinned"
+
+
+def test_the_worker_image_base_is_pinned_to_a_patch_release() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert bases, "no FROM line"
+    for base in bases:
+        tag = base.split("@")[0].rsplit(":", 1)[-1]
+        # `3.11-slim` moves with every patch release; `3.11.11-slim-bookworm` does not.
+        assert re.match(r"\d+\.\d+\.\d+-", tag), f"{base} is not pinned to a patch release"
 
 
 def test_compose_requires_the_password_and_keeps_it_out_of_redis_conf() -> None:

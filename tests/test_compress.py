@@ -15,11 +15,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from vllm_middleware import PartitionWriter, ReadStats, RecordEntry, load_logs
+from vllm_middleware import ReadStats, load_logs
 from vllm_middleware._compress import compress_tree
 from vllm_middleware._crash import CRASH_EXIT
 from vllm_middleware._read_files import iter_documents
 from vllm_middleware._reader import iter_log_files
+from vllm_middleware.storage import PartitionWriter, RecordEntry
 
 DAYS = ["2026-01-01", "2026-01-02"]
 
@@ -272,8 +273,8 @@ def test_tail_shows_the_same_history_from_a_compressed_tree(tmp_path: Path) -> N
 def test_the_embedded_writer_never_appends_to_a_file_idle_long_enough_to_be_compressed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vllm_middleware import _writer_main as writer_main
     from vllm_middleware._partition import PartitionLines
+    from vllm_middleware._sinks import _writer_main as writer_main
 
     monkeypatch.setattr(writer_main, "_FILE_IDLE_S", 0.2)
     frames = []

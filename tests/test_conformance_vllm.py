@@ -32,7 +32,7 @@ transcription_protocol = pytest.importorskip(
 
 from pydantic import TypeAdapter  # noqa: E402 - only after the skip
 from vllm_middleware import VLLMMiddleware, load_logs  # noqa: E402
-from vllm_middleware.testing import FakeVLLMServer  # noqa: E402
+from vllm_middleware_testing import FakeVLLMServer  # noqa: E402
 
 COUNTS: collections.Counter[str] = collections.Counter()
 

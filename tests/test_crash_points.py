@@ -15,12 +15,13 @@ import orjson
 import pytest
 import redis as sync_redis
 import redis.asyncio as aioredis
-from vllm_middleware import RecordEntry, StreamKeys, get_statistics, iter_log_files
+from vllm_middleware import get_statistics, iter_log_files
 from vllm_middleware._crash import CRASH_EXIT
-from vllm_middleware._file_sink import FileSink
-from vllm_middleware._redis_sink import _SHIP_BATCH, pack_batch
-from vllm_middleware._shipping import ShippingSettings
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware._sinks._file_sink import FileSink
+from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
+from vllm_middleware._sinks._shipping import ShippingSettings
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory, drain, wait_for
 from .test_worker import config

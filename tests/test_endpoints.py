@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 from vllm_middleware import APIConnectionError, NotFoundError, VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer
-from vllm_middleware.testing._fake_endpoints import embedding
+from vllm_middleware_testing import FakeVLLMServer
+from vllm_middleware_testing._fake_endpoints import embedding
 
 RECORD_FIELDS = {
     "timestamp",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from vllm_middleware import APIConnectionError, NotFoundError, VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -15,7 +15,7 @@ from vllm_middleware import (
     VLLMMiddleware,
     load_logs,
 )
-from vllm_middleware.testing import QUEUE_FULL_MESSAGE, FakeVLLMServer
+from vllm_middleware_testing import QUEUE_FULL_MESSAGE, FakeVLLMServer
 
 
 @pytest.fixture(params=[("v0.33", "nested"), ("v0.10.2", "nested"), ("v0.10.2", "flat")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ from vllm_middleware._cli import main
 from vllm_middleware._export import _WRITE_BYTES, ExportOptions, export
 from vllm_middleware._otlp import SEMCONV_VERSION
 from vllm_middleware._record_view import RecordFilter
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 IMAGE = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20).decode()
@@ -444,3 +445,71 @@ def test_span_times_are_exact_nanoseconds(moment: datetime) -> None:
     assert clock.nanos(moment.isoformat()) == exact
     assert clock.nanos(moment.isoformat()) == exact  # from the cached second
     assert clock.nanos(moment.replace(tzinfo=None).isoformat()) == exact  # naive: UTC
+
+
+def test_otlp_output_does_not_depend_on_string_hashing(tmp_path: Path) -> None:
+    # Request parameters used to be visited in a set's order, which changes with each
+    # process's hash seed: the same records gave different bytes (and, with both max_tokens
+    # and max_completion_tokens, a different gen_ai.request.max_tokens) from run to run.
+    part = tmp_path / "logs" / "date=2025-10-21" / "host=a" / "w.jsonl"
+    part.parent.mkdir(parents=True)
+    names = ("temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed")
+    params = dict(zip(names, (0.5, 0.9, 40, 10, 20, 7), strict=True))
+    record = {"timestamp": "2025-10-21T10:00:00+00:00", "request_id": "r", "parameters": params}
+    part.write_bytes(orjson.dumps(record) + b"\n")
+    code = (
+        "import sys\n"
+        "from vllm_middleware._export import export\n"
+        "from vllm_middleware._record_view import RecordFilter\n"
+        "export(sys.argv[1], sys.argv[2], 'otlp-json', RecordFilter())"
+    )
+    outputs = set()
+    for seed in range(3):
+        out = tmp_path / f"spans-{seed}.jsonl"
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        command = [sys.executable, "-c", code, str(tmp_path / "logs"), str(out)]
+        subprocess.run(command, env=env, check=True)
+        outputs.add(out.read_bytes())
+    assert len(outputs) == 1
+    (span,) = read_lines(out)[0]["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert attrs_of(span)["gen_ai.request.max_tokens"] == "10"
+
+
+@pytest.mark.parametrize(
+    "calls", ["not a list", ["not a call"], [{"function": "f"}], [{"function": {"name": "f"}}]]
+)
+def test_sharegpt_skips_a_request_turn_with_malformed_tool_calls(
+    calls: Any, tmp_path: Path
+) -> None:
+    # Anyone can log such a turn; the export used to stop on it with a TypeError or KeyError.
+    part = tmp_path / "date=2025-10-21" / "host=a" / "w.jsonl"
+    part.parent.mkdir(parents=True)
+    answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+            ],
+            "response": answer,
+        },
+        {"messages": [{"role": "user", "content": "fine"}], "response": answer},
+    ]
+    part.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    out = tmp_path / "o.jsonl"
+    result = export(tmp_path, out, "sharegpt", RecordFilter())
+    assert result.written == 1 and result.skipped == {"malformed message": 1}
+    assert read_lines(out)[0]["conversations"][0] == {"from": "human", "value": "fine"}
+
+
+def test_otlp_takes_a_model_that_is_not_text(tmp_path: Path) -> None:
+    # Anyone can log such a record; the span name's cache used to hash the raw value.
+    part = tmp_path / "date=2025-10-21" / "host=a" / "w.jsonl"
+    part.parent.mkdir(parents=True)
+    base = {"timestamp": "2025-10-21T10:00:00+00:00", "request_id": "r"}
+    records = [{**base, "model": ["a", "b"]}, {**base, "model": {"x": 1}}]
+    part.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    out = tmp_path / "spans.jsonl"
+    assert export(tmp_path, out, "otlp-json", RecordFilter()).written == 2
+    spans = read_lines(out)[0]["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    assert [s["name"] for s in spans] == ["text_completion ['a', 'b']", "text_completion {'x': 1}"]

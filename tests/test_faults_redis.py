@@ -19,9 +19,10 @@ import orjson
 import psutil
 import pytest
 import redis
-from vllm_middleware import StreamKeys, VLLMMiddleware
-from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware import VLLMMiddleware
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory
 from .faults_support import Load, check_all_stored, mock_http, report, stored, until, worker_env
@@ -187,9 +188,9 @@ _KILLED_APP = """
 import asyncio, os, signal, sys
 import orjson
 import redis.asyncio as aioredis
-from vllm_middleware import RecordEntry, StreamKeys
-from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware._shipping import ShippingSettings
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._shipping import ShippingSettings
 
 async def main() -> None:
     url, count = sys.argv[1], int(sys.argv[2])

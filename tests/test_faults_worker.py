@@ -13,8 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from vllm_middleware import StreamKeys, VLLMMiddleware, get_statistics
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware import VLLMMiddleware, get_statistics
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory, drain
 from .faults_support import Load, check_all_stored, mock_http, stored, until, worker_env

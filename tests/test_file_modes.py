@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vllm_middleware import ConfigurationError, RecordEntry, VLLMMiddleware, load_logs
-from vllm_middleware._spool import Spool
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware import ConfigurationError, VLLMMiddleware, load_logs
+from vllm_middleware._sinks._spool import Spool
+from vllm_middleware.storage import RecordEntry
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 

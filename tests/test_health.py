@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 import pytest
 import redis as redis_sync
-from vllm_middleware import StreamKeys
 from vllm_middleware._health import Facts, Thresholds, assess, redact_url
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 

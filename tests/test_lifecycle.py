@@ -22,12 +22,12 @@ import redis.asyncio as aioredis
 from vllm_middleware import (
     ConfigurationError,
     VLLMMiddleware,
-    _destination,
     iter_log_files,
     load_logs,
 )
-from vllm_middleware._spool import Spool
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware._sinks import _destination
+from vllm_middleware._sinks._spool import Spool
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 HELLO = [{"role": "user", "content": "hello"}]

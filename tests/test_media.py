@@ -17,7 +17,7 @@ import orjson
 import pytest
 import vllm_middleware._media as media_module
 from vllm_middleware import ConfigurationError, ReadStats, VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 

@@ -17,10 +17,11 @@ from typing import Any
 import orjson
 import pytest
 import vllm_middleware._media as media_module
-from vllm_middleware import PartitionWriter, RecordEntry, VLLMMiddleware, load_logs
+from vllm_middleware import VLLMMiddleware, load_logs
 from vllm_middleware._compress import compress_tree
 from vllm_middleware._media_gc import apply_media_gc, plan_media_gc
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware.storage import PartitionWriter, RecordEntry
+from vllm_middleware_testing import FakeVLLMServer
 
 from .conftest import wait_for
 

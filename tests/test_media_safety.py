@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 from vllm_middleware import ReadStats, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 from .test_media import MODEL, b64, blob, client_for, media_files
 

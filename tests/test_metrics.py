@@ -10,8 +10,9 @@ import pytest
 import redis as redis_sync
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from vllm_middleware import APIStatusError, ClientMetrics, StreamKeys, VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware import APIStatusError, ClientMetrics, VLLMMiddleware, load_logs
+from vllm_middleware.storage import StreamKeys
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 from .test_health import add_records

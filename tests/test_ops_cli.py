@@ -15,10 +15,11 @@ from typing import Any
 import orjson
 import redis as redis_sync
 import redis.asyncio as aioredis
-from vllm_middleware import RecordEntry, StreamKeys, load_logs
-from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware._shipping import ShippingSettings
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware import load_logs
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._shipping import ShippingSettings
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 

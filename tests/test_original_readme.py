@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from vllm_middleware import VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 
 @pytest.fixture(autouse=True)

@@ -7,11 +7,11 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vllm_middleware import (
-    ConfigurationError,
+from vllm_middleware import ConfigurationError, load_logs
+from vllm_middleware.storage import (
     PartitionWriter,
     RecordEntry,
-    load_logs,
+    cut_back,
     partition_dir,
     sanitize_partition_value,
 )
@@ -135,3 +135,15 @@ def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
         PartitionWriter(tmp_path, "w", log_format="xml")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
         PartitionWriter(tmp_path, "w", max_bytes=0)
+
+
+def test_cut_back_removes_an_unfinished_batch_durably(tmp_path: Path) -> None:
+    grown = tmp_path / "grown.jsonl"
+    grown.write_bytes(b'{"a":1}\n{"torn"')
+    assert cut_back(grown, 8) == 7 and grown.read_bytes() == b'{"a":1}\n'
+    assert cut_back(grown, 8) == 0 and grown.read_bytes() == b'{"a":1}\n'  # already cut
+    created = tmp_path / "created.jsonl"
+    created.write_bytes(b'{"b":2}\n')
+    assert cut_back(created, 0) == 8 and created.read_bytes() == b""  # kept: may be open
+    assert cut_back(tmp_path / "missing.jsonl", 3) == 0
+    assert cut_back(grown / "under-a-file.jsonl", 0) == 0

@@ -18,9 +18,9 @@ from vllm_middleware import (
     get_statistics,
     iter_log_files,
     load_logs,
-    sanitize_partition_value,
 )
-from vllm_middleware.testing import FakeVLLMServer, RedisServerProcess
+from vllm_middleware.storage import sanitize_partition_value
+from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 from .conftest import WorkerFactory, wait_for
 

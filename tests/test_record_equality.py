@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from vllm_middleware import APIStatusError, VLLMMiddleware
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 GOLDEN = Path(__file__).parent / "data" / "records_golden.jsonl"
 _VOLATILE = {"timestamp", "request_id", "latency_ms", "ttft_ms", "id", "created", "created_at"}

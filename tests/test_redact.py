@@ -21,7 +21,7 @@ from vllm_middleware import (
     redact_secrets,
 )
 from vllm_middleware._redact import REDACTED_KINDS, redact_text
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 

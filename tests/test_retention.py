@@ -14,9 +14,10 @@ from pathlib import Path
 
 import orjson
 import redis.asyncio as aioredis
-from vllm_middleware import PartitionWriter, RecordEntry, StreamKeys, load_logs
+from vllm_middleware import load_logs
 from vllm_middleware._retention import apply_retention, plan_retention
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware.storage import PartitionWriter, RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import WorkerConfig, make_worker_settings
 from vllm_middleware_worker._retention_job import run_retention
 

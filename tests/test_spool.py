@@ -13,11 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware import RecordEntry, StreamKeys, VLLMMiddleware
-from vllm_middleware._redis_sink import RedisStreamSink
-from vllm_middleware._shipping import ShippingSettings
-from vllm_middleware._spool import Spool
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware import VLLMMiddleware
+from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._shipping import ShippingSettings
+from vllm_middleware._sinks._spool import Spool
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 
 KEYS = StreamKeys()
 
@@ -116,8 +117,8 @@ def test_live_owner_keeps_its_segments_dead_owner_loses_them(tmp_path: Path) -> 
     script = textwrap.dedent(
         f"""
         import os, signal
-        from vllm_middleware import RecordEntry
-        from vllm_middleware._spool import Spool
+        from vllm_middleware.storage import RecordEntry
+        from vllm_middleware._sinks._spool import Spool
         s = Spool({str(tmp_path)!r}, max_bytes=10**7)
         s.append("dead", [RecordEntry("2026-01-02", "h", False, b'{{"request_id":"d"}}')])
         os.kill(os.getpid(), signal.SIGKILL)

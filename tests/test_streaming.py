@@ -19,8 +19,8 @@ import orjson
 import pytest
 from vllm_middleware import APIConnectionError, APIStatusError, VLLMMiddleware, load_logs
 from vllm_middleware import _streaming as streaming
-from vllm_middleware._reassembly import SSEParser
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware._reassembly import SSEDecoder
+from vllm_middleware_testing import FakeVLLMServer
 
 FLAVORS = ["v0.33", "v0.10.2"]
 WEATHER_TOOL = {
@@ -393,12 +393,13 @@ async def test_unreachable_server_stream_has_stream_end(tmp_path: Path) -> None:
     assert record["stream_end"] == "disconnected" and record["chunks"] == 0
 
 
-def test_sse_parser_framing() -> None:
-    parser = SSEParser()
+def test_sse_decoder_framing() -> None:
+    decoder = SSEDecoder()
     lines = [": keep-alive", "", "event: x", "id: 3", 'data: {"a":', "data:1}", "", "data"]
-    events = [e for e in map(parser.feed, lines) if e is not None]
-    assert events == ['{"a":\n1}']
-    assert parser.flush() == ""
+    body = "\n".join(lines).encode()
+    events = decoder.feed(body[:20]) + decoder.feed(body[20:])
+    assert events == [b'{"a":\n1}']
+    assert decoder.close() == [b""]
 
 
 async def test_crlf_and_multiline_data(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 from vllm_middleware import VLLMMiddleware, load_logs
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 MESSAGES = [{"role": "user", "content": "one two three four five six seven eight"}]
 
@@ -151,3 +152,42 @@ async def test_no_leaks_over_many_streams(server: FakeVLLMServer, tmp_path: Path
     assert len({r["request_id"] for r in records}) == iterations
     ends = sorted({r["stream_end"] for r in records})
     assert ends == ["abandoned", "cancelled", "completed"]
+
+
+@pytest.mark.parametrize("consume", [1, 100])
+async def test_a_cancel_at_any_point_gives_the_connection_back(
+    server: FakeVLLMServer, tmp_path: Path, consume: int
+) -> None:
+    """The caller's task is cancelled after 0, 1, 2... loop turns, so the cancel lands at every
+    point of a stream's life in turn: while the connection is released after [DONE] too, where
+    httpcore, cut short, kept the connection checked out for good."""
+    client = VLLMMiddleware(server.base_url, log_dir=tmp_path, redis_url="")
+
+    async def read() -> None:
+        async with await client.chat_completion(MESSAGES, stream=True) as stream:
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen == consume:
+                    break
+
+    leaked = []
+    for steps in list(range(40)) * 5:
+        task = asyncio.create_task(read())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # a release that had to wait finishes in the background
+            if pool_state(client)[0] == 0:
+                break
+            await asyncio.sleep(0.01)
+        if pool_state(client)[0]:
+            leaked.append(steps)
+            break
+    await client.close()
+    assert leaked == []
+    # One record per call that started (a task cancelled before its first turn made none).
+    records = load_logs(tmp_path)
+    assert 0 < len(records) <= 200 and all(r["stream"] for r in records)

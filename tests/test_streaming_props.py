@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vllm_middleware import VLLMMiddleware, load_logs
 from vllm_middleware._reassembly import SSEDecoder
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 TOOL = {
     "type": "function",

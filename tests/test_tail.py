@@ -16,7 +16,7 @@ import orjson
 from vllm_middleware import VLLMMiddleware
 from vllm_middleware._record_view import RecordFilter
 from vllm_middleware._tail import Follower, format_line, last_records, tail
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 from .conftest import wait_for
 

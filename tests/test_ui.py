@@ -20,7 +20,7 @@ from vllm_middleware import VLLMMiddleware
 from vllm_middleware._cli import main
 from vllm_middleware._exceptions import ConfigurationError
 from vllm_middleware._ui import check_listen, create_app
-from vllm_middleware.testing import FakeVLLMServer
+from vllm_middleware_testing import FakeVLLMServer
 
 from .conftest import wait_for
 from .test_export import MODEL, WEATHER

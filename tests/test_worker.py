@@ -13,9 +13,10 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware import RecordEntry, StreamKeys, get_statistics, load_logs
+from vllm_middleware import get_statistics, load_logs
 from vllm_middleware._keys import FIELD_DATE, FIELD_ERROR, FIELD_HOST, FIELD_RECORD
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import (
     StreamConsumer,
     WorkerConfig,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import WorkerConfig, aggregate_file_stats
 from vllm_middleware_worker._service import install_quiet_cron_logging
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from vllm_middleware import RecordEntry, StreamKeys, get_statistics, load_logs
+from vllm_middleware import get_statistics, load_logs
 from vllm_middleware._cli import main as cli_main
-from vllm_middleware.testing import RedisServerProcess
+from vllm_middleware.storage import RecordEntry, StreamKeys
+from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, open_consumer_redis
 
 from .conftest import WorkerFactory, drain, wait_for

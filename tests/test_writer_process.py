@@ -16,11 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 from vllm_middleware import ConfigurationError, ReadStats, iter_logs
-from vllm_middleware._file_sink import FileSink
 from vllm_middleware._partition import PartitionLines
 from vllm_middleware._record import RecordEntry
-from vllm_middleware._shipping import ShippingSettings
-from vllm_middleware._writer_main import decode_batch, encode_batch
+from vllm_middleware._sinks._file_sink import FileSink
+from vllm_middleware._sinks._shipping import ShippingSettings
+from vllm_middleware._sinks._writer_main import decode_batch, encode_batch
 
 DATE = "2026-11-27"
 
@@ -130,8 +130,8 @@ async def test_a_writer_killed_while_the_pipe_is_full(tmp_path: Path) -> None:
     for entry in entries(10, 50, pad=64 * 1024):  # ~3 MiB: more than the pipe holds
         sink.submit(entry)
     await asyncio.sleep(0.3)
-    life = sink.process._life
-    assert life is not None and life.room is not None, "the send is not waiting for room"
+    spawned = sink.process._spawned
+    assert spawned is not None and spawned.room is not None, "the send is not waiting for room"
     os.kill(pid, signal.SIGKILL)
     assert await sink.wait_durable(20)
     await sink.aclose()
@@ -170,7 +170,7 @@ async def test_closing_before_a_successful_retry_still_cuts_the_dead_writers_bat
     for entry in entries(0, 50):
         sink.submit(entry)
     deadline = time.monotonic() + 10
-    while sink.process._life is None:
+    while sink.process._spawned is None:
         assert time.monotonic() < deadline, "the writer was not started"
         await asyncio.sleep(0.001)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # no replacement can start
@@ -193,7 +193,7 @@ async def test_close_cuts_nothing_under_a_writer_still_writing(tmp_path: Path) -
     for entry in entries(0, 50):
         sink.submit(entry)
     deadline = time.monotonic() + 10
-    while sink.process._life is None or not sink.process._life.plans:
+    while sink.process._spawned is None or not sink.process._spawned.plans:
         assert time.monotonic() < deadline, "the writer never planned the batch"
         await asyncio.sleep(0.01)
     pid = sink.process.pid
@@ -313,13 +313,13 @@ async def test_close_while_the_writer_starts_leaves_no_process(tmp_path: Path) -
         sink.submit(entry)
     assert sink.process is not None
     for _ in range(1000):
-        if sink.process._life is not None:
+        if sink.process._spawned is not None:
             break
         await asyncio.sleep(0.001)
-    life = sink.process._life
-    assert life is not None and not life.ready.done(), "the writer was not starting"
+    spawned = sink.process._spawned
+    assert spawned is not None and not spawned.ready.done(), "the writer was not starting"
     await sink.aclose(timeout=0.01)  # cancels the batch waiting for the writer to start
-    assert gone(life.proc.pid), "a writer cut off while starting was left running"
+    assert gone(spawned.proc.pid), "a writer cut off while starting was left running"
     counters = sink.counters
     assert counters.shipped + counters.dropped == 60
     assert len(ids_in(tmp_path)) == counters.shipped
@@ -328,11 +328,11 @@ async def test_close_while_the_writer_starts_leaves_no_process(tmp_path: Path) -
 async def test_a_forked_child_lets_go_of_the_parents_writer(tmp_path: Path) -> None:
     sink = make_sink(tmp_path)
     await ship(sink, entries(0, 10))
-    assert sink.process is not None and sink.process._life is not None
+    assert sink.process is not None and sink.process._spawned is not None
     owner = sink.process.settings["owner"]
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
-        ok = sink.process._life is None and sink.process.settings["owner"] != owner
+        ok = sink.process._spawned is None and sink.process.settings["owner"] != owner
         os._exit(0 if ok else 1)
     _, status = os.waitpid(child, 0)  # noqa: ASYNC222 - the child exits at once
     assert os.waitstatus_to_exitcode(status) == 0
@@ -353,8 +353,8 @@ def test_a_sink_never_closed_saves_its_records_at_exit(tmp_path: Path) -> None:
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_writer_process import entries, ship
         from pathlib import Path
-        from vllm_middleware._file_sink import FileSink
-        from vllm_middleware._shipping import ShippingSettings
+        from vllm_middleware._sinks._file_sink import FileSink
+        from vllm_middleware._sinks._shipping import ShippingSettings
 
         async def main():
             settings = ShippingSettings(batch_size=50, flush_interval=60)

@@ -3,6 +3,7 @@
 from vllm_middleware import VLLMMiddleware, load_logs
 """
 
+from ._capture_transport import AsyncCaptureTransport, CaptureTransport
 from ._client import VLLMMiddleware
 from ._client_metrics import ClientMetrics
 from ._exceptions import (
@@ -21,14 +22,15 @@ from ._exceptions import (
     ServiceUnavailableError,
     VLLMMiddlewareError,
 )
-from ._keys import StreamKeys
+from ._instrument import instrument
 from ._media import MediaPolicy
-from ._partition import PartitionWriter, partition_dir, sanitize_partition_value
 from ._reader import ReadStats, iter_log_files, iter_logs, load_logs
-from ._record import SCHEMA_VERSION, LogRecord, RecordEntry, new_request_id
+from ._record import SCHEMA_VERSION, LogRecord, new_request_id
 from ._redact import redact_secrets
 from ._stats import get_statistics
 from ._streaming import AsyncStream, StreamEnd
+from ._sync_client import SyncVLLMMiddleware
+from ._sync_streaming import Stream
 
 __version__ = "0.2.0"
 
@@ -38,9 +40,11 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncCaptureTransport",
     "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
+    "CaptureTransport",
     "ClientMetrics",
     "ConfigurationError",
     "InternalServerError",
@@ -49,21 +53,19 @@ __all__ = [
     "LogRecord",
     "MediaPolicy",
     "NotFoundError",
-    "PartitionWriter",
     "RateLimitError",
     "ReadStats",
-    "RecordEntry",
     "ServiceUnavailableError",
+    "Stream",
     "StreamEnd",
-    "StreamKeys",
+    "SyncVLLMMiddleware",
     "VLLMMiddleware",
     "VLLMMiddlewareError",
     "get_statistics",
+    "instrument",
     "iter_log_files",
     "iter_logs",
     "load_logs",
     "new_request_id",
-    "partition_dir",
     "redact_secrets",
-    "sanitize_partition_value",
 ]

@@ -31,7 +31,9 @@ JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"
 SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
 
-def missing_headers(client: httpx.AsyncClient, wanted: Mapping[str, str]) -> dict[str, str] | None:
+def missing_headers(
+    client: httpx.AsyncClient | httpx.Client, wanted: Mapping[str, str]
+) -> dict[str, str] | None:
     """What `wanted` adds to the client's own default headers (None: nothing)."""
     missing = {k: v for k, v in wanted.items() if client.headers.get(k) != v}
     return missing or None

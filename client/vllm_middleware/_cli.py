@@ -1,4 +1,5 @@
-"""`vllm-mw`: the operator's command line (stats, worker, demo).
+"""`vllm-mw`: the operator's command line (stats, worker, demo, proxy, and the ops and use
+commands).
 
 Every failure is one line on stderr, `vllm-mw: <what failed>: <why>`, with passwords in URLs
 masked, and a non-zero exit; `-v` adds the traceback.
@@ -114,6 +115,19 @@ def _worker_cli() -> Any:
         return None
 
 
+def _demo_cli(argv: Sequence[str]) -> Any:
+    # The demo starts the test doubles (fake vLLM, a private redis-server), which live in their
+    # own package so that nothing on the client's import path loads them; and only the demo
+    # command loads them, so other commands (health checks among them) start without them.
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command != "demo":
+        return None
+    try:
+        return importlib.import_module("vllm_middleware_testing._demo")
+    except ImportError:
+        return None
+
+
 def _version() -> str:
     try:
         return version("vllm-middleware")
@@ -123,7 +137,7 @@ def _version() -> str:
         return __version__
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-mw", description="vllm-middleware operations")
     parser.add_argument("--version", action="version", version=f"vllm-mw {_version()}")
     parser.add_argument(
@@ -155,13 +169,23 @@ def _parser() -> argparse.ArgumentParser:
     else:
         worker.set_defaults(handler=_no_worker)
 
-    from ._demo import add_arguments as add_demo_arguments
-    from ._demo import run as run_demo
+    demo = commands.add_parser("demo", help="run the whole pipeline on this machine")
+    demo_cli = _demo_cli(argv)
+    if demo_cli is not None:
+        demo_cli.add_arguments(demo)
+        demo.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
+        demo.set_defaults(handler=demo_cli.run)
+    else:
+        demo.set_defaults(handler=_no_demo)
 
-    demo = commands.add_parser("demo", help="run the whole pipeline on this machine and show it")
-    add_demo_arguments(demo)
-    demo.add_argument("--verbose", "-v", action="store_true", help="traceback on failure")
-    demo.set_defaults(handler=run_demo)
+    from ._proxy_cli import add_arguments as add_proxy_arguments
+    from ._proxy_cli import run as run_proxy
+
+    proxy = commands.add_parser(
+        "proxy", help="an OpenAI-compatible logging proxy: apps change only their base URL"
+    )
+    add_proxy_arguments(proxy)
+    proxy.set_defaults(handler=run_proxy)
 
     from ._cli_ops import add_ops_commands
     from ._cli_use import add_commands as add_use_commands
@@ -172,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv).parse_args(argv)
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
@@ -204,6 +229,11 @@ def _no_worker(args: argparse.Namespace) -> int:
         "vllm-mw: worker: needs the worker extra: pip install 'vllm-middleware[worker]'",
         file=sys.stderr,
     )
+    return _EXIT_USAGE
+
+
+def _no_demo(args: argparse.Namespace) -> int:
+    print("vllm-mw: demo: the vllm_middleware_testing package is missing", file=sys.stderr)
     return _EXIT_USAGE
 
 

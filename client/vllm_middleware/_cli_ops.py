@@ -253,8 +253,8 @@ def add_spool_commands(commands: Any) -> None:
 def _cmd_spool(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from ._spool_drain import drain_spools, spool_directory_for
-    from ._spool_inventory import inventory
+    from ._sinks._spool_drain import drain_spools, spool_directory_for
+    from ._sinks._spool_inventory import inventory
 
     if args.action == "list":
         spools = [s.as_dict() for s in inventory(args.spool_dir)]

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -22,26 +22,22 @@ from ._call import (
     JSON_HEADERS,
     SSE_HEADERS,
     encode_body,
-    header_request_id,
     json_reply,
     missing_headers,
     send_logged,
     usage_hidden,
-    usage_options,
 )
 from ._capture import ContentMode, Redactor
+from ._client_base import ClientBase, request_body
 from ._endpoints import Endpoints
 from ._exceptions import APIError, ConfigurationError, InvalidRequestError
 from ._http import (
-    absolute_url,
     exception_from_unsendable,
     new_http_client,
 )
-from ._media import MediaPipeline, MediaPolicy
+from ._media import MediaPolicy
 from ._partition import LogFormat
-from ._recorder import Call, Recorder
-from ._settings import ClientSettings
-from ._shipping import Shipper
+from ._recorder import Call
 from ._streaming import (
     Accumulator,
     AsyncStream,
@@ -58,7 +54,7 @@ logger = logging.getLogger("vllm_middleware")
 _Endpoint = Literal["chat/completions", "completions"]
 
 
-class VLLMMiddleware(Endpoints):
+class VLLMMiddleware(ClientBase, Endpoints):
     """Async client for vLLM's OpenAI-compatible API that logs every request and response.
 
     Without a Redis URL (argument or `VLLM_MW_REDIS_URL`) records are written in-process to
@@ -106,50 +102,33 @@ class VLLMMiddleware(Endpoints):
         content: ContentMode = "full",
         sample_rate: float = 1.0,
     ) -> None:
-        # Validated once, here; the request path reads the plain attributes set below.
-        settings = ClientSettings.load(
-            base_url=base_url,
-            log_dir=str(log_dir),
-            enable_file_logging=enable_file_logging,
-            log_format=log_format,
-            max_log_size_mb=max_log_size_mb,
+        super().__init__(
+            base_url,
+            log_dir,
+            enable_file_logging,
+            log_format,
+            max_log_size_mb,
             redis_url=redis_url,
+            redis_client=redis_client,
             stream=stream,
             host=host,
-            timeout=None if isinstance(timeout, httpx.Timeout) else timeout,
+            metadata=metadata,
+            timeout=timeout,
             max_buffer=max_buffer,
             batch_size=batch_size,
             flush_interval=flush_interval,
             fsync=fsync,
             durable=durable,
             media_policy=media_policy,
-            media_dir=None if media_dir is None else str(media_dir),
+            media_dir=media_dir,
             media_min_bytes=media_min_bytes,
             max_record_bytes=max_record_bytes,
             file_mode=file_mode,
             dir_mode=dir_mode,
+            redact=redact,
             content=content,
             sample_rate=sample_rate,
         )
-        self._recorder = recorder = Recorder.from_settings(
-            settings, metadata=metadata, redis_client=redis_client, redact=redact
-        )
-        self.base_url = base_url.rstrip("/")
-        # Absolute URLs, so the middleware's base_url applies whatever an injected client's
-        # own base_url is (or without one); parsed once here rather than on every call.
-        self._urls: dict[str, httpx.URL | str] = {
-            endpoint: absolute_url(self.base_url, endpoint)
-            for endpoint in ("chat/completions", "completions", "models")
-        }
-        self.log_dir = str(log_dir)
-        self.enable_file_logging = enable_file_logging
-        self.log_format = log_format
-        self.max_log_size_mb = max_log_size_mb
-        self.keys = recorder.keys
-        self.redis_url = recorder.redis_url
-        self.file_modes = recorder.file_modes
-        self.max_record_bytes = max_record_bytes
-
         self._owns_http = http_client is None
         self._http_settings = (api_key, timeout)
         if http_client is None:
@@ -162,50 +141,7 @@ class VLLMMiddleware(Endpoints):
         self._json_headers: Mapping[str, str] | None = missing_headers(http_client, JSON_HEADERS)
         self._sse_headers: Mapping[str, str] | None = missing_headers(http_client, SSE_HEADERS)
         self._background: set[asyncio.Task[None]] = set()
-        # The recorder's sink and media store (read by `durable` waits and by tests).
-        self._sink: Shipper | None = recorder.sink
-        self._media: MediaPipeline | None = recorder.media
-        self._durable = recorder.durable
         self._closed = False
-
-    # The recorder's counters and settings, under the names the original tool used.
-    @property
-    def host(self) -> str:
-        return self._recorder.host
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return self._recorder.metadata
-
-    @property
-    def media_policy(self) -> MediaPolicy:
-        return self._recorder.media_policy
-
-    @property
-    def total_requests(self) -> int:
-        return self._recorder.total_requests
-
-    @property
-    def logging_errors(self) -> int:
-        return self._recorder.logging_errors
-
-    @property
-    def records_truncated(self) -> int:
-        return self._recorder.records_truncated
-
-    @property
-    def record_observer(self) -> Callable[[dict[str, Any]], None] | None:
-        """Called with each record before it is encoded (`ClientMetrics.attach`); off if None."""
-        return self._recorder.record_observer
-
-    @record_observer.setter
-    def record_observer(self, observer: Callable[[dict[str, Any]], None] | None) -> None:
-        self._recorder.record_observer = observer
-
-    @property
-    def recorder(self) -> Recorder:
-        """Builds and ships this client's records (shared with other doors if wanted)."""
-        return self._recorder
 
     def _new_http_client(self) -> httpx.AsyncClient:
         api_key, timeout = self._http_settings
@@ -228,10 +164,6 @@ class VLLMMiddleware(Endpoints):
             self._http = self._new_http_client()
             self._background.clear()
         self._loop = loop
-
-    @property
-    def mode(self) -> str:
-        return self._recorder.mode
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> VLLMMiddleware:
@@ -407,36 +339,7 @@ class VLLMMiddleware(Endpoints):
         """A call begins: on this loop's HTTP client, counted by the recorder."""
         if asyncio.get_running_loop() is not self._loop:
             self._enter_loop()
-        client_request_id = header_request_id(headers)
-        if client_request_id is None and "request_id" in params:
-            client_request_id = params["request_id"]
-        return self._recorder.start(
-            endpoint,
-            payload_key,
-            payload,
-            model,
-            params,
-            metadata,
-            client_request_id=client_request_id,
-        )
-
-    def _body(
-        self,
-        params: dict[str, Any],
-        model: str | None,
-        payload_key: str,
-        payload: Any,
-        stream: bool,
-    ) -> dict[str, Any]:
-        body = dict(params)
-        if stream and (options := usage_options(params.get("stream_options"))) is not None:
-            # Usage is only sent when asked for: ask for it whatever else the caller set (the
-            # stream hides what the caller did not ask for). `parameters` stay the caller's own.
-            body["stream_options"] = options
-        if model is not None:
-            body["model"] = model
-        body[payload_key] = payload
-        return body
+        return self._begin(endpoint, payload_key, payload, model, params, metadata, headers)
 
     async def _call(
         self,
@@ -451,7 +354,9 @@ class VLLMMiddleware(Endpoints):
         """A non-streaming call: the HTTP exchange, its record logged whatever happens."""
         started = time.perf_counter()
         call = self._start(endpoint, payload_key, payload, model, params, metadata, headers)
-        content = encode_body(call, started, self._body(params, model, payload_key, payload, False))
+        content = encode_body(
+            call, started, request_body(params, model, payload_key, payload, False)
+        )
         send_headers = self._json_headers
         if headers:
             send_headers = {**(send_headers or {}), **headers}
@@ -482,7 +387,7 @@ class VLLMMiddleware(Endpoints):
     ) -> AsyncStream:
         started = time.perf_counter()
         call = self._start(endpoint, payload_key, payload, model, params, metadata, headers)
-        body = self._body(params, model, payload_key, payload, True)
+        body = request_body(params, model, payload_key, payload, True)
         content = encode_body(call, started, body, stream=True)
         send_headers = self._sse_headers
         if headers:
@@ -543,14 +448,6 @@ class VLLMMiddleware(Endpoints):
         task.add_done_callback(self._background.discard)
 
     # -- statistics -------------------------------------------------------------------------
-    def get_statistics(self) -> dict[str, Any]:
-        """Usage statistics; includes the original tool's keys.
-
-        Redis mode: the workers' exact fleet-wide counters (O(1)); embedded: this client's
-        request count and a scan of the file tree. `client` holds this process's counters.
-        """
-        return self._recorder.statistics()
-
     async def aget_statistics(self) -> dict[str, Any]:
         """`get_statistics` without blocking the event loop on Redis or the file scan."""
         return await self._recorder.astatistics()

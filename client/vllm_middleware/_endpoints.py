@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import httpx
-import orjson
 
 from ._call import JSON_HEADERS, SSE_HEADERS, encode_body, json_reply, send_logged
-from ._exceptions import APIError
-from ._http import exception_from_response, exception_from_transport, exception_from_unsendable
+from ._http import control_reply, exception_from_transport, exception_from_unsendable
 from ._responses_reassembly import ResponsesAccumulator
 from ._streaming import AsyncStream
 
@@ -151,12 +149,7 @@ class Endpoints:
             raise exception_from_transport(exc, "models") from exc
         except (httpx.InvalidURL, ValueError, TypeError) as exc:
             raise exception_from_unsendable(exc, url, None) from exc
-        if response.status_code >= 400:
-            raise exception_from_response(response, "models")
-        try:
-            return orjson.loads(response.content)  # type: ignore[no-any-return]
-        except orjson.JSONDecodeError as exc:
-            raise APIError(f"server returned invalid JSON: {exc}") from exc
+        return control_reply(response, "models")  # type: ignore[no-any-return]
 
     async def health(self, timeout: float = 5.0) -> bool:
         """GET /health (at the server root, beside /v1): True when the server answers 200.

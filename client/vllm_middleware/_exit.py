@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from ._shipping import Shipper
+    from ._sinks._shipping import Shipper
 
 __all__ = ["EXIT_TIMEOUT_S", "close_all", "register", "run_blocking"]
 

@@ -22,7 +22,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -39,7 +39,10 @@ MediaChoice = Literal["keep", "drop"]
 FORMATS = ("openai-chat", "openai-completions", "sharegpt", "otlp-json")
 
 _MEDIA_PARTS = frozenset(("image_url", "input_audio", "audio_url", "video_url", "file"))
-_WRITE_BYTES = 1 << 20  # output written in pieces of about this size
+# Output is written in pieces of about this size. Small on purpose: with 1 MiB, a thousand
+# lines held at once made the allocator hand memory back to the kernel and fault it in again
+# on every flush, which cost openai-chat a third of its time.
+_WRITE_BYTES = 1 << 16
 _CHAT_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
 _CHAT_KEY_SET = frozenset(_CHAT_KEYS)
 
@@ -110,9 +113,11 @@ def _clean_message(message: Any, media: MediaChoice) -> dict[str, Any]:
 
 
 def _answer(record: Mapping[str, Any]) -> dict[str, Any]:
-    choice = first_choice(record)
-    message = choice.get("message") if choice is not None else None
-    if not isinstance(message, dict):
+    response = record.get("response")
+    choices = response.get("choices") if type(response) is dict else None
+    choice = choices[0] if type(choices) is list and choices else None
+    message = choice.get("message") if type(choice) is dict else None
+    if type(message) is not dict:
         raise _Skip("no answer")
     answer: dict[str, Any] = {"role": "assistant"}
     content = message.get("content")
@@ -144,7 +149,19 @@ def to_chat(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _Skip("no messages (a completions or metadata-only record)")
-    turns = [_clean_message(m, options.media) for m in messages]
+    media = options.media
+    # A plain text turn with known keys only is kept as it is (most turns), tested inline:
+    # a call per turn cost more than the test.
+    turns = [
+        m
+        if type(m) is dict
+        and type(m.get("content")) is str
+        and type(m.get("role")) is str
+        and m.keys() <= _CHAT_KEY_SET
+        and None not in m.values()
+        else _clean_message(m, media)
+        for m in messages
+    ]
     turns.append(_answer(record))
     example: dict[str, Any] = {"messages": turns}
     params = record.get("parameters")
@@ -182,36 +199,83 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _request_text(content: Any) -> str:
+    """A request turn's text as `openai-chat` with media dropped would leave it."""
+    if type(content) is str:
+        return content
+    if type(content) is list:
+        return "".join(
+            p["text"]
+            for p in content
+            if type(p) is dict and type(p.get("text")) is str and not _media_part(p)
+        )
+    return ""
+
+
+def _has_text_left(content: Any) -> bool:
+    # Whether an assistant turn keeps any content once media parts are dropped.
+    if type(content) is list:
+        return any(type(p) is dict and not _media_part(p) for p in content)
+    return bool(content)
+
+
+def _function_call(function: Mapping[str, Any]) -> dict[str, str]:
+    value = {"name": function["name"], "arguments": _arguments(function["arguments"])}
+    return {"from": "function_call", "value": orjson.dumps(value).decode()}
+
+
 def to_sharegpt(record: Mapping[str, Any], options: ExportOptions) -> dict[str, Any]:
-    """One `sharegpt` example from the same turns as `openai-chat` (text only)."""
+    """One `sharegpt` example from the same turns as `openai-chat` (text only).
+
+    Read from the record directly rather than through `to_chat`: the same turns and the same
+    skips, without building the chat example first."""
     del options
-    chat = to_chat(record, _TEXT_ONLY)
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Skip("no messages (a completions or metadata-only record)")
     system: list[str] = []
     turns: list[dict[str, str]] = []
-    for message in chat["messages"]:
-        role = message["role"]
-        if role in ("system", "developer"):
-            system.append(_text(message.get("content")))
-        elif role == "user":
-            turns.append({"from": "human", "value": _text(message.get("content"))})
-        elif role == "tool":
-            turns.append({"from": "observation", "value": _text(message.get("content"))})
+    add = turns.append
+    for message in messages:
+        role = message.get("role") if type(message) is dict else None
+        if type(role) is not str:
+            raise _Skip("malformed message")
+        if role == "user":
+            add({"from": "human", "value": _request_text(message.get("content"))})
         elif role == "assistant":
-            for call in message.get("tool_calls") or []:
-                function = call["function"]
-                value = {"name": function["name"], "arguments": _arguments(function["arguments"])}
-                turns.append({"from": "function_call", "value": orjson.dumps(value).decode()})
-            if message.get("content"):
-                turns.append({"from": "gpt", "value": _text(message["content"])})
+            calls = message.get("tool_calls")
+            if calls:
+                if type(calls) is not list:
+                    raise _Skip("malformed message")
+                for call in calls:
+                    function = call.get("function") if type(call) is dict else None
+                    if type(function) is not dict or not function.keys() >= _CALL_KEYS:
+                        raise _Skip("malformed message")
+                    add(_function_call(function))
+            content = message.get("content")
+            if _has_text_left(content):
+                add({"from": "gpt", "value": _request_text(content)})
+        elif role == "tool":
+            add({"from": "observation", "value": _request_text(message.get("content"))})
+        elif role == "system" or role == "developer":
+            system.append(_request_text(message.get("content")))
+    answer = _answer(record)
+    for call in answer.get("tool_calls", ()):
+        add(_function_call(call["function"]))
+    if answer.get("content"):
+        add({"from": "gpt", "value": _text(answer["content"])})
     example: dict[str, Any] = {"conversations": turns}
     if system:
         example["system"] = "\n".join(system)
-    if "tools" in chat:
-        example["tools"] = orjson.dumps(chat["tools"]).decode()
+    params = record.get("parameters")
+    if type(params) is dict:
+        tools = params.get("tools")
+        if type(tools) is list and tools:
+            example["tools"] = orjson.dumps(tools).decode()
     return example
 
 
-_TEXT_ONLY = ExportOptions(media="drop")
+_CALL_KEYS = frozenset(("name", "arguments"))
 
 
 def _arguments(arguments: Any) -> Any:
@@ -247,20 +311,50 @@ def examples(
 ) -> Iterator[dict[str, Any]]:
     """The fine-tuning examples of `records` in format `fmt`, skipped ones counted by reason."""
     convert = _CONVERTERS[fmt]
-    seen: set[bytes] = set()
+    seen: set[bytes] | None = set() if options.dedupe else None
+    skipped = result.skipped
     for record in records:
         try:
             example = convert(record, options)
         except _Skip as skip:
-            result.skipped[str(skip)] += 1
+            skipped[str(skip)] += 1
             continue
-        if options.dedupe:
+        if seen is not None:
             key = _conversation_key(example)
             if key in seen:
-                result.skipped["duplicate conversation"] += 1
+                skipped["duplicate conversation"] += 1
                 continue
             seen.add(key)
         yield example
+
+
+def _example_lines(
+    records: Iterable[Mapping[str, Any]],
+    fmt: str,
+    options: ExportOptions,
+    result: ExportResult,
+    *,
+    skip_errors: bool = False,
+) -> Iterator[bytes]:
+    """`examples` encoded, one line each: the same loop in one frame, since a generator
+    layer per record costs about as much as converting a short record."""
+    if options.dedupe:
+        for example in examples(records, fmt, options, result):
+            yield _dumps(example, option=_NEWLINE)
+        return
+    convert = _CONVERTERS[fmt]
+    skipped = result.skipped
+    for record in records:
+        if skip_errors and record.get("error") is not None:
+            continue
+        try:
+            yield _dumps(convert(record, options), option=_NEWLINE)
+        except _Skip as skip:
+            skipped[str(skip)] += 1
+
+
+_dumps = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 
 def _progress(enabled: bool) -> tuple[AbstractContextManager[Any], Callable[[int], None]]:
@@ -299,6 +393,17 @@ def export(
         raise ConfigurationError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
     opts = options or ExportOptions()
     result = ExportResult()
+    # Fine-tuning sets leave errors out: tested in the converting loop when that is the only
+    # per-record test, since a filter call per record costs more than the test itself.
+    skip_errors = (
+        fmt in _CONVERTERS
+        and not opts.dedupe
+        and flt.exclude_errors
+        and not flt.meta
+        and flt.finish_reason is None
+    )
+    if skip_errors:
+        flt = replace(flt, exclude_errors=False)
     records = _dicts(log_dir, flt, result.read, restore_media=opts.media == "keep")
     if otlp_endpoint is not None:
         if fmt != "otlp-json" or out is not None:
@@ -314,10 +419,7 @@ def export(
 
         lines: Iterator[bytes] = otlp_lines(records, opts, result)
     else:
-        lines = (
-            orjson.dumps(e, option=orjson.OPT_APPEND_NEWLINE)
-            for e in examples(records, fmt, opts, result)
-        )
+        lines = _example_lines(records, fmt, opts, result, skip_errors=skip_errors)
     if str(out) == "-":
         _write_all(lines, sys.stdout.buffer, result, fmt, progress)
         sys.stdout.flush()
@@ -358,17 +460,21 @@ def _write_all(
     lines: Iterator[bytes], handle: IO[bytes], result: ExportResult, fmt: str, progress: bool
 ) -> None:
     bar, tick = _progress(progress)
+    count = fmt != "otlp-json"  # otlp-json lines hold many spans: `otlp_lines` counts those
     buffer: list[bytes] = []
+    append = buffer.append
     size = 0
     with bar:
         for line in lines:
-            buffer.append(line)
+            append(line)
             size += len(line)
-            if fmt != "otlp-json":
-                result.written += 1
             if size >= _WRITE_BYTES:
                 handle.write(b"".join(buffer))
+                if count:
+                    result.written += len(buffer)
                 buffer.clear()
                 size = 0
                 tick(result.read.records)
         handle.write(b"".join(buffer))
+        if count:
+            result.written += len(buffer)

@@ -24,7 +24,7 @@ import orjson
 import redis
 
 from ._keys import StreamKeys
-from ._spool_inventory import inventory
+from ._sinks._spool_inventory import inventory
 
 __all__ = ["EXIT_CODES", "Thresholds", "assess", "check_health", "gather", "redact_url"]
 

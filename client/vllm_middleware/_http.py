@@ -22,11 +22,13 @@ from ._exceptions import (
 
 __all__ = [
     "absolute_url",
+    "control_reply",
     "error_details",
     "exception_from_response",
     "exception_from_transport",
     "exception_from_unsendable",
     "new_http_client",
+    "new_sync_http_client",
 ]
 
 _MAX_ERROR_TEXT = 2000
@@ -114,6 +116,16 @@ def exception_from_unsendable(
     return InvalidRequestError(f"request to {url} cannot be sent: {detail}")
 
 
+def control_reply(response: httpx.Response, label: str) -> Any:
+    """The JSON answer of a control-plane call (`models`: no record), or its error raised."""
+    if response.status_code >= 400:
+        raise exception_from_response(response, label)
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(f"server returned invalid JSON: {exc}") from exc
+
+
 def error_details(exc: APIError | InvalidRequestError) -> dict[str, Any]:
     """The record's `error_detail`: what an analyst filters on."""
     message = exc.message if isinstance(exc, APIError) else str(exc)
@@ -138,17 +150,30 @@ def absolute_url(base_url: str, endpoint: str) -> httpx.URL | str:
         return f"{base_url}/{endpoint}"  # raised, mapped and recorded by the first call
 
 
+def _client_options(
+    base_url: str, api_key: str | None, timeout: float | httpx.Timeout, headers: Mapping[str, str]
+) -> dict[str, Any]:
+    defaults = dict(headers)
+    if api_key:
+        defaults["authorization"] = f"Bearer {api_key}"
+    return {
+        "base_url": base_url,
+        "timeout": timeout,
+        "headers": defaults,
+        "limits": httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        "verify": _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
+    }
+
+
 def new_http_client(
     base_url: str, api_key: str | None, timeout: float | httpx.Timeout, headers: Mapping[str, str]
 ) -> httpx.AsyncClient:
     """The HTTP client a middleware makes for itself when none is injected."""
-    defaults = dict(headers)
-    if api_key:
-        defaults["authorization"] = f"Bearer {api_key}"
-    return httpx.AsyncClient(
-        base_url=base_url,
-        timeout=timeout,
-        headers=defaults,
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-        verify=_tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
-    )
+    return httpx.AsyncClient(**_client_options(base_url, api_key, timeout, headers))
+
+
+def new_sync_http_client(
+    base_url: str, api_key: str | None, timeout: float | httpx.Timeout, headers: Mapping[str, str]
+) -> httpx.Client:
+    """`new_http_client` for `SyncVLLMMiddleware`: the same settings, blocking I/O."""
+    return httpx.Client(**_client_options(base_url, api_key, timeout, headers))

@@ -83,7 +83,7 @@ class MediaJob(NamedTuple):
     chars: int  # base64 characters held, for the backlog bound
 
 
-class _Walk:
+class _BlobCollector:
     """Copy-on-write walk of one record; collects the blobs it replaced with tokens."""
 
     __slots__ = ("blobs", "min_chars", "nonce")
@@ -261,12 +261,12 @@ class MediaPipeline:
         """
         # The walker is only built when a list content or a reply audio is seen: text chats
         # cost a type check per message and per choice.
-        walk: _Walk | None = None
+        walk: _BlobCollector | None = None
         chat = record.get("messages") if messages else None
         if type(chat) is list:
             for message in chat:
                 if type(message) is dict and type(message.get("content")) is list:
-                    walk = _Walk(self.min_chars)
+                    walk = _BlobCollector(self.min_chars)
                     if (changed := walk.messages(chat)) is not None:
                         record["messages"] = changed
                     break
@@ -276,7 +276,7 @@ class MediaPipeline:
             for choice in choices:
                 message = choice.get("message") if type(choice) is dict else None
                 if type(message) is dict and message.get("audio") is not None:
-                    walk = walk or _Walk(self.min_chars)
+                    walk = walk or _BlobCollector(self.min_chars)
                     if (replaced := walk.response(reply)) is not None:
                         record["response"] = replaced
                     break

@@ -33,9 +33,6 @@ class FileModes(NamedTuple):
     file: int
     dir: int
 
-    def describe(self) -> str:
-        return f"files {self.file:04o}, directories {self.dir:04o}"
-
 
 LOG_MODES = FileModes(0o640, 0o750)
 SPOOL_MODES = FileModes(0o600, 0o700)

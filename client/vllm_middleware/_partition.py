@@ -34,6 +34,7 @@ __all__ = [
     "PartitionWriter",
     "WriteResult",
     "check_host",
+    "cut_back",
     "fsync_dir",
     "host_problem",
     "is_valid_date",
@@ -54,6 +55,27 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 
 def is_valid_date(value: str) -> bool:
     return bool(_DATE_RE.match(value))
+
+
+def cut_back(path: str | Path, offset: int) -> int:
+    """Cut a file back to `offset` bytes, durably: what an unfinished batch wrote past the size
+    its plan (the writer process's) or intent (a worker's) recorded. Returns the bytes removed.
+
+    The file stays, even when the batch created it: a live writer may still hold it open (a
+    worker undoing its own batch). A missing file was never written: 0. Only the owner's files
+    are named, and nothing else appends to them, so no other data lies past the cut. Other
+    errors raise `OSError`.
+    """
+    try:
+        size = os.stat(path).st_size
+        if size <= offset:
+            return 0  # nothing to cut: not even opened for writing
+        with open(path, "r+b") as handle:
+            handle.truncate(offset)
+            os.fsync(handle.fileno())
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    return size - offset
 
 
 def sanitize_partition_value(value: str) -> str:

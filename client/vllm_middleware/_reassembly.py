@@ -8,47 +8,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["SSEDecoder", "SSEParser", "StreamAccumulator"]
+__all__ = ["SSEDecoder", "StreamAccumulator"]
 
 _CARRIED = 1  # `_Choice.add`: the chunk carried output
 _FINISHED = 2  # ... and a finish_reason
 
 
-class SSEParser:
-    """Assembles `data:` payloads of server-sent events from lines (terminators stripped).
+class SSEDecoder:
+    """Server-sent events from the raw body: bytes in, the `data` payload (bytes) of each event out.
 
     Comments (`: keep-alive`) and `event:`/`id:`/`retry:` fields are skipped; several `data:`
     lines in one event are joined with newlines, as the SSE specification says.
-    """
-
-    __slots__ = ("_data",)
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> str | None:
-        """The data of the event that `line` completes, or None."""
-        if line.startswith("data:"):
-            value = line[5:]
-            self._data.append(value[1:] if value.startswith(" ") else value)
-            return None
-        if line:
-            if line == "data":  # a field with no colon has an empty value
-                self._data.append("")
-            return None
-        return self.flush()
-
-    def flush(self) -> str | None:
-        """Dispatch a pending event (blank line, or the end of the body)."""
-        if not self._data:
-            return None
-        data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
-        self._data = []
-        return data
-
-
-class SSEDecoder:
-    """`SSEParser` for the raw body: bytes in, the `data` payload (bytes) of each event out.
 
     Working on bytes spares the text decoding and line splitting layers of `aiter_lines`, and
     orjson parses the payload bytes directly. Lines end at CRLF, LF or CR, as the SSE

@@ -24,7 +24,6 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ._capture import CapturePolicy, Redactor, capture_policy
-from ._destination import Destination, collected_unclosed, mode_of, open_destination
 from ._exceptions import APIError, InvalidRequestError
 from ._http import error_details
 from ._keys import StreamKeys
@@ -41,7 +40,8 @@ from ._record import (
     utc_now,
 )
 from ._settings import ClientSettings
-from ._shipping import Shipper
+from ._sinks._destination import Destination, collected_unclosed, mode_of, open_destination
+from ._sinks._shipping import Shipper
 from ._stats import ClientStatistics, local_statistics
 
 __all__ = ["Call", "Recorder"]
@@ -226,9 +226,11 @@ class Recorder:
         if self.logging_errors == 1 or self.logging_errors % 1000 == 0:
             logger.error("could not log request %s", request_id, exc_info=exc or True)
 
-    def shipper_for(self, date: str, is_error: bool) -> Callable[[bytes], None]:
+    def shipper_for(
+        self, date: str, is_error: bool, host: str | None = None
+    ) -> Callable[[bytes], None]:
         """Submits one encoded record of that partition (used once media work is done)."""
-        host = self.host
+        host = host or self.host
 
         def ship(data: bytes) -> None:
             if self.sink is not None:
@@ -308,6 +310,7 @@ class Call:
         "client_request_id",
         "date",
         "endpoint",
+        "host",
         "metadata",
         "model",
         "params",
@@ -338,6 +341,8 @@ class Call:
         self.metadata = metadata
         self.request_id, self.date, self.timestamp = record_identity(now)
         self.client_request_id: Any = None
+        # The record's host (partition): the recorder's, unless a door sets one for this call.
+        self.host = recorder.host
         # Length of the encoded request body, once known: small bodies skip the media walk.
         self.body_bytes = _UNKNOWN_SIZE
 
@@ -370,6 +375,7 @@ class Call:
             and error is None
             and not capture.sampled(self.request_id, self.client_request_id)
         ):
+            sink.count_sampled_out()  # the fleet's statistics count what sampling left out
             return
         # Microseconds, as milliseconds with 3 decimals (round(x, 3) costs ~0.5 µs more).
         latency_ms = int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000
@@ -396,7 +402,7 @@ class Call:
             if is_error:
                 record["error"] = str(error)
             record["metadata"] = metadata
-            record["host"] = recorder.host
+            record["host"] = self.host
             record["endpoint"] = self.endpoint
             record["status_code"] = status_code
             record["usage"] = usage
@@ -425,7 +431,7 @@ class Call:
                 if (in_request or in_reply) and (
                     job := media.prepare(record, messages=in_request, response=in_reply)
                 ) is not None:
-                    ship = recorder.shipper_for(self.date, is_error)
+                    ship = recorder.shipper_for(self.date, is_error, self.host)
                     media.defer(job, record, ship, recorder.logging_failed)
                     return
             data = encode_record(record)
@@ -433,6 +439,6 @@ class Call:
                 data = shrink_record(record, len(data), recorder.max_record_bytes)
                 recorder.records_truncated += 1
             # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level frame.
-            sink.submit(_new_entry(RecordEntry, (self.date, recorder.host, is_error, data)))
+            sink.submit(_new_entry(RecordEntry, (self.date, self.host, is_error, data)))
         except Exception:
             recorder.logging_failed(self.request_id)

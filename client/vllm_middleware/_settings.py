@@ -34,7 +34,7 @@ from pydantic.fields import FieldInfo
 
 from ._exceptions import ConfigurationError
 from ._modes import parse_mode
-from ._shipping import ShippingSettings
+from ._sinks._shipping import ShippingSettings
 
 __all__ = [
     "ClientSettings",

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from ._keys import StreamKeys
 from ._media import MediaPipeline
 from ._reader import iter_log_files, iter_logs
-from ._shipping import Shipper
+from ._sinks._shipping import Shipper
 
 __all__ = [
     "ClientStatistics",
@@ -137,6 +137,7 @@ def build_redis_statistics(
         "bytes_written": _as_int(raw, "bytes"),
         "files_created": _as_int(raw, "files_created"),
         "dropped_records": _as_int(raw, "dropped"),
+        "sampled_out": _as_int(raw, "sampled_out"),
         "dead_letters": _as_int(raw, "dead_letters"),
         "spool_damaged": _as_int(raw, "spool_damaged"),
         "worker_write_errors": _as_int(raw, "worker_write_errors"),

@@ -15,14 +15,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
-from vllm_middleware import StreamKeys
 from vllm_middleware._crash import crash_point
-from vllm_middleware._partition import BatchPlan
+from vllm_middleware.storage import BatchPlan, StreamKeys
 
-from ._entries import Poison, records_in
+from ._entries import DeadLetter, records_in
 from ._oom import ACK_LETTERS, ack_args, ack_at_oom, counters_check, is_oom
 
-__all__ = ["DAMAGED_STATS", "Acknowledger", "batch_counters", "dead_letters", "is_damaged_stats"]
+__all__ = [
+    "DAMAGED_STATS",
+    "Acknowledger",
+    "batch_counters",
+    "dead_letter_entries",
+    "is_damaged_stats",
+]
 
 DAMAGED_STATS = "DAMAGED_STATS"
 # A dead letter keeps at most this much of each field: an entry of 100 MB must not be copied
@@ -48,7 +53,7 @@ return #ids
 )
 
 
-def batch_counters(plan: BatchPlan, poison: list[Poison]) -> dict[str, int]:
+def batch_counters(plan: BatchPlan, letters: list[DeadLetter]) -> dict[str, int]:
     """The stats hash increments for a batch (zeros left out)."""
     hincr: Counter[str] = Counter()
     # One count per partition (the plan counted them), not per record.
@@ -59,14 +64,14 @@ def batch_counters(plan: BatchPlan, poison: list[Poison]) -> dict[str, int]:
     hincr["errors"] = plan.errors
     hincr["bytes"] = plan.nbytes
     hincr["files_created"] = plan.new_files
-    hincr["dead_letters"] = sum(records_in(fields) for _, fields, _ in poison)
+    hincr["dead_letters"] = sum(records_in(letter.fields) for letter in letters)
     return {name: amount for name, amount in hincr.items() if amount}
 
 
-def dead_letters(poison: list[Poison]) -> list[dict[bytes, bytes]]:
-    """Dead-letter entries: the source entry's fields, the reason and the source id."""
-    letters = []
-    for entry_id, fields, reason in poison:
+def dead_letter_entries(letters: list[DeadLetter]) -> list[dict[bytes, bytes]]:
+    """Dead-letter stream entries: the source entry's fields, the reason and the source id."""
+    entries = []
+    for entry_id, fields, reason in letters:
         dead = {}
         for name, value in fields.items():
             if len(value) > DEAD_LETTER_FIELD_BYTES:
@@ -76,8 +81,8 @@ def dead_letters(poison: list[Poison]) -> list[dict[bytes, bytes]]:
             else:
                 dead[name] = value
         dead.update({b"reason": reason.encode(), b"source_id": entry_id})
-        letters.append(dead)
-    return letters
+        entries.append(dead)
+    return entries
 
 
 class Acknowledger:

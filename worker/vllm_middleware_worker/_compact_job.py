@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from vllm_middleware import StreamKeys
-from vllm_middleware._partition import is_valid_date
+from vllm_middleware.storage import StreamKeys, is_valid_date
 
 from ._config import WorkerConfig
 

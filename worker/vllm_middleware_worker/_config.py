@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 import annotated_types
 from pydantic import ValidationInfo, field_validator
 from vllm_middleware import ConfigurationError
-from vllm_middleware._modes import FileModes, log_modes, parse_mode
 from vllm_middleware._settings import (
     EnvSettings,
     check_password_file,
@@ -26,6 +25,7 @@ from vllm_middleware._settings import (
     redis_password_file_field,
     with_password,
 )
+from vllm_middleware.storage import FileModes, log_modes, parse_mode
 
 __all__ = ["WorkerConfig"]
 

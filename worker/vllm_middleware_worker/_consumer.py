@@ -31,14 +31,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from vllm_middleware import PartitionWriter, StreamKeys
-from vllm_middleware._keys import BUNDLE_BYTES, BUNDLE_RECORDS
-from vllm_middleware._partition import BatchPlan, PartitionLines
+from vllm_middleware.storage import (
+    BUNDLE_BYTES,
+    BUNDLE_RECORDS,
+    BatchPlan,
+    PartitionLines,
+    PartitionWriter,
+    StreamKeys,
+)
 
-from ._ack import Acknowledger, batch_counters, dead_letters, is_damaged_stats
+from ._ack import Acknowledger, batch_counters, dead_letter_entries, is_damaged_stats
 from ._config import WorkerConfig
-from ._entries import Entry, EntrySorter, Poison, SortedBatch
-from ._intent import encode_intent
+from ._entries import DeadLetter, Entry, EntrySorter, SortedBatch
+from ._intent import Cut, encode_intent
 from ._oom import group_create_at_oom, hset_at_oom, is_oom, set_px_at_oom
 from ._recovery import Recovery, intent_fields
 from ._status import ConsumerStatus
@@ -276,7 +281,7 @@ class StreamConsumer:
         if not entries:
             return False
         too_often = await self._delivered_too_often(entries) if start == b"0" else None
-        await self.process(entries, undeliverable=too_often, read_ahead=start == b">")
+        await self.process(entries, dead_letter_reasons=too_often, read_ahead=start == b">")
         return True
 
     async def _delivered_too_often(self, entries: Sequence[Entry]) -> dict[bytes, str]:
@@ -303,21 +308,21 @@ class StreamConsumer:
         self,
         entries: Sequence[Entry],
         *,
-        undeliverable: dict[bytes, str] | None = None,
+        dead_letter_reasons: dict[bytes, str] | None = None,
         read_ahead: bool = False,
     ) -> None:
         """Write a batch durably, then acknowledge it; retries until both are done.
 
         `entries` hold each entry's fields as a dict or as the flat [field, value, ...] list
-        of a raw reply. `undeliverable` names entries to send to the dead-letter stream
+        of a raw reply. `dead_letter_reasons` names entries to send to the dead-letter stream
         whatever they hold (e.g. delivered too often), with the reason.
         """
-        await self._process_sorted(self._sort(entries, undeliverable), read_ahead=read_ahead)
+        await self._process_sorted(self._sort(entries, dead_letter_reasons), read_ahead=read_ahead)
 
     async def _process_sorted(self, batch: SortedBatch, *, read_ahead: bool = False) -> None:
         """Write the batch (its own intent field), then start its acknowledgement, which runs
         while the next batch is read and written; the previous one must be done first."""
-        lines, poison = batch.lines, batch.poison
+        lines, letters = batch.lines, batch.dead_letters
         plan = self.writer.plan(lines)
         if read_ahead and self._prefetch is None and not self._stopping.is_set():
             self._prefetch = asyncio.create_task(self._read_sorted(), name="vllm-mw-read-ahead")
@@ -327,8 +332,8 @@ class StreamConsumer:
         await self._write_durably(plan, lines, field, batch.ids)
         # Before this batch's ack, and before the next batch reuses the previous one's field.
         await self._settle_ack()
-        ack = self._acknowledge(plan, batch.ids, poison, field, started)
-        if poison:
+        ack = self._acknowledge(plan, batch.ids, letters, field, started)
+        if letters:
             await ack  # dead letters: rare, keep them simple
         else:
             self._ack_task = asyncio.create_task(ack, name="vllm-mw-ack")
@@ -340,9 +345,9 @@ class StreamConsumer:
             await task
 
     def _sort(
-        self, entries: Sequence[Entry], undeliverable: dict[bytes, str] | None
+        self, entries: Sequence[Entry], dead_letter_reasons: dict[bytes, str] | None
     ) -> SortedBatch:
-        batch = self._sorter.sort(list(entries), undeliverable)
+        batch = self._sorter.sort(list(entries), dead_letter_reasons)
         # Size the next read from this one: bundles of 60 records would otherwise make a
         # batch of `batch_size` entries 60 times the memory (and the fsync interval).
         if batch.ids and batch.nbytes:
@@ -417,12 +422,12 @@ class StreamConsumer:
 
     async def _undo_until_clean(self, plan: BatchPlan) -> None:
         """Cut the files of a failed write back to their pre-batch sizes; retry until done."""
-        parts = [(path, offset) for path, offset, _ in self._parts(plan)]
+        cuts = [Cut(path, offset) for path, offset, _ in self._parts(plan)]
         backoff = 0.2
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(self._executor, self.recovery.truncate_parts, parts)
+                await loop.run_in_executor(self._executor, self.recovery.apply_cuts, cuts)
                 return
             except OSError as exc:
                 self.status.write_failures += 1
@@ -449,14 +454,14 @@ class StreamConsumer:
         self,
         plan: BatchPlan,
         all_ids: list[bytes],
-        poison: list[Poison],
+        letters: list[DeadLetter],
         field: str,
         started: float | None = None,
     ) -> None:
         if not all_ids:
             return
-        counters = batch_counters(plan, poison)
-        letters = dead_letters(poison)
+        counters = batch_counters(plan, letters)
+        entries = dead_letter_entries(letters)
         backoff = 0.1
         attempted = False
         while True:
@@ -464,7 +469,7 @@ class StreamConsumer:
                 if attempted and not await self.redis.hexists(self.keys.inflight, field):
                     break  # the earlier attempt went through; its reply was lost
                 attempted = True
-                await self._acker.send(all_ids, counters, letters, field)
+                await self._acker.send(all_ids, counters, entries, field)
                 break
             except _TRANSIENT as exc:
                 self.status.redis_failures += 1
@@ -491,8 +496,8 @@ class StreamConsumer:
         self.status.last_batch_at = time.time()
         if self.batch_observer is not None and started is not None:
             self.batch_observer(time.monotonic() - started)
-        if poison:
-            logger.warning("dead-lettered %d entries or records", len(poison))
+        if letters:
+            logger.warning("dead-lettered %d entries or records", len(letters))
 
     def _note_error(self, kind: str, exc: BaseException) -> None:
         self.status.note_error(kind, exc)

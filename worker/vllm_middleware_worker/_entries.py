@@ -1,6 +1,6 @@
 """Stream entries to lines: the checks a batch passes before it is written, and its dead letters.
 
-An entry is a bundle (`vllm_middleware._keys`): `n` records of one (date, host) joined by
+An entry is a bundle (`vllm_middleware.storage`): `n` records of one (date, host) joined by
 newlines. A bundle from this project's client carries the checksum its packing computed over
 orjson's output: when it matches (and a few byte scans agree with `n`), the bundle reaches the
 file as it is, never parsed. Anything else - an older client, another producer, a damaged
@@ -12,24 +12,34 @@ neighbours nor the stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
-from vllm_middleware._keys import (
+from vllm_middleware.storage import (
     FIELD_COUNT,
     FIELD_DATE,
     FIELD_ERROR,
     FIELD_HOST,
     FIELD_RECORD,
     FIELD_SUM,
+    PartitionLines,
     bundle_sum,
+    host_problem,
+    is_valid_date,
 )
-from vllm_middleware._partition import PartitionLines, host_problem, is_valid_date
 
-__all__ = ["Entry", "EntrySorter", "Poison", "SortedBatch", "records_in"]
+__all__ = ["DeadLetter", "Entry", "EntrySorter", "SortedBatch", "records_in"]
 
 Entry = tuple[bytes, Any]  # (id, fields: dict, flat [field, value, ...] list, or None)
-Poison = tuple[bytes, dict[bytes, bytes], str]  # (source entry id, fields, reason)
+
+
+class DeadLetter(NamedTuple):
+    """An entry (or the records of one) that cannot be written, and why."""
+
+    entry_id: bytes  # the source entry's id
+    fields: dict[bytes, bytes]
+    reason: str
+
 
 _MAX_PARTITIONS = 10_000  # (date, host) checks remembered: hosts x dates seen recently
 
@@ -41,7 +51,7 @@ class SortedBatch:
 
     ids: list[bytes] = field(default_factory=list)
     lines: PartitionLines = field(default_factory=PartitionLines)
-    poison: list[Poison] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     nbytes: int = 0  # of the records read, for sizing the next read
 
 
@@ -85,11 +95,11 @@ class EntrySorter:
         self._partitions: dict[tuple[bytes, bytes], tuple[str, str] | str] = {}
 
     def sort(
-        self, entries: list[Entry], undeliverable: dict[bytes, str] | None = None
+        self, entries: list[Entry], dead_letter_reasons: dict[bytes, str] | None = None
     ) -> SortedBatch:
-        """`undeliverable` names entries to dead-letter whatever they hold, with the reason."""
+        """`dead_letter_reasons` names entries to dead-letter whatever they hold, and why."""
         batch = SortedBatch()
-        ids, poison = batch.ids, batch.poison
+        ids, letters = batch.ids, batch.dead_letters
         lines = batch.lines
         if len(self._partitions) > _MAX_PARTITIONS:
             self._partitions.clear()
@@ -99,8 +109,9 @@ class EntrySorter:
             ids.append(entry_id)
             if fields is None:  # deleted while pending (trimmed by an operator): nothing to write
                 continue
-            if undeliverable and entry_id in undeliverable:
-                poison.append((entry_id, as_dict(fields), undeliverable[entry_id]))
+            if dead_letter_reasons and entry_id in dead_letter_reasons:
+                reason = dead_letter_reasons[entry_id]
+                letters.append(DeadLetter(entry_id, as_dict(fields), reason))
                 continue
             # Fast path: the field order our clients write, a valid partition, the checksum
             # of our client's packing, lines that agree with the counts (`{` ... `}` around
@@ -129,10 +140,7 @@ class EntrySorter:
                         continue
             fields = as_dict(fields)
             nbytes += len(fields.get(FIELD_RECORD, b""))
-            good, bad = self._salvage(fields)
-            for date, host, line, count, errs in good:
-                lines.add(date, host, line, count, errs)
-            poison += [(entry_id, dead, reason) for dead, reason in bad]
+            self._salvage(entry_id, fields, lines, letters)
         batch.nbytes = nbytes
         return batch
 
@@ -143,44 +151,53 @@ class EntrySorter:
         return known
 
     def _salvage(
-        self, fields: dict[bytes, bytes]
-    ) -> tuple[list[tuple[str, str, bytes, int, int]], list[tuple[dict[bytes, bytes], str]]]:
+        self,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        lines: PartitionLines,
+        letters: list[DeadLetter],
+    ) -> None:
         """An entry that missed the fast path (another field order, a new partition, a damaged
-        bundle): (date, host, lines, records, errors) to write, (fields, reason) to
-        dead-letter; a damaged bundle is taken apart record by record."""
+        bundle): what can be written goes to `lines`, the rest to `letters`; a damaged bundle
+        is taken apart record by record."""
         data = fields.get(FIELD_RECORD)
         raw_date, raw_host = fields.get(FIELD_DATE), fields.get(FIELD_HOST)
         if data is None:
-            return [], [(fields, "missing record field")]
+            letters.append(DeadLetter(entry_id, fields, "missing record field"))
+            return
         if len(data) > self.max_record_bytes:  # not even split: it would be copied whole
-            return [], [(fields, f"entry of {len(data)} bytes exceeds max_record_bytes")]
+            reason = f"entry of {len(data)} bytes exceeds max_record_bytes"
+            letters.append(DeadLetter(entry_id, fields, reason))
+            return
         if raw_date is None or raw_host is None:
-            return [], [(fields, "missing or undecodable date/host field")]
+            letters.append(DeadLetter(entry_id, fields, "missing or undecodable date/host field"))
+            return
         partition = self._partition(raw_date, raw_host)
         if isinstance(partition, str):
-            return [], [(fields, partition)]
+            letters.append(DeadLetter(entry_id, fields, partition))
+            return
         date, host = partition
         count = fields.get(FIELD_COUNT)
         raw_errors = fields.get(FIELD_ERROR, b"0")
         if count is None or count == b"1":  # one record: a newline in it may be JSON whitespace
             line, reason = self._check_record(data)
             if line is None:
-                return [], [(fields, reason)]
-            return [(date, host, line, 1, int(raw_errors == b"1"))], []
+                letters.append(DeadLetter(entry_id, fields, reason))
+            else:
+                lines.add(date, host, line, 1, int(raw_errors == b"1"))
+            return
         raw_sum = fields.get(FIELD_SUM)
         counts = _whole_bundle(data, count, raw_errors)
         if counts is not None and raw_sum is not None and _sum_matches(data, raw_sum):
-            return [(date, host, data, *counts)], []
-        good: list[tuple[str, str, bytes, int, int]] = []
-        bad: list[tuple[dict[bytes, bytes], str]] = []
+            lines.add(date, host, data, *counts)
+            return
         for raw in data.split(b"\n"):
             line, reason = self._check_record(raw)
             if line is None:
                 alone = {FIELD_DATE: raw_date, FIELD_HOST: raw_host, FIELD_RECORD: raw}
-                bad.append((alone, reason))
+                letters.append(DeadLetter(entry_id, alone, reason))
             else:
-                good.append((date, host, line, 1, _is_error(line)))
-        return good, bad
+                lines.add(date, host, line, 1, _is_error(line))
 
     def _check_record(self, data: bytes) -> tuple[bytes | None, str]:
         """The record as one JSON-object line, or why it cannot be written."""

@@ -19,15 +19,23 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
-from vllm_middleware._partition import is_valid_date, sanitize_partition_value
+from vllm_middleware.storage import is_valid_date, sanitize_partition_value
 
-__all__ = ["Intent", "encode_intent", "parse_intent", "plan_cuts"]
+__all__ = ["Cut", "Intent", "encode_intent", "parse_intent", "plan_cuts"]
 
 _VERSION = 2
 _HOST_DIR = re.compile(r"host=[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+class Cut(NamedTuple):
+    """A file to cut back to where an unfinished batch started."""
+
+    path: str  # relative to log_dir
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -102,11 +110,9 @@ def _own_file(path: str, prefix: str) -> str:
     return ""
 
 
-def plan_cuts(
-    intents: Sequence[Intent], sizes: Mapping[str, int | None]
-) -> list[tuple[str, int]] | str:
-    """(relative path, offset) to cut each file back to, given the intents of one consumer
-    and each named file's size now (None: missing); or why not."""
+def plan_cuts(intents: Sequence[Intent], sizes: Mapping[str, int | None]) -> list[Cut] | str:
+    """Where to cut each file back to, given the intents of one consumer and each named
+    file's size now (None: missing); or why not."""
     lowest: dict[str, int] = {}
     end: dict[str, int] = {}
     for intent in intents:
@@ -120,5 +126,5 @@ def plan_cuts(
             continue  # never written, or already cut
         if size > end[path]:
             return f"{path[:200]!r} holds {size - end[path]} bytes past the batch"
-        cuts.append((path, offset))
+        cuts.append(Cut(path, offset))
     return cuts

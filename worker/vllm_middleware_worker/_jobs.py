@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from vllm_middleware import StreamKeys
 from vllm_middleware._stats import scan_log_tree
+from vllm_middleware.storage import StreamKeys
 
 from ._config import WorkerConfig
 

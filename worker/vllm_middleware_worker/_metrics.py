@@ -14,7 +14,6 @@ tokens) is not exported here: it would mean parsing every record on the worker's
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,7 @@ class _StreamBacklog:
     """lag, pending and the oldest unwritten record's age, read with a blocking client."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        from vllm_middleware import StreamKeys
+        from vllm_middleware.storage import StreamKeys
 
         self.keys = StreamKeys(config.stream)
         self.client = redis.Redis.from_url(
@@ -159,7 +158,6 @@ class MetricsServer:
             config.metrics_port, addr=config.metrics_addr, registry=self.registry
         )
         self.port = int(self._server.server_port)
-        self.started_at = time.time()
 
     def close(self) -> None:
         self._server.shutdown()

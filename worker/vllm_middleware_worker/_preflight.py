@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from vllm_middleware import ConfigurationError
-from vllm_middleware._modes import LOG_MODES, make_dirs
+from vllm_middleware.storage import LOG_MODES, make_dirs
 
 __all__ = ["check_log_dir"]
 

@@ -13,18 +13,18 @@ removes the intent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
+from vllm_middleware.storage import cut_back
 
 from ._config import WorkerConfig
-from ._intent import Intent, parse_intent, plan_cuts
+from ._intent import Cut, Intent, parse_intent, plan_cuts
 
 if TYPE_CHECKING:
     from ._consumer import StreamConsumer
@@ -83,7 +83,7 @@ class Recovery:
         if isinstance(cuts, str):
             await self._refuse(name, cuts, raws)
             return None
-        removed = await asyncio.to_thread(self.truncate_parts, cuts)
+        removed = await asyncio.to_thread(self.apply_cuts, cuts)
         await self.redis.hdel(self.keys.inflight, *fields)
         if removed:
             logger.warning("removed %d unacknowledged bytes written by %s", removed, name)
@@ -135,25 +135,16 @@ class Recovery:
                 sizes[relative] = None
         return sizes
 
-    def truncate_parts(self, parts: list[tuple[str, int]]) -> int:
-        """Cut each `(relative path, offset)` file back to `offset`; raises OSError."""
+    def apply_cuts(self, cuts: Sequence[Cut]) -> int:
+        """Cut each file back to its offset; returns the bytes removed; raises OSError."""
         root = Path(self.config.log_dir).resolve()
         removed = 0
-        for relative, offset in parts:
-            path = self._inside(root, relative)
+        for cut in cuts:
+            path = self._inside(root, cut.path)
             if path is None:
-                logger.error("ignored a cut naming a path outside log_dir: %s", relative)
+                logger.error("ignored a cut naming a path outside log_dir: %s", cut.path)
                 continue
-            # A path under something that is not a directory names no file either; any other
-            # error is raised, and reported by the caller.
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                size = path.stat().st_size
-                if size > offset:
-                    with open(path, "r+b") as handle:
-                        handle.truncate(offset)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    removed += size - offset
+            removed += cut_back(path, cut.offset)  # other errors are reported by the caller
         return removed
 
     async def recover_dead_consumers(self) -> None:
@@ -207,7 +198,7 @@ class Recovery:
                 # Entries deleted from the stream while pending come back without fields (or
                 # not at all); acknowledge them so they leave the pending list.
                 entries += [(entry_id, None) for entry_id in ids if entry_id not in found]
-                await self.consumer.process(entries, undeliverable=too_often)
+                await self.consumer.process(entries, dead_letter_reasons=too_often)
                 moved += len(entries)
                 await self.redis.pexpire(lock, _LOCK_TTL_MS)
             await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, name)

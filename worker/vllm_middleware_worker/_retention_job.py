@@ -17,9 +17,9 @@ import logging
 from typing import Any
 
 import redis.asyncio as aioredis
-from vllm_middleware import StreamKeys
 from vllm_middleware._media_gc import apply_media_gc, plan_media_gc
 from vllm_middleware._retention import apply_retention, plan_retention
+from vllm_middleware.storage import StreamKeys
 
 from ._config import WorkerConfig
 

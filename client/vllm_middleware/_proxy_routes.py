@@ -1,0 +1,225 @@
+"""Where the logging proxy sends a request, and what of it crosses the hop.
+
+Pure functions and small immutable classes (no I/O): parsing `--upstream` values, choosing the
+upstream for a request (by the `model` of its JSON body when several are configured), the
+upstream URL of a request path, which headers are hop-by-hop, and OpenAI-style error bodies
+for the answers the proxy gives itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from ._exceptions import ConfigurationError
+
+__all__ = [
+    "API_ROOT",
+    "Upstream",
+    "UpstreamMap",
+    "error_body",
+    "forwarded_request_headers",
+    "forwarded_response_headers",
+    "is_traffic",
+    "parse_upstreams",
+]
+
+#: The proxy's API root: apps use `http://proxy:port/v1` as their base URL.
+API_ROOT = "/v1"
+
+# RFC 9110 §7.6.1: these describe one connection, not the message; never forwarded.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers the proxy sets itself: the upstream's host, the body's length (httpx writes
+# both), and the encoding: bodies are asked for uncompressed so that they can be recorded and
+# so that SSE is never compressed (a compressing server buffers events).
+_REQUEST_DROPPED = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+_EVENT_STREAM = b"text/event-stream"
+_NO_BUFFERING = (b"x-accel-buffering", b"no")
+
+# Read-only routes that are not traffic to a model: forwarded, never recorded.
+_NOT_TRAFFIC = frozenset({"/health", "/ping", "/version", "/load", f"{API_ROOT}/models"})
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One upstream API root, e.g. `http://vllm:8000/v1`."""
+
+    url: str  # as given, without a trailing slash
+    origin: str  # scheme://host[:port]
+    prefix: str  # the API root's path, e.g. "/v1" (may be empty)
+
+    @classmethod
+    def parse(cls, url: str) -> Upstream:
+        text = url.strip().rstrip("/")
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigurationError(
+                f"--upstream takes an http:// or https:// URL (the API root, e.g. "
+                f"http://vllm:8000/v1), not {url!r}"
+            )
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ConfigurationError(
+                f"--upstream {url!r}: give the API root only (no query, fragment or password; "
+                "clients send their own Authorization header)"
+            )
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as exc:
+            raise ConfigurationError(f"--upstream {url!r}: {exc}") from None
+        return cls(text, f"{parts.scheme}://{parts.netloc}", parts.path)
+
+    def target(self, path: str, query: bytes) -> str:
+        """The upstream URL for a request to the proxy's `path` (?`query`).
+
+        Paths under the proxy's `/v1` go under the upstream's API root; any other path (vLLM's
+        `/health`, `/tokenize`, ...) goes to the upstream's origin as it is.
+        """
+        under_root = path == API_ROOT or path.startswith("/v1/")
+        url = self.origin + (self.prefix + path[3:] if under_root else path)
+        if query:
+            url = f"{url}?{query.decode('latin-1')}"
+        return url
+
+
+@dataclass(frozen=True)
+class UpstreamMap:
+    """The default upstream (if any) and the upstreams of named models."""
+
+    default: Upstream | None
+    by_model: dict[str, Upstream]
+
+    @property
+    def routes_by_model(self) -> bool:
+        return bool(self.by_model)
+
+    def distinct(self) -> list[Upstream]:
+        """Every configured upstream once (the default first)."""
+        seen: dict[str, Upstream] = {}
+        for upstream in (self.default, *self.by_model.values()):
+            if upstream is not None:
+                seen.setdefault(upstream.url, upstream)
+        return list(seen.values())
+
+    def pick(self, body: bytes) -> tuple[Upstream | None, str | None]:
+        """(the upstream for a request with this body, the model it names).
+
+        The upstream is None when the body names a model no upstream serves and there is no
+        default. A body that is not a JSON object goes to the default.
+        """
+        model = model_of(body) if self.by_model else None
+        if model is not None:
+            upstream = self.by_model.get(model)
+            if upstream is not None:
+                return upstream, model
+        return self.default, model
+
+
+def model_of(body: bytes) -> str | None:
+    """The `model` field of a JSON object body, or None."""
+    if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def parse_upstreams(values: Sequence[str]) -> UpstreamMap:
+    """`--upstream URL` (the default, once) and `--upstream MODEL=URL` (repeatable)."""
+    default: Upstream | None = None
+    by_model: dict[str, Upstream] = {}
+    for value in values:
+        name, sep, url = value.partition("=")
+        if sep and "://" not in name:
+            name = name.strip()
+            if not name:
+                raise ConfigurationError(f"--upstream {value!r}: the model name is empty")
+            if name in by_model:
+                raise ConfigurationError(f"--upstream: model {name!r} given twice")
+            by_model[name] = Upstream.parse(url)
+        else:
+            if default is not None:
+                raise ConfigurationError(
+                    f"--upstream: two default upstreams ({default.url} and {value}); "
+                    "name the model of the others: --upstream MODEL=URL"
+                )
+            default = Upstream.parse(value)
+    if default is None and not by_model:
+        raise ConfigurationError("--upstream is required (the API root, e.g. http://vllm:8000/v1)")
+    return UpstreamMap(default, by_model)
+
+
+def is_traffic(method: str, path: str) -> bool:
+    """Whether a request is traffic to record (listing models and health checks are not)."""
+    if method not in ("GET", "HEAD"):
+        return True
+    return path not in _NOT_TRAFFIC and not path.startswith(f"{API_ROOT}/models/")
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(tokens)
+
+
+def forwarded_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The client's headers to send upstream (ASGI gives names in lower case)."""
+    dropped = _REQUEST_DROPPED
+    out = [(name, value) for name, value in headers if name not in dropped]
+    if len(out) != len(headers):
+        extra = _connection_tokens(headers)
+        if extra:
+            out = [(name, value) for name, value in out if name not in extra]
+    return out
+
+
+def forwarded_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers to send to the client, names lower-cased; SSE gets
+    `X-Accel-Buffering: no` so that a buffering proxy in front (nginx) passes events on."""
+    out: list[tuple[bytes, bytes]] = []
+    extra: frozenset[bytes] = frozenset()
+    event_stream = buffering_said = False
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if name in _HOP_BY_HOP:
+            if name == b"connection":
+                extra = _connection_tokens([(name, value)])
+            continue
+        if name == b"content-type" and value.lower().startswith(_EVENT_STREAM):
+            event_stream = True
+        elif name == b"x-accel-buffering":
+            buffering_said = True
+        out.append((name, value))
+    if extra:
+        out = [(name, value) for name, value in out if name not in extra]
+    if event_stream and not buffering_said:
+        out.append(_NO_BUFFERING)
+    return out
+
+
+def error_body(status: int, message: str, error_type: str, param: str | None = None) -> bytes:
+    """An OpenAI-style error body (the shape vLLM and the openai SDK use)."""
+    payload: dict[str, Any] = {
+        "error": {"message": message, "type": error_type, "param": param, "code": status}
+    }
+    return orjson.dumps(payload)

@@ -1,0 +1,568 @@
+"""The bounded buffer between the request path and a sink, and the thread that drains it.
+
+`submit` is synchronous and O(1): it appends to a deque and, when a batch is ready, wakes the
+shipping thread. That thread runs an event loop of its own (the *shipping loop*): the sink's
+I/O never waits for a turn of the app's loop, so records leave memory at the rate they are
+made even while the app's loop never yields (an in-process or cached upstream). The thread is
+woken once per batch (or by its `flush_interval` timer), never per record or per loop turn: a
+thread woken that often loses the GIL race to a busy loop on every wake (`docs/benchmarks.md`).
+Behind an app loop that keeps yielding it would rarely win that race at all: that loop lends
+it the GIL when it falls behind (`_handoff.py`). `submit` is safe from any thread.
+The thread takes batches off the buffer and hands them to the sink's `ship`. A
+failed batch is offered to the sink's `on_ship_failed` (the Redis sink spools it to disk); if the
+sink cannot take it either, it stays at the head and is retried with backoff, so a slow or dead
+sink costs the app nothing but buffer space; past the bound, new records are dropped and
+counted, never silently.
+
+What a killed process can lose: only what is in memory, i.e. at most `max_buffer` records, and
+in steady state about one `flush_interval` (or one `batch_size`) worth of traffic, plus one
+in-flight batch. `durable=True` callers wait (`wait_durable`) until their record left memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+
+from .._exit import register
+from .._record import RecordEntry
+from ._handoff import Handoff
+from ._shipping_settings import BufferCounters, ShippingSettings
+
+__all__ = ["BufferCounters", "Shipper", "ShippingSettings"]
+
+logger = logging.getLogger("vllm_middleware")
+
+
+class Shipper(ABC):
+    """Owns the buffer and the flush task; subclasses say where a batch goes."""
+
+    def __init__(self, shipping: ShippingSettings | None = None) -> None:
+        settings = shipping or ShippingSettings()
+        self.max_buffer = settings.max_buffer
+        self.batch_size = settings.batch_size
+        self.flush_interval = settings.flush_interval
+        self.retry_backoff = settings.retry_backoff
+        self.settings = settings
+        self.counters = BufferCounters()
+        self._pending: deque[RecordEntry] = deque()
+        self._inflight: list[RecordEntry] = []
+        # The shipping loop and its thread, started by the first record (or by close).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None  # `_run`, on the shipping loop
+        self._stopped: asyncio.Future[None] | None = None  # ends the thread
+        self._close_future: concurrent.futures.Future[None] | None = None
+        # Starting, closing, and counting drops (rare paths). Reentrant: a client's finalizer
+        # (closing or releasing this sink) may run in any thread, inside any allocation.
+        self._lock = threading.RLock()
+        # `submit` from many threads at once (a sync client's thread pool): `+=` on an
+        # attribute is not atomic, so the counts and the append are taken under this lock.
+        self._submit_lock = threading.Lock()
+        # Behind an app loop that keeps yielding the thread would rarely get the GIL.
+        self._handoff = Handoff(max(1.25 * self.flush_interval, 0.01), self._handoff_arrived)
+        self._waiting = False  # `_run` waits for its timer or a wake-up (not for the sink)
+        self._asleep = False  # the shipping loop waits for a record, without a timer
+        self._closing = False
+        self._in_backlog = False  # `_run` is inside `work_backlog`
+        self._closed = False
+        self._unreported_drops = 0
+        self._unreported_sampled = 0  # calls sampled out, not yet counted in Redis
+        # `durable` support: records accepted so far, and how many of them left memory (shipped,
+        # spooled or dropped); batches leave in order, so one counter pair is enough.
+        # `_accepted` is written by the request path only, `_resolved` by the shipping loop only.
+        self._accepted = 0
+        self._resolved = 0
+        self._waiters: list[tuple[int, concurrent.futures.Future[None]]] = []
+        register(self)
+
+    # -- request path -----------------------------------------------------------------------
+    def submit(self, entry: RecordEntry) -> None:
+        """Queue one encoded record. Never blocks, never raises for a full buffer. Safe from
+        any thread."""
+        pending = self._pending
+        if self._inflight and len(pending) >= self.batch_size:
+            # The buffer is backing up behind a batch the sink has not taken (slow or down),
+            # so this record will be held a while: keep a right-sized copy. orjson's bytes keep
+            # their whole output buffer allocated (~8 KiB held for a 1 KB record); the copy
+            # costs ~0.5 µs, paid only here.
+            entry = RecordEntry(
+                entry.date, entry.host, entry.is_error, bytes(memoryview(entry.data))
+            )
+        lock = self._submit_lock
+        lock.acquire()  # (not `with`: its two extra method calls cost ~650 instructions)
+        try:
+            self.counters.submitted += 1
+            held = len(pending) + len(self._inflight)
+            full = self._closed or held >= self.max_buffer
+            if not full:
+                pending.append(entry)
+                self._accepted += 1
+        finally:
+            lock.release()
+        if full:
+            self._drop_one()
+            return
+        loop = self._loop
+        if loop is None:
+            self._start()
+            return
+        held = len(pending)
+        if held == self.batch_size:
+            self._wake()  # a full batch is ready: no need to wait for the timer
+        elif self._asleep:  # the first record after a quiet spell: start the timer
+            self._asleep = False
+            self._handoff.beat = time.monotonic()
+            self._wake()
+        elif not held & 7:  # every 8 records: is the shipping thread keeping up?
+            self._handoff.check(loop)
+
+    def _drop_one(self) -> None:
+        counters = self.counters
+        with self._lock:
+            counters.dropped += 1
+            self._unreported_drops += 1
+            dropped = counters.dropped
+        if dropped == 1 or dropped % 10_000 == 0:
+            logger.warning(
+                "log buffer full (%d records): %d records dropped so far", self.max_buffer, dropped
+            )
+
+    def _handoff_arrived(self) -> bool:
+        """On the shipping loop, a handoff from a busy app loop: flush now. True if `_run`
+        was waiting (it reaches `Handoff.idle` again after this flush)."""
+        if not self._waiting:
+            return False  # busy with the sink, or backing off after a failure
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return True
+
+    def count_sampled_out(self, count: int = 1) -> None:
+        """Calls left out by `sample_rate`: counted here and in the fleet's statistics (the
+        Redis sink adds them to the stats hash with its next batch). Safe from any thread."""
+        with self._lock:
+            self.counters.sampled_out += count
+            self._unreported_sampled += count
+
+    def _wake(self) -> None:
+        """Cut the shipping loop's wait short (from any thread)."""
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: the sink is closed
+                loop.call_soon_threadsafe(wakeup.set)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._pending) + len(self._inflight)
+
+    async def wait_durable(self, timeout: float | None = None) -> bool:
+        """Wait until every record submitted so far has left memory (shipped, spooled or
+        dropped and counted). False on timeout. Flushes at once instead of waiting for a batch.
+        """
+        target = self._accepted
+        if self._resolved >= target:
+            return True
+        if self._loop is None:
+            self._start()
+        loop = self._loop
+        if loop is None:  # closed before a fork, in the parent
+            return self._resolved >= target
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            loop.call_soon_threadsafe(self._add_waiter, target, future)
+        except RuntimeError:  # the shipping loop is closed: everything was resolved
+            return self._resolved >= target
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            return True
+        return False
+
+    def flush_soon(self) -> None:
+        """Ship what is buffered now rather than at the next timer (from any thread)."""
+        loop = self._loop
+        if loop is not None and self._accepted > self._resolved:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to flush
+                loop.call_soon_threadsafe(
+                    self._add_waiter, self._accepted, concurrent.futures.Future()
+                )
+
+    def _add_waiter(self, target: int, future: concurrent.futures.Future[None]) -> None:
+        """On the shipping loop: wait for `target` records to be resolved; flush now."""
+        if self._resolved >= target:
+            _settle(future)
+            return
+        self._waiters.append((target, future))
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _resolve(self, count: int) -> None:
+        self._resolved += count
+        if not self._waiters:
+            return
+        done = self._resolved
+        keep = []
+        for target, future in self._waiters:
+            if target <= done:
+                _settle(future)
+            else:
+                keep.append((target, future))
+        self._waiters = keep
+
+    # -- the shipping thread ------------------------------------------------------------------
+    def _start(self) -> None:
+        with self._lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._loop is not None or self._closed:
+            return
+        loop = asyncio.new_event_loop()
+        self._wakeup = asyncio.Event()  # binds to the loop that first waits on it
+        self._loop = loop
+        # A daemon: a non-daemon thread would be joined before `atexit` runs, so the exit
+        # handler (`close_all`) could never ask it to save what it holds.
+        thread = threading.Thread(
+            target=self._thread_main, args=(loop,), name=f"vllm-mw-{type(self).__name__}"
+        )
+        thread.daemon = True
+        thread.start()
+
+    def _thread_main(self, loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            # Made before the loop runs, so a `close_soon` queued already finds them.
+            self._stopped = stopped = loop.create_future()
+            self._task = loop.create_task(self._run(), name=f"vllm-mw-{type(self).__name__}")
+            self._task.add_done_callback(_report_failure)
+            loop.run_until_complete(stopped)
+        except BaseException:  # never silent: this thread is the only one shipping records
+            logger.exception("the log shipping thread failed")
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    @property
+    def running(self) -> bool:
+        """Its shipping thread is started and it is not closed."""
+        return self._loop is not None and not self._closed
+
+    def after_fork_in_child(self) -> None:
+        """The shipping thread is the parent's (a child has none), and so are the records
+        buffered before the fork: the parent ships them. Start afresh on the next record."""
+        self._lock = threading.RLock()
+        self._submit_lock = threading.Lock()
+        self._loop = self._wakeup = self._task = self._stopped = self._close_future = None
+        self._pending.clear()
+        self._inflight = []
+        self._waiters = []
+        self._resolved = self._accepted
+        self._asleep = False
+        self._waiting = False
+        self._handoff.reset()
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        backoff = self.retry_backoff[0]
+        # Closing: ship the buffer, then keep replaying a backlog (spool) while the sink can,
+        # until done or aclose's time budget cancels us (the spool then waits on disk).
+        handoff = self._handoff
+        while not (
+            self._closing and not self._inflight and not self._pending and not self.has_backlog()
+        ):
+            handoff.turn()  # a turn of ours: app loops waiting for one go on
+            idle = not self._inflight and len(self._pending) < self.batch_size
+            if not self._closing and idle and not (self._waiters and self.buffered):
+                if not self._pending and self.sleeps_when_empty():
+                    # Nothing to ship: no timer, so an idle sink (one the clients let go of)
+                    # costs nothing; the first record wakes it (`submit`), then it waits one
+                    # `flush_interval` for the batch to fill as usual.
+                    self._asleep = self._waiting = True
+                    handoff.idle()
+                    if not self._pending:  # (a record submitted just before `_asleep`)
+                        await self._wakeup.wait()
+                    self._asleep = self._waiting = False
+                    self._wakeup.clear()
+                    continue
+                # With a backlog to replay, do not sleep between replayed batches.
+                wait = 0.0 if self.has_backlog() else self.flush_interval
+                if wait:
+                    self._waiting = True
+                    handoff.idle()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    self._waiting = False
+                self._wakeup.clear()
+            if await self._flush_once():
+                backoff = self.retry_backoff[0]
+                # Marked so `settle` waits for a replay step it sees half done: the spool says
+                # "empty" once the step committed, before its records are counted as replayed.
+                self._in_backlog = True
+                try:
+                    await self.work_backlog()
+                finally:
+                    self._in_backlog = False
+                await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
+                continue
+            # Wait out the backoff, but let close() cut it short.
+            handoff.idle()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), backoff)
+            self._wakeup.clear()
+            backoff = min(backoff * 2, self.retry_backoff[1])
+
+    async def _flush_once(self) -> bool:
+        """Ship the in-flight batch (taking one from the buffer if none). True on success."""
+        if not self._inflight:
+            held = len(self._pending)
+            take = min(held, self.take_limit())
+            if take == 0:
+                await self._report_counts_alone()
+                return True
+            if held > self.counters.high_water:
+                self.counters.high_water = held
+            pop = self._pending.popleft
+            self._inflight = [pop() for _ in range(take)]
+        with self._lock:
+            drops, self._unreported_drops = self._unreported_drops, 0
+            sampled, self._unreported_sampled = self._unreported_sampled, 0
+        try:
+            await self.ship(self._inflight, dropped=drops, sampled_out=sampled)
+        except asyncio.CancelledError:
+            self._give_back(drops, sampled)
+            raise
+        except Exception as exc:  # any sink failure: keep the batch, retry later
+            self._give_back(drops, sampled)
+            self.counters.failed_batches += 1
+            self.counters.last_error = f"{type(exc).__name__}: {exc}"
+            if await self.on_ship_failed(self._inflight, exc):
+                self._resolve(len(self._inflight))
+                self._inflight = []
+                return True
+            if self.counters.failed_batches == 1 or self.counters.failed_batches % 100 == 0:
+                logger.warning("log shipping failed (will retry): %s", self.counters.last_error)
+            return False
+        self.counters.shipped += len(self._inflight)
+        self._resolve(len(self._inflight))
+        self._inflight = []
+        return True
+
+    def _give_back(self, drops: int, sampled: int) -> None:
+        with self._lock:
+            self._unreported_drops += drops
+            self._unreported_sampled += sampled
+
+    async def _report_counts_alone(self) -> None:
+        """Counts waiting for a batch to carry them while there is none: hand them to the
+        sink, which then owes them (`report_counts`)."""
+        with self._lock:
+            drops, sampled = self._unreported_drops, self._unreported_sampled
+            self._unreported_drops = self._unreported_sampled = 0
+        await self.report_counts(drops, sampled)
+
+    def count_dropped(self, count: int, why: str) -> None:
+        """Records given up on purpose: counted, reported to Redis later, and logged."""
+        counters = self.counters
+        with self._lock:
+            before = counters.dropped
+            counters.dropped += count
+            self._unreported_drops += count
+            after = counters.dropped
+        if before == 0 or before // 10_000 != after // 10_000:
+            logger.warning("%s: %d log records dropped so far", why, after)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Flush what is buffered (bounded by `timeout`), then stop the thread and the sink.
+
+        Most of `timeout` goes to shipping normally; what is left after it is handed to
+        `rescue` (the Redis sink spools it), which is a local disk write. Callable from any
+        event loop; the work runs on the shipping loop.
+        """
+        await asyncio.wrap_future(self.close_soon(timeout))
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """What `aclose` does for the records, without closing (a shared sink a client lets
+        go of): everything submitted so far leaves memory, and a backlog (spool) the sink can
+        send now is sent, both within `timeout`. Callable from any event loop."""
+        deadline = time.monotonic() + timeout
+        if not await self.wait_durable(timeout):
+            return
+        loop = self._loop
+        if loop is None or self.closing:
+            return
+        with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+            future = asyncio.run_coroutine_threadsafe(self._settle_here(deadline), loop)
+            await asyncio.wrap_future(future)
+
+    async def _settle_here(self, deadline: float) -> None:
+        await self.before_close(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
+            await asyncio.wait_for(
+                self._report_counts_alone(), max(0.1, deadline - time.monotonic())
+            )
+        while (
+            (self.has_backlog() or self._in_backlog)
+            and not self._closing
+            and time.monotonic() < deadline
+        ):
+            if self._wakeup is not None:
+                self._wakeup.set()  # the flush loop replays without pausing while it lasts
+            await asyncio.sleep(0.01)
+
+    def close_soon(self, timeout: float = 10.0) -> concurrent.futures.Future[None]:
+        """Start closing (from any thread, without waiting); the future ends when closed."""
+        with self._lock:
+            if self._close_future is None:
+                self._start_locked()
+                if self._loop is None:  # closed before a fork, in the parent
+                    self._close_future = concurrent.futures.Future()
+                    self._close_future.set_result(None)
+                else:
+                    self._close_future = asyncio.run_coroutine_threadsafe(
+                        self._close_here(timeout), self._loop
+                    )
+            return self._close_future
+
+    @property
+    def closing(self) -> bool:
+        """Closing or closed: takes no new users (records submitted now are dropped)."""
+        return self._close_future is not None
+
+    def close_later(self, delay: float, confirm: Callable[[], bool]) -> None:
+        """Close after `delay` seconds if `confirm()` (asked then, on the shipping loop)."""
+        with self._lock:
+            loop = None if self._close_future is not None else self._loop
+        if loop is None:
+            if not self.closing and confirm():
+                self.close_soon()
+            return
+        with contextlib.suppress(RuntimeError):  # its loop is closed: closed already
+            loop.call_soon_threadsafe(loop.call_later, delay, self._close_if, confirm)
+
+    def _close_if(self, confirm: Callable[[], bool]) -> None:
+        if not self.closing and confirm():
+            self.close_soon()
+
+    def close_blocking(self, timeout: float = 10.0) -> bool:
+        """`aclose` for a thread without a loop (exit, a finalizer). False if not done in time."""
+        try:
+            self.close_soon(timeout).result(timeout + 1.0)
+        except concurrent.futures.TimeoutError:
+            return False
+        except Exception:  # closing must not fail the caller
+            logger.exception("error while closing the log sink")
+        return True
+
+    async def _close_here(self, timeout: float) -> None:
+        try:
+            await self._close_on_loop(timeout)
+        finally:
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
+
+    async def _close_on_loop(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._closing = True
+        timeout = await self.before_close(timeout)
+        if self._task is not None:
+            assert self._wakeup is not None
+            self._wakeup.set()
+            budget = max(0.0, timeout - min(1.0, timeout / 4))
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), budget)
+            except Exception:  # asyncio.TimeoutError (or the task failed): stop it
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        # Under the submit lock: a record is either appended before (and rescued with the
+        # rest) or sees `_closed` (and is counted as dropped), from whatever thread.
+        with self._submit_lock:
+            self._closed = True
+            # The in-flight batch apart from the rest: the sink may know it under an id (a
+            # flush that may have landed), which must never cover records outside it.
+            inflight, pending = self._inflight, list(self._pending)
+            self._pending.clear()
+            self._inflight = []
+        left = len(inflight) + len(pending)
+        if left:
+            try:
+                saved = await asyncio.wait_for(
+                    self.rescue(inflight, pending), max(0.1, deadline - time.monotonic())
+                )
+            except Exception:  # includes asyncio.TimeoutError
+                saved = 0
+            if left > saved:
+                self.count_dropped(left - saved, "closed with unshipped log records")
+            self._resolve(left)
+        with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
+            await asyncio.wait_for(
+                self._report_counts_alone(), max(0.1, deadline - time.monotonic())
+            )
+        await self.close_sink()
+
+    # -- hooks (the Redis sink overrides them) -----------------------------------------------
+    async def before_close(self, timeout: float) -> float:
+        """On the shipping loop, first thing at close (and at `settle`); returns what is left
+        of `timeout`."""
+        return timeout
+
+    async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
+        """Take care of a batch `ship` failed on (True), or leave it to be retried (False)."""
+        return False
+
+    async def report_counts(self, dropped: int, sampled_out: int) -> None:
+        """Take drops and sampled-out calls to report with no batch to carry them (the
+        sink owes them from now on; zeros when there are none: a sink that still owes some
+        sends them); must not raise. Only a fleet-wide sink reports them."""
+        return None
+
+    def take_limit(self) -> int:
+        """Records to take off the buffer for the next `ship`."""
+        return self.batch_size
+
+    def sleeps_when_empty(self) -> bool:
+        """False for a sink with periodic work of its own (the Redis sink's spool)."""
+        return True
+
+    def has_backlog(self) -> bool:
+        """True while the sink has older records of its own to send (a spool to replay)."""
+        return False
+
+    async def work_backlog(self) -> None:
+        """Send a little of the backlog; called between live batches, must not raise."""
+        return None
+
+    async def rescue(self, inflight: list[RecordEntry], pending: list[RecordEntry]) -> int:
+        """At close, save what could not be shipped in time: the in-flight batch (possibly
+        already attempted), then the buffer in order. Returns how many records were saved.
+        """
+        return 0
+
+    # -- sink -------------------------------------------------------------------------------
+    @abstractmethod
+    async def ship(self, batch: list[RecordEntry], *, dropped: int, sampled_out: int) -> None:
+        """Make `batch` durable at the destination, or raise. `dropped`, `sampled_out`:
+        records dropped and calls sampled out to report with it."""
+
+    @abstractmethod
+    async def close_sink(self) -> None:
+        """Release what the sink created (not what was injected)."""
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Records now wait in the buffer (and are dropped, counted, once it is full).
+        logger.error("log shipping stopped", exc_info=task.exception())
+
+
+def _settle(future: concurrent.futures.Future[None]) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by its waiter
+        future.set_result(None)

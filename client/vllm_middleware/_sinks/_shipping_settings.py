@@ -1,0 +1,67 @@
+"""The settings of a `Shipper` (how records wait between the request path and a sink) and
+the counters it keeps."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["BufferCounters", "ShippingSettings"]
+
+
+@dataclass(frozen=True)
+class ShippingSettings:
+    """How records wait between the request path and the sink."""
+
+    max_buffer: int = 50_000  # records held in memory at most; beyond, dropped and counted
+    batch_size: int = 500  # records per flush at most
+    flush_interval: float = 0.05  # seconds a partial batch may wait
+    retry_backoff: tuple[float, float] = (0.05, 5.0)  # first and largest pause after a failure
+    # -- Redis sink only: the on-disk spool and the timeouts (defaults from VLLM_MW_* env) --
+    #: spool batches Redis did not take (env VLLM_MW_SPOOL=0 turns it off)
+    spool: bool = field(default_factory=lambda: _env_flag("VLLM_MW_SPOOL", True))
+    #: spool root (env VLLM_MW_SPOOL_DIR, default ~/.cache/vllm-middleware/spool)
+    spool_dir: str | None = field(default_factory=lambda: os.environ.get("VLLM_MW_SPOOL_DIR"))
+    #: spool size bound; beyond it batches are dropped and counted (env VLLM_MW_SPOOL_MAX_MB)
+    spool_max_mb: float = field(default_factory=lambda: _env_float("VLLM_MW_SPOOL_MAX_MB", 1024))
+    spool_fsync: bool = True  # fsync every spooled batch before it counts as durable
+    #: seconds one Redis flush may take before the batch goes to the spool (env
+    #: VLLM_MW_REDIS_TIMEOUT); the request path never waits for it
+    redis_timeout: float = field(default_factory=lambda: _env_float("VLLM_MW_REDIS_TIMEOUT", 2.0))
+    #: wait for each record to be durable (Redis or spool) before the call returns
+    durable: bool = field(default_factory=lambda: _env_flag("VLLM_MW_DURABLE", False))
+    # -- embedded sink only --
+    #: who writes the files (env VLLM_MW_EMBEDDED_WRITER): "process" (a writer process beside
+    #: the app), "thread" (a thread in the app), or "auto": the process where it can start
+    embedded_writer: str = field(
+        default_factory=lambda: os.environ.get("VLLM_MW_EMBEDDED_WRITER", "auto").strip() or "auto"
+    )
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    return raw not in ("0", "false", "no", "off")
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+@dataclass
+class BufferCounters:
+    submitted: int = 0
+    shipped: int = 0
+    dropped: int = 0
+    failed_batches: int = 0
+    last_error: str | None = None
+    spooled: int = 0  # records written to the spool
+    replayed: int = 0  # spooled records shipped to Redis since
+    spool_damaged: int = 0  # damaged spool regions skipped (each a torn or corrupted frame)
+    spool_bytes: int = 0  # bytes in the spool now
+    high_water: int = 0  # most records held in memory at once (seen when a batch is taken)
+    sampled_out: int = 0  # calls left out by `sample_rate` (`Shipper.count_sampled_out`)
