@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-import vllm_middleware._client as client_module
+import vllm_middleware._recorder as recorder_module
 from vllm_middleware import (
     APIStatusError,
     VLLMMiddleware,
@@ -38,7 +38,7 @@ def spread_over_days(monkeypatch: pytest.MonkeyPatch) -> None:
         day = datetime.fromisoformat(next(cycle))
         return real.replace(year=day.year, month=day.month, day=day.day)
 
-    monkeypatch.setattr(client_module, "utc_now", fake_now)
+    monkeypatch.setattr(recorder_module, "utc_now", fake_now)
 
 
 async def send_traffic(clients: list[VLLMMiddleware]) -> tuple[set[tuple[int, int]], int]:
