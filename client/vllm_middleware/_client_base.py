@@ -83,8 +83,8 @@ class ClientBase:
             content=content,
             sample_rate=sample_rate,
         )
-        self._recorder = recorder = Recorder.from_settings(
-            settings,
+        self._recorder = recorder = Recorder(
+            settings=settings,
             metadata=metadata,
             redis_client=redis_client,
             redact=redact,

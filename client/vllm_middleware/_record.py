@@ -17,7 +17,9 @@ from typing import Any, NamedTuple
 import orjson
 
 __all__ = [
+    "HEAD_FIELDS",
     "SCHEMA_VERSION",
+    "TAIL_FIELDS",
     "LogRecord",
     "RecordEntry",
     "default_host",
@@ -218,11 +220,10 @@ class LogRecord(Mapping[str, Any]):
         return self._data.get("status_code")
 
 
-# What a truncated record keeps: enough to count, attribute and debug the call.
-_KEPT_FIELDS = (
-    "timestamp",
-    "request_id",
-    "model",
+# A record's fields in order; the payload ("messages", "prompt" or "input") goes between the two.
+HEAD_FIELDS = ("timestamp", "request_id", "model")
+TAIL_FIELDS = (
+    "response",
     "parameters",
     "latency_ms",
     "error",
@@ -234,6 +235,12 @@ _KEPT_FIELDS = (
     "usage",
     "stream",
     "ttft_ms",
+)
+
+# What a truncated record keeps: enough to count, attribute and debug the call.
+_KEPT_FIELDS = (
+    *HEAD_FIELDS,
+    *(field for field in TAIL_FIELDS if field != "response"),
     "error_detail",
     "client_request_id",
     "chunks",

@@ -31,7 +31,9 @@ from ._media import MediaPipeline, MediaPolicy
 from ._modes import FileModes, log_modes
 from ._partition import check_host
 from ._record import (
+    HEAD_FIELDS,
     SCHEMA_VERSION,
+    TAIL_FIELDS,
     RecordEntry,
     default_host,
     encode_record,
@@ -51,27 +53,10 @@ logger = logging.getLogger("vllm_middleware")
 _new_entry = tuple.__new__
 _UNKNOWN_SIZE = sys.maxsize  # an encoded size not known: assume it could hold media
 
-# A record's fields in order; the payload ("messages", "prompt" or "input") goes between the two.
-_HEAD_FIELDS = ("timestamp", "request_id", "model")
-_TAIL_FIELDS = (
-    "response",
-    "parameters",
-    "latency_ms",
-    "error",
-    "metadata",
-    "schema_version",
-    "host",
-    "endpoint",
-    "status_code",
-    "usage",
-    "stream",
-    "ttft_ms",
-)
-
 
 def _template(payload_key: str) -> dict[str, Any]:
     """A record's fields in their order, with the values no call changes filled in."""
-    template: dict[str, Any] = dict.fromkeys((*_HEAD_FIELDS, payload_key, *_TAIL_FIELDS))
+    template: dict[str, Any] = dict.fromkeys((*HEAD_FIELDS, payload_key, *TAIL_FIELDS))
     template["schema_version"] = SCHEMA_VERSION
     return template
 
@@ -84,8 +69,9 @@ _TEMPLATES = {key: _template(key) for key in ("messages", "prompt", "input")}
 class Recorder:
     """Builds, encodes and ships the records of one front door (see the module docstring).
 
-    Made with `Recorder.open(**options)` (the logging keywords of `VLLMMiddleware`) or
-    `Recorder.from_settings`. The counters are this process's, for `statistics()["client"]`.
+    Made with `Recorder.open(**options)` (the logging keywords of `VLLMMiddleware`) or from
+    validated `ClientSettings`; `owner` names the door in the warning of a recorder dropped
+    without close. The counters are this process's, for `statistics()["client"]`.
     """
 
     def __init__(
@@ -153,25 +139,6 @@ class Recorder:
         # shippers' own exit handler saves everything, quietly).
         self._finalizer = weakref.finalize(self, collected_unclosed, self._destination, owner)
         self._finalizer.atexit = False
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: ClientSettings,
-        *,
-        metadata: Mapping[str, Any] | None = None,
-        redis_client: aioredis.Redis | None = None,
-        redact: Redactor | None = None,
-        owner: str = "VLLMMiddleware",
-    ) -> Recorder:
-        """`owner` names the door in the warning of a recorder dropped without close."""
-        return cls(
-            settings=settings,
-            metadata=metadata,
-            redis_client=redis_client,
-            redact=redact,
-            owner=owner,
-        )
 
     @classmethod
     def open(
