@@ -33,6 +33,7 @@ __all__ = [
     "BodyReading",
     "StreamCore",
     "StreamEnd",
+    "StreamView",
     "body_reading",
     "error_from_event",
     "log_unstarted",
@@ -337,3 +338,44 @@ def log_unstarted(
     """Record a stream that never delivered a chunk (it still says how it ended)."""
     extra = {"chunks": 0, "stream_end": end}
     call.log(started, error=error, status_code=status_code, stream=True, extra=extra)
+
+
+class _ViewedState(Protocol):
+    done: bool
+    connected: bool
+    response: httpx.Response
+
+    @property
+    def call(self) -> Call: ...
+
+    def collect(self) -> None: ...
+
+
+class StreamView:
+    """What a stream object shows of its state, sync or async, and its finalizer."""
+
+    _state: _ViewedState
+
+    def __init__(self, state: _ViewedState) -> None:
+        self._state = state
+
+    def __del__(self) -> None:
+        # A stream dropped unclosed is still logged and its connection freed (a `__del__`
+        # costs a fraction of a `weakref.finalize` per stream).
+        state = self._state
+        if not state.done or state.connected:
+            state.collect()
+
+    @property
+    def request_id(self) -> str:
+        """The middleware's record id for this call."""
+        return self._state.call.request_id
+
+    @property
+    def response(self) -> httpx.Response:
+        """The underlying HTTP response (status and headers; the body is the stream)."""
+        return self._state.response
+
+    @property
+    def closed(self) -> bool:
+        return self._state.done

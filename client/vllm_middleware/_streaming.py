@@ -20,6 +20,7 @@ from ._stream_core import (
     Accumulator,
     StreamCore,
     StreamEnd,
+    StreamView,
     body_reading,
     error_from_event,
     log_unstarted,
@@ -238,7 +239,7 @@ class StreamState(StreamCore):
                 loop.call_soon_threadsafe(self.spawn, self.close_transport())
 
 
-class AsyncStream:
+class AsyncStream(StreamView):
     """The chunks of one streaming call, as parsed dicts, in the order the server sent them.
 
     Use as ``async with await client.chat_completion(..., stream=True) as stream:`` and
@@ -249,29 +250,7 @@ class AsyncStream:
     is garbage-collected unclosed (prefer closing it: that also frees the connection at once).
     """
 
-    def __init__(self, state: StreamState) -> None:
-        self._state = state
-
-    def __del__(self) -> None:
-        # A stream dropped unclosed is still logged and its connection freed (a `__del__`
-        # costs a fraction of a `weakref.finalize` per stream).
-        state = self._state
-        if not state.done or state.connected:
-            state.collect()
-
-    @property
-    def request_id(self) -> str:
-        """The middleware's record id for this call."""
-        return self._state.call.request_id
-
-    @property
-    def response(self) -> httpx.Response:
-        """The underlying HTTP response (status and headers; the body is the stream)."""
-        return self._state.response
-
-    @property
-    def closed(self) -> bool:
-        return self._state.done
+    _state: StreamState
 
     def __aiter__(self) -> AsyncStream:
         return self

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import httpx
 
 from ._exceptions import APIError
-from ._stream_core import Accumulator, StreamCore, body_reading, log_unstarted, refused_stream
+from ._stream_core import (
+    Accumulator,
+    StreamCore,
+    StreamView,
+    body_reading,
+    log_unstarted,
+    refused_stream,
+)
 
 if TYPE_CHECKING:
     from ._recorder import Call
@@ -138,7 +145,7 @@ class SyncStreamState(StreamCore):
         self.collected()
 
 
-class Stream:
+class Stream(StreamView):
     """The chunks of one streaming call of `SyncVLLMMiddleware`, as parsed dicts, in the order
     the server sent them.
 
@@ -151,28 +158,7 @@ class Stream:
     that also frees the connection at once). One stream is read by one thread at a time.
     """
 
-    def __init__(self, state: SyncStreamState) -> None:
-        self._state = state
-
-    def __del__(self) -> None:
-        # A stream dropped unclosed is still logged and its connection freed.
-        state = self._state
-        if not state.done or state.connected:
-            state.collect()
-
-    @property
-    def request_id(self) -> str:
-        """The middleware's record id for this call."""
-        return self._state.call.request_id
-
-    @property
-    def response(self) -> httpx.Response:
-        """The underlying HTTP response (status and headers; the body is the stream)."""
-        return self._state.response
-
-    @property
-    def closed(self) -> bool:
-        return self._state.done
+    _state: SyncStreamState
 
     def __iter__(self) -> Stream:
         return self
