@@ -220,7 +220,6 @@ class RedisServerProcess:
             password=self.password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry_on_timeout=False,
             retry=Retry(NoBackoff(), 0),
             lib_name=None,  # no CLIENT SETINFO: one command per probe, answered while loading
             lib_version=None,

@@ -117,6 +117,7 @@ class _Spawned:
             asyncio.get_running_loop().remove_writer(fd)
             if not room.done():
                 room.set_exception(WriterProcessError("the writer process exited"))
+                room.exception()  # retrieved, as for the waiters in `_lost`
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -374,4 +375,7 @@ class ProcessWriter:
         for waiter in spawned.waiting.values():
             if not waiter.done():
                 waiter.set_exception(error)
+                # Marked retrieved: a batch still waiting raises it; one whose wait already
+                # ended (timed out, closed) must not leave "exception never retrieved".
+                waiter.exception()
         spawned.waiting.clear()
