@@ -28,7 +28,7 @@ from ._call import (
     usage_hidden,
 )
 from ._capture import ContentMode, Redactor
-from ._client_base import ClientBase, request_body
+from ._client_base import ClientBase, call_params, request_body
 from ._endpoints import Endpoints
 from ._exceptions import APIError, ConfigurationError, InvalidRequestError
 from ._http import (
@@ -244,18 +244,7 @@ class VLLMMiddleware(ClientBase, Endpoints):
         `headers` are sent with this call only; an `X-Request-Id` among them (or a body
         `request_id`) is kept in the record as `client_request_id`.
         """
-        # Plain ifs, not a **kwargs helper: this runs on every call.
-        params: dict[str, Any] = {}
-        if temperature is not None:
-            params["temperature"] = temperature
-        if max_tokens is not None:
-            params["max_tokens"] = max_tokens
-        if tools is not None:
-            params["tools"] = tools
-        if tool_choice is not None:
-            params["tool_choice"] = tool_choice
-        if extra:
-            params.update(extra)
+        params = call_params(temperature, max_tokens, tools, tool_choice, extra)
         if stream:
             params["stream"] = True
             return await self._open_stream(
@@ -309,13 +298,7 @@ class VLLMMiddleware(ClientBase, Endpoints):
         **extra: Any,
     ) -> dict[str, Any] | AsyncStream:
         """POST /completions; like `chat_completion` (JSON, or an `AsyncStream` when streaming)."""
-        params: dict[str, Any] = {}
-        if temperature is not None:
-            params["temperature"] = temperature
-        if max_tokens is not None:
-            params["max_tokens"] = max_tokens
-        if extra:
-            params.update(extra)
+        params = call_params(temperature, max_tokens, None, None, extra)
         if stream:
             params["stream"] = True
             return await self._open_stream(
