@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Conformance of the fake vLLM server and of the middleware's requests and records against
-# vLLM 0.33.0's own pydantic protocol models (tests/test_conformance_vllm.py).
+# vLLM 0.33.0's own pydantic protocol models (tests/client/test_conformance_vllm.py).
 #
 # Builds a separate virtualenv (default .venv-vllm, gitignored): vLLM without its dependencies,
 # the CPU build of torch 2.13.0, and the pure-Python packages vLLM's protocol modules import.
@@ -23,4 +23,4 @@ if ! "$VENV/bin/python" -c "import vllm.entrypoints.openai.chat_completion.proto
         cloudpickle uvloop py-cpuinfo
 fi
 "${PIP[@]}" -e '.[test]'
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -s tests/test_conformance_vllm.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -s tests/client/test_conformance_vllm.py "$@"

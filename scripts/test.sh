@@ -4,8 +4,8 @@
 #   main     .venv, python3 (>= 3.11): ruff, mypy, the whole suite
 #   py3.12   .venv-py3.12: the whole suite on Python 3.12
 #   py3.13   .venv-py3.13: the whole suite on Python 3.13
-#   redis8   .venv-redis8: the client's tests against the newest redis-py (the worker, which
-#            needs arq and so redis-py < 6, is left out)
+#   redis8   .venv-redis8: the client's tests against the newest redis-py (tests/worker and
+#            tests/pipeline, which need arq and so redis-py < 6, are left out)
 #   openai2  .venv-openai2: the SDK capture tests on the last openai 2.x (built on httpx; the
 #            other environments have openai 3, built on httpx2)
 # Each virtualenv is reinstalled only when pyproject.toml changed (pip's cache makes a fresh
@@ -47,20 +47,15 @@ fi
 # --- end chromium
 
 envs="${VLLM_MW_TEST_ENVS:-main py3.12 py3.13 redis8 openai2}"
-# Tests of the worker (arq, so redis-py < 6): not part of the newest-redis-py run.
-# Elsewhere, tests that start worker processes skip themselves there (tests/conftest.py).
-worker_tests=(
-  --ignore=tests/test_worker.py --ignore=tests/test_faults_worker.py
-  --ignore=tests/test_faults_redis.py --ignore=tests/test_bundles.py
-  --ignore=tests/test_pipeline.py --ignore=tests/test_worker_logging.py
-  --ignore=tests/test_worker_safety.py --ignore=tests/test_intent.py
-  --ignore=tests/test_retention.py --ignore=tests/test_crash_points.py
-  --ignore=tests/test_health.py --ignore=tests/test_metrics.py
-  --ignore=tests/test_ops_cli.py --ignore=tests/test_bad_entries.py
-  --ignore=tests/test_compact_job.py --ignore=tests/test_arq_seam.py
-)
+# The worker's tests and the end-to-end ones (arq, so redis-py < 6): not part of the
+# newest-redis-py run. Client tests that start worker processes skip themselves there
+# (tests/conftest.py).
+worker_tests=(--ignore=tests/worker --ignore=tests/pipeline)
 # The tests of the capture of the openai SDK (run again on openai 2 by the openai2 environment).
-sdk_tests=(tests/test_sdk_capture.py tests/test_capture_transport.py tests/test_sdk_langchain.py)
+sdk_tests=(
+  tests/client/test_sdk_capture.py tests/client/test_capture_transport.py
+  tests/client/test_sdk_langchain.py
+)
 
 find_python() {  # find_python 3.12 -> a path to that interpreter, or nothing
   local version="$1" candidate

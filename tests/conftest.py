@@ -19,14 +19,20 @@ from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_r
 _HAVE_ARQ = importlib.util.find_spec("arq") is not None
 
 
+# The directories whose every test needs the worker (and so arq).
+_WORKER_DIRS = (Path(__file__).parent / "worker", Path(__file__).parent / "pipeline")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Without arq (the client-only environment on the newest redis-py, which arq does not
-    allow), tests that start worker processes skip, saying why."""
+    allow), the worker's and the end-to-end tests skip, and so do client tests that start
+    worker processes, saying why."""
     if _HAVE_ARQ:
         return
     skip = pytest.mark.skip(reason="needs the [worker] extra (arq), not in this environment")
     for item in items:
-        if "start_worker" in getattr(item, "fixturenames", ()):
+        in_worker_dir = any(item.path.is_relative_to(folder) for folder in _WORKER_DIRS)
+        if in_worker_dir or "start_worker" in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
 
 

@@ -1,9 +1,9 @@
 """The record bytes the client writes for fixed traffic, pinned: a reshaping of the client (the
 recorder, its doors) must write the same fields, in the same order, with the same values.
 
-`tests/data/records_golden.jsonl` was written by this module on the client before the recorder
-existed (`python tests/test_record_equality.py --write`); only the values that change from run
-to run (ids, times, latencies) are replaced by placeholders.
+`tests/client/data/records_golden.jsonl` was written by this module on the client before the
+recorder existed (`python tests/client/test_record_equality.py --write`); only the values that
+change from run to run (ids, times, latencies) are replaced by placeholders.
 """
 
 from __future__ import annotations
@@ -93,6 +93,6 @@ def test_records_match_the_pinned_bytes(tmp_path: Path) -> None:
 if __name__ == "__main__":  # pragma: no cover - writes the golden file
     import tempfile
 
-    assert sys.argv[1:] == ["--write"], "usage: python tests/test_record_equality.py --write"
+    assert sys.argv[1:] == ["--write"], "usage: python tests/client/test_record_equality.py --write"
     with FakeVLLMServer() as fake, tempfile.TemporaryDirectory() as tmp:
         GOLDEN.write_text("\n".join(records(fake.base_url, Path(tmp))) + "\n")

@@ -26,7 +26,7 @@ from vllm_middleware.storage import PartitionWriter, RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
 
-from .conftest import drain
+from ..conftest import drain
 
 KEYS = StreamKeys()
 

@@ -1,5 +1,5 @@
 """The generic per-key fold that `StreamAccumulator` replaced (as of ff7ee3c): the reference
-its faster fold is tested against (tests/test_reassembly_fold.py). Test code only.
+its faster fold is tested against (tests/client/test_reassembly_fold.py). Test code only.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from vllm_middleware._sinks._shipping import ShippingSettings
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
-from .conftest import WorkerFactory, drain, wait_for
-from .test_worker import config
-from .test_writer_process import assert_exactly, entries, ship
+from ..client.test_writer_process import assert_exactly, entries, ship
+from ..conftest import WorkerFactory, drain, wait_for
+from ..worker.test_worker import config
 
 KEYS = StreamKeys()
 TOTAL = 3000

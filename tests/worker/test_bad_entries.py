@@ -22,7 +22,7 @@ from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
-from .conftest import drain
+from ..conftest import drain
 from .test_worker import config
 
 KEYS = StreamKeys()

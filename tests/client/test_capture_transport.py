@@ -13,7 +13,7 @@ import pytest
 from vllm_middleware import instrument
 from vllm_middleware_testing import FakeVLLMServer
 
-from tests.test_sdk_capture import SECRET, USER, http_library, records
+from .test_sdk_capture import SECRET, USER, http_library, records
 
 openai = pytest.importorskip("openai")
 

@@ -18,7 +18,7 @@ import vllm_middleware._media as media_module
 from vllm_middleware import ConfigurationError, ReadStats, VLLMMiddleware, load_logs
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
-from .conftest import WorkerFactory, wait_for
+from ..conftest import WorkerFactory, wait_for
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 

@@ -22,10 +22,10 @@ from vllm_middleware._exceptions import ConfigurationError
 from vllm_middleware._ui import check_listen, create_app
 from vllm_middleware_testing import FakeVLLMServer
 
-from .conftest import wait_for
+from ..conftest import wait_for
 from .test_export import MODEL, WEATHER
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = Path(__file__).parents[1] / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

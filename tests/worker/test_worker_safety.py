@@ -19,7 +19,7 @@ from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, open_consumer_redis
 
-from .conftest import WorkerFactory, drain, wait_for
+from ..conftest import WorkerFactory, drain, wait_for
 from .test_worker import config, fields
 
 KEYS = StreamKeys()

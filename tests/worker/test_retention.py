@@ -21,7 +21,7 @@ from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import WorkerConfig, make_worker_settings
 from vllm_middleware_worker._retention_job import run_retention
 
-from .conftest import WorkerFactory, wait_for
+from ..conftest import WorkerFactory, wait_for
 from .test_health import add_records
 
 TODAY = date(2026, 3, 10)
@@ -166,7 +166,7 @@ def test_retention_command(tmp_path: Path) -> None:
 async def test_cron_job_deletes_unreferenced_media_once_partitions_are_gone(
     tmp_path: Path, redis_server: RedisServerProcess
 ) -> None:
-    from .test_media_gc import path_of, store, write
+    from ..client.test_media_gc import path_of, store, write
 
     logs = tmp_path / "logs"
     old_only, shared, orphan = store(logs, 1), store(logs, 2), store(logs, 3)

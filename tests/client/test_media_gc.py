@@ -23,7 +23,7 @@ from vllm_middleware._media_gc import apply_media_gc, plan_media_gc
 from vllm_middleware.storage import PartitionWriter, RecordEntry
 from vllm_middleware_testing import FakeVLLMServer
 
-from .conftest import wait_for
+from ..conftest import wait_for
 
 DAY = 86400.0
 LATER = time.time() + 30 * DAY  # "now" for plans: every file is past a 7-day grace

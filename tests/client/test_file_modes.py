@@ -15,7 +15,7 @@ from vllm_middleware._sinks._spool import Spool
 from vllm_middleware.storage import RecordEntry
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
-from .conftest import WorkerFactory, wait_for
+from ..conftest import WorkerFactory, wait_for
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 IMAGE = os.urandom(4000)

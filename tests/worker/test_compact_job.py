@@ -15,8 +15,8 @@ from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import WorkerConfig, make_worker_settings
 from vllm_middleware_worker._compact_job import DayLock, run_compaction, run_compression
 
-from .conftest import WorkerFactory, wait_for
-from .test_compress import DAYS, ids, make_tree, names
+from ..client.test_compress import DAYS, ids, make_tree, names
+from ..conftest import WorkerFactory, wait_for
 
 pytest.importorskip("duckdb")
 

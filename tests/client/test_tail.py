@@ -18,7 +18,7 @@ from vllm_middleware._record_view import RecordFilter
 from vllm_middleware._tail import Follower, format_line, last_records, tail
 from vllm_middleware_testing import FakeVLLMServer
 
-from .conftest import wait_for
+from ..conftest import wait_for
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 TODAY = datetime.now(UTC).date().isoformat()

@@ -1,4 +1,4 @@
-"""The package layout: what the client imports, and what it exports."""
+"""The package layout: what the client imports, what it exports, and where the tests live."""
 
 from __future__ import annotations
 
@@ -124,3 +124,26 @@ def test_only_the_demo_command_loads_the_test_doubles() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.split() == ["False", "True"]
+
+
+TESTS = Path(__file__).resolve().parents[1]
+# The test tree mirrors the code: the client library, the worker, the two together, the doubles.
+TEST_DIRS = {"client", "worker", "pipeline", "fakes"}
+
+
+def test_tests_live_in_the_directory_of_what_they_test() -> None:
+    assert sorted(path.name for path in TESTS.glob("test_*.py")) == []
+    folders = {
+        path.name for path in TESTS.iterdir() if path.is_dir() and any(path.glob("test_*.py"))
+    }
+    assert folders == TEST_DIRS
+
+
+def test_test_directories_are_packages_with_unique_module_names() -> None:
+    # Packages, so the module names are tests.client.test_x; unique basenames besides, so a
+    # test is found by its file name alone and a move between directories keeps the name.
+    assert (TESTS / "__init__.py").exists()
+    for name in TEST_DIRS:
+        assert (TESTS / name / "__init__.py").exists(), name
+    names = [path.name for path in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -16,7 +16,7 @@ arq_worker = pytest.importorskip("arq.worker")
 from vllm_middleware_worker import WorkerConfig, make_worker_settings  # noqa: E402
 from vllm_middleware_worker._service import resilient_worker_class  # noqa: E402
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def _arq_requirement(extra: str) -> Requirement:

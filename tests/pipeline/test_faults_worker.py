@@ -17,7 +17,7 @@ from vllm_middleware import VLLMMiddleware, get_statistics
 from vllm_middleware.storage import StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
-from .conftest import WorkerFactory, drain
+from ..conftest import WorkerFactory, drain
 from .faults_support import Load, check_all_stored, mock_http, stored, until, worker_env
 
 pytestmark = pytest.mark.slow

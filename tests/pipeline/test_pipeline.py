@@ -22,7 +22,7 @@ from vllm_middleware import (
 from vllm_middleware.storage import sanitize_partition_value
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
-from .conftest import WorkerFactory, wait_for
+from ..conftest import WorkerFactory, wait_for
 
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
 HOSTS = ["app-0", "app-1.example.com", "../evil/host", "app-3"]

@@ -1,6 +1,6 @@
 """Every export format's output pinned byte for byte on a fixed, varied log tree.
 
-The expected files under `tests/golden/export/` (gzipped: `zcat` reads them) were written by
+The expected files under `tests/client/golden/export/` (gzipped: `zcat` reads them) were written by
 the export code as it was before its speed work (commit `b9237b0`), so any change that alters
 a single output byte, of any format or option, fails here. The tree mixes the shapes real logs
 hold (tools and tool calls, media parts, system and developer turns, errors, completions, odd
@@ -8,7 +8,7 @@ and malformed values, non-ASCII text, several hosts and days, more spans than on
 with seeded random records; nothing in it depends on the clock or the machine.
 
 To rewrite the expected files after a deliberate format change:
-`VLLM_MW_WRITE_GOLDEN=1 pytest tests/test_export_golden.py` (and say why in the commit).
+`VLLM_MW_WRITE_GOLDEN=1 pytest tests/client/test_export_golden.py` (and say why in the commit).
 """
 
 from __future__ import annotations

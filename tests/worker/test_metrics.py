@@ -14,7 +14,7 @@ from vllm_middleware import APIStatusError, ClientMetrics, VLLMMiddleware, load_
 from vllm_middleware.storage import StreamKeys
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
-from .conftest import WorkerFactory, wait_for
+from ..conftest import WorkerFactory, wait_for
 from .test_health import add_records
 
 KEYS = StreamKeys()

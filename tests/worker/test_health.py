@@ -18,7 +18,7 @@ from vllm_middleware._health import Facts, Thresholds, assess, redact_url
 from vllm_middleware.storage import StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
-from .conftest import WorkerFactory, wait_for
+from ..conftest import WorkerFactory, wait_for
 
 KEYS = StreamKeys()
 

@@ -16,8 +16,8 @@ import pytest
 from vllm_middleware._cli import main
 from vllm_middleware._report import ReportOptions, build_report, figures
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
-SCREENSHOTS = Path(__file__).parent.parent / "docs" / "screenshots"
+ARTIFACTS = Path(__file__).parents[1] / "artifacts"
+SCREENSHOTS = Path(__file__).parents[2] / "docs" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

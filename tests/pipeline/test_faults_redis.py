@@ -24,7 +24,7 @@ from vllm_middleware._sinks._redis_sink import RedisStreamSink
 from vllm_middleware.storage import StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
-from .conftest import WorkerFactory
+from ..conftest import WorkerFactory
 from .faults_support import Load, check_all_stored, mock_http, report, stored, until, worker_env
 
 pytestmark = pytest.mark.slow

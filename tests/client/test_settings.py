@@ -15,7 +15,7 @@ from vllm_middleware import ConfigurationError, VLLMMiddleware
 from vllm_middleware._settings import ClientSettings, settings_table
 from vllm_middleware_worker import WorkerConfig
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from vllm_middleware._sinks._shipping import ShippingSettings
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
-from .conftest import WorkerFactory, wait_for
+from ..conftest import WorkerFactory, wait_for
 
 KEYS = StreamKeys()
 

@@ -25,7 +25,7 @@ from vllm_middleware_worker import (
 )
 from vllm_middleware_worker._ack import Acknowledger
 
-from .conftest import WorkerFactory, drain, wait_for
+from ..conftest import WorkerFactory, drain, wait_for
 
 KEYS = StreamKeys()
 

@@ -20,7 +20,7 @@ import pytest
 from vllm_middleware import load_logs
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
-from .conftest import wait_for
+from ..conftest import wait_for
 
 CHAT = {"model": "vllm:qwen-2.5-omni-7b", "messages": [{"role": "user", "content": "hello"}]}
 
