@@ -14,18 +14,27 @@ The variable is read once, at import; unset, a crash point costs a global load a
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 __all__ = ["CRASH_EXIT", "crash_point"]
 
 CRASH_EXIT = 86
 
 
-def _parse(value: str | None) -> tuple[str | None, int, str | None]:
+class _CrashAt(NamedTuple):
+    """What `VLLM_MW_CRASH_AT` asks for: a point, after how many passes, and a marker file."""
+
+    point: str | None
+    passes: int  # exit on this pass
+    marker: str | None
+
+
+def _parse(value: str | None) -> _CrashAt:
     if not value:
-        return None, 0, None
+        return _CrashAt(None, 0, None)
     point, _, rest = value.partition(":")
     count, _, marker = rest.partition(":")
-    return point, int(count or 1), marker or None
+    return _CrashAt(point, int(count or 1), marker or None)
 
 
 _POINT, _LEFT, _MARKER = _parse(os.environ.get("VLLM_MW_CRASH_AT"))
