@@ -5,7 +5,8 @@
 does not exist yet (it is created first), so that a replacement process started with the same
 environment (a restarted writer, a second worker) does not crash again. Points: `before-write`,
 `after-write`, `after-fsync`, `rotation` (`_partition.py`: worker and embedded writer alike),
-`after-plan` (embedded writer, `_writer_main.py`), `before-ack`, `after-ack` (worker).
+`after-plan` (embedded writer, `_writer_main.py`: the batch's intent sent, nothing written),
+`before-ack`, `after-ack` (worker).
 
 The variable is read once, at import; unset, a crash point costs a global load and a compare
 (once per batch, never per record).
