@@ -5,7 +5,8 @@
 does not exist yet (it is created first), so that a replacement process started with the same
 environment (a restarted writer, a second worker) does not crash again. Points: `before-write`,
 `after-write`, `after-fsync`, `rotation` (`_partition.py`: worker and embedded writer alike),
-`after-plan` (embedded writer, `_writer_main.py`), `before-ack`, `after-ack` (worker).
+`after-plan` (embedded writer, `_writer_main.py`: the batch's intent sent, nothing written),
+`before-ack`, `after-ack` (worker).
 
 The variable is read once, at import; unset, a crash point costs a global load and a compare
 (once per batch, never per record).
@@ -14,18 +15,27 @@ The variable is read once, at import; unset, a crash point costs a global load a
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 __all__ = ["CRASH_EXIT", "crash_point"]
 
 CRASH_EXIT = 86
 
 
-def _parse(value: str | None) -> tuple[str | None, int, str | None]:
+class _CrashAt(NamedTuple):
+    """What `VLLM_MW_CRASH_AT` asks for: a point, after how many passes, and a marker file."""
+
+    point: str | None
+    passes: int  # exit on this pass
+    marker: str | None
+
+
+def _parse(value: str | None) -> _CrashAt:
     if not value:
-        return None, 0, None
+        return _CrashAt(None, 0, None)
     point, _, rest = value.partition(":")
     count, _, marker = rest.partition(":")
-    return point, int(count or 1), marker or None
+    return _CrashAt(point, int(count or 1), marker or None)
 
 
 _POINT, _LEFT, _MARKER = _parse(os.environ.get("VLLM_MW_CRASH_AT"))

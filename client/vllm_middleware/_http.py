@@ -6,7 +6,7 @@ import functools
 import os
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
@@ -21,6 +21,7 @@ from ._exceptions import (
 )
 
 __all__ = [
+    "ErrorEnvelope",
     "absolute_url",
     "control_reply",
     "error_details",
@@ -29,13 +30,23 @@ __all__ = [
     "exception_from_unsendable",
     "new_http_client",
     "new_sync_http_client",
+    "parse_error_body",
 ]
 
 _MAX_ERROR_TEXT = 2000
 
 
-def parse_error_body(status_code: int, content: bytes) -> tuple[str, str | None, str | None, Any]:
-    """(message, type, param, parsed body) from any vLLM error envelope.
+class ErrorEnvelope(NamedTuple):
+    """What an error reply says, whichever shape it came in."""
+
+    message: str
+    type: str | None
+    param: str | None
+    body: Any  # the parsed JSON, or the text when it is not JSON
+
+
+def parse_error_body(status_code: int, content: bytes) -> ErrorEnvelope:
+    """The message, type, param and parsed body of any vLLM error envelope.
 
     Shapes: nested `{"error": {"message", "type", "param", "code"}}` (vLLM >= 0.10.1), flat
     `{"object": "error", "message", ...}` (older), `{"error": "Unauthorized"}` (API-key auth),
@@ -45,22 +56,24 @@ def parse_error_body(status_code: int, content: bytes) -> tuple[str, str | None,
         body: Any = orjson.loads(content) if content else None
     except orjson.JSONDecodeError:
         text = content[:_MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
-        return text or httpx.codes.get_reason_phrase(status_code), None, None, text
+        return ErrorEnvelope(text or httpx.codes.get_reason_phrase(status_code), None, None, text)
     if isinstance(body, dict):
         inner = body.get("error")
         if isinstance(inner, dict):
-            return (
+            return ErrorEnvelope(
                 str(inner.get("message") or ""),
                 _opt_str(inner.get("type")),
                 _opt_str(inner.get("param")),
                 body,
             )
         if isinstance(inner, str):
-            return inner, None, None, body
+            return ErrorEnvelope(inner, None, None, body)
         if "message" in body:
             message = str(body["message"])
-            return message, _opt_str(body.get("type")), _opt_str(body.get("param")), body
-    return httpx.codes.get_reason_phrase(status_code), None, None, body
+            return ErrorEnvelope(
+                message, _opt_str(body.get("type")), _opt_str(body.get("param")), body
+            )
+    return ErrorEnvelope(httpx.codes.get_reason_phrase(status_code), None, None, body)
 
 
 def _opt_str(value: Any) -> str | None:

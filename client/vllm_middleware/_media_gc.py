@@ -32,6 +32,7 @@ import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ._read_files import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_documents, list_log_files
 
@@ -84,12 +85,19 @@ class MediaGcResult:
     errors: list[str] = field(default_factory=list)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+class _FileId(NamedTuple):
+    """Which file a path names: a file replaced under the same name gets another one."""
+
+    device: int
+    inode: int
+
+
+def _file_id(path: Path) -> _FileId | None:
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return None
-    return info.st_dev, info.st_ino
+    return _FileId(info.st_dev, info.st_ino)
 
 
 def _references(root: Path, plan: MediaGcPlan, excluding: Collection[str]) -> set[bytes] | None:
@@ -102,7 +110,7 @@ def _references(root: Path, plan: MediaGcPlan, excluding: Collection[str]) -> se
         for path in list_log_files(root, None, None, None, follow_symlinks=False, stats=stats)
         if path.parent.parent not in skip
     ]
-    before = {path: _identity(path) for path in listed}
+    before = {path: _file_id(path) for path in listed}
     found: set[bytes] = set()
     for path in listed:
         plan.files_scanned += 1
@@ -122,10 +130,10 @@ def _references(root: Path, plan: MediaGcPlan, excluding: Collection[str]) -> se
     if missed:
         plan.refused = "the reader skipped " + ", ".join(missed) + " (they may hold references)"
         return None
-    for path, identity in before.items():
-        now = _identity(path)
-        compressed = now is None and _identity(path.with_name(path.name + ".gz")) is not None
-        if now != identity and not compressed:
+    for path, file_id in before.items():
+        now = _file_id(path)
+        compressed = now is None and _file_id(path.with_name(path.name + ".gz")) is not None
+        if now != file_id and not compressed:
             plan.refused = f"{path} changed during the scan (compaction or retention?)"
             return None
     return found

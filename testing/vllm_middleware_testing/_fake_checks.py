@@ -10,7 +10,7 @@ import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._fake_text import Chunker, count_tokens, tool_name
 from ._fake_tokens import token_ids
@@ -80,18 +80,26 @@ def new_response_id(
     return prefix + secrets.token_hex(8 if s.new else 16)
 
 
-def stream_flags(s: Settings, body: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+class StreamFlags(NamedTuple):
+    """How a request asked to be answered: streamed or not, and the usage in the stream."""
+
+    stream: bool
+    include_usage: bool  # a usage chunk at the end
+    continuous: bool  # usage in every chunk too
+
+
+def stream_flags(s: Settings, body: Mapping[str, Any]) -> StreamFlags:
     stream = bool(body.get("stream") or False)
     options = body.get("stream_options")
     if options and not stream:
         raise invalid(s, "Stream options can only be defined when `stream=True`.", "stream_options")
     if not stream or not isinstance(options, Mapping):
-        return stream, False, False
+        return StreamFlags(stream, False, False)
     include_usage = options.get("include_usage")
     if include_usage is None:
         include_usage = not s.new  # the default flipped from True (v0.10) to False (v0.33)
     continuous = bool(include_usage) and bool(options.get("continuous_usage_stats") or False)
-    return stream, bool(include_usage), continuous
+    return StreamFlags(stream, bool(include_usage), continuous)
 
 
 def int_field(s: Settings, body: Mapping[str, Any], key: str, default: int | None) -> int | None:

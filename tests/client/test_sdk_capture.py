@@ -450,7 +450,7 @@ def as_the_client_sends(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_records_equal_the_middleware_clients(server: FakeVLLMServer, logs: Path) -> None:
-    golden = importlib.import_module("tests.test_record_equality")
+    golden = importlib.import_module("tests.client.test_record_equality")
     sdk_golden_traffic(server, logs)
     written = [
         as_the_client_sends(golden._normalized(json.loads(line)))

@@ -193,7 +193,7 @@ async def test_close_cuts_nothing_under_a_writer_still_writing(tmp_path: Path) -
     for entry in entries(0, 50):
         sink.submit(entry)
     deadline = time.monotonic() + 10
-    while sink.process._spawned is None or not sink.process._spawned.plans:
+    while sink.process._spawned is None or not sink.process._spawned.intents:
         assert time.monotonic() < deadline, "the writer never planned the batch"
         await asyncio.sleep(0.01)
     pid = sink.process.pid

@@ -1,6 +1,6 @@
 """Fault injection on the worker side, with the real pipeline (clients in-test, workers and
 redis-server in subprocesses): SIGKILL at random moments, a disk that fills up or turns
-read-only, poison entries among live traffic."""
+read-only, entries to dead-letter among live traffic."""
 
 from __future__ import annotations
 
@@ -128,16 +128,16 @@ async def test_disk_full_then_space_freed(
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(log_dir)], check=False)
 
 
-async def test_poison_entries_among_live_traffic(
+async def test_bad_entries_among_live_traffic(
     redis_server: RedisServerProcess, start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
     log_dir = tmp_path / "logs"
-    start_worker(redis_server.url, log_dir, "w-poison", env=worker_env())
+    start_worker(redis_server.url, log_dir, "w-bad-entries", env=worker_env())
     http = mock_http()
-    client = VLLMMiddleware(http_client=http, redis_url=redis_server.url, host="app-poison")
-    load = Load(client, "poison").start()
+    client = VLLMMiddleware(http_client=http, redis_url=redis_server.url, host="app-bad-entries")
+    load = Load(client, "bad-entries").start()
     admin = redis.Redis.from_url(redis_server.url)
-    poison: list[dict[bytes, bytes]] = [
+    bad_entries: list[dict[bytes, bytes]] = [
         {b"junk": b"1"},
         {b"date": b"../../etc", b"host": b"h", b"err": b"0", b"rec": b"{}"},
         {b"date": b"2026-01-02", b"host": b"h", b"err": b"0", b"rec": b"{not json"},
@@ -148,7 +148,7 @@ async def test_poison_entries_among_live_traffic(
     await asyncio.sleep(1.0)
     t_fault = time.perf_counter()
     for i in range(40):
-        await asyncio.to_thread(admin.xadd, KEYS.stream, poison[i % len(poison)])
+        await asyncio.to_thread(admin.xadd, KEYS.stream, bad_entries[i % len(bad_entries)])
         await asyncio.sleep(0.02)
     t_end = time.perf_counter()
     load.fault_window = (t_fault, t_end)
@@ -157,7 +157,7 @@ async def test_poison_entries_among_live_traffic(
     await client.close()
     await http.aclose()
     await check_all_stored(
-        "40 poison entries among traffic",
+        "40 bad entries among traffic",
         load,
         log_dir,
         load.max_latency_ms(t0, t_fault),

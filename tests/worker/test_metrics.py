@@ -78,7 +78,7 @@ def test_dead_letters_and_backlog_show_up(
 ) -> None:
     client = redis_sync.Redis.from_url(redis_server.url)
     client.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
-    # An entry without the partition fields is poison: dead-lettered, never written.
+    # An entry without the partition fields is dead-lettered, never written.
     client.xadd(KEYS.stream, {b"garbage": b"1"})
     # Entries taken by a consumer that died stay pending until the worker recovers them.
     add_records(redis_server.url, 5)

@@ -50,7 +50,7 @@ def config(
     )
 
 
-async def test_poison_entries_go_to_the_dead_letter_stream(
+async def test_bad_entries_go_to_the_dead_letter_stream(
     redis: aioredis.Redis, redis_server: RedisServerProcess, tmp_path: Path
 ) -> None:
     await redis.xadd(KEYS.stream, fields(1))

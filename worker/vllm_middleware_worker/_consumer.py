@@ -59,7 +59,8 @@ _HOST = socket.gethostname()  # in the heartbeat: `vllm-mw health --host` filter
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError, ResponseError)
 
 
-def _identity(response: Any, **options: Any) -> Any:
+def _reply_as_is(response: Any, **options: Any) -> Any:
+    """A reply callback that leaves the parsed reply as the protocol parser returned it."""
     return response
 
 
@@ -94,7 +95,7 @@ class StreamConsumer:
         # reply callback builds a dict per entry; `EntrySorter` reads the fixed field order our
         # clients write instead, and falls back to a dict for anything else.
         self._raw = aioredis.Redis(connection_pool=redis.connection_pool)
-        self._raw.set_response_callback("XREADGROUP", _identity)
+        self._raw.set_response_callback("XREADGROUP", _reply_as_is)
         self._acker = Acknowledger(redis, self.keys)
         self._sorter = EntrySorter(config.max_record_bytes)
         # Entries per XREADGROUP: about `batch_size` records or `batch_bytes`, whatever the

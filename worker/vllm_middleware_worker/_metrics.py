@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 from vllm_middleware import ConfigurationError
@@ -47,6 +47,12 @@ def _id_seconds(entry_id: Any) -> float | None:
         return None
 
 
+class _Backlog(NamedTuple):
+    lag: int  # entries not yet delivered to a worker
+    pending: int  # delivered, not acknowledged
+    oldest_age_s: float  # age of the oldest entry not yet written
+
+
 class _StreamBacklog:
     """lag, pending and the oldest unwritten record's age, read with a blocking client."""
 
@@ -58,7 +64,7 @@ class _StreamBacklog:
             config.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
 
-    def read(self) -> tuple[int, int, float] | None:
+    def read(self) -> _Backlog | None:
         keys = self.keys
         try:
             seconds, micros = self.client.time()
@@ -81,7 +87,7 @@ class _StreamBacklog:
                 if (at := _id_seconds(summary.get("min"))) is not None:
                     oldest.append(at)
             age = max(0.0, now - min(oldest)) if oldest else 0.0
-            return int(lag), pending, age
+            return _Backlog(int(lag), pending, age)
         except (redis.RedisError, OSError) as exc:
             logger.debug("metrics: could not read the stream backlog: %s", exc)
             return None
@@ -124,7 +130,7 @@ class _ConsumerCollector:
         ]
         backlog = self.backlog.read()
         if backlog is not None:
-            lag, pending, age = backlog
+            lag, pending, age = backlog.lag, backlog.pending, backlog.oldest_age_s
             gauges += [
                 ("vllm_mw_stream_lag_records", "Entries not yet delivered to a worker", lag),
                 ("vllm_mw_stream_pending_records", "Entries delivered, not acknowledged", pending),

@@ -5,7 +5,7 @@ pipe (the loop waits for room with `add_writer`), replies come back through `add
 
 If the writer dies, the batch it was writing fails with `WriterProcessError` and the shipper
 retries it; the next batch starts a new writer, which first cuts back whatever the dead one
-had written of unfinished batches (the `PLAN` it sent before writing says where), so the retry
+had written of unfinished batches (the `INTENT` it sent before writing says where), so the retry
 neither duplicates nor tears a line.
 """
 
@@ -27,15 +27,15 @@ from .._partition import PartitionLines
 from .._record import RecordEntry
 from ._writer_main import (
     BATCH,
+    CUT_BACK,
     DONE,
     FAILED,
     HEADER,
-    PLAN,
+    INTENT,
     READY,
-    UNDO,
+    apply_cuts,
     encode_batch,
     frame,
-    undo,
 )
 
 __all__ = ["ProcessWriter", "WriterProcessError", "WriterProcessUnavailable"]
@@ -100,7 +100,7 @@ class _Spawned:
         self.ready: asyncio.Future[None] = loop.create_future()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.waiting: dict[int, asyncio.Future[None]] = {}
-        self.plans: dict[int, list[list[object]]] = {}  # PLAN received, DONE/FAILED not yet
+        self.intents: dict[int, list[list[object]]] = {}  # INTENT received, DONE/FAILED not yet
         self.room: asyncio.Future[None] | None = None  # a send waiting for room in the pipe
 
     @property
@@ -164,7 +164,7 @@ class ProcessWriter:
         self.starts = 0  # writers started so far (restarts after a death included)
         self.fault: str | None = None  # test seam: passed to the next writer started
         self._spawned: _Spawned | None = None
-        self._undo: list[list[object]] = []  # parts a dead writer may have left half written
+        self._cuts: list[list[object]] = []  # parts a dead writer may have left half written
         self._seq = 0
         _INSTANCES.add(self)
 
@@ -191,13 +191,13 @@ class ProcessWriter:
         spawned, self._spawned = self._spawned, None
         if spawned is not None:
             await self._retire(spawned, self.close_timeout if timeout is None else timeout)
-        if self._undo:
+        if self._cuts:
             # A dead writer's unfinished batch that no new writer was started to cut back
             # (closing before the retry): cut it here, so what the app counts as dropped is
             # not in the files. Those files are the dead writer's; no one appends to them.
             with contextlib.suppress(OSError):
-                undo(self._undo)
-                self._undo = []
+                apply_cuts(self._cuts)
+                self._cuts = []
 
     async def _retire(self, spawned: _Spawned, timeout: float) -> None:
         spawned.close_send()  # end of input: the writer finishes, closes its files and exits
@@ -221,13 +221,13 @@ class ProcessWriter:
             self._spawned = spawned = self._spawn()
         if not spawned.ready.done():  # a start in progress (or one a cancelled batch left)
             await self._await_ready(spawned)
-        if self._undo:
+        if self._cuts:
             self._seq += 1
-            undone = asyncio.get_running_loop().create_future()
-            spawned.waiting[self._seq] = undone
-            await self._send(spawned, frame(UNDO, self._seq, orjson.dumps(self._undo)))
-            await undone
-            self._undo = []
+            cut = asyncio.get_running_loop().create_future()
+            spawned.waiting[self._seq] = cut
+            await self._send(spawned, frame(CUT_BACK, self._seq, orjson.dumps(self._cuts)))
+            await cut
+            self._cuts = []
         return spawned
 
     def _spawn(self) -> _Spawned:
@@ -281,7 +281,7 @@ class ProcessWriter:
         spawned, self._spawned = self._spawned, None
         if spawned is not None:
             spawned.close_fds()
-        self._undo = []
+        self._cuts = []
         self.settings["owner"] = f"{self.settings['owner']}-fork{os.getpid()}"
 
     # -- the pipes ----------------------------------------------------------------------------
@@ -338,10 +338,10 @@ class ProcessWriter:
             if not spawned.ready.done():
                 spawned.ready.set_result(None)
             return
-        if kind == PLAN:
-            spawned.plans[seq] = orjson.loads(body)
+        if kind == INTENT:
+            spawned.intents[seq] = orjson.loads(body)
             return
-        spawned.plans.pop(seq, None)
+        spawned.intents.pop(seq, None)
         waiter = spawned.waiting.pop(seq, None)
         if waiter is None or waiter.done():
             return
@@ -364,9 +364,9 @@ class ProcessWriter:
         spawned.close_send()
         spawned.close_fds()
         if not running:
-            for parts in spawned.plans.values():
-                self._undo.extend(parts)
-        spawned.plans.clear()
+            for parts in spawned.intents.values():
+                self._cuts.extend(parts)
+        spawned.intents.clear()
         code = spawned.proc.poll()
         error = WriterProcessError(f"the writer process exited (code {code})")
         if not spawned.ready.done():

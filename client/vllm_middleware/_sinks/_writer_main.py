@@ -8,10 +8,11 @@ after each write and fsync, and behind a busy event loop it keeps waking and los
 Wire format, both ways: frames of a `_HEADER` (kind, body length, sequence number) and a body.
 
 - app → writer: `BATCH` (sections of `_SECTION` + date + host + records joined by newlines),
-  `UNDO` (JSON `[[path, size], ...]`: cut these files back, left by a writer that died).
-- writer → app: `READY` once started; then per request `PLAN` (JSON `[[path, offset], ...]`,
-  sent before the first byte is written: where the batch goes, so the app can undo it if this
-  process dies before `DONE`), `DONE`, or `FAILED` (text; the batch was rolled back).
+  `CUT_BACK` (JSON `[[path, size], ...]`: the cuts a dead writer's intents call for).
+- writer → app: `READY` once started; then per request `INTENT` (JSON `[[path, offset], ...]`,
+  sent before the first byte is written: where the batch goes, so the app can have it cut back
+  if this process dies before `DONE`), `DONE`, or `FAILED` (text; the batch was rolled back).
+  The worker keeps the same intent in Redis (`vllm_middleware_worker._intent`).
 
 The writer exits when its input reaches end of file: the app closed it, or the app died.
 SIGINT and SIGTERM are ignored, so a Ctrl-C to the terminal's process group cannot kill the
@@ -37,17 +38,17 @@ from .._partition import PartitionLines, PartitionWriter, cut_back
 
 __all__ = [
     "BATCH",
+    "CUT_BACK",
     "DONE",
     "FAILED",
     "HEADER",
-    "PLAN",
+    "INTENT",
     "READY",
-    "UNDO",
+    "apply_cuts",
     "decode_batch",
     "encode_batch",
     "frame",
     "main",
-    "undo",
 ]
 
 HEADER = struct.Struct("<BIQ")  # kind, body length, sequence number
@@ -55,10 +56,10 @@ _SECTION = struct.Struct("<HHII")  # date length, host length, records, chunk le
 
 # app → writer
 BATCH = 1
-UNDO = 2
+CUT_BACK = 2
 # writer → app
 READY = 0
-PLAN = 1
+INTENT = 1
 DONE = 2
 FAILED = 3
 
@@ -112,13 +113,13 @@ def _frames(source: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
         yield kind, seq, body
 
 
-def undo(parts: list[list[object]]) -> None:
+def apply_cuts(cuts: list[list[object]]) -> None:
     """Cut files back to where a dead writer's unfinished batch started (see `cut_back`).
 
     A file the batch created (offset 0) is then removed rather than left empty: the writer that
     had it open is gone, and the cut is durable first, so a crash leaves at worst an empty file.
     """
-    for path, offset in parts:
+    for path, offset in cuts:
         assert isinstance(path, str) and isinstance(offset, int)
         cut_back(path, offset)
         if offset == 0:
@@ -149,7 +150,7 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
                 # again, so compression and retention can take files that stay unchanged.
                 writer.close_idle(_FILE_IDLE_S)
                 plan = writer.plan(decode_batch(body))
-                reply(PLAN, seq, orjson.dumps([[str(p.path), p.offset] for p in plan.parts]))
+                reply(INTENT, seq, orjson.dumps([[str(p.path), p.offset] for p in plan.parts]))
                 crash_point("after-plan")
                 writer.write(plan)
                 if stall:
@@ -157,8 +158,8 @@ def _serve(source: BinaryIO, reply_fd: int, writer: PartitionWriter, fault: str 
                 batches += 1
                 if batches == die_after:
                     os._exit(17)
-            elif kind == UNDO:
-                undo(orjson.loads(body))
+            elif kind == CUT_BACK:
+                apply_cuts(orjson.loads(body))
             else:
                 raise ValueError(f"unknown request kind {kind}")
         except BrokenPipeError:
