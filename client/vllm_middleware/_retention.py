@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from ._exceptions import ConfigurationError
 from ._partition import is_valid_date
@@ -64,7 +65,13 @@ class RetentionResult:
     errors: list[str] = field(default_factory=list)
 
 
-def _scan(path: Path) -> tuple[int, int, float]:
+class _DirScan(NamedTuple):
+    files: int
+    bytes: int
+    newest_mtime: float
+
+
+def _scan(path: Path) -> _DirScan:
     files = size = 0
     newest = 0.0
     for dirpath, _dirs, names in os.walk(path):
@@ -76,7 +83,7 @@ def _scan(path: Path) -> tuple[int, int, float]:
             files += 1
             size += stat.st_size
             newest = max(newest, stat.st_mtime)
-    return files, size, newest
+    return _DirScan(files, size, newest)
 
 
 def plan_retention(

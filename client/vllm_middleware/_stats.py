@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
@@ -19,6 +19,7 @@ from ._sinks._shipping import Shipper
 
 __all__ = [
     "ClientStatistics",
+    "TreeSize",
     "get_statistics",
     "local_statistics",
     "read_statistics",
@@ -179,10 +180,15 @@ async def read_statistics(client: aioredis.Redis, keys: StreamKeys) -> dict[str,
     return build_redis_statistics(raw_hash, int(length), list(groups), refused)
 
 
-def scan_log_tree(log_dir: str | os.PathLike[str]) -> tuple[int, int]:
-    """(number of log files, total bytes) under `log_dir`; (0, 0) if it does not exist yet."""
+class TreeSize(NamedTuple):
+    files: int
+    bytes: int
+
+
+def scan_log_tree(log_dir: str | os.PathLike[str]) -> TreeSize:
+    """The log files under `log_dir` and their total size; zeros if it does not exist yet."""
     if not Path(log_dir).is_dir():
-        return 0, 0
+        return TreeSize(0, 0)
     count = size = 0
     for path in iter_log_files(log_dir):
         try:
@@ -190,7 +196,7 @@ def scan_log_tree(log_dir: str | os.PathLike[str]) -> tuple[int, int]:
         except FileNotFoundError:  # removed by retention between listing and stat
             continue
         count += 1
-    return count, size
+    return TreeSize(count, size)
 
 
 def file_statistics(log_dir: str | os.PathLike[str], *, count_records: bool) -> dict[str, Any]:

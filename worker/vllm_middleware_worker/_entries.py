@@ -71,8 +71,18 @@ def records_in(fields: dict[bytes, bytes]) -> int:
     return max(1, min(int(count), lines))
 
 
-def _check_partition(raw_date: bytes, raw_host: bytes) -> tuple[str, str] | str:
-    """(date, host) decoded and valid, or why not."""
+class _Partition(NamedTuple):
+    date: str
+    host: str
+
+
+class _BundleCounts(NamedTuple):
+    records: int
+    errors: int
+
+
+def _check_partition(raw_date: bytes, raw_host: bytes) -> _Partition | str:
+    """The entry's partition, decoded and valid, or why not."""
     try:
         date = raw_date.decode("ascii")
         host = raw_host.decode("utf-8")
@@ -83,7 +93,7 @@ def _check_partition(raw_date: bytes, raw_host: bytes) -> tuple[str, str] | str:
     problem = host_problem(host)
     if problem is not None:
         return f"invalid host partition: {problem}"
-    return date, host
+    return _Partition(date, host)
 
 
 class EntrySorter:
@@ -92,7 +102,7 @@ class EntrySorter:
     def __init__(self, max_record_bytes: int) -> None:
         self.max_record_bytes = max_record_bytes
         # (date bytes, host bytes) -> (date, host), or the reason they are invalid.
-        self._partitions: dict[tuple[bytes, bytes], tuple[str, str] | str] = {}
+        self._partitions: dict[tuple[bytes, bytes], _Partition | str] = {}
 
     def sort(
         self, entries: list[Entry], dead_letter_reasons: dict[bytes, str] | None = None
@@ -216,8 +226,8 @@ class EntrySorter:
         return data, ""
 
 
-def _whole_bundle(data: bytes, raw_count: bytes, raw_errors: bytes) -> tuple[int, int] | None:
-    """(records, errors) of a bundle of whole JSON-object lines, checked without parsing:
+def _whole_bundle(data: bytes, raw_count: bytes, raw_errors: bytes) -> _BundleCounts | None:
+    """The record and error counts of a bundle of whole JSON-object lines, checked without parsing:
     `{` ... `}` around it and around every newline, as many newlines as records less one."""
     if not (raw_count.isdigit() and raw_errors.isdigit()):
         return None
@@ -234,7 +244,7 @@ def _whole_bundle(data: bytes, raw_count: bytes, raw_errors: bytes) -> tuple[int
             return None
         newlines += 1
         pos = find(b"\n", pos + 2)
-    return (count, errs) if newlines == count - 1 else None
+    return _BundleCounts(count, errs) if newlines == count - 1 else None
 
 
 def _sum_matches(data: bytes, raw_sum: bytes) -> bool:
