@@ -145,14 +145,14 @@ class Endpoints:
 
     # -- plumbing -----------------------------------------------------------------------------
     async def _send_recorded(self, call: EndpointCall[T]) -> T:
-        """`_exchange`, waiting for the record to be durable when the client says so."""
+        """`_endpoint_exchange`, waiting for the record to be durable when the client says so."""
         client: VLLMMiddleware = self  # type: ignore[assignment]
-        exchange = self._exchange(call)
+        exchange = self._endpoint_exchange(call)
         if client._durable:
             return await client._wait_durable(exchange)
         return await exchange
 
-    async def _exchange(self, call: EndpointCall[T]) -> T:
+    async def _endpoint_exchange(self, call: EndpointCall[T]) -> T:
         """One non-streaming exchange and its record (logged whatever happens)."""
         client: VLLMMiddleware = self  # type: ignore[assignment]
         started = time.perf_counter()
