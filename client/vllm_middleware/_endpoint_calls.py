@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import mimetypes
 import os
+import struct
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -148,10 +149,12 @@ def outgoing(call: EndpointCall[Any], record: Call, started: float, base_url: st
     return Outgoing(call.method, url, headers, options)
 
 
-def reply_transform(call: EndpointCall[Any], store_embeddings: bool) -> Callable[[Any], Any] | None:
+def reply_transform(
+    call: EndpointCall[Any], store_embeddings: bool, recording: bool
+) -> Callable[[Any], Any] | None:
     """What the record keeps of the answer (None: the answer as it came), given the client's
-    `store_embeddings` setting."""
-    if not call.summarize:
+    `store_embeddings` setting; nothing to compute when the client writes no records."""
+    if not (call.summarize and recording):
         return None
     store = store_embeddings if call.store_embeddings is None else call.store_embeddings
     return None if store else summarize_embeddings
@@ -184,10 +187,11 @@ def embedding_summary(vector: Any) -> Any:
         return {"dimensions": len(raw) // 4, "sha256": hashlib.sha256(raw).hexdigest()}
     if isinstance(vector, list):
         try:
+            # (struct packs a float list about twice as fast as array("f") converts it.)
+            raw = struct.pack(f"<{len(vector)}f", *vector)
+        except OverflowError:  # beyond float32: infinite, as the server's float32 would be
             raw = array("f", vector).tobytes()
-        except TypeError:
-            return vector
-        if array("f").itemsize != 4:  # pragma: no cover - every CPython platform has 4
+        except struct.error:
             return vector
         return {"dimensions": len(vector), "sha256": hashlib.sha256(raw).hexdigest()}
     return vector

@@ -160,7 +160,7 @@ class Endpoints:
         method, url, headers, options = outgoing(call, record, started, client.base_url)
         sending = client._http.request(method, url, headers=headers, **options)
         response = await send_logged(record, started, url, sending)
-        transform = reply_transform(call, self.store_embeddings)
+        transform = reply_transform(call, self.store_embeddings, client._sink is not None)
         return json_reply(record, started, response, transform, allow_empty=True)  # type: ignore[no-any-return]
 
     async def _open_event_stream(self, call: EndpointCall[Any]) -> AsyncStream:

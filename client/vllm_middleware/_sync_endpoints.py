@@ -164,7 +164,7 @@ class SyncEndpoints(ClientBase):
         except KeyboardInterrupt:
             record.log(started, error=APIError(CANCELLED))
             raise
-        transform = reply_transform(call, self.store_embeddings)
+        transform = reply_transform(call, self.store_embeddings, self._sink is not None)
         return json_reply(record, started, response, transform, allow_empty=True)  # type: ignore[no-any-return]
 
     def _durably(self, exchange: Callable[[], T]) -> T:
