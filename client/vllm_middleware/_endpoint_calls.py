@@ -16,6 +16,7 @@ those), and every other body field is in `parameters`.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import inspect
 import mimetypes
@@ -27,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import httpx
+
 from ._call import JSON_HEADERS, SSE_HEADERS, encode_body
+from ._http import absolute_url
 from ._recorder import Call
 
 __all__ = [
@@ -105,18 +109,20 @@ class Outgoing(NamedTuple):
     """The HTTP request of an `EndpointCall`: `options` are httpx's content or files/data."""
 
     method: str
-    url: str
+    url: httpx.URL | str
     headers: dict[str, str]
     options: dict[str, Any]
 
 
-def _url(base_url: str, endpoint: str, root: bool) -> str:
+@functools.lru_cache(maxsize=256)
+def _url(base_url: str, endpoint: str, root: bool) -> httpx.URL | str:
+    """The absolute URL, parsed once (httpx parses a string on every request)."""
     if root and base_url.endswith("/v1"):
         base_url = base_url[:-3]
-    return f"{base_url}/{endpoint}"
+    return absolute_url(base_url, endpoint)
 
 
-def health_url(base_url: str) -> str:
+def health_url(base_url: str) -> httpx.URL | str:
     """vLLM's /health, at the server root."""
     return _url(base_url, "health", True)
 
