@@ -58,6 +58,10 @@ __all__ = [
 T = TypeVar("T")
 AudioFile = bytes | str | os.PathLike[str] | tuple[str, bytes] | tuple[str, bytes, str]
 ACCEPT_JSON = {"accept": "application/json"}
+# endpoint, payload key, payload, model, parameters, metadata, headers: what a record starts with
+Facts = tuple[
+    str, str, Any, str | None, dict[str, Any], Mapping[str, Any] | None, Mapping[str, str] | None
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +86,7 @@ class EndpointCall(Generic[T]):
     stream: bool = False
 
     @property
-    def facts(
-        self,
-    ) -> tuple[
-        str,
-        str,
-        Any,
-        str | None,
-        dict[str, Any],
-        Mapping[str, Any] | None,
-        Mapping[str, str] | None,
-    ]:
+    def facts(self) -> Facts:
         """What the record starts with: the arguments of a client's `_begin`."""
         return (
             self.endpoint,
