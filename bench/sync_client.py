@@ -6,7 +6,9 @@ threads of a pool sharing the client (c=8). The upstream is an `httpx.MockTransp
 network: isolates the client's own work) answering a JSON reply, or a streamed one (an SSE body
 of a role chunk, ~20 content chunks, a finish chunk, a usage chunk and `[DONE]`, one body chunk
 per event). The bare streaming client parses every event with orjson and keeps the chunks, as
-an app would; the middleware also reassembles the reply for its record.
+an app would; the middleware also reassembles the reply for its record. The `embeddings` reply
+is one of the other endpoints (`SyncVLLMMiddleware.embeddings`, shared with the async client):
+8 short texts in, 8 vectors of 256 floats out, kept in the record as sizes and hashes.
 
 Modes: `bare`; `nolog` (the middleware with logging off); `redis` (a private redis-server) and
 `embedded` (files, through the writer process, whose CPU is read from /proc and shown apart, as
@@ -54,6 +56,10 @@ BASE_URL = "http://mock.invalid/v1"
 # The bare client's URL is parsed once, as the middleware does with its own (a relative URL
 # string costs httpx a merge and a parse on every call).
 CHAT_URL = httpx.URL(f"{BASE_URL}/chat/completions")
+EMBEDDINGS_URL = httpx.URL(f"{BASE_URL}/embeddings")
+EMBEDDING_TEXTS = [f"passage {i}: a short text to embed for retrieval" for i in range(8)]
+EMBEDDING_DIM = 256
+REPLIES = ("json", "stream", "embeddings")
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
@@ -104,8 +110,24 @@ def _frames(body: dict[str, Any]) -> list[bytes]:
     return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
+def _embeddings_reply(body: dict[str, Any]) -> dict[str, Any]:
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": [(i + j) / 1000 for j in range(EMBEDDING_DIM)],
+        }
+        for i in range(len(body["input"]))
+    ]
+    usage = {"prompt_tokens": 80, "total_tokens": 80}
+    return {"id": "embd-bench", "object": "list", "model": MODEL, "data": data, "usage": usage}
+
+
 def sync_handler(request: httpx.Request) -> httpx.Response:
     body = orjson.loads(request.content)
+    if request.url.path.endswith("/embeddings"):
+        content = orjson.dumps(_embeddings_reply(body))
+        return httpx.Response(200, content=content, headers={"content-type": "application/json"})
     if body.get("stream"):
         frames = _frames(body)
 
@@ -120,6 +142,9 @@ def sync_handler(request: httpx.Request) -> httpx.Response:
 
 async def async_handler(request: httpx.Request) -> httpx.Response:
     body = orjson.loads(request.content)
+    if request.url.path.endswith("/embeddings"):
+        content = orjson.dumps(_embeddings_reply(body))
+        return httpx.Response(200, content=content, headers={"content-type": "application/json"})
     if body.get("stream"):
         frames = _frames(body)
 
@@ -159,9 +184,10 @@ class Runner:
     """One mode's client, kept for the whole plan so each timed block is only calls."""
 
     def __init__(
-        self, mode: str, stream: bool, redis_url: str, log_root: Path, flush_interval: float = 0.05
+        self, mode: str, reply: str, redis_url: str, log_root: Path, flush_interval: float = 0.05
     ) -> None:
         self.mode = mode
+        stream = reply == "stream"
         messages = sample_messages()
         self.log_dir = log_dir = Path(tempfile.mkdtemp(dir=log_root))
         self.http = http = httpx.Client(
@@ -199,7 +225,16 @@ class Runner:
                             chunks.append(orjson.loads(line[6:]))
                 return chunks
 
-            self.call = bare_stream if stream else bare_call
+            def bare_embeddings() -> Any:
+                body = {"model": MODEL, "input": EMBEDDING_TEXTS}
+                content = orjson.dumps(body)
+                response = http.post(EMBEDDINGS_URL, content=content, headers=JSON_HEADERS)
+                response.raise_for_status()
+                return orjson.loads(response.content)
+
+            self.call = {"json": bare_call, "stream": bare_stream, "embeddings": bare_embeddings}[
+                reply
+            ]
         elif mode == "asyncio.run":
 
             async def per_call() -> Any:
@@ -209,6 +244,8 @@ class Runner:
                         BASE_URL, log_dir=log_dir, redis_url="", http_client=ahttp
                     ) as amw,
                 ):
+                    if reply == "embeddings":
+                        return await amw.embeddings(EMBEDDING_TEXTS, model=MODEL)
                     if not stream:
                         return await amw.chat_completion(
                             messages, model=MODEL, temperature=0.2, max_tokens=256
@@ -245,7 +282,10 @@ class Runner:
                 ) as replies:
                     return list(replies)
 
-            self.call = mw_stream if stream else mw_call
+            def mw_embeddings() -> Any:
+                return client.embeddings(EMBEDDING_TEXTS, model=MODEL)
+
+            self.call = {"json": mw_call, "stream": mw_stream, "embeddings": mw_embeddings}[reply]
 
     def block(self, calls: int, concurrency: int, pool: ThreadPoolExecutor) -> tuple[float, float]:
         """(client CPU µs per call, writer process CPU µs per call) of `calls` calls, until
@@ -270,7 +310,7 @@ class Runner:
 def child(args: argparse.Namespace) -> None:
     """Under callgrind: `args.calls` calls of one mode from one thread, then close."""
     # ~50 times slower under valgrind: flushes as large as in real time need a longer interval.
-    runner = Runner(args.mode, args.stream, args.redis_url, Path(args.log_root), 2.5)
+    runner = Runner(args.mode, args.reply, args.redis_url, Path(args.log_root), 2.5)
     for _ in range(args.calls):
         runner.call()
     if runner.mw is not None:
@@ -301,7 +341,7 @@ def callgrind(quick: bool, replies: list[str], modes: list[str]) -> None:
     rows: list[list[Any]] = []
     try:
         with RedisServerProcess(tmp_dir=scratch / "redis") as server:
-            for stream in [kind == "stream" for kind in replies]:
+            for reply in replies:
                 per_call: dict[str, float] = {}
                 for mode in modes:
                     small, large = (10, 30) if mode == "asyncio.run" else (200, 600)
@@ -311,16 +351,14 @@ def callgrind(quick: bool, replies: list[str], modes: list[str]) -> None:
                     for calls in (small, large):
                         common = ["--mode", mode, "--calls", str(calls)]
                         common += ["--redis-url", server.url, "--log-root", str(scratch)]
-                        counts.append(
-                            instructions(common + (["--stream"] if stream else []), scratch)
-                        )
+                        counts.append(instructions([*common, "--reply", reply], scratch))
                     per_call[mode] = (counts[1] - counts[0]) / (large - small)
-                    print(f"  done: callgrind {mode} stream={stream}", flush=True)
+                    print(f"  done: callgrind {mode} {reply}", flush=True)
                 for mode, value in per_call.items():
                     added = value - per_call["bare"]
                     rows.append(
                         [
-                            "stream" if stream else "json",
+                            reply,
                             mode,
                             f"{value / 1000:.1f}k",
                             "" if mode == "bare" else f"{added / 1000:+.1f}k",
@@ -339,11 +377,11 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--callgrind", action="store_true", help="count instructions instead")
-    parser.add_argument("--replies", nargs="*", default=["json", "stream"], help="--callgrind")
+    parser.add_argument("--replies", nargs="*", default=list(REPLIES), choices=REPLIES)
     parser.add_argument("--modes", nargs="*", default=list(MODES), help="--callgrind: bare first")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="bare", help=argparse.SUPPRESS)
-    parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reply", default="json", help=argparse.SUPPRESS)
     parser.add_argument("--calls", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--log-root", default="", help=argparse.SUPPRESS)
@@ -363,12 +401,12 @@ def main() -> None:
     summary: list[list[Any]] = []
     try:
         with RedisServerProcess() as redis_server, ThreadPoolExecutor(max_workers=8) as pool:
-            for stream in (False, True):
+            for kind in args.replies:
                 for concurrency in (1, 8):
                     # asyncio.run per call leaves threads winding down after each call: it is
                     # measured after the other modes, paired with bare blocks of its own.
                     modes = [m for m in MODES if m != "asyncio.run"]
-                    runners = {m: Runner(m, stream, redis_server.url, log_root) for m in MODES}
+                    runners = {m: Runner(m, kind, redis_server.url, log_root) for m in MODES}
                     for runner in runners.values():  # warm-up: connections, first files
                         runner.block(slow_calls, concurrency, pool)
                     cpu: dict[str, list[float]] = {m: [] for m in MODES}
@@ -391,7 +429,6 @@ def main() -> None:
                             added["asyncio.run"].append(us - bare_us)
                     for runner in runners.values():
                         runner.close()
-                    kind = "stream" if stream else "json"
                     for mode in modes:
                         rows.append(
                             [
@@ -404,7 +441,7 @@ def main() -> None:
                                 f"{median(writer[mode]):.1f}" if mode == "embedded" else "",
                             ]
                         )
-                        if mode in ("redis", "embedded") and not stream:
+                        if mode in ("redis", "embedded") and kind != "stream":
                             met = median(added[mode]) <= 15
                             summary.append(
                                 [

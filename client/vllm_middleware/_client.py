@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Coroutine, Mapping
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 import redis.asyncio as aioredis
@@ -52,6 +52,7 @@ __all__ = ["VLLMMiddleware"]
 logger = logging.getLogger("vllm_middleware")
 
 _Endpoint = Literal["chat/completions", "completions"]
+T = TypeVar("T")
 
 
 class VLLMMiddleware(ClientBase, Endpoints):
@@ -348,7 +349,7 @@ class VLLMMiddleware(ClientBase, Endpoints):
         response = await send_logged(call, started, url, sending)
         return json_reply(call, started, response)  # type: ignore[no-any-return]
 
-    async def _wait_durable(self, call: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    async def _wait_durable(self, call: Coroutine[Any, Any, T]) -> T:
         """`durable=True`: run `call`, then wait until its record is in Redis, the spool or the
         files (not when the caller cancelled it)."""
         try:

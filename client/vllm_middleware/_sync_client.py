@@ -9,11 +9,9 @@ writer, so the calling thread never waits for Redis or the disk.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -29,31 +27,21 @@ from ._call import (
     usage_hidden,
 )
 from ._capture import ContentMode, Redactor
-from ._client_base import ClientBase, call_params, request_body
-from ._exceptions import APIError, InvalidRequestError
-from ._http import (
-    control_reply,
-    exception_from_transport,
-    exception_from_unsendable,
-    new_sync_http_client,
-)
+from ._client_base import call_params, request_body
+from ._exceptions import APIError
+from ._http import new_sync_http_client
 from ._media import MediaPolicy
 from ._partition import LogFormat
 from ._recorder import Call
-from ._stream_core import StreamEnd, log_unstarted
-from ._sync_streaming import Stream, SyncStreamState, fail_before_sync_stream
+from ._sync_endpoints import CANCELLED, SEND_ERRORS, SyncEndpoints, unanswered
+from ._sync_streaming import Stream
 
 __all__ = ["SyncVLLMMiddleware"]
 
-_ACCEPT_JSON = {"accept": "application/json"}
 _Endpoint = Literal["chat/completions", "completions"]
-# What the HTTP layer raises for a request that got no response: httpx's own errors, and
-# `InvalidURL` / `ValueError` / `TypeError` for a URL or header it cannot send.
-_SEND_ERRORS = (httpx.HTTPError, httpx.InvalidURL, ValueError, TypeError)
-_CANCELLED = "cancelled by the caller before the response"
 
 
-class SyncVLLMMiddleware(ClientBase):
+class SyncVLLMMiddleware(SyncEndpoints):
     """Sync client for vLLM's OpenAI-compatible API that logs every request and response.
 
     Takes the arguments of `VLLMMiddleware` (an injected `http_client` is an `httpx.Client`)
@@ -263,32 +251,6 @@ class SyncVLLMMiddleware(ClientBase):
             )
         return self._call("completions", "prompt", prompt, model, params, metadata, headers)
 
-    def models(self) -> dict[str, Any]:
-        """GET /models: the served models, as the server's JSON.
-
-        Like `health`, a control-plane call: it is not traffic and writes no record.
-        """
-        url = self._urls["models"]
-        try:
-            response = self._http.get(url, headers=_ACCEPT_JSON)
-        except httpx.HTTPError as exc:
-            raise exception_from_transport(exc, "models") from exc
-        except (httpx.InvalidURL, ValueError, TypeError) as exc:
-            raise exception_from_unsendable(exc, url, None) from exc
-        return control_reply(response, "models")  # type: ignore[no-any-return]
-
-    def health(self, timeout: float = 5.0) -> bool:
-        """GET /health (at the server root, beside /v1): True when the server answers 200.
-
-        Never raises for an unreachable or failing server; writes no record.
-        """
-        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
-        try:
-            response = self._http.get(f"{root}/health", timeout=timeout)
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, TypeError):
-            return False
-        return response.status_code == 200
-
     # -- the request path -------------------------------------------------------------------
     def _call(
         self,
@@ -305,7 +267,7 @@ class SyncVLLMMiddleware(ClientBase):
         call = self._begin(endpoint, payload_key, payload, model, params, metadata, headers)
         body = request_body(params, model, payload_key, payload, False)
         if self._durable:
-            return self._durably(call, started, endpoint, body, headers)
+            return self._durably(lambda: self._exchange(call, started, endpoint, body, headers))
         return self._exchange(call, started, endpoint, body, headers)
 
     def _exchange(
@@ -323,32 +285,12 @@ class SyncVLLMMiddleware(ClientBase):
         url = self._urls[endpoint]
         try:
             response = self._http.post(url, content=content, headers=send_headers)
-        except _SEND_ERRORS as exc:
-            raise _unanswered(call, started, url, exc, stream=False) from exc
+        except SEND_ERRORS as exc:
+            raise unanswered(call, started, url, exc, stream=False) from exc
         except KeyboardInterrupt:
-            call.log(started, error=APIError(_CANCELLED))
+            call.log(started, error=APIError(CANCELLED))
             raise
         return json_reply(call, started, response)  # type: ignore[no-any-return]
-
-    def _durably(
-        self,
-        call: Call,
-        started: float,
-        endpoint: _Endpoint,
-        body: dict[str, Any],
-        headers: Mapping[str, str] | None,
-    ) -> dict[str, Any]:
-        """`durable=True`: the call returns (or raises) once its record is in Redis, the spool
-        or the files (not when the caller interrupted it)."""
-        try:
-            result = self._exchange(call, started, endpoint, body, headers)
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            _run_blocking(self._recorder.wait_durable())
-            raise
-        _run_blocking(self._recorder.wait_durable())
-        return result
 
     def _open_stream(
         self,
@@ -368,54 +310,12 @@ class SyncVLLMMiddleware(ClientBase):
         send_headers = self._sse_headers
         if headers:
             send_headers = {**(send_headers or {}), **headers}
-        url = self._urls[endpoint]
-        http = self._http
-        try:
-            request = http.build_request("POST", url, content=content, headers=send_headers)
-            response = http.send(request, stream=True)
-        except _SEND_ERRORS as exc:
-            raise _unanswered(call, started, url, exc, stream=True) from exc
-        except KeyboardInterrupt:
-            log_unstarted(call, started, APIError(_CANCELLED), "cancelled")
-            raise
-        if response.status_code >= 400:
-            fail_before_sync_stream(call, started, response)
-        state = SyncStreamState(
+        return self._send_stream(
             call,
             started,
-            response,
+            self._urls[endpoint],
+            content,
+            send_headers,
             chat=endpoint == "chat/completions",
             hide_usage=usage_hidden(params.get("stream_options")),
         )
-        return Stream(state)
-
-
-def _unanswered(
-    call: Call, started: float, url: httpx.URL | str, exc: Exception, *, stream: bool
-) -> APIError | InvalidRequestError:
-    """The error for a request that got no response, recorded (a stream's record also says
-    how it ended)."""
-    error: APIError | InvalidRequestError
-    end: StreamEnd
-    if isinstance(exc, httpx.HTTPError):
-        error, end = exception_from_transport(exc, call.request_id), "disconnected"
-    else:
-        error, end = exception_from_unsendable(exc, url, call.request_id), "invalid_request"
-    if stream:
-        log_unstarted(call, started, error, end)
-    else:
-        call.log(started, error=error)
-    return error
-
-
-def _run_blocking(wait: Coroutine[Any, Any, None]) -> None:
-    """Run a recorder wait to its end from sync code, on a loop of its own (in a thread of
-    its own if this thread already runs one)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(wait)
-        return
-    worker = threading.Thread(target=asyncio.run, args=(wait,))
-    worker.start()
-    worker.join()

@@ -19,14 +19,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from ._endpoints import embedding_summary
-
 __all__ = [
     "RequestFacts",
     "RetryLinks",
     "decode_body",
     "endpoint_of",
-    "summarize_embeddings",
 ]
 
 # endpoint -> (payload key, body field(s) that form the payload). A tuple of fields makes the
@@ -155,21 +152,6 @@ def _audio_facts(endpoint: str, content_type: str, body: bytes) -> RequestFacts:
         else:
             params[name] = data.decode("utf-8", "replace")
     return RequestFacts(endpoint, "messages", messages, model, params, None)
-
-
-def summarize_embeddings(response: Any) -> Any:
-    """An embeddings answer with each vector replaced by its size and hash (the default: the
-    vectors can be far larger than the rest of the record)."""
-    data = response.get("data") if isinstance(response, dict) else None
-    if not isinstance(data, list):
-        return response
-    items = [
-        {**item, "embedding": embedding_summary(item["embedding"])}
-        if isinstance(item, dict) and "embedding" in item
-        else item
-        for item in data
-    ]
-    return {**response, "data": items}
 
 
 class RetryLinks:

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
+from ._endpoint_calls import summarize_embeddings
 from ._exceptions import APIConnectionError, APIError, APITimeoutError, status_error_class
 from ._http import parse_error_body
 from ._partition import host_problem
 from ._reassembly import SSEDecoder, StreamAccumulator
 from ._responses_reassembly import ResponsesAccumulator
 from ._streaming import Accumulator, StreamEnd, error_from_event
-from ._wire_body import RetryLinks, decode_body, endpoint_of, summarize_embeddings
+from ._wire_body import RetryLinks, decode_body, endpoint_of
 
 if TYPE_CHECKING:
     from ._recorder import Call, Recorder

@@ -34,6 +34,8 @@ from vllm_middleware import (
     VLLMMiddleware,
     load_logs,
 )
+from vllm_middleware._endpoints import AsyncAudio
+from vllm_middleware._sync_endpoints import SyncAudio
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
 MODEL = "vllm:qwen-2.5-omni-7b"
@@ -435,9 +437,28 @@ def test_the_same_arguments_as_the_async_client() -> None:
     assert list(sync) == list(async_)
     for name, parameter in async_.items():
         assert (sync[name].kind, sync[name].default) == (parameter.kind, parameter.default), name
-    for method in ("chat_completion", "completions"):
-        got = inspect.signature(getattr(SyncVLLMMiddleware, method)).parameters
-        assert list(got) == list(inspect.signature(getattr(VLLMMiddleware, method)).parameters)
+
+    def public(cls: type) -> set[str]:
+        return {name for name in dir(cls) if not name.startswith("_")}
+
+    # The async client's methods; its `aclose` / `aget_statistics` are the sync ones' names.
+    names = public(VLLMMiddleware) - {"aclose", "aget_statistics"}
+    assert public(SyncVLLMMiddleware) == names
+    pairs = [(getattr(SyncVLLMMiddleware, name), getattr(VLLMMiddleware, name)) for name in names]
+    pairs.append((SyncAudio.transcriptions, AsyncAudio.transcriptions))
+    checked = set()
+    for sync_method, async_method in pairs:
+        if not inspect.isfunction(async_method):
+            continue  # properties and attributes
+        name = async_method.__name__
+        sync_signature, async_signature = map(inspect.signature, (sync_method, async_method))
+        assert sync_signature.parameters == async_signature.parameters, name
+        # The same docstrings, but for the stream type they name.
+        doc = (async_method.__doc__ or "").replace("an `AsyncStream`", "a `Stream`")
+        assert sync_method.__doc__ == doc, name
+        assert not inspect.iscoroutinefunction(sync_method), name
+        checked.add(name)
+    assert checked >= {"embeddings", "responses", "request", "transcriptions", "chat_completion"}
 
 
 def test_media_from_threads_is_moved_to_files(fake_vllm: FakeVLLMServer, tmp_path: Path) -> None:
