@@ -9,9 +9,11 @@ conversation. The report's page is `vllm-mw report` rendered live. Only GET is s
 
 from __future__ import annotations
 
+import contextlib
 import html
 import ipaddress
 import os
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,7 @@ def _list_page(index: TreeIndex, f: Filters) -> str:
     page = fetch_page(index, f, PAGE_SIZE)
     rows, more = page.rows, page.more
     hosts = index.hosts()
-    models = index.models(index.refresh())
+    models = index.models()
 
     def options(name: str, values: list[Any], chosen: str) -> str:
         items = [f'<option value="">all {name}s</option>']
@@ -218,8 +220,12 @@ def _id_day(request_id: str) -> str:
     return f"{digits[:4]}-{digits[4:6]}-{digits[6:]}" if digits.isdigit() else ""
 
 
-def create_app(log_dir: str | os.PathLike[str]) -> Any:
-    """The viewer as an ASGI app (Starlette) over the tree at `log_dir`."""
+def create_app(log_dir: str | os.PathLike[str], *, warm: bool = False) -> Any:
+    """The viewer as an ASGI app (Starlette) over the tree at `log_dir`.
+
+    `warm` summarises the tree's files in a background thread at once, so the first page
+    does not wait for the whole tree to be read (it waits for what is left of it).
+    """
     try:
         from starlette.applications import Starlette
         from starlette.requests import Request
@@ -234,6 +240,8 @@ def create_app(log_dir: str | os.PathLike[str]) -> Any:
         raise ConfigurationError(f"log directory {str(root)!r} does not exist")
     css = resources.files("vllm_middleware").joinpath("_assets/ui.css").read_bytes()
     tree = TreeIndex(root)
+    if warm:
+        threading.Thread(target=_warm, args=(tree,), name="vllm-mw-ui-warm", daemon=True).start()
 
     def respond(body: str, status: int = 200) -> Response:
         return HTMLResponse(body, status_code=status, headers=_HEADERS)
@@ -291,6 +299,11 @@ def create_app(log_dir: str | os.PathLike[str]) -> Any:
     )
 
 
+def _warm(tree: TreeIndex) -> None:
+    with contextlib.suppress(VLLMMiddlewareError):  # the first page reports it
+        tree.refresh()
+
+
 _HEADERS = {
     "Content-Security-Policy": _CSP,
     "X-Content-Type-Options": "nosniff",
@@ -301,7 +314,7 @@ _HEADERS = {
 
 def serve(log_dir: str | os.PathLike[str], listen: str, *, allow_remote: bool = False) -> int:
     host, port = check_listen(listen, allow_remote)
-    app = create_app(log_dir)
+    app = create_app(log_dir, warm=True)
     try:
         import uvicorn
     except ImportError:

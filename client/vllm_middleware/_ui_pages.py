@@ -18,7 +18,7 @@ import base64
 import datetime as dt
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,7 +250,10 @@ class TreeIndex:
                         )
         return sorted(found)
 
-    def models(self, files: Iterable[_File]) -> list[str]:
+    def models(self) -> list[str]:
+        """The models of the files as last refreshed (the `logs` view's distinct models)."""
+        with self._lock:
+            files = list(self._files.values())
         return sorted({m for f in files for m, s in f.models.items() if m is not None and s.rows})
 
 
