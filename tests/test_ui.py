@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlencode
 
 import pytest
 from starlette.testclient import TestClient
-from vllm_middleware import VLLMMiddleware
+from vllm_middleware import VLLMMiddleware, _ui_pages
 from vllm_middleware._cli import main
 from vllm_middleware._exceptions import ConfigurationError
 from vllm_middleware._ui import check_listen, create_app
@@ -251,10 +251,19 @@ FILTERS: list[tuple[dict[str, str], str, list[Any]]] = [
 ]
 
 
+@pytest.mark.parametrize("budget", [_ui_pages.SCAN_BUDGET, 1], ids=["whole", "cut-short"])
 @pytest.mark.parametrize(("params", "where", "args"), FILTERS, ids=lambda v: str(v))
 def test_pages_show_the_plain_query_rows(
-    tmp_path: Path, params: dict[str, str], where: str, args: list[Any]
+    tmp_path: Path,
+    params: dict[str, str],
+    where: str,
+    args: list[Any],
+    budget: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Page after page, the rows of the plain query over the whole tree, in its order; also
+    when each page may read one batch of files only (pages cut short, some of them empty)."""
+    monkeypatch.setattr(_ui_pages, "SCAN_BUDGET", budget)
     _mixed_tree(tmp_path)
     expected = _plain(tmp_path, where, args)
     assert len(expected) > 50 or params.get("q")  # more than one page, most of them

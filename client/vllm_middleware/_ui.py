@@ -134,6 +134,8 @@ def _list_page(index: TreeIndex, f: Filters) -> str:
     if f.after:  # pages are read from a cursor forward: back is the browser's, or the newest
         pager.append(f'<a rel="first" href="/?{f.query(page=1, after="")}">⇤ newest</a>')
     pager.append(f"<span>page {f.page}</span>")
+    if page.searched_to:
+        pager.append(f"<span>(read back to {_esc(page.searched_to)})</span>")
     if more and page.next is not None:
         older = f.query(page=f.page + 1, after=page.next.token())
         pager.append(f'<a rel="next" href="/?{older}">older →</a>')

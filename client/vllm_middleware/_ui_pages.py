@@ -38,6 +38,8 @@ _ROW_COLUMNS = (
     "ttft_ms, input_tokens, output_tokens, messages, prompt, response"
 )
 _BATCH_FILES = 64
+#: Bytes of files one page may read once it has started reading (at least one batch is read).
+SCAN_BUDGET = 512 * 1024 * 1024
 
 # A row's place in the order, as a tuple Python sorts the same way:
 # (no timestamp, -epoch microseconds, no request id, request id).
@@ -262,6 +264,7 @@ class Page:
     rows: list[tuple[Any, ...]]  # the _ROW_COLUMNS
     more: bool
     next: Cursor | None  # where the next (older) page starts
+    searched_to: str = ""  # the page was cut short: days from this one on are not read yet
 
 
 def _bounds(f: _File, filters: Filters) -> tuple[Key, Key] | None:
@@ -336,14 +339,21 @@ def fetch_page(index: TreeIndex, filters: Filters, size: int) -> Page:
         args += cargs
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     found: list[tuple[Key, tuple[Any, ...]]] = []
+    budget = SCAN_BUDGET
+    stop: Cursor | None = None  # where a page cut short by the budget stops
     con = index.connect()
     try:
         i = 0
         while i < len(files):
-            (best, worst), _ = files[i]
+            (best, worst), first = files[i]
             if len(found) >= want and _prefix(found[want - 1][0]) < _prefix(best):
                 break  # no file left can hold a row of the page
-            batch = [files[i][1]]
+            if budget <= 0:
+                # Filters the summaries cannot prune (text, metadata) would read on to the
+                # oldest day for a rare match: the page ends here, the next one goes on.
+                stop = Cursor(None if best[0] else -best[1], "", 0)
+                break
+            batch = [first]
             i += 1
             # Files whose time ranges overlap the first one's are read with it.
             while (
@@ -353,10 +363,16 @@ def fetch_page(index: TreeIndex, filters: Filters, size: int) -> Page:
             ):
                 batch.append(files[i][1])
                 i += 1
+            budget -= sum(f.stamp[0] for f in batch)
             found = sorted(found + _read(con, batch, where, args, want), key=lambda r: r[0])[:want]
     finally:
         con.close()
     rows = _skip(found, cursor)
+    if stop is not None:
+        # Rows at the stop's timestamp may be in files not read yet: they start the next page.
+        rows = [r for r in rows if _prefix(r[0]) < _prefix(stop.key)]
+        if len(rows) <= size:
+            return Page([r for _, r in rows], True, stop, searched_to=files[i][1].day)
     more = len(rows) > size
     rows = rows[:size]
     return Page([r for _, r in rows], more, _cursor_after(rows, cursor) if more else None)
