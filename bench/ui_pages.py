@@ -158,7 +158,7 @@ def measure(root: Path, repeats: int) -> dict[str, object]:
     timed("host=app-1", "/?host=app-1")
     timed("status=error", "/?status=error")
     timed("meta team=ads", "/?meta=team%3Dads")
-    timed("free text", "/?q=question+12345%3A")
+    timed("free text (recent matches)", "/?q=question+9999")
     links = _links(first)
     timed("request page (list link)", links[7])
     bare = links[7].split("?")[0]
