@@ -413,3 +413,28 @@ def test_the_viewer_in_headless_chromium(server: str) -> None:
             browser.close()
     assert problems == []
     assert outside == []
+
+
+def test_a_request_page_from_its_partition_or_a_bare_link(tmp_path: Path) -> None:
+    _mixed_tree(tmp_path)
+    client = TestClient(create_app(tmp_path))
+    # A record whose id does not name its day, and one whose id names another day.
+    _write(
+        tmp_path / "date=2025-10-20" / "host=app-9" / "w.jsonl",
+        [
+            _record(1, "2025-10-20", request_id="custom/1 ?x"),
+            _record(2, "2025-10-20", request_id="req_20251021_99999"),
+        ],
+    )
+    link = next(
+        m
+        for m in re.findall(r'href="(/request/[^"]+)"', client.get("/?host=app-9").text)
+        if "custom" in m
+    )
+    assert "custom/1 ?x" in client.get(link.replace("&amp;", "&")).text
+    assert client.get("/request/custom%2F1%20%3Fx").status_code == 200
+    assert client.get("/request/req_20251021_99999").status_code == 200
+    compacted = _ids(client.get("/?until=2025-10-19").text)[0]  # from a Parquet day
+    assert client.get(f"/request/{compacted}").status_code == 200
+    wrong = client.get("/request/custom%2F1%20%3Fx", params={"date": "2025-10-21", "host": "app-9"})
+    assert wrong.status_code == 404

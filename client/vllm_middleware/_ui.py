@@ -1,10 +1,11 @@
 """`vllm-mw ui`: a local, read-only web viewer of the logs (the `[ui]` extra: Starlette, uvicorn).
 
 Server-rendered pages, no script and nothing fetched from the network: the request table
-(filters, pages) and the counts come from DuckDB over the `logs` view (`_query`), with every
-user value passed as a query parameter; a request's page reads its one record back through the
-reader (its partition only) with media restored from the media store, and renders the
-conversation. The report's page is `vllm-mw report` rendered live. Only GET is served.
+(filters, keyset pages) comes from DuckDB through the `logs` view's columns, reading only the
+files a page needs (`_ui_pages`), with every user value passed as a query parameter; a
+request's page reads its one record back from its partition, stopping at the first match, with
+media restored from the media store, and renders the conversation. The report's page is
+`vllm-mw report` rendered live. Only GET is served.
 """
 
 from __future__ import annotations

@@ -175,6 +175,10 @@ class _File:
     models: dict[str | None, _Stats] = field(default_factory=dict)
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _day_host(path: Path) -> tuple[str, str]:
     return path.parent.parent.name[5:], path.parent.name[5:]
 
@@ -228,9 +232,7 @@ class TreeIndex:
                 f"min(epoch_us(ts)), count(*) - count(ts) FROM ({source}) GROUP BY ALL"
             ).fetchall()
         except duckdb_module().Error as exc:
-            raise QueryError(
-                f"cannot read the log tree: {str(exc).strip().splitlines()[0]}"
-            ) from None
+            raise QueryError(f"cannot read the log tree: {_first_line(exc)}") from None
         finally:
             con.close()
         for name, model, n, errors, newest, oldest, undated in rows:
@@ -302,21 +304,14 @@ def _prefix(key: Key) -> tuple[bool, int]:
 
 def _after(cursor: Cursor) -> tuple[str, list[Any]]:
     """Rows at or after the cursor's key (those of equal key are skipped by count)."""
-    ts_part = "epoch_us(ts)"
-    if cursor.micros is None:
-        head, args = f"{ts_part} IS NULL", []
-        same = f"{ts_part} IS NULL"
-        same_args: list[Any] = []
-    else:
-        head, args = f"({ts_part} IS NULL OR {ts_part} < ?)", [cursor.micros]
-        same, same_args = f"{ts_part} = ?", [cursor.micros]
     if cursor.request_id is None:
-        tail, tail_args = "request_id IS NULL", []
+        tail, args = "request_id IS NULL", []
     else:
-        tail, tail_args = "(request_id IS NULL OR request_id >= ?)", [cursor.request_id]
+        tail, args = "(request_id IS NULL OR request_id >= ?)", [cursor.request_id]
     if cursor.micros is None:
-        return f"({same} AND {tail})", [*same_args, *tail_args]
-    return f"({head} OR ({same} AND {tail}))", [*args, *same_args, *tail_args]
+        return f"(ts IS NULL AND {tail})", args
+    at = cursor.micros
+    return f"(ts IS NULL OR epoch_us(ts) < ? OR (epoch_us(ts) = ? AND {tail}))", [at, at, *args]
 
 
 def fetch_page(index: TreeIndex, filters: Filters, size: int) -> Page:
@@ -382,11 +377,14 @@ def _read(
     con: Any, batch: Sequence[_File], where: str, args: list[Any], limit: int
 ) -> list[tuple[Key, tuple[Any, ...]]]:
     source = files_sql(con, [f.path for f in batch], _FILE)
-    rows = con.execute(
-        f"SELECT epoch_us(ts), {_ROW_COLUMNS} FROM ({source}) {where} "
-        "ORDER BY ts DESC NULLS LAST, request_id LIMIT ?",
-        [*args, limit],
-    ).fetchall()
+    try:
+        rows = con.execute(
+            f"SELECT epoch_us(ts), {_ROW_COLUMNS} FROM ({source}) {where} "
+            "ORDER BY ts DESC NULLS LAST, request_id LIMIT ?",
+            [*args, limit],
+        ).fetchall()
+    except duckdb_module().Error as exc:  # a file removed since it was listed, say
+        raise QueryError(f"cannot read the log tree: {_first_line(exc)}") from None
     return [(_key(r[0], r[1]), tuple(r[1:])) for r in rows]
 
 
