@@ -438,3 +438,20 @@ def test_a_request_page_from_its_partition_or_a_bare_link(tmp_path: Path) -> Non
     assert client.get(f"/request/{compacted}").status_code == 200
     wrong = client.get("/request/custom%2F1%20%3Fx", params={"date": "2025-10-21", "host": "app-9"})
     assert wrong.status_code == 404
+
+
+def test_rows_show_their_own_prompt_and_answer(tmp_path: Path) -> None:
+    """The text of each row is its record's (JSONL read by offset, Parquet through DuckDB)."""
+    _mixed_tree(tmp_path)
+    client = TestClient(create_app(tmp_path))
+    cells = re.compile(
+        r'<a href="/request/req_\d+_(\d+)\?[^"]*">.*?<td class="text">([^<]*)</td>'
+        r'<td class="text">([^<]*)</td></tr>'
+    )
+    for params in ({}, {"until": "2025-10-19"}, {"status": "error"}):
+        rows = cells.findall(client.get("/", params=params).text)
+        assert len(rows) == 50
+        for number, prompt, answer in rows:
+            i = int(number)
+            assert prompt.startswith(f"question {i}")
+            assert answer == ("HTTP 500" if i % 9 == 4 else f"answer {i}")

@@ -108,9 +108,9 @@ def _list_page(index: TreeIndex, f: Filters) -> str:
     for row in rows:
         rid, stamp, _day, host, model, code, error, latency, ttft, tin, tout = row[:11]
         record = {
-            "messages": _json(row[11]),
-            "prompt": _json(row[12]),
-            "response": _json(row[13]),
+            "messages": row[11],
+            "prompt": row[12],
+            "response": row[13],
         }
         shown = _snippet(prompt_text(record))
         answer = _snippet(str(error)) if error else _snippet(answer_text(record))
@@ -141,15 +141,6 @@ def _list_page(index: TreeIndex, f: Filters) -> str:
         older = f.query(page=f.page + 1, after=page.next.token())
         pager.append(f'<a rel="next" href="/?{older}">older →</a>')
     return _page("Requests", form + table + f'<p class="pager">{" ".join(pager)}</p>')
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return value
-    return value
 
 
 def _tokens(value: Any) -> str:

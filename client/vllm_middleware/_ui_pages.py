@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import mmap
 import os
 import threading
 from collections.abc import Sequence
@@ -33,10 +34,13 @@ from ._reader import iter_log_files
 __all__ = ["Cursor", "Filters", "Page", "TreeIndex", "fetch_page"]
 
 _FILE = "_vllm_mw_file"
+# A page's rows are chosen on these (no JSON column is materialised for the rows not shown);
+# the shown rows' `messages`, `prompt` and `response` are read afterwards (`_content`).
 _ROW_COLUMNS = (
     "request_id, timestamp, CAST(date AS VARCHAR), host, model, status_code, error, latency_ms, "
-    "ttft_ms, input_tokens, output_tokens, messages, prompt, response"
+    f'ttft_ms, input_tokens, output_tokens, "{_FILE}"'
 )
+_CONTENT = ("messages", "prompt", "response")
 _BATCH_FILES = 64
 #: Bytes of files one page may read once it has started reading (at least one batch is read).
 SCAN_BUDGET = 512 * 1024 * 1024
@@ -263,7 +267,8 @@ class TreeIndex:
 
 @dataclass
 class Page:
-    rows: list[tuple[Any, ...]]  # the _ROW_COLUMNS
+    # The _ROW_COLUMNS but the file, then the decoded `messages`, `prompt` and `response`.
+    rows: list[tuple[Any, ...]]
     more: bool
     next: Cursor | None  # where the next (older) page starts
     searched_to: str = ""  # the page was cut short: days from this one on are not read yet
@@ -367,10 +372,82 @@ def fetch_page(index: TreeIndex, filters: Filters, size: int) -> Page:
         # Rows at the stop's timestamp may be in files not read yet: they start the next page.
         rows = [r for r in rows if _prefix(r[0]) < _prefix(stop.key)]
         if len(rows) <= size:
-            return Page([r for _, r in rows], True, stop, searched_to=files[i][1].day)
+            return Page(_with_content(index, rows), True, stop, searched_to=files[i][1].day)
     more = len(rows) > size
     rows = rows[:size]
-    return Page([r for _, r in rows], more, _cursor_after(rows, cursor) if more else None)
+    return Page(_with_content(index, rows), more, _cursor_after(rows, cursor) if more else None)
+
+
+def _with_content(
+    index: TreeIndex, rows: list[tuple[Key, tuple[Any, ...]]]
+) -> list[tuple[Any, ...]]:
+    """The rows (without their file) and their records' `messages`, `prompt` and `response`."""
+    content: list[tuple[Any, ...] | None] = [None] * len(rows)
+    by_file: dict[str, list[int]] = {}
+    for n, (_, row) in enumerate(rows):
+        by_file.setdefault(row[-1], []).append(n)
+    for name, wanted in by_file.items():
+        if name.endswith(".jsonl"):
+            for n in wanted:
+                content[n] = _line_content(Path(name), rows[n][1])
+        missing = [n for n in wanted if content[n] is None]
+        if missing:  # Parquet, gzip, or a line not found by its id's bytes: DuckDB reads it
+            con = index.connect()
+            try:
+                for n in missing:
+                    content[n] = _query_content(con, Path(name), rows[n][1])
+            finally:
+                con.close()
+    return [(*row[:-1], *(content[n] or (None, None, None))) for n, (_, row) in enumerate(rows)]
+
+
+def _line_content(path: Path, row: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The content of the row's line, found from the end of the file by the id's bytes."""
+    request_id, timestamp = row[0], row[1]
+    if not isinstance(request_id, str):
+        return None
+    needle = orjson.dumps(request_id)
+    if not needle.isascii() or b"\\" in needle:
+        return None  # an encoder may escape it differently: let DuckDB find it
+    try:
+        with (
+            path.open("rb") as handle,
+            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm,
+        ):
+            end = len(mm)
+            while (at := mm.rfind(needle, 0, end)) >= 0:
+                start = mm.rfind(b"\n", 0, at) + 1
+                stop = mm.find(b"\n", at)
+                end = start
+                try:
+                    data = orjson.loads(mm[start : stop if stop >= 0 else len(mm)])
+                except orjson.JSONDecodeError:
+                    continue
+                if (
+                    isinstance(data, dict)
+                    and data.get("request_id") == request_id
+                    and data.get("timestamp") == timestamp
+                ):
+                    return tuple(data.get(name) for name in _CONTENT)
+    except (OSError, ValueError):  # gone, or empty (mmap of 0 bytes)
+        return None
+    return None
+
+
+def _query_content(con: Any, path: Path, row: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    source = files_sql(con, [path], _FILE)
+    same = "request_id IS NULL" if row[0] is None else "request_id = ?"
+    try:
+        found = con.execute(
+            f"SELECT {', '.join(_CONTENT)} FROM ({source}) WHERE {same} "
+            "AND timestamp IS NOT DISTINCT FROM ? LIMIT 1",
+            [*([] if row[0] is None else [row[0]]), row[1]],
+        ).fetchone()
+    except duckdb_module().Error as exc:
+        raise QueryError(f"cannot read the log tree: {_first_line(exc)}") from None
+    if found is None:
+        return None
+    return tuple(orjson.loads(v) if isinstance(v, str) else v for v in found)
 
 
 def _read(
