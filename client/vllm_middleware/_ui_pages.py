@@ -118,7 +118,8 @@ class Filters:
             meta=str(params.get("meta", "")).strip(),
             q=str(params.get("q", "")).strip(),
             after=str(params.get("after", "")),
-            page=max(1, int(page)) if page.isdigit() else 1,
+            # Without a cursor it is the first page, whatever number an old link carries.
+            page=max(1, int(page)) if page.isdigit() and params.get("after") else 1,
         )
 
     def where(self) -> tuple[list[str], list[Any]]:
