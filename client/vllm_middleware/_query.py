@@ -22,7 +22,15 @@ import orjson
 
 from ._exceptions import ConfigurationError, LogReadError, QueryError
 
-__all__ = ["COLUMNS", "connect", "logs_view_sql", "run_query", "write_result"]
+__all__ = [
+    "COLUMNS",
+    "connect",
+    "duckdb_module",
+    "files_sql",
+    "logs_view_sql",
+    "run_query",
+    "write_result",
+]
 
 #: The record's columns as the `logs` view types them (besides `date` and `host`).
 COLUMNS: dict[str, str] = {
@@ -91,17 +99,21 @@ def _present(root: Path) -> tuple[set[str], bool]:
 _FILE_COLUMN = "_vllm_mw_file"
 
 
-def _jsonl_sql(root: Path, suffixes: set[str]) -> str:
-    globs = ", ".join(_literal(str(root / "date=*" / "host=*" / f"*{s}")) for s in sorted(suffixes))
+def _read_json(sources: Sequence[str], file_column: str | None) -> str:
     columns = ", ".join(f"{_literal(name)}: {_literal(kind)}" for name, kind in COLUMNS.items())
-    both = len(suffixes) == 2
-    source = (
-        f"read_json([{globs}], format='newline_delimited', "
+    return (
+        f"read_json([{', '.join(_literal(s) for s in sources)}], format='newline_delimited', "
         f"columns={{{columns}}}, hive_partitioning=true, hive_types={_HIVE_TYPES}, "
         "union_by_name=true, "
-        + (f"filename={_literal(_FILE_COLUMN)}, " if both else "")
+        + (f"filename={_literal(file_column)}, " if file_column else "")
         + f"ignore_errors=true, maximum_object_size={_MAX_OBJECT})"
     )
+
+
+def _jsonl_sql(root: Path, suffixes: set[str]) -> str:
+    globs = [str(root / "date=*" / "host=*" / f"*{s}") for s in sorted(suffixes)]
+    both = len(suffixes) == 2
+    source = _read_json(globs, _FILE_COLUMN if both else None)
     if not both:
         return f"SELECT * FROM {source}"
     # `X.jsonl` beside `X.jsonl.gz` (a compression in place not finished, `_compress.py`):
@@ -119,10 +131,11 @@ def _jsonl_sql(root: Path, suffixes: set[str]) -> str:
 _COMPACT_TYPED = ("request_id", "model", "endpoint", "status_code", "latency_ms", "ttft_ms")
 
 
-def _parquet_sql(con: Any, root: Path) -> str:
+def _parquet_sql(con: Any, sources: Sequence[str], file_column: str | None = None) -> str:
     source = (
-        f"read_parquet({_literal(str(root / 'date=*' / '**' / '*.parquet'))}, "
-        f"hive_partitioning=true, hive_types={_HIVE_TYPES}, union_by_name=true)"
+        f"read_parquet([{', '.join(_literal(s) for s in sources)}], "
+        f"hive_partitioning=true, hive_types={_HIVE_TYPES}, union_by_name=true"
+        + (f", filename={_literal(file_column)})" if file_column else ")")
     )
     have = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     picks = []
@@ -170,6 +183,8 @@ def _parquet_sql(con: Any, root: Path) -> str:
     picks.append("date" if "date" in have else "CAST(NULL AS DATE) AS date")
     picks.append("CAST(host AS VARCHAR) AS host" if "host" in have else "NULL::VARCHAR AS host")
     picks += derived
+    if file_column:
+        picks.append(_quote(file_column))
     return f"SELECT {', '.join(picks)} FROM {source}"
 
 
@@ -187,7 +202,7 @@ def logs_view_sql(con: Any, root: str | os.PathLike[str]) -> str:
     if suffixes:
         parts.append(f"SELECT *, {', '.join(_DERIVED)} FROM ({_jsonl_sql(path, suffixes)})")
     if parquet:
-        parts.append(_parquet_sql(con, path))
+        parts.append(_parquet_sql(con, [str(path / "date=*" / "**" / "*.parquet")]))
     if not parts:  # an empty tree still has a (typed, empty) view
         empty = ", ".join(f"CAST(NULL AS {k}) AS {_quote(n)}" for n, k in COLUMNS.items())
         parts.append(
@@ -198,7 +213,26 @@ def logs_view_sql(con: Any, root: str | os.PathLike[str]) -> str:
     return f"CREATE OR REPLACE VIEW logs AS {body}"
 
 
-def _duckdb() -> Any:
+def files_sql(con: Any, files: Sequence[Path], file_column: str) -> str:
+    """The `logs` view's rows of these files only (as listed by `iter_log_files`), each row
+    with the path it came from in `file_column`: for tools that prune the tree themselves.
+
+    The caller lists the files, so a `X.jsonl.gz` beside its `X.jsonl` is already left out.
+    """
+    jsonl = [str(f) for f in files if not f.name.endswith(".parquet")]
+    parquet = [str(f) for f in files if f.name.endswith(".parquet")]
+    parts = []
+    if jsonl:
+        parts.append(f"SELECT *, {', '.join(_DERIVED)} FROM {_read_json(jsonl, file_column)}")
+    if parquet:
+        parts.append(_parquet_sql(con, parquet, file_column))
+    if not parts:
+        raise QueryError("no files to read")
+    return " UNION ALL BY NAME ".join(f"({part})" for part in parts)
+
+
+def duckdb_module() -> Any:
+    """The `duckdb` module, or a `ConfigurationError` naming the extra to install."""
     try:
         import duckdb
     except ImportError:
@@ -210,7 +244,7 @@ def _duckdb() -> Any:
 
 def connect(root: str | os.PathLike[str]) -> Any:
     """An in-memory DuckDB connection with the `logs` view over the tree at `root`."""
-    duckdb = _duckdb()
+    duckdb = duckdb_module()
     con = duckdb.connect(":memory:")
     con.execute("SET enable_progress_bar = false")
     try:
@@ -235,7 +269,7 @@ class Result:
         self.json_columns = {i for i, d in enumerate(description) if str(d[1]) == "JSON"}
 
     def rows(self, batch: int = 2048) -> Iterator[tuple[Any, ...]]:
-        duckdb = _duckdb()
+        duckdb = duckdb_module()
         while True:
             try:
                 chunk = self._cursor.fetchmany(batch)
@@ -248,7 +282,7 @@ class Result:
 
 def run_query(root: str | os.PathLike[str], sql: str) -> Result:
     """Run `sql` against the `logs` view of the tree; errors are `QueryError`s, one line each."""
-    duckdb = _duckdb()
+    duckdb = duckdb_module()
     con = connect(root)
     try:
         cursor = con.execute(sql)

@@ -1,29 +1,34 @@
 """`vllm-mw ui`: a local, read-only web viewer of the logs (the `[ui]` extra: Starlette, uvicorn).
 
 Server-rendered pages, no script and nothing fetched from the network: the request table
-(filters, pages) and the counts come from DuckDB over the `logs` view (`_query`), with every
-user value passed as a query parameter; a request's page reads its one record back through the
-reader (its partition only) with media restored from the media store, and renders the
-conversation. The report's page is `vllm-mw report` rendered live. Only GET is served.
+(filters, keyset pages) comes from DuckDB through the `logs` view's columns, reading only the
+files a page needs (`_ui_pages`), with every user value passed as a query parameter; a
+request's page reads its one record back from its partition, stopping at the first match, with
+media restored from the media store, and renders the conversation. The report's page is
+`vllm-mw report` rendered live. Only GET is served.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
 import ipaddress
 import os
-from dataclasses import dataclass
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import orjson
 
 from ._exceptions import ConfigurationError, VLLMMiddlewareError
-from ._query import connect
-from ._reader import iter_logs
+from ._media_files import restore_media_refs
+from ._read_files import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_documents
+from ._reader import iter_log_files
+from ._record import LogRecord
 from ._record_view import answer_text, prompt_text
+from ._ui_pages import Filters, TreeIndex, fetch_page
 
 __all__ = ["check_listen", "create_app", "serve"]
 
@@ -56,65 +61,6 @@ def check_listen(listen: str, allow_remote: bool) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclass
-class _Filters:
-    since: str = ""
-    until: str = ""
-    model: str = ""
-    host: str = ""
-    status: str = ""  # "", "ok", "error"
-    meta: str = ""  # key=value
-    q: str = ""
-    page: int = 1
-
-    @classmethod
-    def of(cls, params: Any) -> _Filters:
-        page = params.get("page", "1")
-        return cls(
-            **{k: str(params.get(k, "")).strip() for k in ("since", "until", "model", "host")},
-            status=str(params.get("status", "")),
-            meta=str(params.get("meta", "")).strip(),
-            q=str(params.get("q", "")).strip(),
-            page=max(1, int(page)) if str(page).isdigit() else 1,
-        )
-
-    def where(self) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        args: list[Any] = []
-        if self.since:
-            clauses.append("date >= CAST(? AS DATE)")
-            args.append(self.since)
-        if self.until:
-            clauses.append("date <= CAST(? AS DATE)")
-            args.append(self.until)
-        if self.model:
-            clauses.append("model = ?")
-            args.append(self.model)
-        if self.host:
-            clauses.append("host = ?")
-            args.append(self.host)
-        if self.status == "ok":
-            clauses.append("error IS NULL")
-        elif self.status == "error":
-            clauses.append("error IS NOT NULL")
-        if self.meta:
-            key, _, value = self.meta.partition("=")
-            clauses.append("json_extract_string(metadata, ?) = ?")
-            args += ["$." + '"' + key.replace('"', "") + '"', value]
-        if self.q:
-            clauses.append(
-                "(CAST(messages AS VARCHAR) ILIKE ? OR CAST(prompt AS VARCHAR) ILIKE ? "
-                "OR CAST(response AS VARCHAR) ILIKE ?)"
-            )
-            pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%") + "%"
-            args += [pattern] * 3
-        return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
-
-    def query(self, **change: Any) -> str:
-        values = {**self.__dict__, **change}
-        return urlencode({k: v for k, v in values.items() if v not in ("", None, 1) or k == "q"})
-
-
 def _page(title: str, body: str) -> str:
     nav = '<nav><a href="/">requests</a> <a href="/report">report</a></nav>'
     return (
@@ -129,23 +75,11 @@ def _snippet(text: str, size: int = 90) -> str:
     return text if len(text) <= size else text[: size - 1] + "…"
 
 
-def _list_page(log_dir: Path, f: _Filters) -> str:
-    where, args = f.where()
-    con = connect(log_dir)
-    try:
-        models = [
-            r[0] for r in con.execute("SELECT DISTINCT model FROM logs ORDER BY 1").fetchall()
-        ]
-        hosts = [r[0] for r in con.execute("SELECT DISTINCT host FROM logs ORDER BY 1").fetchall()]
-        rows = con.execute(
-            "SELECT request_id, timestamp, date, host, model, status_code, error, latency_ms, "
-            "ttft_ms, input_tokens, output_tokens, messages, prompt, response FROM logs "
-            f"{where} ORDER BY ts DESC NULLS LAST, request_id LIMIT ? OFFSET ?",
-            [*args, PAGE_SIZE + 1, (f.page - 1) * PAGE_SIZE],
-        ).fetchall()
-    finally:
-        con.close()
-    more = len(rows) > PAGE_SIZE
+def _list_page(index: TreeIndex, f: Filters) -> str:
+    page = fetch_page(index, f, PAGE_SIZE)
+    rows, more = page.rows, page.more
+    hosts = index.hosts()
+    models = index.models()
 
     def options(name: str, values: list[Any], chosen: str) -> str:
         items = [f'<option value="">all {name}s</option>']
@@ -171,17 +105,18 @@ def _list_page(log_dir: Path, f: _Filters) -> str:
         '<button type="submit">filter</button></form>'
     )
     body_rows = []
-    for row in rows[:PAGE_SIZE]:
+    for row in rows:
         rid, stamp, _day, host, model, code, error, latency, ttft, tin, tout = row[:11]
         record = {
-            "messages": _json(row[11]),
-            "prompt": _json(row[12]),
-            "response": _json(row[13]),
+            "messages": row[11],
+            "prompt": row[12],
+            "response": row[13],
         }
         shown = _snippet(prompt_text(record))
         answer = _snippet(str(error)) if error else _snippet(answer_text(record))
         cls = ' class="error"' if error else ""
-        link = "/request/" + _esc(rid) + "?" + urlencode({"date": str(_day), "host": host})
+        where = urlencode({"date": _day, "host": host})
+        link = "/request/" + quote("" if rid is None else str(rid), safe="") + "?" + where
         body_rows.append(
             f'<tr{cls}><td><a href="{link}">{_esc(str(stamp)[:19].replace("T", " "))}</a></td>'
             f"<td>{_esc(host)}</td><td>{_esc(model)}</td><td>{_esc(code)}</td>"
@@ -197,21 +132,15 @@ def _list_page(log_dir: Path, f: _Filters) -> str:
         + "</tbody></table>"
     )
     pager = []
-    if f.page > 1:
-        pager.append(f'<a rel="prev" href="/?{f.query(page=f.page - 1)}">← newer</a>')
+    if f.after:  # pages are read from a cursor forward: back is the browser's, or the newest
+        pager.append(f'<a rel="first" href="/?{f.query(page=1, after="")}">⇤ newest</a>')
     pager.append(f"<span>page {f.page}</span>")
-    if more:
-        pager.append(f'<a rel="next" href="/?{f.query(page=f.page + 1)}">older →</a>')
+    if page.searched_to:
+        pager.append(f"<span>(read back to {_esc(page.searched_to)})</span>")
+    if more and page.next is not None:
+        older = f.query(page=f.page + 1, after=page.next.token())
+        pager.append(f'<a rel="next" href="/?{older}">older →</a>')
     return _page("Requests", form + table + f'<p class="pager">{" ".join(pager)}</p>')
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return value
-    return value
 
 
 def _tokens(value: Any) -> str:
@@ -222,39 +151,75 @@ def _ms(value: Any) -> str:
     return f"{value:,.0f} ms" if isinstance(value, int | float) else "-"
 
 
-def find_record(log_dir: Path, request_id: str, day: str, host: str) -> dict[str, Any] | None:
-    """The record with `request_id`, read from its partition with media restored."""
-    for record in iter_logs(
-        log_dir, day or None, day or None, host=host or None, restore_media=True
-    ):
-        if record.request_id == request_id:
-            return record.to_dict()
+def find_record(
+    log_dir: Path, request_id: str, day: str, host: str | None = None
+) -> dict[str, Any] | None:
+    """The record with `request_id` from the partitions of `day` (and `host`), media restored.
+
+    Reads the files in order and stops at the first match; a line is parsed only when its bytes
+    hold the id (as JSON writes it), so the rest of the partition costs a byte search.
+    """
+    needle = orjson.dumps(request_id)
+    exact = needle.isascii() and b"\\" not in needle  # written the same by every JSON encoder
+    media = log_dir / "media"
+    stats = ReadStats()
+    for path in iter_log_files(log_dir, start_date=day, end_date=day, host=host):
+        if path.parent == log_dir:
+            continue
+        for raw in iter_documents(
+            path, follow_symlinks=False, max_line_bytes=DEFAULT_MAX_LINE_BYTES, stats=stats
+        ):
+            if exact and needle not in raw:
+                continue
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict) and data.get("request_id") == request_id:
+                if b'"media_ref":' in raw:
+                    restore_media_refs(data, media, stats)
+                return LogRecord(data).to_dict()
     return None
+
+
+def _days(log_dir: Path) -> list[str]:
+    with os.scandir(log_dir) as entries:
+        return sorted(
+            (e.name[5:] for e in entries if e.name.startswith("date=") and e.is_dir()),
+            reverse=True,
+        )
 
 
 def _record_page(log_dir: Path, request_id: str, day: str, host: str) -> str | None:
     from ._ui_chat import render_record
 
-    if not day:  # a link from elsewhere: find the record's partition first
-        con = connect(log_dir)
-        try:
-            found = con.execute(
-                "SELECT CAST(date AS VARCHAR), host FROM logs WHERE request_id = ? LIMIT 1",
-                [request_id],
-            ).fetchone()
-        finally:
-            con.close()
-        if found is None:
-            return None
-        day, host = found
-    record = find_record(log_dir, request_id, day, host)
+    if day:
+        record = find_record(log_dir, request_id, day, host or None)
+    else:  # a bare link: the id's own date first (`req_YYYYMMDD_...`), then newest first
+        days = _days(log_dir)
+        hint = _id_day(request_id)
+        order = ([hint] if hint in days else []) + [d for d in days if d != hint]
+        record = None
+        for candidate in order:
+            record = find_record(log_dir, request_id, candidate)
+            if record is not None:
+                break
     if record is None:
         return None
     return _page(f"Request {request_id}", render_record(record))
 
 
-def create_app(log_dir: str | os.PathLike[str]) -> Any:
-    """The viewer as an ASGI app (Starlette) over the tree at `log_dir`."""
+def _id_day(request_id: str) -> str:
+    digits = request_id[4:12] if request_id.startswith("req_") else ""
+    return f"{digits[:4]}-{digits[4:6]}-{digits[6:]}" if digits.isdigit() else ""
+
+
+def create_app(log_dir: str | os.PathLike[str], *, warm: bool = False) -> Any:
+    """The viewer as an ASGI app (Starlette) over the tree at `log_dir`.
+
+    `warm` summarises the tree's files in a background thread at once, so the first page
+    does not wait for the whole tree to be read (it waits for what is left of it).
+    """
     try:
         from starlette.applications import Starlette
         from starlette.requests import Request
@@ -268,6 +233,9 @@ def create_app(log_dir: str | os.PathLike[str]) -> Any:
     if not root.is_dir():
         raise ConfigurationError(f"log directory {str(root)!r} does not exist")
     css = resources.files("vllm_middleware").joinpath("_assets/ui.css").read_bytes()
+    tree = TreeIndex(root)
+    if warm:
+        threading.Thread(target=_warm, args=(tree,), name="vllm-mw-ui-warm", daemon=True).start()
 
     def respond(body: str, status: int = 200) -> Response:
         return HTMLResponse(body, status_code=status, headers=_HEADERS)
@@ -277,7 +245,7 @@ def create_app(log_dir: str | os.PathLike[str]) -> Any:
 
     def index(request: Request) -> Response:
         try:
-            return respond(_list_page(root, _Filters.of(request.query_params)))
+            return respond(_list_page(tree, Filters.of(request.query_params)))
         except VLLMMiddlewareError as exc:
             return failed(exc)
 
@@ -325,6 +293,11 @@ def create_app(log_dir: str | os.PathLike[str]) -> Any:
     )
 
 
+def _warm(tree: TreeIndex) -> None:
+    with contextlib.suppress(VLLMMiddlewareError):  # the first page reports it
+        tree.refresh()
+
+
 _HEADERS = {
     "Content-Security-Policy": _CSP,
     "X-Content-Type-Options": "nosniff",
@@ -335,7 +308,7 @@ _HEADERS = {
 
 def serve(log_dir: str | os.PathLike[str], listen: str, *, allow_remote: bool = False) -> int:
     host, port = check_listen(listen, allow_remote)
-    app = create_app(log_dir)
+    app = create_app(log_dir, warm=True)
     try:
         import uvicorn
     except ImportError:
