@@ -432,14 +432,14 @@ def export(
     else:
         lines = _example_lines(records, fmt, opts, result, skip_errors=skip_errors)
     if str(out) == "-":
-        _write_all(lines, sys.stdout.buffer, result, progress)
+        _write_all(lines, sys.stdout.buffer, result, fmt, progress)
         sys.stdout.flush()
         return result
     target = Path(out)
     partial = target.with_name(f".{target.name}.partial")
     try:
         with open(partial, "wb", buffering=_WRITE_BYTES) as handle:
-            _write_all(lines, handle, result, progress)
+            _write_all(lines, handle, result, fmt, progress)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -467,15 +467,16 @@ def _dicts(
 
 
 def _write_all(
-    lines: Iterator[bytes], handle: IO[bytes], result: ExportResult, progress: bool
+    lines: Iterator[bytes], handle: IO[bytes], result: ExportResult, fmt: str, progress: bool
 ) -> None:
     """Write `lines` (which count themselves in `result.written`) to `handle`."""
     bar, tick = _progress(progress)
     if bar is None:
         handle.writelines(lines)  # the handle's buffer gathers them: no Python loop per line
         return
+    every = 1 if fmt == "otlp-json" else 1024  # an otlp-json line holds up to 512 spans
     with bar:
         for index, line in enumerate(lines):
             handle.write(line)
-            if not index % 1024:
+            if not index % every:
                 tick(result.read.records)
