@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from ._otlp_content import content_attrs
 
 if TYPE_CHECKING:
     from ._export import ExportOptions, ExportResult
@@ -52,6 +55,8 @@ class _Clock:
     """Timestamps to Unix nanoseconds. The writers' form (`YYYY-MM-DDTHH:MM:SS.ffffff+00:00`)
     is read by slicing, with the second cached (a file's records share their seconds);
     anything else goes through `datetime.fromisoformat`."""
+
+    __slots__ = ("base", "second")
 
     def __init__(self) -> None:
         self.second = ""
@@ -84,75 +89,6 @@ def _parse(timestamp: str) -> int | None:
         moment = moment.replace(tzinfo=UTC)
     delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-
-
-def _parts(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "content": content}] if content else []
-    parts = []
-    for part in content if isinstance(content, list) else []:
-        if isinstance(part, dict) and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "content": part["text"]})
-        elif isinstance(part, dict) and part.get("type"):
-            parts.append({"type": str(part["type"])})  # media: its kind, not its bytes
-    return parts
-
-
-def _message(message: Mapping[str, Any]) -> dict[str, Any]:
-    role = str(message.get("role"))
-    parts: list[dict[str, Any]] = _parts(message.get("content"))
-    if role == "tool":
-        parts = [
-            {
-                "type": "tool_call_response",
-                "id": message.get("tool_call_id"),
-                "response": message.get("content"),
-            }
-        ]
-    for call in message.get("tool_calls") or []:
-        if isinstance(call, dict) and isinstance(call.get("function"), dict):
-            parts.append(
-                {
-                    "type": "tool_call",
-                    "id": call.get("id"),
-                    "name": call["function"].get("name"),
-                    "arguments": call["function"].get("arguments"),
-                }
-            )
-    return {"role": role, "parts": parts}
-
-
-def _content_attrs(record: Mapping[str, Any], attrs: dict[str, Any]) -> None:
-    messages = record.get("messages")
-    if isinstance(messages, list):
-        ms = [m for m in messages if isinstance(m, dict)]
-        system = [p for m in ms if m.get("role") == "system" for p in _parts(m.get("content"))]
-        inputs = [_message(m) for m in ms if m.get("role") != "system"]
-        if system:
-            attrs["gen_ai.system_instructions"] = orjson.dumps(system).decode()
-        attrs["gen_ai.input.messages"] = orjson.dumps(inputs).decode()
-    elif isinstance(record.get("prompt"), str):
-        prompt = [{"role": "user", "parts": _parts(record["prompt"])}]
-        attrs["gen_ai.input.messages"] = orjson.dumps(prompt).decode()
-    response = record.get("response")
-    choices = response.get("choices") if isinstance(response, dict) else None
-    if isinstance(choices, list):
-        outputs = []
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            message = choice.get("message")
-            item: dict[str, Any] = (
-                _message(message)
-                if isinstance(message, dict)
-                else {"role": "assistant", "parts": _parts(choice.get("text"))}
-            )
-            item["finish_reason"] = choice.get("finish_reason")
-            outputs.append(item)
-        attrs["gen_ai.output.messages"] = orjson.dumps(outputs).decode()
-    params = record.get("parameters")
-    if isinstance(params, dict) and isinstance(params.get("tools"), list):
-        attrs["gen_ai.tool.definitions"] = orjson.dumps(params["tools"]).decode()
 
 
 # Spans are written as JSON text piece by piece: this runs once per record, and building
@@ -268,6 +204,34 @@ def _reasons_attr(choices: list[Any]) -> bytes:
     return b"," + _K["gen_ai.response.finish_reasons"] + _texts_value(reasons)
 
 
+# The fields the fast path reads, in one call (a missing one: the general path).
+_FIELDS = itemgetter(
+    "request_id",
+    "timestamp",
+    "latency_ms",
+    "endpoint",
+    "model",
+    "parameters",
+    "response",
+    "usage",
+    "ttft_ms",
+    "error",
+    "status_code",
+)
+# Everything of a successful span but its variable parts, in the general path's order: trace
+# and span ids, name, start, end, then the attributes (head, parameters, response id, response
+# model, finish reasons, input and output tokens, time to first chunk, server, status code),
+# the request id last.
+_FAST = (
+    b'{"traceId":"%.32s","spanId":"%s","name":%s,"kind":3,'
+    b'"startTimeUnixNano":"%d","endTimeUnixNano":"%d","attributes":[%s%s'
+    + _RESPONSE_ID
+    + b"%s}}%s%s%s%s%s%s%s"
+    + _REQUEST_ID
+    + b'%s}}],"status":{}}'
+)
+
+
 class _SpanEncoder:
     """Records to encoded OTLP/JSON spans, for one export.
 
@@ -279,7 +243,8 @@ class _SpanEncoder:
     def __init__(self, options: ExportOptions) -> None:
         self._server = b"".join(b"," + attr for attr in _server(options.server_address))
         self._content = options.otlp_content
-        self._nanos = _Clock().nanos
+        self._clock = _Clock()
+        self._nanos = self._clock.nanos
         self._heads: dict[tuple[str, str | None], tuple[bytes, bytes]] = {}
         self._params: dict[bytes, bytes] = {}
         self._models: dict[str, bytes] = {}
@@ -308,6 +273,35 @@ class _SpanEncoder:
             self._heads[(operation, model)] = (name, attrs)
         return name, attrs
 
+    def _param_piece(self, params: dict[str, Any], key: bytes) -> bytes:
+        # The parameters' JSON is the key when short (the usual case: cheapest to make), else
+        # the JSON of the values read: an object and an array never collide.
+        if len(key) > _CACHE_KEY_BYTES:
+            key = _dumps(tuple(map(params.get, _PARAM_KEYS)))
+            found = self._params.get(key)
+            if found is not None:
+                return found
+        return self._keep(self._params, key, _param_attrs(params))
+
+    def _model_piece(self, model: str) -> bytes:
+        attr = _K["gen_ai.response.model"] + _text_value(model)
+        return self._keep(self._models, model, b"," + attr)
+
+    def _reason_piece(self, reason: str, choices: list[Any]) -> bytes:
+        return self._keep(self._reasons, reason, _reasons_attr(choices))
+
+    def _input_piece(self, tokens: int) -> bytes:
+        attr = _K["gen_ai.usage.input_tokens"] + _int(tokens)
+        return self._keep(self._inputs, tokens, b"," + attr)
+
+    def _output_piece(self, tokens: int) -> bytes:
+        attr = _K["gen_ai.usage.output_tokens"] + _int(tokens)
+        return self._keep(self._outputs, tokens, b"," + attr)
+
+    def _status_piece(self, status: int) -> bytes:
+        attr = _K["http.response.status_code"] + _int(status)
+        return self._keep(self._statuses, status, b"," + attr)
+
     def span(self, record: Mapping[str, Any]) -> bytes | None:
         """One record as an encoded span (None without a request id or a readable timestamp)."""
         get = record.get
@@ -315,7 +309,6 @@ class _SpanEncoder:
         start = self._nanos(get("timestamp"))
         if type(request_id) is not str or start is None:
             return None
-        keep = self._keep
         latency = get("latency_ms")
         end = start
         if (type(latency) is int or type(latency) is float) and latency > 0:
@@ -346,12 +339,8 @@ class _SpanEncoder:
         add = parts.append
         params = get("parameters")
         if type(params) is dict:
-            # The parameters' JSON is the key when short (the usual case: cheapest to make),
-            # else the JSON of the values read: an object and an array never collide.
             key = _dumps(params)
-            if len(key) > _CACHE_KEY_BYTES:
-                key = _dumps(tuple(map(params.get, _PARAM_KEYS)))
-            add(self._params.get(key) or keep(self._params, key, _param_attrs(params)))
+            add(self._params.get(key) or self._param_piece(params, key))
         response = get("response")
         usage = get("usage")
         if type(response) is dict:
@@ -361,21 +350,14 @@ class _SpanEncoder:
                 parts += (_RESPONSE_ID, _dumps(response_id), b"}}")
             response_model = response_get("model")
             if type(response_model) is str:
-                found = self._models.get(response_model)
-                if found is None:
-                    attr = _K["gen_ai.response.model"] + _text_value(response_model)
-                    found = keep(self._models, response_model, b"," + attr)
-                add(found)
+                add(self._models.get(response_model) or self._model_piece(response_model))
             choices = response_get("choices")
             if type(choices) is list:
                 # The usual single choice is looked up by its finish reason alone.
                 one = choices[0] if len(choices) == 1 else None
                 reason = one.get("finish_reason") if type(one) is dict else None
                 if type(reason) is str:
-                    found = self._reasons.get(reason)
-                    if found is None:
-                        found = keep(self._reasons, reason, _reasons_attr(choices))
-                    add(found)
+                    add(self._reasons.get(reason) or self._reason_piece(reason, choices))
                 else:
                     add(_reasons_attr(choices))
             if not isinstance(usage, dict):
@@ -384,18 +366,10 @@ class _SpanEncoder:
             tokens = usage.get("prompt_tokens")
             if isinstance(tokens, int):
                 # True and 1 encode alike ("1"), so a table keyed by the value will do.
-                found = self._inputs.get(tokens)
-                if found is None:
-                    attr = _K["gen_ai.usage.input_tokens"] + _int(tokens)
-                    found = keep(self._inputs, tokens, b"," + attr)
-                add(found)
+                add(self._inputs.get(tokens) or self._input_piece(tokens))
             tokens = usage.get("completion_tokens")
             if isinstance(tokens, int):
-                found = self._outputs.get(tokens)
-                if found is None:
-                    attr = _K["gen_ai.usage.output_tokens"] + _int(tokens)
-                    found = keep(self._outputs, tokens, b"," + attr)
-                add(found)
+                add(self._outputs.get(tokens) or self._output_piece(tokens))
         ttft = get("ttft_ms")
         if (type(ttft) is int or type(ttft) is float) and math.isfinite(ttft):
             parts += (_TTFT, b'{"doubleValue":%r}}' % (ttft / 1000))
@@ -407,21 +381,125 @@ class _SpanEncoder:
             kind = detail.get("kind") if type(detail) is dict else None
             parts += (_ERROR_TYPE, _dumps(str(kind or status or "_OTHER")), b"}}")
         if type(status) is int:
-            found = self._statuses.get(status)
-            if found is None:
-                attr = _K["http.response.status_code"] + _int(status)
-                found = keep(self._statuses, status, b"," + attr)
-            add(found)
+            add(self._statuses.get(status) or self._status_piece(status))
         parts += (_REQUEST_ID, _dumps(request_id), b"}}")
         if self._content:
             content: dict[str, Any] = {}
-            _content_attrs(record, content)
+            content_attrs(record, content)
             parts.extend(b"," + _key(key) + _text_value(value) for key, value in content.items())
         if error is None:
             add(b'],"status":{}}')
         else:  # 2: STATUS_CODE_ERROR
             parts += (b'],"status":{"code":2,"message":', _dumps(str(error)), b"}}")
         return b"".join(parts)
+
+    def fast_span(self) -> Callable[[Mapping[str, Any]], bytes | None]:
+        """`span` with a fast path for the usual record: the writers' fields all there, a
+        successful chat or completion with one choice, a timestamp of the current second. It
+        makes the same bytes as the general path (which takes every other record) with about
+        half the work: the fields read in one call, the caches in the closure, one format."""
+        if self._content:
+            return self.span
+        slow, clock, head_of, param_piece = self.span, self._clock, self._head, self._param_piece
+        params_cache, models, reasons = self._params, self._models, self._reasons
+        inputs, outputs, statuses = self._inputs, self._outputs, self._statuses
+        model_piece, reason_piece = self._model_piece, self._reason_piece
+        input_piece, output_piece, status_piece = (
+            self._input_piece,
+            self._output_piece,
+            self._status_piece,
+        )
+        server = self._server
+        heads: dict[str, dict[str, tuple[bytes, bytes]]] = {name: {} for name in _OPERATIONS}
+        fields, dumps, sha256, isfinite = _FIELDS, _dumps, _sha256, math.isfinite
+
+        def span(record: Mapping[str, Any]) -> bytes | None:
+            try:
+                (request_id, timestamp, latency, endpoint, model, params, response, usage, ttft,
+                 error, status) = fields(record)  # fmt: skip
+            except (KeyError, TypeError):
+                return slow(record)
+            if (
+                type(timestamp) is not str
+                or timestamp[:19] != clock.second
+                or len(timestamp) != 32
+                or timestamp[19] != "."
+                or timestamp[26:] != "+00:00"
+                or not (micros := timestamp[20:26]).isdigit()
+                or type(request_id) is not str
+                or type(model) is not str
+                or type(endpoint) is not str
+                or (by_model := heads.get(endpoint)) is None
+                or error is not None
+                or type(response) is not dict
+                or type(response_id := response.get("id")) is not str
+                or type(choices := response.get("choices")) is not list
+                or len(choices) != 1
+                or type(choice := choices[0]) is not dict
+                or type(reason := choice.get("finish_reason")) is not str
+            ):
+                return slow(record)
+            head = by_model.get(model)
+            if head is None:
+                head = head_of(_OPERATIONS[endpoint], model)
+                if len(model) <= _CACHE_KEY_BYTES:
+                    if len(by_model) >= _CACHE_SIZE:
+                        by_model.clear()
+                    by_model[model] = head
+            start = clock.base + int(micros) * 1000
+            end = start
+            if (type(latency) is int or type(latency) is float) and latency > 0:
+                end += int(latency * 1_000_000)
+            if type(params) is dict:
+                key = dumps(params)
+                params_part = params_cache.get(key) or param_piece(params, key)
+            else:
+                params_part = b""
+            response_model = response.get("model")
+            if type(response_model) is str:
+                model_part = models.get(response_model) or model_piece(response_model)
+            else:
+                model_part = b""
+            reason_part = reasons.get(reason) or reason_piece(reason, choices)
+            if not isinstance(usage, dict):
+                usage = response.get("usage")
+            input_part = output_part = b""
+            if isinstance(usage, dict):
+                tokens = usage.get("prompt_tokens")
+                if isinstance(tokens, int):
+                    input_part = inputs.get(tokens) or input_piece(tokens)
+                tokens = usage.get("completion_tokens")
+                if isinstance(tokens, int):
+                    output_part = outputs.get(tokens) or output_piece(tokens)
+            if (type(ttft) is int or type(ttft) is float) and isfinite(ttft):
+                ttft_part = _TTFT + b'{"doubleValue":%r}}' % (ttft / 1000)
+            else:
+                ttft_part = b""
+            if type(status) is int:
+                status_part = statuses.get(status) or status_piece(status)
+            else:
+                status_part = b""
+            ids = sha256(request_id.encode()).hexdigest().encode()
+            return _FAST % (
+                ids,
+                ids[32:48],
+                head[0],
+                start,
+                end,
+                head[1],
+                params_part,
+                dumps(response_id),
+                model_part,
+                reason_part,
+                input_part,
+                output_part,
+                ttft_part,
+                server,
+                status_part,
+                dumps(request_id),
+            )
+
+        return span
 
 
 def span_of(record: Mapping[str, Any], options: ExportOptions) -> bytes | None:
@@ -471,7 +549,7 @@ def otlp_lines(
     """`ExportTraceServiceRequest` documents of at most `BATCH` spans grouped by host, one
     encoded JSON line each."""
     version = _version()
-    encode = _SpanEncoder(options).span
+    encode = _SpanEncoder(options).fast_span()
     by_host: dict[str, list[bytes]] = {}  # a batch's spans, by host in the order first seen
     count = 0
     for record in records:

@@ -23,7 +23,7 @@ from ._partition import sanitize_partition_value
 from ._read_files import DEFAULT_MAX_LINE_BYTES, ReadStats, iter_documents, list_log_files
 from ._record import LogRecord
 
-__all__ = ["DateLike", "ReadStats", "iter_log_files", "iter_logs", "load_logs"]
+__all__ = ["DateLike", "ReadStats", "iter_dicts", "iter_log_files", "iter_logs", "load_logs"]
 
 logger = logging.getLogger("vllm_middleware")
 
@@ -112,6 +112,67 @@ def iter_logs(
     Records longer than `max_line_bytes` (None: no limit) are skipped. What was skipped is
     counted in `stats`.
     """
+    return _records(
+        log_dir,
+        start_date,
+        end_date,
+        host,
+        model,
+        errors_only,
+        stats,
+        restore_media,
+        media_dir,
+        follow_symlinks,
+        max_line_bytes,
+        wrap=True,
+    )
+
+
+def iter_dicts(
+    log_dir: str | os.PathLike[str],
+    start_date: DateLike | None = None,
+    end_date: DateLike | None = None,
+    *,
+    host: str | None = None,
+    model: str | None = None,
+    errors_only: bool = False,
+    stats: ReadStats | None = None,
+    restore_media: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """`iter_logs`' records as the parsed dicts themselves, for the tools that convert every
+    record (`export`): no `LogRecord` made and unwrapped per record."""
+    return _records(
+        log_dir,
+        start_date,
+        end_date,
+        host,
+        model,
+        errors_only,
+        stats,
+        restore_media,
+        None,
+        False,
+        DEFAULT_MAX_LINE_BYTES,
+        wrap=False,
+    )
+
+
+def _records(
+    log_dir: str | os.PathLike[str],
+    start_date: DateLike | None,
+    end_date: DateLike | None,
+    host: str | None,
+    model: str | None,
+    errors_only: bool,
+    stats: ReadStats | None,
+    restore_media: bool,
+    media_dir: str | os.PathLike[str] | None,
+    follow_symlinks: bool,
+    max_line_bytes: int | None,
+    *,
+    wrap: bool,
+) -> Iterator[Any]:
+    # A generator: arguments are checked on the first `next`, as they always were.
     lo, hi = _date_range(start_date, end_date)
     if max_line_bytes is not None and max_line_bytes <= 0:
         raise ConfigurationError(f"max_line_bytes must be positive or None, not {max_line_bytes}")
@@ -148,7 +209,7 @@ def iter_logs(
             if restore_media and b'"media_ref":' in raw:
                 restore_media_refs(data, media_root, counts)
             counts.records += 1
-            yield LogRecord(data)
+            yield LogRecord(data) if wrap else data
 
 
 def _in_range(timestamp: Any, lo: str | None, hi: str | None) -> bool:

@@ -290,6 +290,18 @@ def test_otlp_content_attributes_are_opt_in(traffic: Path, tmp_path: Path) -> No
     assert json.loads(tool["gen_ai.output.messages"])[0]["parts"][0]["type"] == "tool_call"
 
 
+@pytest.mark.parametrize("fmt", ["openai-chat", "otlp-json"])
+def test_the_progress_counter_writes_the_same_file(
+    fmt: str, traffic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a terminal the lines go through the counting loop instead of `writelines`.
+    plain = export(traffic, tmp_path / "plain", fmt, RecordFilter())
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    counted = export(traffic, tmp_path / "counted", fmt, RecordFilter(), progress=True)
+    assert counted.written == plain.written > 0
+    assert (tmp_path / "counted").read_bytes() == (tmp_path / "plain").read_bytes()
+
+
 def test_a_failed_export_leaves_the_target_as_it_was(traffic: Path, tmp_path: Path) -> None:
     out = tmp_path / "train.jsonl"
     out.write_text("previous set\n")

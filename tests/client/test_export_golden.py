@@ -296,3 +296,52 @@ def test_export_output_is_unchanged(case: str, tree: Path, tmp_path: Path) -> No
     assert result.written > 0
     assert got == expected, f"{case}: output differs from {expected_file}"
     assert summary == summary_file.read_bytes()
+
+
+def _usual(record: dict[str, Any], seq: int) -> dict[str, Any]:
+    """`record` made into the shape the span fast path takes (a successful chat or completion
+    with one choice), its other fields (parameters, latency, usage, ...) left as odd as they
+    are."""
+    usual = dict(record)
+    response = usual.get("response")
+    usual["response"] = dict(response) if isinstance(response, dict) else {}
+    usual["response"]["id"] = f"chatcmpl-{seq}"
+    usual["response"]["choices"] = [{"index": 0, "finish_reason": ("stop", "length")[seq % 2]}]
+    usual["timestamp"] = f"2025-10-21T10:00:{seq % 60:02d}.{seq:06d}+00:00"
+    usual["request_id"] = f"req_{seq}"
+    usual["model"] = MODELS[seq % len(MODELS)]
+    usual["endpoint"] = ("chat/completions", "completions")[seq % 2]
+    usual["error"] = None
+    for key in ("latency_ms", "parameters", "usage", "ttft_ms", "status_code"):
+        usual.setdefault(key, None)
+    return usual
+
+
+def test_otlp_fast_path_makes_the_general_bytes(tree: Path) -> None:
+    """The span fast path against the general one, record by record, as the fast path meets
+    them (timestamp of the current second, cached pieces warm or cold): the tree's records
+    rarely share a second or have the usual shape, so the export cases above run most of
+    them through the general path; here every record also runs in the usual shape."""
+    from vllm_middleware._otlp import _SpanEncoder
+    from vllm_middleware._reader import iter_dicts
+
+    originals = list(iter_dicts(tree))
+    usual = [_usual(record, seq) for seq, record in enumerate(originals)]
+    warm = _SpanEncoder(ExportOptions(server_address="vllm.internal:8000"))
+    fast_warm = warm.fast_span()
+    general_calls = 0
+    for record in originals + usual:
+        cold = _SpanEncoder(ExportOptions(server_address="vllm.internal:8000"))
+        expected = cold.span(record)  # also sets the clock's second to this record's
+
+        def counted(r: Any, span: Any = cold.span) -> Any:
+            nonlocal general_calls
+            general_calls += 1
+            return span(r)
+
+        cold.span = counted  # type: ignore[method-assign]
+        assert cold.fast_span()(record) == expected, record
+        warm.span(record)
+        assert fast_warm(record) == expected, record
+    # Every usual record took the fast path.
+    assert general_calls <= len(originals), (general_calls, len(originals))
