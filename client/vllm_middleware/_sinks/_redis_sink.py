@@ -232,7 +232,9 @@ class RedisStreamSink:
 
     @property
     def healthy(self) -> bool | None:
-        return None  # tracked by the spool, which stops trying a Redis that failed
+        # Without a spool nothing stops trying Redis: every batch is tried (and retried).
+        # The spool (`SpoolingSink`) tracks it, and stops trying a Redis that failed.
+        return True
 
     @property
     def address(self) -> str:
