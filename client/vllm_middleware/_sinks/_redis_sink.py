@@ -38,6 +38,7 @@ from .._keys import (
     bundle_sum,
 )
 from .._record import RecordEntry
+from ._shipping_settings import NO_COUNTS, Unreported
 
 __all__ = ["MARKER_TTL_S", "BatchAttempt", "RedisStreamSink", "pack_batch"]
 
@@ -191,10 +192,11 @@ def _private_copy(client: aioredis.Redis) -> aioredis.Redis:
 
 class BatchAttempt(NamedTuple):
     """The batch the sink is shipping (kept across retries) and whether a flush of it was
-    sent: then it may have landed, and only its marker can tell."""
+    sent: then it may have landed, with the counts it `carried`; only its marker can tell."""
 
     batch_id: str
     attempted: bool
+    carried: Unreported
 
 
 class RedisStreamSink:
@@ -256,7 +258,7 @@ class RedisStreamSink:
             self._batch_id = self.new_batch_id()
             self._attempted = False
             self._attempt_counts = (0, 0)
-        return BatchAttempt(self._batch_id, self._attempted)
+        return BatchAttempt(self._batch_id, self._attempted, Unreported(*self._attempt_counts))
 
     def forget_batch(self) -> None:
         """The in-flight batch left this sink's hands (spooled under its id): the next batch
@@ -284,10 +286,20 @@ class RedisStreamSink:
         self._attempt_counts = (dropped, sampled)
         await self._transaction(batch, marker, dropped, sampled_out=sampled)
 
-    async def send(self, batch: Sequence[RecordEntry], batch_id: str, *, damaged: int = 0) -> None:
-        """Send `batch` under `batch_id`'s marker, with no counts but `damaged` (spool
-        regions lost): the spool's replay. Raises on failure; the caller bounds its time."""
-        await self._transaction(batch, self.keys.batch_marker(batch_id), 0, damaged=damaged)
+    async def send(
+        self,
+        batch: Sequence[RecordEntry],
+        batch_id: str,
+        *,
+        damaged: int = 0,
+        counts: Unreported = NO_COUNTS,
+    ) -> None:
+        """Send `batch` under `batch_id`'s marker with `damaged` (spool regions lost) and
+        `counts`: the spool's replay. Raises on failure; the caller bounds its time."""
+        marker = self.keys.batch_marker(batch_id)
+        await self._transaction(
+            batch, marker, counts.dropped, damaged=damaged, sampled_out=counts.sampled_out
+        )
 
     async def delivered(self, *batch_ids: str) -> bool:
         """True when one of these batches is known to have landed (its marker exists)."""

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from .._exit import register
 from .._record import RecordEntry
 from ._handoff import Handoff
-from ._shipping_settings import BufferCounters, ShippingSettings, Tally, Unreported
+from ._shipping_settings import NO_COUNTS, BufferCounters, ShippingSettings, Tally, Unreported
 from ._sink import Backlog, Sink
 
 __all__ = ["BufferCounters", "Shipper", "ShippingSettings", "Tally"]
@@ -64,6 +64,9 @@ class Shipper:
         self._full = f"log buffer full ({self.max_buffer} records)"
         self._pending: deque[RecordEntry] = deque()
         self._inflight: list[RecordEntry] = []
+        # The counts the in-flight batch carries: they stay with it until it is shipped or
+        # kept by the backlog (a flush that failed may have landed, counts included).
+        self._inflight_counts = NO_COUNTS
         # The shipping loop and its thread, started by the first record (or by close).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -261,6 +264,7 @@ class Shipper:
         self._loop = self._wakeup = self._task = self._stopped = self._close_future = None
         self._pending.clear()
         self._inflight = []
+        self._inflight_counts = NO_COUNTS
         self._waiters = []
         self._resolved = self._accepted
         self._asleep = False
@@ -338,21 +342,23 @@ class Shipper:
                 self.counters.high_water = held
             pop = self._pending.popleft
             self._inflight = [pop() for _ in range(take)]
-        counts = self.tally.take()
+        taken, counts = self.tally.take(), self._inflight_counts
+        if taken != NO_COUNTS:
+            counts = Unreported(
+                counts.dropped + taken.dropped, counts.sampled_out + taken.sampled_out
+            )
+            self._inflight_counts = counts
         try:
             await self.sink.ship(
                 self._inflight, dropped=counts.dropped, sampled_out=counts.sampled_out
             )
-        except asyncio.CancelledError:
-            self.tally.give_back(counts)
-            raise
         except Exception as exc:  # any sink failure: keep the batch, retry later
-            self.tally.give_back(counts)
             self.counters.failed_batches += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
-            if self._backlog is not None and await self._backlog.keep(self._inflight):
+            if self._backlog is not None and await self._backlog.keep(self._inflight, counts):
                 self._resolve(len(self._inflight))
                 self._inflight = []
+                self._inflight_counts = NO_COUNTS
                 return True
             if self.counters.failed_batches == 1 or self.counters.failed_batches % 100 == 0:
                 logger.warning("log shipping failed (will retry): %s", self.counters.last_error)
@@ -360,6 +366,7 @@ class Shipper:
         self.counters.shipped += len(self._inflight)
         self._resolve(len(self._inflight))
         self._inflight = []
+        self._inflight_counts = NO_COUNTS
         return True
 
     async def _report_counts_alone(self) -> None:
@@ -495,35 +502,39 @@ class Shipper:
             inflight, pending = self._inflight, list(self._pending)
             self._pending.clear()
             self._inflight = []
+        counts, self._inflight_counts = self._inflight_counts, NO_COUNTS
         left = len(inflight) + len(pending)
+        saved = 0
         if left:
-            try:
+            with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
                 saved = await asyncio.wait_for(
-                    self._save(inflight, pending), max(0.1, deadline - time.monotonic())
+                    self._save(inflight, counts, pending), max(0.1, deadline - time.monotonic())
                 )
-            except Exception:  # includes asyncio.TimeoutError
-                saved = 0
             if left > saved:
                 self.count_dropped(left - saved, "closed with unshipped log records")
             self._resolve(left)
+        if counts != NO_COUNTS and (not inflight or saved == 0):
+            self.tally.give_back(counts)  # the backlog did not take them: reported below
         with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
             await asyncio.wait_for(
                 self._report_counts_alone(), max(0.1, deadline - time.monotonic())
             )
         await self.sink.aclose()
 
-    async def _save(self, inflight: list[RecordEntry], pending: list[RecordEntry]) -> int:
+    async def _save(
+        self, inflight: list[RecordEntry], counts: Unreported, pending: list[RecordEntry]
+    ) -> int:
         """Keep what close could not ship in time in the sink's backlog (if it has one): the
-        in-flight batch first, whole (the sink may know it under an id: a flush that may have
-        landed), then the rest. Returns how many records were kept."""
+        in-flight batch first, whole, with its counts (the sink may know it under an id: a
+        flush that may have landed), then the rest. Returns how many records were kept."""
         if self._backlog is None:
             return 0
         saved = 0
         if inflight:
-            if not await self._backlog.keep(inflight):
+            if not await self._backlog.keep(inflight, counts):
                 return 0
             saved += len(inflight)
-        if pending and await self._backlog.keep(pending):
+        if pending and await self._backlog.keep(pending, NO_COUNTS):
             saved += len(pending)
         return saved
 

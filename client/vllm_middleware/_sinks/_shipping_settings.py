@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["BufferCounters", "ShippingSettings", "Tally", "Unreported"]
+__all__ = ["NO_COUNTS", "BufferCounters", "ShippingSettings", "Tally", "Unreported"]
 
 logger = logging.getLogger("vllm_middleware")
 
@@ -77,6 +77,9 @@ class Unreported(NamedTuple):
 
     dropped: int
     sampled_out: int
+
+
+NO_COUNTS = Unreported(0, 0)
 
 
 class Tally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .._record import RecordEntry
+from ._shipping_settings import Unreported
 
 __all__ = ["Backlog", "Sink"]
 
@@ -49,10 +50,12 @@ class Backlog(Protocol):
     async def work_backlog(self) -> None:
         """Send a little of the backlog; called between live batches, never raises."""
 
-    async def keep(self, batch: list[RecordEntry]) -> bool:
+    async def keep(self, batch: list[RecordEntry], counts: Unreported) -> bool:
         """Take `batch` into the backlog: after `ship` failed on it, and at close for what
-        could not be shipped in time. True when it is there (or was dropped and counted);
-        False leaves it to the shipper (retried, or counted as dropped at close)."""
+        could not be shipped in time. True when it is there (or was dropped and counted),
+        and the sink then owns `counts`, the counts `ship` was given with it (a failed flush
+        may have landed, counts included); False leaves both to the shipper (retried, or
+        counted as dropped at close)."""
 
     async def recheck(self, timeout: float) -> float:
         """At close (and `settle`), before the last flush: ask the destination once more

@@ -27,7 +27,7 @@ from .._exit import run_blocking
 from .._partition import sanitize_partition_value
 from .._record import RecordEntry
 from ._redis_sink import BatchAttempt, RedisStreamSink
-from ._shipping_settings import ShippingSettings, Tally
+from ._shipping_settings import NO_COUNTS, ShippingSettings, Tally, Unreported
 from ._spool import Spool, SpoolGroup
 
 __all__ = ["RedisUnavailable", "SpoolingSink", "default_spool_root"]
@@ -76,6 +76,9 @@ class SpoolingSink:
         self._outages = 0
         self._replay_retry_at = 0.0
         self._reported_damage = 0  # damaged spool regions already counted in Redis
+        # Counts a spooled batch carried in a flush that failed but may have landed: they
+        # go with its replay, unless its marker says that flush landed (counts included).
+        self._in_doubt: dict[str, Unreported] = {}
 
     # -- Sink ---------------------------------------------------------------------------------
     async def ship(self, batch: list[RecordEntry], *, dropped: int, sampled_out: int) -> None:
@@ -121,13 +124,22 @@ class SpoolingSink:
             # An unreadable spool: pause the replay instead of spinning on it.
             self._replay_retry_at = time.monotonic() + self.settings.retry_backoff[1]
 
-    async def keep(self, batch: list[RecordEntry]) -> bool:
+    async def keep(self, batch: list[RecordEntry], counts: Unreported) -> bool:
         """Spool `batch`. The in-flight batch keeps its id (its flush may have landed: the
-        marker then skips exactly it on replay)."""
+        marker then skips exactly it on replay, and the counts that flush carried)."""
         self._mark_unhealthy()
-        if not await self._spool_batch(self.redis_sink.current_batch(), batch):
+        attempt = self.redis_sink.current_batch()
+        if not await self._spool_batch(attempt, batch):
             return False
         self.redis_sink.forget_batch()
+        carried = attempt.carried if attempt.attempted else NO_COUNTS
+        doubt = Unreported(
+            min(carried.dropped, counts.dropped), min(carried.sampled_out, counts.sampled_out)
+        )
+        if doubt != NO_COUNTS:
+            self._in_doubt[attempt.batch_id] = doubt
+        # The rest was never sent: owed, sent once Redis answers.
+        self.redis_sink.owe(counts.dropped - doubt.dropped, counts.sampled_out - doubt.sampled_out)
         return True
 
     async def recheck(self, timeout: float) -> float:
@@ -240,10 +252,13 @@ class SpoolingSink:
             # was delivered by the original flush.
             batch_ids.append(f"{group.batch_id}.{group.first_index}")
         if await self.redis_sink.delivered(*batch_ids):
+            self._in_doubt.pop(group.batch_id, None)  # landed with that flush
             return
         damaged = self.counters.spool_damaged - self._reported_damage
-        await self.redis_sink.send(group.entries, batch_ids[-1], damaged=damaged)
+        counts = self._in_doubt.get(group.batch_id, NO_COUNTS)
+        await self.redis_sink.send(group.entries, batch_ids[-1], damaged=damaged, counts=counts)
         self._reported_damage += damaged
+        self._in_doubt.pop(group.batch_id, None)
 
     # -- health -------------------------------------------------------------------------------
     def _mark_unhealthy(self) -> None:
