@@ -84,7 +84,11 @@ class SpoolingSink:
     async def ship(self, batch: list[RecordEntry], *, dropped: int, sampled_out: int) -> None:
         if not self.healthy:
             raise RedisUnavailable("Redis did not answer; spooling until it does")
-        await self.redis_sink.ship(batch, dropped=dropped, sampled_out=sampled_out)
+        try:
+            await self.redis_sink.ship(batch, dropped=dropped, sampled_out=sampled_out)
+        except Exception as exc:  # the shipper hands the batch to `keep`
+            self._mark_unhealthy(f"{type(exc).__name__}: {exc}")
+            raise
         self._probe_backoff = self.settings.retry_backoff[0]
 
     async def report_counts(self, dropped: int, sampled_out: int) -> None:
@@ -127,7 +131,6 @@ class SpoolingSink:
     async def keep(self, batch: list[RecordEntry], counts: Unreported) -> bool:
         """Spool `batch`. The in-flight batch keeps its id (its flush may have landed: the
         marker then skips exactly it on replay, and the counts that flush carried)."""
-        self._mark_unhealthy()
         attempt = self.redis_sink.current_batch()
         if not await self._spool_batch(attempt, batch):
             return False
@@ -238,7 +241,7 @@ class SpoolingSink:
             await asyncio.wait_for(self._send_replay(group), self.redis_sink.timeout)
         except Exception as exc:
             self.counters.last_error = f"replay: {type(exc).__name__}: {exc}"
-            self._mark_unhealthy()
+            self._mark_unhealthy(self.counters.last_error)
             return
         await self._run_io(spool.commit, group)
         self.counters.replayed += len(group.entries)
@@ -261,13 +264,13 @@ class SpoolingSink:
         self._in_doubt.pop(group.batch_id, None)
 
     # -- health -------------------------------------------------------------------------------
-    def _mark_unhealthy(self) -> None:
+    def _mark_unhealthy(self, error: str) -> None:
         if self.healthy:
             self._outages += 1
             if self._outages == 1 or self._outages % 100 == 0:
                 logger.warning(
                     "Redis did not take a log batch (%s): spooling to %s until it answers",
-                    self.counters.last_error,
+                    error,
                     self.spool_directory(),
                 )
         self.healthy = False
