@@ -1,7 +1,7 @@
 """End-to-end lag: records offered through the client's shipping path vs time until durable.
 
 The producer (this process) hands encoded ~1 KB records carrying their hand-off time to a
-`RedisStreamSink` with the client's default shipping settings (`submit()`, no HTTP), at a fixed
+the Redis shipper with the client's default shipping settings (`submit()`, no HTTP), at a fixed
 offered rate. One `StreamConsumer` runs concurrently in another process with the default
 config (fsync per batch); a subclass notes the time each batch's `_write_durably` returns (the
 bytes are written and fsynced; the ack follows) and the lag of every record in it. Clocks:
@@ -25,7 +25,8 @@ import orjson
 import redis.asyncio as aioredis
 from _common import banner, base_parser, make_record, median, pct, print_table, today
 from vllm_middleware._partition import BatchPlan, PartitionLines
-from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._destination import redis_shipper
+from vllm_middleware._sinks._shipping import Shipper
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 from vllm_middleware_worker import StreamConsumer, WorkerConfig, open_consumer_redis
@@ -48,13 +49,12 @@ class TimedConsumer(StreamConsumer):
         for chunks in lines.chunks.values():
             for chunk in chunks:  # a bundle: records joined by newlines
                 for data in chunk.split(b"\n"):
-                    self.sent.append(float(data[len(PREFIX): data.index(b",", len(PREFIX))]))
+                    self.sent.append(float(data[len(PREFIX) : data.index(b",", len(PREFIX))]))
                     self.durable.append(now)
 
 
 def consumer_process(redis_url: str, log_dir: str, out: str, ready: Any, stop: MpEvent) -> None:
-    config = WorkerConfig(redis_url=redis_url, log_dir=log_dir, stream=STREAM,
-                          consumer="bench-e2e")
+    config = WorkerConfig(redis_url=redis_url, log_dir=log_dir, stream=STREAM, consumer="bench-e2e")
 
     async def run() -> None:
         client = open_consumer_redis(config)
@@ -67,14 +67,15 @@ def consumer_process(redis_url: str, log_dir: str, out: str, ready: Any, stop: M
         await task
         await client.aclose()
         with open(out, "wb") as handle:
-            orjson_bytes = orjson.dumps({"sent": list(consumer.sent),
-                                         "durable": list(consumer.durable)})
+            orjson_bytes = orjson.dumps(
+                {"sent": list(consumer.sent), "durable": list(consumer.durable)}
+            )
             handle.write(orjson_bytes)
 
     asyncio.run(run())
 
 
-async def offer(sink: RedisStreamSink, template: bytes, rate: int, seconds: float) -> float:
+async def offer(sink: Shipper, template: bytes, rate: int, seconds: float) -> float:
     """Submit `rate` records/s for `seconds`; returns the rate actually offered."""
     date = today()
     tail = template[template.index(b",") :]
@@ -96,7 +97,7 @@ async def producer(
     redis_url: str, rates: list[int], seconds: float
 ) -> list[tuple[int, float, float, float, int]]:
     client = aioredis.Redis.from_url(redis_url)
-    sink = RedisStreamSink(client, keys=StreamKeys(STREAM))
+    sink = redis_shipper(client, keys=StreamKeys(STREAM))
     template = make_record(1024, 0, sent=0.0)
     phases = []
     for rate in rates:
@@ -127,8 +128,9 @@ def main() -> None:
     with RedisServerProcess() as server:
         ctx = mp.get_context("spawn")
         ready, stop = ctx.Queue(), ctx.Event()
-        proc = ctx.Process(target=consumer_process,
-                           args=(server.url, str(root / "logs"), str(out), ready, stop))
+        proc = ctx.Process(
+            target=consumer_process, args=(server.url, str(root / "logs"), str(out), ready, stop)
+        )
         proc.start()
         ready.get(timeout=60)
         time.sleep(0.5)
@@ -144,16 +146,35 @@ def main() -> None:
         lags = [(d - s) * 1000 for s, d in pairs if t0 <= s <= t1]
         durable = [d for s, d in pairs if t0 <= s <= t1]
         span = (max(durable) - t0) if durable else float("nan")
-        rows.append([rate, offered, dropped, len(lags), len(lags) / span, median(lags),
-                     pct(lags, 99),
-                     max(lags) if lags else float("nan"),
-                     "yes" if rate == 20_000 and pct(lags, 99) < 250 else
-                     ("NO" if rate == 20_000 else "")])
+        rows.append(
+            [
+                rate,
+                offered,
+                dropped,
+                len(lags),
+                len(lags) / span,
+                median(lags),
+                pct(lags, 99),
+                max(lags) if lags else float("nan"),
+                "yes"
+                if rate == 20_000 and pct(lags, 99) < 250
+                else ("NO" if rate == 20_000 else ""),
+            ]
+        )
     shutil.rmtree(root, ignore_errors=True)
     print_table(
         f"Hand-off to durable (written + fsynced) lag, {seconds:.0f} s per rate, ~1 KB records",
-        ["target rate/s", "offered/s", "dropped (buffer full)", "records", "durable/s",
-         "p50 ms", "p99 ms", "max ms", "p99 < 250 ms at 20k"],
+        [
+            "target rate/s",
+            "offered/s",
+            "dropped (buffer full)",
+            "records",
+            "durable/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "p99 < 250 ms at 20k",
+        ],
         rows,
     )
 

@@ -17,7 +17,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from vllm_middleware import BadRequestError, VLLMMiddleware, get_statistics
-from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._destination import mode_of
+from vllm_middleware._sinks._shipping import Shipper
 from vllm_middleware_testing import RedisServerProcess
 
 REPLY = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}
@@ -35,9 +36,9 @@ def redis_client(url: str) -> tuple[httpx.AsyncClient, VLLMMiddleware]:
     return http, VLLMMiddleware(base_url="http://upstream/v1", http_client=http, redis_url=url)
 
 
-def sink_of(client: VLLMMiddleware) -> RedisStreamSink:
+def sink_of(client: VLLMMiddleware) -> Shipper:
     sink = client._sink
-    assert isinstance(sink, RedisStreamSink)
+    assert sink is not None and mode_of(sink) == "redis"
     return sink
 
 

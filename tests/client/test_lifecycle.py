@@ -239,7 +239,7 @@ async def test_clients_in_sequence_share_one_writer_and_its_files(tmp_path: Path
             await c.completions("x", model="m")
         sinks.add(c._sink)
     (sink,) = sinks
-    process = getattr(sink, "process")  # noqa: B009 - FileSink only
+    process = getattr(sink.sink, "process")  # noqa: B009 - FileSink only
     assert process.starts == 1, f"{process.starts} writer processes for 20 clients"
     assert len(list(iter_log_files(tmp_path))) == 1
     assert len(load_logs(tmp_path)) == 20
@@ -255,7 +255,7 @@ async def test_shared_writer_killed_between_clients_keeps_exactly_once(tmp_path:
     for _ in range(10):
         await first.completions("x", model="m")
     assert await sink.wait_durable(20)
-    pid = getattr(sink, "process").pid  # noqa: B009 - FileSink only
+    pid = getattr(sink.sink, "process").pid  # noqa: B009 - FileSink only
     os.kill(pid, signal.SIGKILL)
     for _ in range(10):
         await second.completions("x", model="m")
@@ -275,7 +275,7 @@ async def test_a_shared_writer_no_client_takes_closes_after_its_idle_time(
     async with VLLMMiddleware(base_url="http://up/v1", log_dir=tmp_path, http_client=http) as c:
         await c.completions("x", model="m")
     sink = c._sink
-    pid = getattr(sink, "process").pid  # noqa: B009 - FileSink only
+    pid = getattr(sink.sink, "process").pid  # noqa: B009 - FileSink only
     assert sink is not None and pid is not None
     for _ in range(500):
         if sink.closing and not process_exists(pid):

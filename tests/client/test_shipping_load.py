@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from vllm_middleware import VLLMMiddleware, load_logs
 from vllm_middleware._keys import FIELD_COUNT
 from vllm_middleware._record import RecordEntry
-from vllm_middleware._sinks._file_sink import FileSink
+from vllm_middleware._sinks._destination import file_shipper
 from vllm_middleware._sinks._shipping import ShippingSettings
 from vllm_middleware_testing import RedisServerProcess
 
@@ -206,7 +206,9 @@ SUBMITS_EACH = 3_000
 def test_submit_from_many_threads_while_closing(tmp_path: Path) -> None:
     """A sync client's thread pool shares one sink: every record submitted from any thread,
     even while the sink closes, ends up in the files or counted as dropped, exactly once."""
-    sink = FileSink(tmp_path, max_bytes=1 << 30, shipping=ShippingSettings(max_buffer=1_000_000))
+    sink = file_shipper(
+        tmp_path, max_bytes=1 << 30, shipping=ShippingSettings(max_buffer=1_000_000)
+    )
     start = threading.Barrier(THREADS + 1)
     halfway = threading.Barrier(THREADS + 1)
 

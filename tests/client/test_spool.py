@@ -14,9 +14,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from vllm_middleware import VLLMMiddleware
-from vllm_middleware._sinks._redis_sink import RedisStreamSink
-from vllm_middleware._sinks._shipping import ShippingSettings
+from vllm_middleware._sinks._destination import redis_shipper
+from vllm_middleware._sinks._shipping import Shipper, ShippingSettings
 from vllm_middleware._sinks._spool import Spool
+from vllm_middleware._sinks._spooling_sink import SpoolingSink
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
@@ -31,7 +32,7 @@ def batch(start: int, count: int) -> list[RecordEntry]:
     return [entry(i) for i in range(start, start + count)]
 
 
-async def close_when(sink: RedisStreamSink, done: Callable[[], bool], seconds: float) -> None:
+async def close_when(sink: Shipper, done: Callable[[], bool], seconds: float) -> None:
     """Let the sink run (replaying) until `done()` or `seconds` pass, then close it."""
     for _ in range(int(seconds / 0.05)):
         if done():
@@ -140,7 +141,7 @@ async def test_sink_spools_while_redis_is_down_and_replays_once(
         batch_size=50, spool_dir=str(tmp_path / "spool"), redis_timeout=0.5,
         retry_backoff=(0.05, 0.2),
     )  # fmt: skip
-    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    sink = redis_shipper(client, keys=KEYS, owns_client=True, shipping=settings)
     for i in range(100):
         sink.submit(entry(i))
     assert await sink.wait_durable(5)
@@ -165,9 +166,9 @@ async def test_replay_skips_a_batch_whose_flush_had_landed(
     """The ambiguous case: EXEC ran, the reply was lost, the batch was spooled anyway."""
     client = aioredis.Redis.from_url(redis_server.url)
     settings = ShippingSettings(spool_dir=str(tmp_path / "spool"))
-    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
-    await sink._transaction(batch(0, 5), KEYS.batch_marker("landed"), 0)
-    spool = Spool(sink.spool_directory(), max_bytes=10**7)
+    sink = redis_shipper(client, keys=KEYS, owns_client=True, shipping=settings)
+    await sink.sink.redis_sink.send(batch(0, 5), "landed")
+    spool = Spool(sink.sink.spool_directory(), max_bytes=10**7)
     spool.append("landed", batch(0, 5))
     spool.append("lost", batch(5, 5))
     spool.close()  # as if its process had died
@@ -193,11 +194,11 @@ async def test_damage_is_replayed_around_and_reported_to_redis(
 ) -> None:
     client = aioredis.Redis.from_url(redis_server.url)
     settings = ShippingSettings(spool_dir=str(tmp_path / "spool"))
-    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
-    spool = Spool(sink.spool_directory(), max_bytes=10**7)
+    sink = redis_shipper(client, keys=KEYS, owns_client=True, shipping=settings)
+    spool = Spool(sink.sink.spool_directory(), max_bytes=10**7)
     spool.append("a", batch(0, 10))
     spool.close()
-    (path,) = sink.spool_directory().glob("*.seg")
+    (path,) = sink.sink.spool_directory().glob("*.seg")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -216,7 +217,7 @@ async def test_close_is_bounded_with_redis_hung_and_spools_the_rest(
 
     settings = ShippingSettings(spool_dir=str(tmp_path / "spool"), redis_timeout=1.0)
     client = aioredis.Redis.from_url(redis_server.url, socket_timeout=30)
-    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    sink = redis_shipper(client, keys=KEYS, owns_client=True, shipping=settings)
     redis_server.pause()  # accepts connections, never answers
     try:
         for i in range(5000):
@@ -229,7 +230,7 @@ async def test_close_is_bounded_with_redis_hung_and_spools_the_rest(
         redis_server.resume()
     # The next process replays what the closed one left in the spool.
     client = aioredis.Redis.from_url(redis_server.url)
-    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    sink = redis_shipper(client, keys=KEYS, owns_client=True, shipping=settings)
     sink.submit(entry(5000))
     await close_when(sink, lambda: sink.counters.replayed == 5000, 10)
     assert sorted(await stream_records(redis_server.url)) == sorted(e.data for e in batch(0, 5001))
@@ -247,7 +248,7 @@ async def test_close_waits_for_the_spool_replay_step_it_started(
     redis_server.stop()
     client = VLLMMiddleware(http_client=http, redis_url=redis_server.url, log_dir=tmp_path)
     sink = client._sink
-    assert isinstance(sink, RedisStreamSink)
+    assert sink is not None and isinstance(sink.sink, SpoolingSink)
     for _ in range(20):
         await client.chat_completion([{"role": "user", "content": "hi"}], model="m")
     for _ in range(500):

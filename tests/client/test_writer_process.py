@@ -18,8 +18,8 @@ import pytest
 from vllm_middleware import ConfigurationError, ReadStats, iter_logs
 from vllm_middleware._partition import PartitionLines
 from vllm_middleware._record import RecordEntry
-from vllm_middleware._sinks._file_sink import FileSink
-from vllm_middleware._sinks._shipping import ShippingSettings
+from vllm_middleware._sinks._destination import file_shipper
+from vllm_middleware._sinks._shipping import Shipper, ShippingSettings
 from vllm_middleware._sinks._writer_main import decode_batch, encode_batch
 
 DATE = "2026-11-27"
@@ -41,14 +41,14 @@ def entries(start: int, count: int, host: str = "app-1", pad: int = 0) -> list[R
 
 def make_sink(
     log_dir: Path, writer: str = "auto", backoff: tuple[float, float] = (0.01, 0.05)
-) -> FileSink:
+) -> Shipper:
     settings = ShippingSettings(
         batch_size=50, flush_interval=0.01, retry_backoff=backoff, embedded_writer=writer
     )
-    return FileSink(log_dir, max_bytes=1 << 20, shipping=settings)
+    return file_shipper(log_dir, max_bytes=1 << 20, shipping=settings)
 
 
-async def ship(sink: FileSink, batch: list[RecordEntry], timeout: float = 20) -> None:
+async def ship(sink: Shipper, batch: list[RecordEntry], timeout: float = 20) -> None:
     for entry in batch:
         sink.submit(entry)
     assert await sink.wait_durable(timeout)
@@ -99,23 +99,23 @@ def test_batch_frames_round_trip() -> None:
 async def test_records_go_through_a_writer_process(tmp_path: Path) -> None:
     sink = make_sink(tmp_path)
     await ship(sink, entries(0, 120))
-    assert sink.process is not None
-    pid = sink.process.pid
+    assert sink.sink.process is not None
+    pid = sink.sink.process.pid
     assert pid is not None and pid != os.getpid()
     await sink.aclose()
     assert gone(pid), "the writer process outlived close"
     assert_exactly(tmp_path, 120)
-    assert sink.process.starts == 1 and sink.counters.failed_batches == 0
+    assert sink.sink.process.starts == 1 and sink.counters.failed_batches == 0
 
 
 async def test_a_killed_writer_is_replaced(tmp_path: Path) -> None:
     sink = make_sink(tmp_path)
     await ship(sink, entries(0, 60))
-    assert sink.process is not None and sink.process.pid is not None
-    os.kill(sink.process.pid, signal.SIGKILL)
+    assert sink.sink.process is not None and sink.sink.process.pid is not None
+    os.kill(sink.sink.process.pid, signal.SIGKILL)
     await ship(sink, entries(60, 60))
     await sink.aclose()
-    assert sink.process.starts == 2
+    assert sink.sink.process.starts == 2
     assert_exactly(tmp_path, 120)
 
 
@@ -124,18 +124,18 @@ async def test_a_writer_killed_while_the_pipe_is_full(tmp_path: Path) -> None:
     (not hang the shipper), and the batch goes whole to the next writer."""
     sink = make_sink(tmp_path)
     await ship(sink, entries(0, 10))
-    assert sink.process is not None and sink.process.pid is not None
-    pid = sink.process.pid
+    assert sink.sink.process is not None and sink.sink.process.pid is not None
+    pid = sink.sink.process.pid
     os.kill(pid, signal.SIGSTOP)
     for entry in entries(10, 50, pad=64 * 1024):  # ~3 MiB: more than the pipe holds
         sink.submit(entry)
     await asyncio.sleep(0.3)
-    spawned = sink.process._spawned
+    spawned = sink.sink.process._spawned
     assert spawned is not None and spawned.room is not None, "the send is not waiting for room"
     os.kill(pid, signal.SIGKILL)
     assert await sink.wait_durable(20)
     await sink.aclose()
-    assert sink.process.starts == 2
+    assert sink.sink.process.starts == 2
     assert_exactly(tmp_path, 60)
 
 
@@ -146,12 +146,12 @@ async def test_a_writer_dying_between_write_and_done_is_undone(
     """The dead writer wrote the batch but never said so: the next one cuts it back before the
     batch is written again, whether the batch had made a new file or grown an old one."""
     sink = make_sink(tmp_path)
-    assert sink.process is not None
-    sink.process.fault = f"exit-after-write:{die_after}"
+    assert sink.sink.process is not None
+    sink.sink.process.fault = f"exit-after-write:{die_after}"
     for first in range(0, 150, 50):
         await ship(sink, entries(first, 50))
     await sink.aclose()
-    assert sink.process.starts == 2
+    assert sink.sink.process.starts == 2
     assert sink.counters.failed_batches == 1
     assert "WriterProcessError" in (sink.counters.last_error or "")
     assert_exactly(tmp_path, 150)
@@ -165,12 +165,12 @@ async def test_closing_before_a_successful_retry_still_cuts_the_dead_writers_bat
     """The writer died after writing a batch, and no new one starts before the app closes: the
     batch is counted as dropped, so it must not be left in the files either."""
     sink = make_sink(tmp_path)
-    assert sink.process is not None
-    sink.process.fault = "exit-after-write:1"
+    assert sink.sink.process is not None
+    sink.sink.process.fault = "exit-after-write:1"
     for entry in entries(0, 50):
         sink.submit(entry)
     deadline = time.monotonic() + 10
-    while sink.process._spawned is None:
+    while sink.sink.process._spawned is None:
         assert time.monotonic() < deadline, "the writer was not started"
         await asyncio.sleep(0.001)
     monkeypatch.setattr(sys, "executable", "/bin/false")  # no replacement can start
@@ -187,16 +187,16 @@ async def test_close_cuts_nothing_under_a_writer_still_writing(tmp_path: Path) -
     """Close gives up on a writer stuck in the disk; the batch it is writing is left to it,
     whole: cutting its files back then would lose the records it writes next."""
     sink = make_sink(tmp_path)
-    assert sink.process is not None
-    sink.process.fault = "stall-after-write:1.5"
-    sink.process.close_timeout = 0.2
+    assert sink.sink.process is not None
+    sink.sink.process.fault = "stall-after-write:1.5"
+    sink.sink.process.close_timeout = 0.2
     for entry in entries(0, 50):
         sink.submit(entry)
     deadline = time.monotonic() + 10
-    while sink.process._spawned is None or not sink.process._spawned.intents:
+    while sink.sink.process._spawned is None or not sink.sink.process._spawned.intents:
         assert time.monotonic() < deadline, "the writer never planned the batch"
         await asyncio.sleep(0.01)
-    pid = sink.process.pid
+    pid = sink.sink.process.pid
     assert pid is not None
     await sink.aclose(timeout=0.3)
     assert sink.counters.dropped == 50  # given up on, and counted
@@ -215,7 +215,7 @@ async def test_a_failed_write_is_retried_and_lands_once(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
     assert sink.counters.failed_batches >= 3
     assert "WriterProcessError" in (sink.counters.last_error or "")
-    assert sink.process is not None and sink.process.starts == 1  # failing is not dying
+    assert sink.sink.process is not None and sink.sink.process.starts == 1  # failing is not dying
     blocker.unlink()
     assert await sink.wait_durable(20)
     await sink.aclose()
@@ -234,7 +234,7 @@ async def test_auto_falls_back_to_a_thread(
     with caplog.at_level(logging.WARNING, logger="vllm_middleware"):
         await ship(sink, entries(0, 70))
     await sink.aclose()
-    assert sink.process is None
+    assert sink.sink.process is None
     assert "writing from a thread instead" in caplog.text
     assert_exactly(tmp_path, 70)
 
@@ -255,19 +255,19 @@ async def test_process_mode_keeps_records_until_a_writer_starts(
     monkeypatch.setattr(sys, "executable", real)
     assert await sink.wait_durable(20)
     await sink.aclose()
-    assert sink.process is not None and sink.process.starts == 1
+    assert sink.sink.process is not None and sink.sink.process.starts == 1
     assert_exactly(tmp_path, 40)
 
 
 async def test_the_writer_ignores_ctrl_c(tmp_path: Path) -> None:
     sink = make_sink(tmp_path)
     await ship(sink, entries(0, 50))
-    assert sink.process is not None and sink.process.pid is not None
-    pid = sink.process.pid
+    assert sink.sink.process is not None and sink.sink.process.pid is not None
+    pid = sink.sink.process.pid
     os.kill(pid, signal.SIGINT)
     os.kill(pid, signal.SIGTERM)
     await ship(sink, entries(50, 50))
-    assert sink.process.pid == pid
+    assert sink.sink.process.pid == pid
     await sink.aclose()
     assert_exactly(tmp_path, 100)
 
@@ -283,7 +283,7 @@ def test_the_writer_exits_when_the_app_dies(tmp_path: Path) -> None:
         async def main():
             sink = make_sink(Path({str(tmp_path)!r}))
             await ship(sink, entries(0, 30))
-            print(sink.process.pid, flush=True)
+            print(sink.sink.process.pid, flush=True)
             await asyncio.sleep(60)
 
         asyncio.run(main())
@@ -311,12 +311,12 @@ async def test_close_while_the_writer_starts_leaves_no_process(tmp_path: Path) -
     sink = make_sink(tmp_path)
     for entry in entries(0, 60):  # more than a batch: flushed at once
         sink.submit(entry)
-    assert sink.process is not None
+    assert sink.sink.process is not None
     for _ in range(1000):
-        if sink.process._spawned is not None:
+        if sink.sink.process._spawned is not None:
             break
         await asyncio.sleep(0.001)
-    spawned = sink.process._spawned
+    spawned = sink.sink.process._spawned
     assert spawned is not None and not spawned.ready.done(), "the writer was not starting"
     await sink.aclose(timeout=0.01)  # cancels the batch waiting for the writer to start
     assert gone(spawned.proc.pid), "a writer cut off while starting was left running"
@@ -328,17 +328,17 @@ async def test_close_while_the_writer_starts_leaves_no_process(tmp_path: Path) -
 async def test_a_forked_child_lets_go_of_the_parents_writer(tmp_path: Path) -> None:
     sink = make_sink(tmp_path)
     await ship(sink, entries(0, 10))
-    assert sink.process is not None and sink.process._spawned is not None
-    owner = sink.process.settings["owner"]
+    assert sink.sink.process is not None and sink.sink.process._spawned is not None
+    owner = sink.sink.process.settings["owner"]
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the forked child
-        ok = sink.process._spawned is None and sink.process.settings["owner"] != owner
+        ok = sink.sink.process._spawned is None and sink.sink.process.settings["owner"] != owner
         os._exit(0 if ok else 1)
     _, status = os.waitpid(child, 0)  # noqa: ASYNC222 - the child exits at once
     assert os.waitstatus_to_exitcode(status) == 0
-    pid = sink.process.pid
+    pid = sink.sink.process.pid
     await ship(sink, entries(10, 10))  # the parent's writer is untouched
-    assert sink.process.pid == pid
+    assert sink.sink.process.pid == pid
     await sink.aclose()
     assert gone(pid), "the writer did not see end of input: a forked copy kept its pipe open"
     assert_exactly(tmp_path, 20)
@@ -353,16 +353,16 @@ def test_a_sink_never_closed_saves_its_records_at_exit(tmp_path: Path) -> None:
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_writer_process import entries, ship
         from pathlib import Path
-        from vllm_middleware._sinks._file_sink import FileSink
+        from vllm_middleware._sinks._destination import file_shipper
         from vllm_middleware._sinks._shipping import ShippingSettings
 
         async def main():
             settings = ShippingSettings(batch_size=50, flush_interval=60)
-            sink = FileSink(Path({str(tmp_path)!r}), max_bytes=1 << 20, shipping=settings)
+            sink = file_shipper(Path({str(tmp_path)!r}), max_bytes=1 << 20, shipping=settings)
             await ship(sink, entries(0, 30))
             for entry in entries(30, 20):  # less than a batch, long before the flush timer
                 sink.submit(entry)
-            print(sink.process.pid, flush=True)
+            print(sink.sink.process.pid, flush=True)
 
         asyncio.run(main())
         """

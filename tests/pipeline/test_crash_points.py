@@ -17,6 +17,7 @@ import redis as sync_redis
 import redis.asyncio as aioredis
 from vllm_middleware import get_statistics, iter_log_files
 from vllm_middleware._crash import CRASH_EXIT
+from vllm_middleware._sinks._destination import file_shipper
 from vllm_middleware._sinks._file_sink import FileSink
 from vllm_middleware._sinks._redis_sink import _SHIP_BATCH, pack_batch
 from vllm_middleware._sinks._shipping import ShippingSettings
@@ -127,12 +128,13 @@ async def test_an_embedded_writer_crashing_at_each_step_loses_and_duplicates_not
     settings = ShippingSettings(
         batch_size=50, flush_interval=0.01, retry_backoff=(0.01, 0.05), embedded_writer="process"
     )
-    sink = FileSink(tmp_path / "logs", max_bytes=4096, shipping=settings)  # ~40 records a file
+    sink = file_shipper(tmp_path / "logs", max_bytes=4096, shipping=settings)  # ~40 records a file
     for first in range(0, 200, 50):
         await ship(sink, entries(first, 50))
     await sink.aclose()
     assert marker.exists(), "the writer never reached the crash point"
-    assert sink.process is not None and sink.process.starts == 2
+    assert isinstance(sink.sink, FileSink)
+    assert sink.sink.process is not None and sink.sink.process.starts == 2
     assert_exactly(tmp_path / "logs", 200)
 
 

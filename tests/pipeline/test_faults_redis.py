@@ -20,7 +20,8 @@ import psutil
 import pytest
 import redis
 from vllm_middleware import VLLMMiddleware
-from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._shipping import Shipper
+from vllm_middleware._sinks._spooling_sink import SpoolingSink
 from vllm_middleware.storage import StreamKeys
 from vllm_middleware_testing import RedisServerProcess
 
@@ -45,12 +46,12 @@ async def run_fault(
     heal: Callable[[], object],
     *,
     hold: float = 3.0,
-) -> tuple[Load, float, float, RedisStreamSink]:
+) -> tuple[Load, float, float, Shipper]:
     """Baseline traffic, the fault for `hold` seconds, recovery; returns the load and the maxima."""
     http = mock_http()
     client = VLLMMiddleware(http_client=http, redis_url=url, host=f"app-{tag}")
     sink = client._sink
-    assert isinstance(sink, RedisStreamSink)
+    assert sink is not None and isinstance(sink.sink, SpoolingSink)
     load = Load(client, tag).start()
     t0 = time.perf_counter()
     await asyncio.sleep(1.5)
@@ -137,7 +138,7 @@ async def test_client_memory_stays_bounded_while_redis_is_down(
     http = mock_http()
     client = VLLMMiddleware(http_client=http, redis_url=redis_server.url, host="app-mem")
     sink = client._sink
-    assert isinstance(sink, RedisStreamSink)
+    assert sink is not None and isinstance(sink.sink, SpoolingSink)
     process = psutil.Process(os.getpid())
     load = Load(client, "mem", loops=8, pause=0.002, pad=1000).start()
     t0 = time.perf_counter()
@@ -189,14 +190,14 @@ import asyncio, os, signal, sys
 import orjson
 import redis.asyncio as aioredis
 from vllm_middleware.storage import RecordEntry, StreamKeys
-from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._destination import redis_shipper
 from vllm_middleware._sinks._shipping import ShippingSettings
 
 async def main() -> None:
     url, count = sys.argv[1], int(sys.argv[2])
     client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5)
     settings = ShippingSettings(redis_timeout=0.5, durable=True)
-    sink = RedisStreamSink(client, keys=StreamKeys(), shipping=settings)
+    sink = redis_shipper(client, keys=StreamKeys(), shipping=settings)
     for seq in range(count):
         data = orjson.dumps({"request_id": f"k{seq}", "metadata": {"tag": "app-kill", "seq": seq}})
         sink.submit(RecordEntry("2026-01-02", "app-kill", False, data))
@@ -226,9 +227,10 @@ async def test_killed_app_spool_is_adopted_and_replayed(
     client = VLLMMiddleware(http_client=http, redis_url=redis_server.url, host="app-2")
     await client.chat_completion([{"role": "user", "content": "hi"}], model="m")
     sink = client._sink
-    assert isinstance(sink, RedisStreamSink)
+    assert sink is not None and isinstance(sink.sink, SpoolingSink)
     await until(lambda: sink.counters.replayed == 2000, 30, "orphaned spool replayed")
-    assert sink.spool is not None and sink.spool.adopted_segments >= 1
+    spool = sink.sink.spool
+    assert spool is not None and spool.adopted_segments >= 1
     await client.close()
     await http.aclose()
     await until(lambda: len(stored(log_dir, "app-kill")) == 2000, 60, "adopted records stored")
@@ -249,7 +251,7 @@ async def test_stream_fills_redis_to_maxmemory_while_workers_are_down(
         http = mock_http()
         client = VLLMMiddleware(http_client=http, redis_url=server.url, host="app-full")
         sink = client._sink
-        assert isinstance(sink, RedisStreamSink)
+        assert sink is not None and isinstance(sink.sink, SpoolingSink)
         load = Load(client, "full", loops=8, pause=0.002, pad=3000).start()
         t0 = time.perf_counter()
         await until(lambda: sink.counters.spooled > 0, 30, "Redis full, apps spooling")

@@ -16,7 +16,7 @@ import orjson
 import redis as redis_sync
 import redis.asyncio as aioredis
 from vllm_middleware import load_logs
-from vllm_middleware._sinks._redis_sink import RedisStreamSink
+from vllm_middleware._sinks._destination import redis_shipper
 from vllm_middleware._sinks._shipping import ShippingSettings
 from vllm_middleware.storage import RecordEntry, StreamKeys
 from vllm_middleware_testing import RedisServerProcess
@@ -110,7 +110,7 @@ async def spool_records(redis_url: str, root: Path, count: int, start: int) -> i
     """A client whose Redis is unreachable spools `count` records, then exits (closes)."""
     settings = ShippingSettings(spool_dir=str(root), redis_timeout=0.5)
     client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5)
-    sink = RedisStreamSink(client, keys=KEYS, owns_client=True, shipping=settings)
+    sink = redis_shipper(client, keys=KEYS, owns_client=True, shipping=settings)
     for i in range(start, start + count):
         sink.submit(RecordEntry("2026-01-02", "app-1", False, record(i)))
     await sink.aclose(timeout=5)

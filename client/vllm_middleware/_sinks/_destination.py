@@ -1,7 +1,8 @@
 """Where a client's records go: a Redis stream or the embedded files, plus the media store.
 
 Chosen once, when the client is built, from its settings; the request path only sees the
-resulting `Shipper` and `MediaPipeline`.
+resulting `Shipper` and `MediaPipeline`. A shipper holds one sink: `FileSink`, or
+`RedisStreamSink` wrapped in a `SpoolingSink` (unless the spool is turned off).
 
 Sinks are shared: the clients of one process that write to one log directory (or one Redis
 URL and stream) with the same settings use one sink (one buffer, one shipping thread; embedded,
@@ -31,9 +32,18 @@ from .._modes import LOG_MODES, FileModes
 from .._partition import LogFormat
 from ._file_sink import FileSink
 from ._redis_sink import RedisStreamSink
-from ._shipping import Shipper, ShippingSettings
+from ._shipping import Shipper, ShippingSettings, Tally
+from ._sink import Sink
+from ._spooling_sink import SpoolingSink
 
-__all__ = ["Destination", "collected_unclosed", "mode_of", "open_destination"]
+__all__ = [
+    "Destination",
+    "collected_unclosed",
+    "file_shipper",
+    "mode_of",
+    "open_destination",
+    "redis_shipper",
+]
 
 logger = logging.getLogger("vllm_middleware")
 
@@ -71,10 +81,49 @@ class Destination:
                 await self.redis.aclose()
 
 
-def mode_of(sink: Shipper | None) -> str:
-    if sink is None:
+def mode_of(shipper: Shipper | None) -> str:
+    if shipper is None:
         return "disabled"
-    return "redis" if isinstance(sink, RedisStreamSink) else "embedded"
+    return "embedded" if isinstance(shipper.sink, FileSink) else "redis"
+
+
+def redis_shipper(
+    redis: aioredis.Redis,
+    *,
+    keys: StreamKeys,
+    owns_client: bool = False,
+    shipping: ShippingSettings | None = None,
+) -> Shipper:
+    """A shipper to the Redis stream, through the spool when `shipping.spool` is on."""
+    settings = shipping or ShippingSettings()
+    tally = Tally()
+    redis_sink = RedisStreamSink(
+        redis, keys=keys, owns_client=owns_client, timeout=settings.redis_timeout
+    )
+    sink: Sink = SpoolingSink(redis_sink, settings, tally) if settings.spool else redis_sink
+    return Shipper(sink, settings, tally)
+
+
+def file_shipper(
+    log_dir: str | os.PathLike[str],
+    *,
+    max_bytes: int,
+    log_format: LogFormat = "jsonl",
+    fsync: bool = True,
+    shipping: ShippingSettings | None = None,
+    modes: FileModes = LOG_MODES,
+) -> Shipper:
+    """A shipper to the embedded partitioned files (`FileSink`)."""
+    settings = shipping or ShippingSettings()
+    sink = FileSink(
+        log_dir,
+        max_bytes=max_bytes,
+        log_format=log_format,
+        fsync=fsync,
+        writer=settings.embedded_writer,
+        modes=modes,
+    )
+    return Shipper(sink, settings)
 
 
 def open_destination(
@@ -103,7 +152,7 @@ def open_destination(
     if redis_client is not None:
         # The sink makes its own copy of the client (its I/O runs on the shipping loop);
         # `redis_client` stays the app's, for statistics.
-        sink = RedisStreamSink(redis_client, keys=keys, owns_client=False, shipping=shipping)
+        sink = redis_shipper(redis_client, keys=keys, owns_client=False, shipping=shipping)
     elif redis_url:
         owns = True
         redis_client = aioredis.Redis.from_url(
@@ -112,7 +161,7 @@ def open_destination(
         url, client = redis_url, redis_client
         sink, release = _SHARED.acquire(
             ("redis", url, keys.stream, replace(shipping, durable=False)),
-            lambda: RedisStreamSink(client, keys=keys, owns_client=False, shipping=shipping),
+            lambda: redis_shipper(client, keys=keys, owns_client=False, shipping=shipping),
         )
     else:
         max_bytes = int(max_log_size_mb * 1024 * 1024)
@@ -125,7 +174,7 @@ def open_destination(
                 modes,
                 replace(shipping, durable=False),
             ),
-            lambda: FileSink(
+            lambda: file_shipper(
                 log_dir,
                 max_bytes=max_bytes,
                 log_format=log_format,

@@ -20,7 +20,6 @@ from .._modes import LOG_MODES, FileModes
 from .._partition import LogFormat, PartitionWriter
 from .._record import RecordEntry
 from ._process_writer import ProcessWriter, WriterProcessUnavailable
-from ._shipping import Shipper, ShippingSettings
 
 __all__ = ["FileSink"]
 
@@ -29,11 +28,12 @@ logger = logging.getLogger("vllm_middleware")
 _WRITERS = ("auto", "process", "thread")
 
 
-class FileSink(Shipper):
+class FileSink:
     """Writes batches with a writer process or a dedicated thread, so the loop never waits.
 
     Either way one writer keeps this sink's writes strictly ordered, and close waits for a
-    write that is still running.
+    write that is still running. Drops and sampled-out calls stay in this process's counters:
+    there is no fleet to tell.
     """
 
     def __init__(
@@ -43,11 +43,10 @@ class FileSink(Shipper):
         max_bytes: int,
         log_format: LogFormat = "jsonl",
         fsync: bool = True,
-        shipping: ShippingSettings | None = None,
+        writer: str = "auto",
         modes: FileModes = LOG_MODES,
     ) -> None:
-        super().__init__(shipping)
-        kind = self.settings.embedded_writer
+        kind = writer
         if kind not in _WRITERS:
             raise ConfigurationError(
                 f"embedded_writer (VLLM_MW_EMBEDDED_WRITER) must be one of {_WRITERS}, not {kind!r}"
@@ -79,7 +78,14 @@ class FileSink(Shipper):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-mw-writer")
         await run_blocking(self._executor, self.writer.write_batch, batch)
 
-    async def close_sink(self) -> None:
+    @property
+    def healthy(self) -> bool | None:
+        return None
+
+    async def report_counts(self, dropped: int, sampled_out: int) -> None:
+        return None
+
+    async def aclose(self) -> None:
         if self.process is not None:
             await self.process.aclose()
         if self._executor is not None:

@@ -8,9 +8,9 @@ woken once per batch (or by its `flush_interval` timer), never per record or per
 thread woken that often loses the GIL race to a busy loop on every wake (`docs/benchmarks.md`).
 Behind an app loop that keeps yielding it would rarely win that race at all: that loop lends
 it the GIL when it falls behind (`_handoff.py`). `submit` is safe from any thread.
-The thread takes batches off the buffer and hands them to the sink's `ship`. A
-failed batch is offered to the sink's `on_ship_failed` (the Redis sink spools it to disk); if the
-sink cannot take it either, it stays at the head and is retried with backoff, so a slow or dead
+The thread takes batches off the buffer and hands them to the sink it holds (`_sink.py`). A
+failed batch is offered to the sink's backlog, if it has one (the spool, `SpoolingSink`); if
+it cannot take it either, it stays at the head and is retried with backoff, so a slow or dead
 sink costs the app nothing but buffer space; past the bound, new records are dropped and
 counted, never silently.
 
@@ -27,40 +27,53 @@ import contextlib
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 
 from .._exit import register
 from .._record import RecordEntry
 from ._handoff import Handoff
-from ._shipping_settings import BufferCounters, ShippingSettings
+from ._shipping_settings import NO_COUNTS, BufferCounters, ShippingSettings, Tally, Unreported
+from ._sink import Backlog, Sink
 
-__all__ = ["BufferCounters", "Shipper", "ShippingSettings"]
+__all__ = ["BufferCounters", "Shipper", "ShippingSettings", "Tally"]
 
 logger = logging.getLogger("vllm_middleware")
 
 
-class Shipper(ABC):
-    """Owns the buffer and the flush task; subclasses say where a batch goes."""
+class Shipper:
+    """Owns the buffer and the shipping thread; `sink` says where a batch goes.
 
-    def __init__(self, shipping: ShippingSettings | None = None) -> None:
+    `tally`: the counters, shared with sinks that count too (the spool counts what it
+    spools, replays and drops); a fresh one if not given.
+    """
+
+    def __init__(
+        self, sink: Sink, shipping: ShippingSettings | None = None, tally: Tally | None = None
+    ) -> None:
         settings = shipping or ShippingSettings()
+        self.sink = sink
+        self._backlog = sink if isinstance(sink, Backlog) else None
         self.max_buffer = settings.max_buffer
         self.batch_size = settings.batch_size
         self.flush_interval = settings.flush_interval
         self.retry_backoff = settings.retry_backoff
         self.settings = settings
-        self.counters = BufferCounters()
+        self.tally = tally or Tally()
+        self.counters = self.tally.counters
+        self._full = f"log buffer full ({self.max_buffer} records)"
         self._pending: deque[RecordEntry] = deque()
         self._inflight: list[RecordEntry] = []
+        # The counts the in-flight batch carries: they stay with it until it is shipped or
+        # kept by the backlog (a flush that failed may have landed, counts included).
+        self._inflight_counts = NO_COUNTS
         # The shipping loop and its thread, started by the first record (or by close).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None  # `_run`, on the shipping loop
         self._stopped: asyncio.Future[None] | None = None  # ends the thread
         self._close_future: concurrent.futures.Future[None] | None = None
-        # Starting, closing, and counting drops (rare paths). Reentrant: a client's finalizer
+        # Starting and closing (rare paths). Reentrant: a client's finalizer
         # (closing or releasing this sink) may run in any thread, inside any allocation.
         self._lock = threading.RLock()
         # `submit` from many threads at once (a sync client's thread pool): `+=` on an
@@ -73,8 +86,6 @@ class Shipper(ABC):
         self._closing = False
         self._in_backlog = False  # `_run` is inside `work_backlog`
         self._closed = False
-        self._unreported_drops = 0
-        self._unreported_sampled = 0  # calls sampled out, not yet counted in Redis
         # `durable` support: records accepted so far, and how many of them left memory (shipped,
         # spooled or dropped); batches leave in order, so one counter pair is enough.
         # `_accepted` is written by the request path only, `_resolved` by the shipping loop only.
@@ -125,15 +136,7 @@ class Shipper(ABC):
             self._handoff.check(loop)
 
     def _drop_one(self) -> None:
-        counters = self.counters
-        with self._lock:
-            counters.dropped += 1
-            self._unreported_drops += 1
-            dropped = counters.dropped
-        if dropped == 1 or dropped % 10_000 == 0:
-            logger.warning(
-                "log buffer full (%d records): %d records dropped so far", self.max_buffer, dropped
-            )
+        self.tally.count_dropped(1, self._full)
 
     def _handoff_arrived(self) -> bool:
         """On the shipping loop, a handoff from a busy app loop: flush now. True if `_run`
@@ -147,9 +150,7 @@ class Shipper(ABC):
     def count_sampled_out(self, count: int = 1) -> None:
         """Calls left out by `sample_rate`: counted here and in the fleet's statistics (the
         Redis sink adds them to the stats hash with its next batch). Safe from any thread."""
-        with self._lock:
-            self.counters.sampled_out += count
-            self._unreported_sampled += count
+        self.tally.count_sampled_out(count)
 
     def _wake(self) -> None:
         """Cut the shipping loop's wait short (from any thread)."""
@@ -229,7 +230,7 @@ class Shipper(ABC):
         # A daemon: a non-daemon thread would be joined before `atexit` runs, so the exit
         # handler (`close_all`) could never ask it to save what it holds.
         thread = threading.Thread(
-            target=self._thread_main, args=(loop,), name=f"vllm-mw-{type(self).__name__}"
+            target=self._thread_main, args=(loop,), name=f"vllm-mw-{type(self.sink).__name__}"
         )
         thread.daemon = True
         thread.start()
@@ -239,7 +240,7 @@ class Shipper(ABC):
         try:
             # Made before the loop runs, so a `close_soon` queued already finds them.
             self._stopped = stopped = loop.create_future()
-            self._task = loop.create_task(self._run(), name=f"vllm-mw-{type(self).__name__}")
+            self._task = loop.create_task(self._run(), name=f"vllm-mw-{type(self.sink).__name__}")
             self._task.add_done_callback(_report_failure)
             loop.run_until_complete(stopped)
         except BaseException:  # never silent: this thread is the only one shipping records
@@ -259,31 +260,38 @@ class Shipper(ABC):
         buffered before the fork: the parent ships them. Start afresh on the next record."""
         self._lock = threading.RLock()
         self._submit_lock = threading.Lock()
+        self.tally.after_fork_in_child()
         self._loop = self._wakeup = self._task = self._stopped = self._close_future = None
         self._pending.clear()
         self._inflight = []
+        self._inflight_counts = NO_COUNTS
         self._waiters = []
         self._resolved = self._accepted
         self._asleep = False
         self._waiting = False
         self._handoff.reset()
 
+    def _has_backlog(self) -> bool:
+        return self._backlog is not None and self._backlog.has_backlog()
+
     async def _run(self) -> None:
         assert self._wakeup is not None
+        backlog = self._backlog
         backoff = self.retry_backoff[0]
         # Closing: ship the buffer, then keep replaying a backlog (spool) while the sink can,
         # until done or aclose's time budget cancels us (the spool then waits on disk).
         handoff = self._handoff
         while not (
-            self._closing and not self._inflight and not self._pending and not self.has_backlog()
+            self._closing and not self._inflight and not self._pending and not self._has_backlog()
         ):
             handoff.turn()  # a turn of ours: app loops waiting for one go on
             idle = not self._inflight and len(self._pending) < self.batch_size
             if not self._closing and idle and not (self._waiters and self.buffered):
-                if not self._pending and self.sleeps_when_empty():
+                if not self._pending and backlog is None:
                     # Nothing to ship: no timer, so an idle sink (one the clients let go of)
                     # costs nothing; the first record wakes it (`submit`), then it waits one
-                    # `flush_interval` for the batch to fill as usual.
+                    # `flush_interval` for the batch to fill as usual. (A backlog keeps its
+                    # timer: it also adopts and replays spools other processes left behind.)
                     self._asleep = self._waiting = True
                     handoff.idle()
                     if not self._pending:  # (a record submitted just before `_asleep`)
@@ -292,7 +300,7 @@ class Shipper(ABC):
                     self._wakeup.clear()
                     continue
                 # With a backlog to replay, do not sleep between replayed batches.
-                wait = 0.0 if self.has_backlog() else self.flush_interval
+                wait = 0.0 if self._has_backlog() else self.flush_interval
                 if wait:
                     self._waiting = True
                     handoff.idle()
@@ -302,13 +310,14 @@ class Shipper(ABC):
                 self._wakeup.clear()
             if await self._flush_once():
                 backoff = self.retry_backoff[0]
-                # Marked so `settle` waits for a replay step it sees half done: the spool says
-                # "empty" once the step committed, before its records are counted as replayed.
-                self._in_backlog = True
-                try:
-                    await self.work_backlog()
-                finally:
-                    self._in_backlog = False
+                if backlog is not None:
+                    # Marked so `settle` waits for a replay step it sees half done: the spool
+                    # says "empty" once the step committed, before its records are counted.
+                    self._in_backlog = True
+                    try:
+                        await backlog.work_backlog()
+                    finally:
+                        self._in_backlog = False
                 await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
                 continue
             # Wait out the backoff, but let close() cut it short.
@@ -322,7 +331,10 @@ class Shipper(ABC):
         """Ship the in-flight batch (taking one from the buffer if none). True on success."""
         if not self._inflight:
             held = len(self._pending)
-            take = min(held, self.take_limit())
+            limit = self.batch_size
+            if self._backlog is not None:
+                limit = self._backlog.take_limit(limit)
+            take = min(held, limit)
             if take == 0:
                 await self._report_counts_alone()
                 return True
@@ -330,21 +342,23 @@ class Shipper(ABC):
                 self.counters.high_water = held
             pop = self._pending.popleft
             self._inflight = [pop() for _ in range(take)]
-        with self._lock:
-            drops, self._unreported_drops = self._unreported_drops, 0
-            sampled, self._unreported_sampled = self._unreported_sampled, 0
+        taken, counts = self.tally.take(), self._inflight_counts
+        if taken != NO_COUNTS:
+            counts = Unreported(
+                counts.dropped + taken.dropped, counts.sampled_out + taken.sampled_out
+            )
+            self._inflight_counts = counts
         try:
-            await self.ship(self._inflight, dropped=drops, sampled_out=sampled)
-        except asyncio.CancelledError:
-            self._give_back(drops, sampled)
-            raise
+            await self.sink.ship(
+                self._inflight, dropped=counts.dropped, sampled_out=counts.sampled_out
+            )
         except Exception as exc:  # any sink failure: keep the batch, retry later
-            self._give_back(drops, sampled)
             self.counters.failed_batches += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
-            if await self.on_ship_failed(self._inflight, exc):
+            if self._backlog is not None and await self._backlog.keep(self._inflight, counts):
                 self._resolve(len(self._inflight))
                 self._inflight = []
+                self._inflight_counts = NO_COUNTS
                 return True
             if self.counters.failed_batches == 1 or self.counters.failed_batches % 100 == 0:
                 logger.warning("log shipping failed (will retry): %s", self.counters.last_error)
@@ -352,37 +366,32 @@ class Shipper(ABC):
         self.counters.shipped += len(self._inflight)
         self._resolve(len(self._inflight))
         self._inflight = []
+        self._inflight_counts = NO_COUNTS
         return True
-
-    def _give_back(self, drops: int, sampled: int) -> None:
-        with self._lock:
-            self._unreported_drops += drops
-            self._unreported_sampled += sampled
 
     async def _report_counts_alone(self) -> None:
         """Counts waiting for a batch to carry them while there is none: hand them to the
-        sink, which then owes them (`report_counts`)."""
-        with self._lock:
-            drops, sampled = self._unreported_drops, self._unreported_sampled
-            self._unreported_drops = self._unreported_sampled = 0
-        await self.report_counts(drops, sampled)
+        sink, which then owes them (`Sink.report_counts`)."""
+        counts: Unreported = self.tally.take()
+        try:
+            await self.sink.report_counts(counts.dropped, counts.sampled_out)
+        except Exception as exc:  # owed still: the next idle flush tries again
+            self.counters.last_error = f"counts: {type(exc).__name__}: {exc}"
 
     def count_dropped(self, count: int, why: str) -> None:
         """Records given up on purpose: counted, reported to Redis later, and logged."""
-        counters = self.counters
-        with self._lock:
-            before = counters.dropped
-            counters.dropped += count
-            self._unreported_drops += count
-            after = counters.dropped
-        if before == 0 or before // 10_000 != after // 10_000:
-            logger.warning("%s: %d log records dropped so far", why, after)
+        self.tally.count_dropped(count, why)
+
+    @property
+    def healthy(self) -> bool | None:
+        """Whether the sink's destination answers now (None: the sink does not track it)."""
+        return self.sink.healthy
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Flush what is buffered (bounded by `timeout`), then stop the thread and the sink.
 
-        Most of `timeout` goes to shipping normally; what is left after it is handed to
-        `rescue` (the Redis sink spools it), which is a local disk write. Callable from any
+        Most of `timeout` goes to shipping normally; what is left after it is handed to the
+        sink's backlog (the spool), which is a local disk write. Callable from any
         event loop; the work runs on the shipping loop.
         """
         await asyncio.wrap_future(self.close_soon(timeout))
@@ -402,13 +411,14 @@ class Shipper(ABC):
             await asyncio.wrap_future(future)
 
     async def _settle_here(self, deadline: float) -> None:
-        await self.before_close(max(0.0, deadline - time.monotonic()))
+        if self._backlog is not None:
+            await self._backlog.recheck(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
             await asyncio.wait_for(
                 self._report_counts_alone(), max(0.1, deadline - time.monotonic())
             )
         while (
-            (self.has_backlog() or self._in_backlog)
+            (self._has_backlog() or self._in_backlog)
             and not self._closing
             and time.monotonic() < deadline
         ):
@@ -470,7 +480,8 @@ class Shipper(ABC):
     async def _close_on_loop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._closing = True
-        timeout = await self.before_close(timeout)
+        if self._backlog is not None:
+            timeout = await self._backlog.recheck(timeout)
         if self._task is not None:
             assert self._wakeup is not None
             self._wakeup.set()
@@ -491,70 +502,41 @@ class Shipper(ABC):
             inflight, pending = self._inflight, list(self._pending)
             self._pending.clear()
             self._inflight = []
+        counts, self._inflight_counts = self._inflight_counts, NO_COUNTS
         left = len(inflight) + len(pending)
+        saved = 0
         if left:
-            try:
+            with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
                 saved = await asyncio.wait_for(
-                    self.rescue(inflight, pending), max(0.1, deadline - time.monotonic())
+                    self._save(inflight, counts, pending), max(0.1, deadline - time.monotonic())
                 )
-            except Exception:  # includes asyncio.TimeoutError
-                saved = 0
             if left > saved:
                 self.count_dropped(left - saved, "closed with unshipped log records")
             self._resolve(left)
+        if counts != NO_COUNTS and (not inflight or saved == 0):
+            self.tally.give_back(counts)  # the backlog did not take them: reported below
         with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
             await asyncio.wait_for(
                 self._report_counts_alone(), max(0.1, deadline - time.monotonic())
             )
-        await self.close_sink()
+        await self.sink.aclose()
 
-    # -- hooks (the Redis sink overrides them) -----------------------------------------------
-    async def before_close(self, timeout: float) -> float:
-        """On the shipping loop, first thing at close (and at `settle`); returns what is left
-        of `timeout`."""
-        return timeout
-
-    async def on_ship_failed(self, batch: list[RecordEntry], exc: Exception) -> bool:
-        """Take care of a batch `ship` failed on (True), or leave it to be retried (False)."""
-        return False
-
-    async def report_counts(self, dropped: int, sampled_out: int) -> None:
-        """Take drops and sampled-out calls to report with no batch to carry them (the
-        sink owes them from now on; zeros when there are none: a sink that still owes some
-        sends them); must not raise. Only a fleet-wide sink reports them."""
-        return None
-
-    def take_limit(self) -> int:
-        """Records to take off the buffer for the next `ship`."""
-        return self.batch_size
-
-    def sleeps_when_empty(self) -> bool:
-        """False for a sink with periodic work of its own (the Redis sink's spool)."""
-        return True
-
-    def has_backlog(self) -> bool:
-        """True while the sink has older records of its own to send (a spool to replay)."""
-        return False
-
-    async def work_backlog(self) -> None:
-        """Send a little of the backlog; called between live batches, must not raise."""
-        return None
-
-    async def rescue(self, inflight: list[RecordEntry], pending: list[RecordEntry]) -> int:
-        """At close, save what could not be shipped in time: the in-flight batch (possibly
-        already attempted), then the buffer in order. Returns how many records were saved.
-        """
-        return 0
-
-    # -- sink -------------------------------------------------------------------------------
-    @abstractmethod
-    async def ship(self, batch: list[RecordEntry], *, dropped: int, sampled_out: int) -> None:
-        """Make `batch` durable at the destination, or raise. `dropped`, `sampled_out`:
-        records dropped and calls sampled out to report with it."""
-
-    @abstractmethod
-    async def close_sink(self) -> None:
-        """Release what the sink created (not what was injected)."""
+    async def _save(
+        self, inflight: list[RecordEntry], counts: Unreported, pending: list[RecordEntry]
+    ) -> int:
+        """Keep what close could not ship in time in the sink's backlog (if it has one): the
+        in-flight batch first, whole, with its counts (the sink may know it under an id: a
+        flush that may have landed), then the rest. Returns how many records were kept."""
+        if self._backlog is None:
+            return 0
+        saved = 0
+        if inflight:
+            if not await self._backlog.keep(inflight, counts):
+                return 0
+            saved += len(inflight)
+        if pending and await self._backlog.keep(pending, NO_COUNTS):
+            saved += len(pending)
+        return saved
 
 
 def _report_failure(task: asyncio.Task[None]) -> None:

@@ -1,12 +1,17 @@
-"""The settings of a `Shipper` (how records wait between the request path and a sink) and
-the counters it keeps."""
+"""The settings of a `Shipper` (how records wait between the request path and a sink), the
+counters it keeps, and the `Tally` of counts that still owe the fleet's statistics."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-__all__ = ["BufferCounters", "ShippingSettings"]
+__all__ = ["NO_COUNTS", "BufferCounters", "ShippingSettings", "Tally", "Unreported"]
+
+logger = logging.getLogger("vllm_middleware")
 
 
 @dataclass(frozen=True)
@@ -65,3 +70,60 @@ class BufferCounters:
     spool_bytes: int = 0  # bytes in the spool now
     high_water: int = 0  # most records held in memory at once (seen when a batch is taken)
     sampled_out: int = 0  # calls left out by `sample_rate` (`Shipper.count_sampled_out`)
+
+
+class Unreported(NamedTuple):
+    """Counts not yet in the fleet's statistics (the Redis stats hash)."""
+
+    dropped: int
+    sampled_out: int
+
+
+NO_COUNTS = Unreported(0, 0)
+
+
+class Tally:
+    """A shipper's counters, shared with its sinks, and the drops and sampled-out calls the
+    fleet's statistics have not been told about yet (they travel with the next batch).
+
+    Safe from any thread. Reentrant: a client's finalizer may count in any thread, inside any
+    allocation.
+    """
+
+    def __init__(self) -> None:
+        self.counters = BufferCounters()
+        self._lock = threading.RLock()
+        self._dropped = 0
+        self._sampled_out = 0
+
+    def count_dropped(self, count: int, why: str) -> None:
+        """Records given up on purpose: counted, reported to Redis later, and logged."""
+        counters = self.counters
+        with self._lock:
+            before = counters.dropped
+            counters.dropped += count
+            self._dropped += count
+            after = counters.dropped
+        if before == 0 or before // 10_000 != after // 10_000:
+            logger.warning("%s: %d log records dropped so far", why, after)
+
+    def count_sampled_out(self, count: int) -> None:
+        with self._lock:
+            self.counters.sampled_out += count
+            self._sampled_out += count
+
+    def take(self) -> Unreported:
+        """The counts to report now; the caller gives them back if it cannot."""
+        with self._lock:
+            taken = Unreported(self._dropped, self._sampled_out)
+            self._dropped = self._sampled_out = 0
+        return taken
+
+    def give_back(self, counts: Unreported) -> None:
+        with self._lock:
+            self._dropped += counts.dropped
+            self._sampled_out += counts.sampled_out
+
+    def after_fork_in_child(self) -> None:
+        # The lock may have been held by a thread the child does not have.
+        self._lock = threading.RLock()

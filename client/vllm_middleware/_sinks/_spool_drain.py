@@ -1,11 +1,11 @@
 """`vllm-mw spool drain`: replay spools to a given Redis, including stranded and foreign ones.
 
-The replay itself is the Redis sink's (`_redis_sink.py`): batch markers, damage accounting,
-orphan adoption. A spool directory belongs to one stream and one Redis address; a segment left
-under another address (the Redis moved, the URL changed) would wait forever. Draining moves
-such segments into the target Redis's directory first (under their flock, so never one a live
-process holds; `rename` keeps the lock and is atomic on one file system), then lets a sink for
-the target Redis adopt and replay everything there.
+The replay itself is the spooling sink's (`_spooling_sink.py`): batch markers, damage
+accounting, orphan adoption; no shipper is involved. A spool directory belongs to one stream
+and one Redis address; a segment left under another address (the Redis moved, the URL changed)
+would wait forever. Draining moves such segments into the target Redis's directory first
+(under their flock, so never one a live process holds; `rename` keeps the lock and is atomic
+on one file system), then lets a sink for the target Redis adopt and replay everything there.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import redis.asyncio as aioredis
 from .._keys import StreamKeys
 from .._partition import fsync_dir, sanitize_partition_value
 from ._redis_sink import RedisStreamSink
-from ._shipping import ShippingSettings
+from ._shipping_settings import ShippingSettings, Tally
 from ._spool_inventory import spool_root
+from ._spooling_sink import SpoolingSink
 
 __all__ = ["DrainResult", "drain_spools", "spool_directory_for"]
 
@@ -42,10 +43,13 @@ class DrainResult:
     error: str | None = None
 
 
-def _sink(redis_url: str, stream: str, root: Path) -> RedisStreamSink:
+def _sink(redis_url: str, stream: str, root: Path) -> SpoolingSink:
     client = aioredis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
     settings = ShippingSettings(spool=True, spool_dir=str(root))
-    return RedisStreamSink(client, keys=StreamKeys(stream), owns_client=True, shipping=settings)
+    redis_sink = RedisStreamSink(
+        client, keys=StreamKeys(stream), owns_client=True, timeout=settings.redis_timeout
+    )
+    return SpoolingSink(redis_sink, settings, Tally())
 
 
 def spool_directory_for(redis_url: str, stream: str, root: str | None = None) -> Path:
@@ -77,9 +81,9 @@ def _move_stranded(source: Path, target: Path, result: DrainResult) -> None:
         fsync_dir(target)
 
 
-async def _replay(sink: RedisStreamSink, result: DrainResult, timeout: float) -> None:
+async def _replay(sink: SpoolingSink, result: DrainResult, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    await sink.redis.ping()  # fail early and clearly when the target is unreachable
+    await sink.redis_sink.redis.ping()  # fail early and clearly when the target is unreachable
     await sink.work_backlog()  # opens the spool and adopts every segment nobody holds
     while sink.spool is not None and sink.spool:
         if not sink.healthy:
@@ -109,7 +113,7 @@ async def _drain(
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         with contextlib.suppress(Exception):
-            await sink.aclose(timeout=5)
+            await asyncio.wait_for(sink.aclose(), 5)
     return result
 
 
