@@ -232,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         server_header=False,  # the upstream's own Server and Date headers pass through
         date_header=False,
+        # X-Forwarded-For is the upstream's to read (it is forwarded): nothing here uses the
+        # client's address, so uvicorn's middleware that rewrites it is a layer for nothing.
+        proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=args.drain_timeout,
         timeout_keep_alive=75,

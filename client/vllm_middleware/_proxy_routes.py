@@ -251,8 +251,15 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 def forwarded_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The client's headers to send upstream (ASGI gives names in lower case)."""
     dropped = _REQUEST_DROPPED
-    out = [(name, value) for name, value in headers if name not in dropped]
-    if len(out) != len(headers):
+    out = []
+    connection = False
+    for header in headers:
+        name = header[0]
+        if name not in dropped:
+            out.append(header)
+        elif name == b"connection":
+            connection = True
+    if connection:
         extra = _connection_tokens(headers)
         if extra:
             out = [(name, value) for name, value in out if name not in extra]
