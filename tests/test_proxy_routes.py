@@ -68,7 +68,7 @@ def test_model_of_a_multipart_form() -> None:
     assert model_of(*_form({"model": "whisper-1", "language": "en"}, lookalike)) == "whisper-1"
     assert model_of(*_form({"language": "en"}, lookalike)) is None  # the file's bytes: not a field
     body, content_type = _form({"model": "m"}, b"x")
-    assert model_of(body, b"Multipart/Form-Data; Boundary" + content_type[28:]) == "m"
+    assert model_of(body, b"Multipart/Form-Data; Boundary" + content_type[29:]) == "m"
     assert model_of(body, b"multipart/form-data") is None  # no boundary
     assert model_of(body[:40], content_type) is None  # cut short
     assert model_of(b'{"model": "j"}', b"application/json") == "j"
