@@ -465,6 +465,39 @@ def test_an_upstream_restart_is_not_seen_by_clients(start_proxy: Any) -> None:
         assert again.request_count == 1
 
 
+def test_a_kept_alive_connection_closed_as_a_request_goes_out_is_retried_once(
+    start_proxy: Any,
+) -> None:
+    """An upstream's keep-alive timeout can close an idle connection just as the proxy sends
+    on it: nothing of a response came, so the request goes again on a new connection. (A raw
+    socket server: the fake cannot close a connection on receiving a request.)"""
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    seen: list[int] = []  # per connection accepted: requests received
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        for number in range(2):
+            conn, _ = server.accept()
+            with conn:
+                seen.append(0)
+                while conn.recv(65536):
+                    seen[-1] += 1
+                    if number == 0 and seen[-1] == 2:
+                        break  # the second request on the first connection: closed unanswered
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    proxy = start_proxy("--upstream", f"http://127.0.0.1:{port}/v1", record=False)
+    with httpx.Client() as client:
+        for _ in range(3):
+            response = client.post(proxy.base_url + "/chat/completions", json=CHAT)
+            assert (response.status_code, response.content) == (200, b"{}")
+    assert seen[:2] == [2, 2]  # the second request went twice, the third reused the new one
+    server.close()
+
+
 # -- sinks, shutdown, metrics ---------------------------------------------------------------
 
 

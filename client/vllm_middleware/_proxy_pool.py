@@ -62,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False  # it has carried a response before
         self.idle_since = 0.0
+        self.in_use = True  # a request of ours is on it (False while idle in the pool)
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._reset()
@@ -86,6 +87,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_use:  # bytes nobody asked for: the connection cannot be trusted
+            self.abort()
+            return
         self.received = True
         try:
             self.parser.feed_data(data)
@@ -210,6 +214,7 @@ class _Connection(asyncio.Protocol):
         )
 
     def recycle(self) -> None:
+        self.in_use = False
         self.reused = True
         self.idle_since = self.loop.time()
         self._reset()
@@ -351,6 +356,7 @@ class UpstreamPool:
                 raise UpstreamTimeout("no upstream connection free in time") from None
         else:
             await slots.acquire()
+        conn = None
         try:
             conn = self._checkout(origin) or await self.connect(origin)
             conn.head_request = method == "HEAD"
@@ -358,6 +364,8 @@ class UpstreamPool:
             await self.write(conn, request)
         except BaseException:
             slots.release()
+            if conn is not None:
+                conn.abort()  # a request half written (or its caller gone): not reusable
             raise
         return call
 
@@ -370,6 +378,7 @@ class UpstreamPool:
                 continue
             now = now or conn.loop.time()
             if now - conn.idle_since < self._keepalive_expiry:
+                conn.in_use = True
                 return conn
             conn.abort()
         return None
