@@ -14,16 +14,17 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ._exceptions import ConfigurationError
-from ._proxy import ProxyApp
-from ._proxy_pool import UpstreamPool
 from ._proxy_routes import UpstreamMap, parse_upstreams
 from ._settings import argv_password_warning, mask_url
 from ._wire_capture import WireCapture
+
+if TYPE_CHECKING:  # the app and its pool need the [proxy] extra: imported when serving
+    from ._proxy import ProxyApp
 
 __all__ = ["add_arguments", "run"]
 
@@ -170,6 +171,9 @@ def _recording(
 
 def build_app(args: argparse.Namespace, upstreams: UpstreamMap) -> tuple[ProxyApp, str]:
     """The app for `args`, and a line saying where its records go."""
+    from ._proxy import ProxyApp
+    from ._proxy_pool import UpstreamPool
+
     pool = UpstreamPool(
         max_connections=args.max_connections,
         keepalive_expiry=60.0,
@@ -199,6 +203,7 @@ def build_app(args: argparse.Namespace, upstreams: UpstreamMap) -> tuple[ProxyAp
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import httptools  # noqa: F401 - the upstream client's parser
         import uvicorn
     except ImportError:
         raise ConfigurationError(
