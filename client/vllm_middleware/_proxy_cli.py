@@ -14,16 +14,17 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from ._exceptions import ConfigurationError
-from ._proxy import ProxyApp
-from ._proxy_pool import UpstreamPool
 from ._proxy_routes import UpstreamMap, parse_upstreams
 from ._settings import argv_password_warning, mask_url
+from ._wire_capture import WireCapture
+
+if TYPE_CHECKING:  # the app and its pool need the [proxy] extra: imported when serving
+    from ._proxy import ProxyApp
 
 __all__ = ["add_arguments", "run"]
 
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="[MODEL=]URL",
         help="the API root to forward to, e.g. http://vllm:8000/v1; MODEL=URL (repeatable) "
-        "sends requests for MODEL there (the model is read from the JSON body)",
+        "sends requests for MODEL there (the model is read from the JSON body, or the form "
+        "of a multipart upload)",
     )
     parser.add_argument(
         "--listen",
@@ -140,13 +142,12 @@ def _metadata(text: str | None) -> dict[str, Any] | None:
 
 
 def _recording(
-    args: argparse.Namespace, inner: httpx.AsyncBaseTransport
-) -> tuple[httpx.AsyncBaseTransport, Callable[[], Awaitable[None]] | None, Any, str]:
-    """(the transport that records traffic, what flushes the records, the record observer
-    slot, a line saying where records go)."""
+    args: argparse.Namespace,
+) -> tuple[WireCapture | None, Callable[[], Awaitable[None]] | None, Any, str]:
+    """(the capture that records traffic, what flushes the records, the recorder, a line
+    saying where records go)."""
     if args.no_record:
-        return inner, None, None, "recording off"
-    from ._capture_transport import AsyncCaptureTransport
+        return None, None, None, "recording off"
     from ._recorder import Recorder
 
     options: dict[str, Any] = {
@@ -159,20 +160,27 @@ def _recording(
         "sample_rate": args.sample_rate,
     }
     recorder = Recorder.open(**{key: value for key, value in options.items() if value is not None})
-    transport = AsyncCaptureTransport(inner, recorder=recorder)
     if recorder.mode == "redis":
         where = "records to Redis"
     elif recorder.mode == "embedded":
         where = f"records under {args.log_dir or './logs/vllm'}"
     else:
         where = "recording off"
-    return transport, recorder.aclose, recorder, where
+    return WireCapture(recorder), recorder.aclose, recorder, where
 
 
 def build_app(args: argparse.Namespace, upstreams: UpstreamMap) -> tuple[ProxyApp, str]:
     """The app for `args`, and a line saying where its records go."""
-    inner = UpstreamPool(max_connections=args.max_connections, keepalive_expiry=60.0)
-    recorded, flush, recorder, where = _recording(args, inner)
+    from ._proxy import ProxyApp
+    from ._proxy_pool import UpstreamPool
+
+    pool = UpstreamPool(
+        max_connections=args.max_connections,
+        keepalive_expiry=60.0,
+        connect_timeout=args.connect_timeout,
+        timeout=args.timeout,
+    )
+    capture, flush, recorder, where = _recording(args)
     metrics = None
     if not args.no_metrics:
         from ._proxy_metrics import ProxyMetrics
@@ -182,10 +190,8 @@ def build_app(args: argparse.Namespace, upstreams: UpstreamMap) -> tuple[ProxyAp
             recorder.record_observer = metrics.observe
     app = ProxyApp(
         upstreams,
-        recorded,
-        inner,
-        timeout=args.timeout,
-        connect_timeout=args.connect_timeout,
+        pool,
+        capture,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         metrics=None if metrics is None else metrics.render,
         on_shutdown=flush,
@@ -197,6 +203,7 @@ def build_app(args: argparse.Namespace, upstreams: UpstreamMap) -> tuple[ProxyAp
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import httptools  # noqa: F401 - the upstream client's parser
         import uvicorn
     except ImportError:
         raise ConfigurationError(
@@ -230,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
         access_log=False,
         server_header=False,  # the upstream's own Server and Date headers pass through
         date_header=False,
+        # X-Forwarded-For is the upstream's to read (it is forwarded): nothing here uses the
+        # client's address, so uvicorn's middleware that rewrites it is a layer for nothing.
+        proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=args.drain_timeout,
         timeout_keep_alive=75,

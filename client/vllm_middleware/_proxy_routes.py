@@ -1,21 +1,25 @@
 """Where the logging proxy sends a request, and what of it crosses the hop.
 
 Pure functions and small immutable classes (no I/O): parsing `--upstream` values, choosing the
-upstream for a request (by the `model` of its JSON body when several are configured), the
+upstream for a request (by the `model` of its JSON body, or of its `multipart/form-data` form
+for audio uploads, when several are configured), the
 upstream URL of a request path, which headers are hop-by-hop, and OpenAI-style error bodies
 for the answers the proxy gives itself.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
 from ._exceptions import ConfigurationError
+from ._wire_capture import CONTROL_HEADERS
 
 __all__ = [
     "API_ROOT",
@@ -45,10 +49,16 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Request headers the proxy sets itself: the upstream's host, the body's length (httpx writes
-# both), and the encoding: bodies are asked for uncompressed so that they can be recorded and
-# so that SSE is never compressed (a compressing server buffers events).
-_REQUEST_DROPPED = _HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"}
+# Request headers the proxy sets itself: the upstream's host and the body's length (written by
+# the pool), and the encoding: bodies are asked for uncompressed so that they can be recorded
+# and so that SSE is never compressed (a compressing server buffers events). `Expect` is
+# answered by the server in front; the body goes upstream whole. The proxy's own control
+# headers (a record's metadata and host) never leave it.
+_REQUEST_DROPPED = (
+    _HOP_BY_HOP
+    | {b"host", b"content-length", b"accept-encoding", b"expect"}
+    | {name.encode() for name in CONTROL_HEADERS}
+)
 _EVENT_STREAM = b"text/event-stream"
 _NO_BUFFERING = (b"x-accel-buffering", b"no")
 
@@ -96,6 +106,17 @@ class Upstream:
             url = f"{url}?{query.decode('latin-1')}"
         return url
 
+    @cached_property
+    def _raw_prefix(self) -> bytes:
+        return self.prefix.encode()
+
+    def raw_target(self, raw_path: bytes, query: bytes) -> bytes:
+        """`target`'s path and query as the request line carries them (the client's bytes,
+        percent-escapes and all)."""
+        if raw_path == b"/v1" or raw_path.startswith(b"/v1/"):
+            raw_path = self._raw_prefix + raw_path[3:] or b"/"
+        return raw_path + b"?" + query if query else raw_path
+
 
 @dataclass(frozen=True)
 class UpstreamMap:
@@ -116,13 +137,14 @@ class UpstreamMap:
                 seen.setdefault(upstream.url, upstream)
         return list(seen.values())
 
-    def pick(self, body: bytes) -> tuple[Upstream | None, str | None]:
+    def pick(self, body: bytes, content_type: bytes = b"") -> tuple[Upstream | None, str | None]:
         """(the upstream for a request with this body, the model it names).
 
         The upstream is None when the body names a model no upstream serves and there is no
-        default. A body that is not a JSON object goes to the default.
+        default. A body that names no model (not a JSON object, a form without the field) goes
+        to the default.
         """
-        model = model_of(body) if self.by_model else None
+        model = model_of(body, content_type) if self.by_model else None
         if model is not None:
             upstream = self.by_model.get(model)
             if upstream is not None:
@@ -130,8 +152,10 @@ class UpstreamMap:
         return self.default, model
 
 
-def model_of(body: bytes) -> str | None:
-    """The `model` field of a JSON object body, or None."""
+def model_of(body: bytes, content_type: bytes = b"") -> str | None:
+    """The `model` field of a JSON object body or of a `multipart/form-data` form, or None."""
+    if content_type[:19].lower() == b"multipart/form-data":
+        return _form_model(body, content_type)
     if not body or body[:1] not in (b"{", b" ", b"\n", b"\r", b"\t"):
         return None
     try:
@@ -140,6 +164,48 @@ def model_of(body: bytes) -> str | None:
         return None
     model = parsed.get("model") if isinstance(parsed, dict) else None
     return model if isinstance(model, str) else None
+
+
+_FORM_BOUNDARY = re.compile(rb';\s*boundary="?([^";]+)"?', re.IGNORECASE)
+_FORM_MODEL = re.compile(
+    rb'content-disposition:\s*form-data;[^\r\n]*\bname="?model"?(?:[;\s]|\r\n)', re.I
+)
+_MAX_MODEL_NAME = 1024
+
+
+def _form_model(body: bytes, content_type: bytes) -> str | None:
+    """The value of a form's `model` field (RFC 7578). Only the part headers are searched:
+    the field's name is matched where a part's Content-Disposition says it, so bytes of an
+    uploaded file that happen to look alike are never taken for it."""
+    found = _FORM_BOUNDARY.search(content_type)
+    if found is None:
+        return None
+    boundary = b"--" + found.group(1)
+    delimiter = b"\r\n" + boundary
+    # A part's headers follow a delimiter line; the body's first delimiter has no CRLF before.
+    if body.startswith(boundary):
+        head_start = len(boundary)
+    else:
+        start = body.find(delimiter)
+        if start < 0:
+            return None
+        head_start = start + len(delimiter)
+    while True:
+        head_end = body.find(b"\r\n\r\n", head_start)
+        if head_end < 0:
+            return None
+        end = body.find(delimiter, head_end)
+        if end < 0:
+            return None
+        if _FORM_MODEL.search(body, head_start, head_end + 2) is not None:
+            value = body[head_end + 4 : end]
+            if len(value) > _MAX_MODEL_NAME:
+                return None
+            try:
+                return value.decode()
+            except UnicodeDecodeError:
+                return None
+        head_start = end + len(delimiter)
 
 
 def parse_upstreams(values: Sequence[str]) -> UpstreamMap:
@@ -185,8 +251,15 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 def forwarded_request_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The client's headers to send upstream (ASGI gives names in lower case)."""
     dropped = _REQUEST_DROPPED
-    out = [(name, value) for name, value in headers if name not in dropped]
-    if len(out) != len(headers):
+    out = []
+    connection = False
+    for header in headers:
+        name = header[0]
+        if name not in dropped:
+            out.append(header)
+        elif name == b"connection":
+            connection = True
+    if connection:
         extra = _connection_tokens(headers)
         if extra:
             out = [(name, value) for name, value in out if name not in extra]

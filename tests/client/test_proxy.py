@@ -373,6 +373,131 @@ def test_models_and_health_are_not_recorded_but_other_routes_are(
     assert sorted(r["endpoint"] for r in records(tmp_path)) == ["brand/new", "tokenize"]
 
 
+def _transcription(client: httpx.Client, url: str, model: str) -> httpx.Response:
+    audio = b"RIFF" + bytes(64000)  # some bytes that are not a form field
+    return client.post(
+        url + "/audio/transcriptions",
+        data={"model": model, "language": "en"},
+        files={"file": ("a.wav", audio, "audio/wav")},
+    )
+
+
+def test_multipart_uploads_are_routed_by_their_form_model(start_proxy: Any, tmp_path: Path) -> None:
+    with (
+        FakeVLLMServer(model="whisper-a") as alpha,
+        FakeVLLMServer(model="whisper-b") as beta,
+        FakeVLLMServer(model="chat") as default,
+        httpx.Client() as client,
+    ):
+        named = start_proxy(
+            "--upstream", f"whisper-a={alpha.base_url}", "--upstream", f"whisper-b={beta.base_url}"
+        )
+        for model in ("whisper-b", "whisper-a", "whisper-b"):
+            response = _transcription(client, named.base_url, model)
+            assert response.status_code == 200, response.text
+            assert response.json()["text"].startswith("Fake transcript of")
+        assert (alpha.request_count, beta.request_count) == (1, 2)
+        missing = _transcription(client, named.base_url, "whisper-c")
+        assert missing.status_code == 404 and "whisper-c" in missing.json()["error"]["message"]
+        # With a default upstream, a form naming a served model still goes to that model's.
+        with_default = start_proxy(
+            "--upstream", default.base_url, "--upstream", f"whisper-b={beta.base_url}"
+        )
+        assert _transcription(client, with_default.base_url, "whisper-b").status_code == 200
+        assert (default.request_count, beta.request_count) == (0, 3)
+        named.stop()
+        with_default.stop()
+    found = [r for r in records(tmp_path) if r["endpoint"] == "audio/transcriptions"]
+    # (the proxy's own 404 for whisper-c is not traffic that reached a model: not recorded)
+    assert sorted(r["model"] for r in found) == ["whisper-a", "whisper-b", "whisper-b", "whisper-b"]
+
+
+def test_control_headers_never_reach_the_upstream(
+    start_proxy: Any, fake_vllm: FakeVLLMServer
+) -> None:
+    for record in (True, False):
+        proxy = start_proxy("--upstream", fake_vllm.base_url, record=record)
+        headers = {"x-vllm-mw-metadata": '{"team": "a"}', "x-vllm-mw-host": "app-1", "x-other": "1"}
+        response = httpx.post(proxy.base_url + "/chat/completions", json=CHAT, headers=headers)
+        assert response.status_code == 200
+        seen = fake_vllm.requests[-1].headers
+        assert "x-vllm-mw-metadata" not in seen and "x-vllm-mw-host" not in seen
+        assert seen["x-other"] == "1"
+
+
+def test_upstream_timeout_is_a_504_and_recorded(start_proxy: Any, tmp_path: Path) -> None:
+    with FakeVLLMServer() as fake:
+        proxy = start_proxy("--upstream", fake.base_url, "--timeout", "0.5")
+        body = {**CHAT, "messages": [{"role": "user", "content": "wait [[slow:30]]"}]}
+        response = httpx.post(proxy.base_url + "/chat/completions", json=body, timeout=30)
+        assert response.status_code == 504
+        assert response.json()["error"]["type"] == "GatewayTimeoutError"
+        # The timed-out connection is closed, not given to the next request.
+        assert httpx.post(proxy.base_url + "/chat/completions", json=CHAT).status_code == 200
+        proxy.stop()
+    timed_out, ok = sorted(records(tmp_path), key=lambda r: r["status_code"] or 0)
+    assert "timed out" in timed_out["error"] and timed_out["status_code"] is None
+    assert ok["status_code"] == 200 and not ok["error"]
+
+
+def test_large_bodies_pass_whole_both_ways(start_proxy: Any, fake_vllm: FakeVLLMServer) -> None:
+    proxy = start_proxy("--upstream", fake_vllm.base_url, record=False)
+    text = "word " * 60_000  # 300 kB: the request goes out in two writes
+    body = {"model": CHAT["model"], "input": [text, text[::-1]]}
+    got = [
+        httpx.post(base + "/embeddings", json=body, timeout=30)
+        for base in (fake_vllm.base_url, proxy.base_url)
+    ]
+    assert got[1].status_code == got[0].status_code == 200
+    assert fake_vllm.requests[-1].body == body
+    assert _stable(got[1].content) == _stable(got[0].content)
+
+
+def test_an_upstream_restart_is_not_seen_by_clients(start_proxy: Any) -> None:
+    """The kept-alive connection to an upstream that went away is not used again."""
+    fake = FakeVLLMServer().start()
+    port = fake.port
+    proxy = start_proxy("--upstream", fake.base_url, record=False)
+    assert httpx.post(proxy.base_url + "/chat/completions", json=CHAT).status_code == 200
+    fake.stop()
+    with FakeVLLMServer(port=port) as again:
+        assert httpx.post(proxy.base_url + "/chat/completions", json=CHAT).status_code == 200
+        assert again.request_count == 1
+
+
+def test_a_kept_alive_connection_closed_as_a_request_goes_out_is_retried_once(
+    start_proxy: Any,
+) -> None:
+    """An upstream's keep-alive timeout can close an idle connection just as the proxy sends
+    on it: nothing of a response came, so the request goes again on a new connection. (A raw
+    socket server: the fake cannot close a connection on receiving a request.)"""
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+    seen: list[int] = []  # per connection accepted: requests received
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        for number in range(2):
+            conn, _ = server.accept()
+            with conn:
+                seen.append(0)
+                while conn.recv(65536):
+                    seen[-1] += 1
+                    if number == 0 and seen[-1] == 2:
+                        break  # the second request on the first connection: closed unanswered
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    proxy = start_proxy("--upstream", f"http://127.0.0.1:{port}/v1", record=False)
+    with httpx.Client() as client:
+        for _ in range(3):
+            response = client.post(proxy.base_url + "/chat/completions", json=CHAT)
+            assert (response.status_code, response.content) == (200, b"{}")
+    assert seen[:2] == [2, 2]  # the second request went twice, the third reused the new one
+    server.close()
+
+
 # -- sinks, shutdown, metrics ---------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from vllm_middleware._proxy_routes import (
     forwarded_request_headers,
     forwarded_response_headers,
     is_traffic,
+    model_of,
     parse_upstreams,
 )
 
@@ -51,6 +52,28 @@ def test_upstream_map_picks_by_model() -> None:
     assert [u.url for u in routes.distinct()] == ["http://d/v1", "http://m/v1"]
     only = parse_upstreams(["m=http://m/v1"])
     assert only.pick(b'{"model": "z"}') == (None, "z")
+
+
+def _form(fields: dict[str, str], file: bytes) -> tuple[bytes, bytes]:
+    import httpx
+
+    request = httpx.Request(
+        "POST", "http://p/", data=fields, files={"file": ("a.wav", file, "audio/wav")}
+    )
+    return request.read(), request.headers["content-type"].encode()
+
+
+def test_model_of_a_multipart_form() -> None:
+    lookalike = b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nevil\r\n'
+    assert model_of(*_form({"model": "whisper-1", "language": "en"}, lookalike)) == "whisper-1"
+    assert model_of(*_form({"language": "en"}, lookalike)) is None  # the file's bytes: not a field
+    body, content_type = _form({"model": "m"}, b"x")
+    assert model_of(body, b"Multipart/Form-Data; Boundary" + content_type[29:]) == "m"
+    assert model_of(body, b"multipart/form-data") is None  # no boundary
+    assert model_of(body[:40], content_type) is None  # cut short
+    assert model_of(b'{"model": "j"}', b"application/json") == "j"
+    routes = parse_upstreams(["http://d/v1", "m=http://m/v1"])
+    assert routes.pick(body, content_type)[0] == Upstream.parse("http://m/v1")
 
 
 def test_hop_by_hop_headers_stay_on_their_hop() -> None:
