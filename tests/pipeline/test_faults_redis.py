@@ -147,7 +147,11 @@ async def test_client_memory_stays_bounded_while_redis_is_down(
     t_fault = time.perf_counter()
     max_buffered = 0
     samples: list[tuple[int, int]] = []  # (RSS, records spooled so far)
-    for _ in range(40):  # 8 s of sustained load into a dead Redis
+    # Sustained load into a dead Redis until enough records went to the spool for their size
+    # to dwarf allocator noise: at least 8 s, longer on a machine too loaded to send them.
+    outage_ends = time.perf_counter() + 60
+    while len(samples) < 40 or sink.counters.spooled < 8000:
+        assert time.perf_counter() < outage_ends, f"only {sink.counters.spooled} spooled in 60 s"
         await asyncio.sleep(0.2)
         max_buffered = max(max_buffered, sink.buffered)
         samples.append((process.memory_info().rss, sink.counters.spooled))
@@ -172,11 +176,11 @@ async def test_client_memory_stays_bounded_while_redis_is_down(
         f"{max_buffered}, spooled {sink.counters.spooled}; second half: ~{spooled_mb:.0f} MB "
         f"of records spooled, RSS growth {growth_mb:.1f} MB"
     )
-    assert sink.counters.spooled > 5000 and sink.counters.dropped == 0
+    assert sink.counters.dropped == 0
     assert max_buffered < 10_000  # well under max_buffer (50 000): the spool keeps up
     assert growth_mb < 30  # allocator noise, not the traffic (which is several times that)
     await check_all_stored(
-        "Redis down 8 s, sustained load (memory bound)",
+        "Redis down 8 s or more, sustained load (memory bound)",
         load,
         log_dir,
         load.max_latency_ms(t0, t_fault),
