@@ -60,6 +60,8 @@ READ_HEADERS: Final = frozenset(
     )
 )
 _READ_RAW = frozenset(name.encode() for name in READ_HEADERS)
+# Most names are ruled out by their length alone, before a lower-cased copy is made.
+_READ_LENGTHS = frozenset(map(len, _READ_RAW))
 
 
 def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -67,9 +69,10 @@ def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     `Headers.raw`, an ASGI scope's headers): cheaper than decoding every header."""
     found: dict[str, str] = {}
     for name, value in raw:
-        lowered = name.lower()
-        if lowered in _READ_RAW:
-            found[lowered.decode()] = value.decode("latin-1")
+        if len(name) in _READ_LENGTHS:
+            lowered = name.lower()
+            if lowered in _READ_RAW:
+                found[lowered.decode()] = value.decode("latin-1")
     return found
 
 
