@@ -93,9 +93,7 @@ def _observe(exchange: Exchange, response: Any) -> bool:
         exchange.respond(response.status_code, headers)
         return True
     headers.pop("content-encoding", None)
-    exchange.respond(response.status_code, headers)
-    exchange.feed(response.content)
-    exchange.finish("done")
+    exchange.complete(response.status_code, headers, response.content)
     return False
 
 

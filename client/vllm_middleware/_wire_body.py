@@ -15,7 +15,8 @@ import mimetypes
 import re
 import threading
 from collections import OrderedDict
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -54,6 +55,10 @@ class RequestFacts(NamedTuple):
     client_request_id: Any  # the body's `request_id`, if any (the X-Request-Id header wins)
 
 
+# tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level frame per call.
+_new = cast("Callable[[type[RequestFacts], tuple[Any, ...]], RequestFacts]", tuple.__new__)
+
+
 def endpoint_of(path: str) -> str:
     """The record's `endpoint` for a URL path: what follows `/v1/` (vLLM's OpenAI API prefix,
     wherever the base URL puts it), else the path without its leading slash."""
@@ -66,13 +71,13 @@ def decode_body(endpoint: str, content_type: str, body: bytes) -> RequestFacts:
     if endpoint in _AUDIO and content_type.startswith("multipart/form-data"):
         return _audio_facts(endpoint, content_type, body)
     if not body:
-        return RequestFacts(endpoint, "input", None, None, {}, None)
+        return _new(RequestFacts, (endpoint, "input", None, None, {}, None))
     try:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return RequestFacts(endpoint, "input", _opaque(content_type, body), None, {}, None)
+        return _new(RequestFacts, (endpoint, "input", _opaque(content_type, body), None, {}, None))
     if not isinstance(parsed, dict):
-        return RequestFacts(endpoint, "input", parsed, None, {}, None)
+        return _new(RequestFacts, (endpoint, "input", parsed, None, {}, None))
     model = parsed.get("model")
     if not isinstance(model, str):
         model = None
@@ -81,7 +86,7 @@ def decode_body(endpoint: str, content_type: str, body: bytes) -> RequestFacts:
     if route is None and endpoint == "tokenize":
         route = ("messages", "messages") if "messages" in parsed else ("prompt", "prompt")
     if route is None:  # anything else: the whole body is the input, as `request()` records it
-        return RequestFacts(endpoint, "input", parsed, model, {}, rid)
+        return _new(RequestFacts, (endpoint, "input", parsed, model, {}, rid))
     key, fields = route
     params = parsed  # parsed here, so ours to take the model and the payload out of
     params.pop("model", None)
@@ -89,7 +94,7 @@ def decode_body(endpoint: str, content_type: str, body: bytes) -> RequestFacts:
         payload = params.pop(fields, None)
     else:
         payload = {field: params.pop(field, None) for field in fields}
-    return RequestFacts(endpoint, key, payload, model, params, rid)
+    return _new(RequestFacts, (endpoint, key, payload, model, params, rid))
 
 
 def _opaque(content_type: str, body: bytes) -> Any:

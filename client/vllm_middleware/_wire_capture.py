@@ -61,6 +61,8 @@ READ_HEADERS: Final = frozenset(
     )
 )
 _READ_RAW = frozenset(name.encode() for name in READ_HEADERS)
+# Most names are ruled out by their length alone, before a lower-cased copy is made.
+_READ_LENGTHS = frozenset(map(len, _READ_RAW))
 
 
 def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -68,9 +70,10 @@ def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     `Headers.raw`, an ASGI scope's headers): cheaper than decoding every header."""
     found: dict[str, str] = {}
     for name, value in raw:
-        lowered = name.lower()
-        if lowered in _READ_RAW:
-            found[lowered.decode()] = value.decode("latin-1")
+        if len(name) in _READ_LENGTHS:
+            lowered = name.lower()
+            if lowered in _READ_RAW:
+                found[lowered.decode()] = value.decode("latin-1")
     return found
 
 
@@ -125,53 +128,46 @@ class WireCapture:
         """Start recording one request. `headers`: at least its `READ_HEADERS`, by lower-case
         name (`read_headers` picks them). None when it cannot be recorded (a failure to log,
         counted): the door then sends the request uncaptured."""
+        # One frame, not two: this runs on every call.
         try:
-            return self._begin(method, path, headers, body, started)
+            if started is None:
+                started = time.perf_counter()
+            get = headers.get
+            endpoint = endpoint_of(path)
+            _, key, payload, model, params, body_id = decode_body(
+                endpoint, get("content-type", ""), body
+            )
+            notes: list[str] = []
+            metadata = None
+            metadata_header = get(METADATA_HEADER)
+            if metadata_header is not None:
+                metadata = _metadata(metadata_header, notes)
+            call = self.recorder.start(
+                endpoint,
+                key,
+                payload,
+                model,
+                params,
+                metadata,
+                client_request_id=get("x-request-id", body_id),
+            )
+            call.body_bytes = len(body)
+            host = get(HOST_HEADER)
+            if host is not None:
+                problem = host_problem(host)
+                if problem is None:
+                    call.host = host
+                else:
+                    notes.append(f"{HOST_HEADER} ignored: {problem}")
+            exchange = Exchange(self, call, started, endpoint, notes)
+            retry = get(_RETRY_COUNT)
+            idempotency = get(_IDEMPOTENCY)
+            if retry is not None or idempotency is not None:
+                exchange.link(method, body, retry, idempotency)
+            return exchange
         except Exception as exc:
             self.recorder.logging_failed(None, exc)
             return None
-
-    def _begin(
-        self,
-        method: str,
-        path: str,
-        headers: Mapping[str, str],
-        body: bytes,
-        started: float | None,
-    ) -> Exchange:
-        if started is None:
-            started = time.perf_counter()
-        get = headers.get
-        endpoint = endpoint_of(path)
-        facts = decode_body(endpoint, get("content-type", ""), body)
-        notes: list[str] = []
-        metadata = None
-        metadata_header = get(METADATA_HEADER)
-        if metadata_header is not None:
-            metadata = _metadata(metadata_header, notes)
-        call = self.recorder.start(
-            endpoint,
-            facts.payload_key,
-            facts.payload,
-            facts.model,
-            facts.params,
-            metadata,
-            client_request_id=get("x-request-id", facts.client_request_id),
-        )
-        call.body_bytes = len(body)
-        host = get(HOST_HEADER)
-        if host is not None:
-            problem = host_problem(host)
-            if problem is None:
-                call.host = host
-            else:
-                notes.append(f"{HOST_HEADER} ignored: {problem}")
-        exchange = Exchange(self, call, started, endpoint, notes)
-        retry = get(_RETRY_COUNT)
-        idempotency = get(_IDEMPOTENCY)
-        if retry is not None or idempotency is not None:
-            exchange.link(method, body, retry, idempotency)
-        return exchange
 
     def retried(self, key: tuple[str, bytes], group: str) -> None:
         self._links.remember(key, group)
@@ -234,7 +230,7 @@ class Exchange:
         self._encoding: str | None = None
         self._inflater: Any = None
         self._ended = False
-        self._link: tuple[str, bytes] | None = None  # set for calls that may be retried
+        self._link: tuple[str, bytes] | None = None  # (method, body) of calls that may be retried
         self._attempt: int | None = None  # the SDK's attempt number (0 first)
 
     @property
@@ -261,11 +257,17 @@ class Exchange:
             extra["idempotency_key"] = idempotency
             extra["retry_group"] = idempotency
             return
-        self._link = (f"{method} {self.endpoint}", body)
+        # The key is built only when needed: a retry, or a failure that will be retried.
+        self._link = (method, body)
         if self._attempt:
-            group = self._capture.group_of(self._link)
+            group = self._capture.group_of(self._link_key())
             if group is not None:
                 extra["retry_group"] = group
+
+    def _link_key(self) -> tuple[str, bytes]:
+        assert self._link is not None
+        method, body = self._link
+        return (f"{method} {self.endpoint}", body)
 
     def _retryable_failure(self) -> None:
         """This attempt failed in a way that is retried: let the next attempt find its group."""
@@ -276,7 +278,7 @@ class Exchange:
             extra["attempt"] = self._attempt
         group = extra.setdefault("retry_group", self.call.request_id)
         if self._link is not None:
-            self._capture.retried(self._link, group)
+            self._capture.retried(self._link_key(), group)
 
     # -- response ---------------------------------------------------------------------------
     def respond(self, status_code: int, headers: Mapping[str, str]) -> None:
@@ -300,6 +302,25 @@ class Exchange:
             self._acc = self._accumulator()
         else:
             self._json = "json" in content_type or not content_type
+
+    def complete(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
+        """The whole answer at once (a body the transport had already read): `respond`,
+        `feed` and `finish("done")` in one step, as the caller got it (decoded)."""
+        try:
+            self.respond(status_code, headers)
+            if self._acc is not None or self._encoding is not None or status_code >= 400:
+                if content:
+                    self._take(content)
+                if not self._ended:
+                    self._finish("done", None)
+                return
+            self._ended = True
+            if content:
+                self._log_reply(content, status_code, self._extra or None)
+            else:
+                self.call.log(self.started, status_code=status_code, extra=self._extra or None)
+        except Exception as exc:  # a logging failure never reaches the caller
+            self._broken(exc)
 
     def _accumulator(self) -> Accumulator:
         endpoint = self.endpoint
