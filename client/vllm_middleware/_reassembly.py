@@ -245,7 +245,16 @@ class StreamAccumulator:
     for which vLLM's non-streaming message has `content: ""` rather than null.
     """
 
-    __slots__ = ("chat", "choices", "chunks", "forced_tools", "started", "top", "ttft_ms")
+    __slots__ = (
+        "chat",
+        "choices",
+        "chunks",
+        "forced_tools",
+        "may_hold_media",
+        "started",
+        "top",
+        "ttft_ms",
+    )
 
     def __init__(self, chat: bool, started: float, forced_tools: bool = False) -> None:
         self.chat = chat
@@ -255,6 +264,9 @@ class StreamAccumulator:
         self.choices: dict[Any, _Choice] = {}
         self.chunks = 0
         self.ttft_ms: float | None = None
+        #: set by `response()`: whether the reply has audio, the one place a reply's media
+        #: blob can be (False spares the record's media walk)
+        self.may_hold_media = True
 
     def add(self, chunk: dict[str, Any]) -> bool:
         """Fold one chunk in; True if one of its choices finished (has a finish_reason)."""
@@ -308,4 +320,9 @@ class StreamAccumulator:
             for index in sorted(self.choices, key=_sort_key)
         ]
         out["usage"] = usage
+        media = False
+        for choice in self.choices.values():
+            if choice.message_extra.get("audio") is not None:
+                media = True
+        self.may_hold_media = media
         return out
