@@ -136,7 +136,8 @@ def main() -> None:
         for n in (big, small)
     }
     with ThreadPoolExecutor(args.jobs) as pool:
-        counts = dict(zip(jobs, pool.map(lambda job: instructions(*job, scratch), jobs.values())))
+        found = pool.map(lambda job: instructions(*job, scratch), jobs.values())
+        counts = dict(zip(jobs, found, strict=True))
     per = {
         (kind, name): (counts[(kind, name, big)] - counts[(kind, name, small)]) / (big - small)
         for kind in KINDS

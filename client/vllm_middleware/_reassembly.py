@@ -217,7 +217,9 @@ class _Choice:
             out["text"] = text if text is not None else ""
             out.update(self.extra)
             return out
-        tool_calls = [self.tools[slot] for slot in sorted(self.tools, key=_sort_key)]
+        tools = self.tools
+        # (no comprehension for the usual reply without calls: it is a frame of its own)
+        tool_calls = [tools[slot] for slot in sorted(tools, key=_sort_key)] if tools else []
         message: dict[str, Any] = {
             "role": self.role or "assistant",
             # The role chunk's "" is not an answer: a parser's tool-call-only reply has null
@@ -315,14 +317,17 @@ class StreamAccumulator:
         # `prompt_text` (added later, together with omitting the empty list).
         empty_tools = self.chat and "prompt_token_ids" in out and "prompt_text" not in out
         forced = self.forced_tools
-        out["choices"] = [
-            self.choices[index].build(self.chat, forced, empty_tools)
-            for index in sorted(self.choices, key=_sort_key)
-        ]
-        out["usage"] = usage
+        choices = self.choices
+        # One choice (the usual reply): no sort, whose key is a Python call.
+        order = sorted(choices, key=_sort_key) if len(choices) > 1 else choices
+        built = []
         media = False
-        for choice in self.choices.values():
+        for index in order:
+            choice = choices[index]
+            built.append(choice.build(self.chat, forced, empty_tools))
             if choice.message_extra.get("audio") is not None:
                 media = True
+        out["choices"] = built
+        out["usage"] = usage
         self.may_hold_media = media
         return out

@@ -27,7 +27,6 @@ class ResponsesAccumulator:
     """Keeps what a Responses stream said; `response()` is the object the stream describes."""
 
     __slots__ = ("chunks", "final", "items", "parts", "snapshot", "started", "ttft_ms")
-    may_hold_media = True  # the record's media walk decides
 
     def __init__(self, started: float) -> None:
         self.started = started

@@ -82,7 +82,6 @@ class Accumulator(Protocol):
 
     chunks: int
     ttft_ms: float | None
-    may_hold_media: bool  # read after `response()`
 
     def add(self, chunk: dict[str, Any]) -> bool: ...
 
@@ -311,7 +310,9 @@ class StreamCore:
                 status_code=self.response.status_code,
                 stream=True,
                 ttft_ms=acc.ttft_ms,
-                reply_bytes=None if acc.may_hold_media else 0,
+                # `StreamAccumulator` says after `response()` whether it holds audio (the
+                # one place a reply's blob can be); other accumulators' replies are walked.
+                reply_bytes=None if getattr(acc, "may_hold_media", True) else 0,
                 chunks=acc.chunks,
                 stream_end=end,
             )
