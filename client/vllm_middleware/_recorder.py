@@ -19,6 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -51,8 +52,8 @@ __all__ = ["Call", "Recorder"]
 logger = logging.getLogger("vllm_middleware")
 
 _new_entry = tuple.__new__
-_now = datetime.now
-_UTC = UTC
+# The recorder's clock: `_record.utc_now` without its Python frame (tests replace it).
+utc_now = partial(datetime.now, UTC)
 _dumps = orjson.dumps
 _perf_counter = time.perf_counter
 _UNKNOWN_SIZE = sys.maxsize  # an encoded size not known: assume it could hold media
@@ -195,7 +196,7 @@ class Recorder:
             model,
             params,
             metadata,
-            now or _now(_UTC),  # not `utc_now()`: one Python frame less per call
+            now or utc_now(),
             client_request_id,
         )
 
