@@ -217,7 +217,9 @@ class _Choice:
             out["text"] = text if text is not None else ""
             out.update(self.extra)
             return out
-        tool_calls = [self.tools[slot] for slot in sorted(self.tools, key=_sort_key)]
+        tools = self.tools
+        # (no comprehension for the usual reply without calls: it is a frame of its own)
+        tool_calls = [tools[slot] for slot in sorted(tools, key=_sort_key)] if tools else []
         message: dict[str, Any] = {
             "role": self.role or "assistant",
             # The role chunk's "" is not an answer: a parser's tool-call-only reply has null
@@ -245,7 +247,16 @@ class StreamAccumulator:
     for which vLLM's non-streaming message has `content: ""` rather than null.
     """
 
-    __slots__ = ("chat", "choices", "chunks", "forced_tools", "started", "top", "ttft_ms")
+    __slots__ = (
+        "chat",
+        "choices",
+        "chunks",
+        "forced_tools",
+        "may_hold_media",
+        "started",
+        "top",
+        "ttft_ms",
+    )
 
     def __init__(self, chat: bool, started: float, forced_tools: bool = False) -> None:
         self.chat = chat
@@ -255,6 +266,9 @@ class StreamAccumulator:
         self.choices: dict[Any, _Choice] = {}
         self.chunks = 0
         self.ttft_ms: float | None = None
+        #: set by `response()`: whether the reply has audio, the one place a reply's media
+        #: blob can be (False spares the record's media walk)
+        self.may_hold_media = True
 
     def add(self, chunk: dict[str, Any]) -> bool:
         """Fold one chunk in; True if one of its choices finished (has a finish_reason)."""
@@ -303,9 +317,17 @@ class StreamAccumulator:
         # `prompt_text` (added later, together with omitting the empty list).
         empty_tools = self.chat and "prompt_token_ids" in out and "prompt_text" not in out
         forced = self.forced_tools
-        out["choices"] = [
-            self.choices[index].build(self.chat, forced, empty_tools)
-            for index in sorted(self.choices, key=_sort_key)
-        ]
+        choices = self.choices
+        # One choice (the usual reply): no sort, whose key is a Python call.
+        order = sorted(choices, key=_sort_key) if len(choices) > 1 else choices
+        built = []
+        media = False
+        for index in order:
+            choice = choices[index]
+            built.append(choice.build(self.chat, forced, empty_tools))
+            if choice.message_extra.get("audio") is not None:
+                media = True
+        out["choices"] = built
         out["usage"] = usage
+        self.may_hold_media = media
         return out

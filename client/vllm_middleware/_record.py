@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import orjson
 
@@ -22,6 +22,7 @@ __all__ = [
     "TAIL_FIELDS",
     "LogRecord",
     "RecordEntry",
+    "RecordIdentity",
     "default_host",
     "encode_record",
     "new_request_id",
@@ -44,6 +45,13 @@ class RecordEntry(NamedTuple):
     host: str  # unsanitized; sanitized where it becomes a path
     is_error: bool
     data: bytes  # one JSON object, no trailing newline
+
+
+#: What `record_identity` returns: (request id, UTC date `YYYY-MM-DD`, timestamp value). A
+#: plain tuple named for type checkers only: a NamedTuple would cost the request path a second
+#: tuple and the slow unpacking path of a tuple subclass (~+180 ns a call, measured), for
+#: fields that every caller unpacks at once.
+RecordIdentity: TypeAlias = tuple[str, str, "datetime | str"]
 
 
 def utc_now() -> datetime:
@@ -75,7 +83,7 @@ class _IdSource:
     def next_id(self, now: datetime) -> str:
         return self.identity(now)[0]
 
-    def identity(self, now: datetime) -> tuple[str, str, datetime | str]:
+    def identity(self, now: datetime) -> RecordIdentity:
         """(request id, date, timestamp) for a record made at `now`; see `record_identity`."""
         if now.tzinfo is not UTC:  # another zone (or naive): nothing cached for this one
             stamp = now.isoformat()

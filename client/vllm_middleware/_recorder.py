@@ -18,9 +18,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from ._capture import CapturePolicy, Redactor, capture_policy
@@ -39,7 +41,6 @@ from ._record import (
     encode_record,
     record_identity,
     shrink_record,
-    utc_now,
 )
 from ._settings import ClientSettings
 from ._sinks._destination import Destination, collected_unclosed, mode_of, open_destination
@@ -51,6 +52,10 @@ __all__ = ["Call", "Recorder"]
 logger = logging.getLogger("vllm_middleware")
 
 _new_entry = tuple.__new__
+# The recorder's clock: `_record.utc_now` without its Python frame (tests replace it).
+utc_now = partial(datetime.now, UTC)
+_dumps = orjson.dumps
+_perf_counter = time.perf_counter
 _UNKNOWN_SIZE = sys.maxsize  # an encoded size not known: assume it could hold media
 
 
@@ -183,9 +188,17 @@ class Recorder:
     ) -> Call:
         """One call begins (it is counted): its `Call` logs the record once it ends."""
         self.total_requests += 1
-        call = Call(self, endpoint, payload_key, payload, model, params, metadata, now or utc_now())
-        call.client_request_id = client_request_id
-        return call
+        return Call(
+            self,
+            endpoint,
+            payload_key,
+            payload,
+            model,
+            params,
+            metadata,
+            now or utc_now(),
+            client_request_id,
+        )
 
     def logging_failed(self, request_id: Any, exc: BaseException | None = None) -> None:
         """A record could not be logged: counted (and logged, sparingly), never raised."""
@@ -298,6 +311,7 @@ class Call:
         params: dict[str, Any],
         metadata: Mapping[str, Any] | None,
         now: datetime,
+        client_request_id: Any = None,
     ) -> None:
         self.recorder = recorder
         self.endpoint = endpoint
@@ -307,7 +321,7 @@ class Call:
         self.params = params
         self.metadata = metadata
         self.request_id, self.date, self.timestamp = record_identity(now)
-        self.client_request_id: Any = None
+        self.client_request_id = client_request_id
         # The record's host (partition): the recorder's, unless a door sets one for this call.
         self.host = recorder.host
         # Length of the encoded request body, once known: small bodies skip the media walk.
@@ -324,12 +338,17 @@ class Call:
         ttft_ms: float | None = None,
         extra: Mapping[str, Any] | None = None,
         reply_bytes: int | None = None,
+        chunks: int | None = None,
+        stream_end: str | None = None,
     ) -> None:
         """Build this call's record and hand it to the sink; never raises (a failure to log
         is counted instead). A record with media is finished off the loop and shipped from
         there (`MediaPipeline.defer`).
 
-        `reply_bytes`: the length of the JSON `response` was parsed from, when there is one.
+        `reply_bytes`: the length of the JSON `response` was parsed from, when there is one, or
+        0 when the door knows `response` can hold no media (a stream whose chunks carried no
+        audio): either way, below the media threshold the reply is not walked.
+        `chunks` and `stream_end`: a stream's fields (`extra` would cost a dict per stream).
         """
         recorder = self.recorder
         sink = recorder.sink
@@ -345,7 +364,7 @@ class Call:
             sink.count_sampled_out()  # the fleet's statistics count what sampling left out
             return
         # Microseconds, as milliseconds with 3 decimals (round(x, 3) costs ~0.5 µs more).
-        latency_ms = int((time.perf_counter() - started) * 1_000_000 + 0.5) / 1000
+        latency_ms = int((_perf_counter() - started) * 1_000_000 + 0.5) / 1000
         try:
             model = self.model
             usage = None
@@ -379,6 +398,9 @@ class Call:
                 record["client_request_id"] = self.client_request_id
             if error is not None:
                 record["error_detail"] = error_details(error)
+            if stream_end is not None:
+                record["chunks"] = chunks
+                record["stream_end"] = stream_end
             if extra:
                 record.update(extra)
             if recorder.record_observer is not None:
@@ -401,7 +423,10 @@ class Call:
                     ship = recorder.shipper_for(self.date, is_error, self.host)
                     media.defer(job, record, ship, recorder.logging_failed)
                     return
-            data = encode_record(record)
+            try:  # orjson inline: plain JSON values are the common case, `encode_record` the rest
+                data = _dumps(record)
+            except TypeError:
+                data = encode_record(record)
             if len(data) > recorder.max_record_bytes:
                 data = shrink_record(record, len(data), recorder.max_record_bytes)
                 recorder.records_truncated += 1

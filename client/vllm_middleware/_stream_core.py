@@ -300,15 +300,21 @@ class StreamCore:
             return
         self.logged = True
         call = self.call
+        acc = self.acc
         try:
+            response = acc.response()
             call.log(
                 self.started,
-                response=self.acc.response(),
+                response=response,
                 error=error,
                 status_code=self.response.status_code,
                 stream=True,
-                ttft_ms=self.acc.ttft_ms,
-                extra={"chunks": self.acc.chunks, "stream_end": end},
+                ttft_ms=acc.ttft_ms,
+                # `StreamAccumulator` says after `response()` whether it holds audio (the
+                # one place a reply's blob can be); other accumulators' replies are walked.
+                reply_bytes=None if getattr(acc, "may_hold_media", True) else 0,
+                chunks=acc.chunks,
+                stream_end=end,
             )
         except Exception:  # a logging failure never reaches the caller
             call.recorder.logging_failed(call.request_id)
@@ -336,8 +342,15 @@ def log_unstarted(
     status_code: int | None = None,
 ) -> None:
     """Record a stream that never delivered a chunk (it still says how it ended)."""
-    extra = {"chunks": 0, "stream_end": end}
-    call.log(started, error=error, status_code=status_code, stream=True, extra=extra)
+    call.log(
+        started,
+        error=error,
+        status_code=status_code,
+        stream=True,
+        reply_bytes=0,  # no reply
+        chunks=0,
+        stream_end=end,
+    )
 
 
 class _ViewedState(Protocol):
