@@ -10,7 +10,7 @@ and the first flushes cancel out. Instruction counts do not depend on the machin
 load, so they resolve what the clock cannot on a shared 2-core VM.
 
 Under valgrind the program runs ~50 times slower: the logging runs use `flush_interval=2.5 s`
-(flushes as large as in real time) and `VLLM_MW_REDIS_TIMEOUT=300` (a flush that times out
+(flushes as large as in real time), `PYTHONHASHSEED=0` and `VLLM_MW_REDIS_TIMEOUT=300` (a flush that times out
 would measure the spool instead). Both versions: this checkout and `--baseline` (`main`).
 """
 
@@ -115,7 +115,8 @@ async def child(args: argparse.Namespace) -> None:
 
 def instructions(client_dir: Path | None, args: list[str], scratch: Path) -> int:
     out = scratch / f"callgrind.{os.getpid()}.{len(list(scratch.iterdir()))}"
-    env = dict(os.environ, VLLM_MW_REDIS_TIMEOUT="300")
+    # A fixed hash seed: string hashes decide dict probing, which moves counts by thousands.
+    env = dict(os.environ, PYTHONHASHSEED="0", VLLM_MW_REDIS_TIMEOUT="300")
     if client_dir is not None:
         env["PYTHONPATH"] = str(client_dir) + os.pathsep + env.get("PYTHONPATH", "")
     subprocess.run(
