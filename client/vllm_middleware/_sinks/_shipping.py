@@ -460,16 +460,6 @@ class Shipper:
         if not self.closing and confirm():
             self.close_soon()
 
-    def close_blocking(self, timeout: float = 10.0) -> bool:
-        """`aclose` for a thread without a loop (exit, a finalizer). False if not done in time."""
-        try:
-            self.close_soon(timeout).result(timeout + 1.0)
-        except concurrent.futures.TimeoutError:
-            return False
-        except Exception:  # closing must not fail the caller
-            logger.exception("error while closing the log sink")
-        return True
-
     async def _close_here(self, timeout: float) -> None:
         try:
             await self._close_on_loop(timeout)
