@@ -10,8 +10,9 @@ and the first flushes cancel out. Instruction counts do not depend on the machin
 load, so they resolve what the clock cannot on a shared 2-core VM.
 
 Under valgrind the program runs ~50 times slower: the logging runs use `flush_interval=2.5 s`
-(flushes as large as in real time), `PYTHONHASHSEED=0` and `VLLM_MW_REDIS_TIMEOUT=300` (a flush that times out
-would measure the spool instead). Both versions: this checkout and `--baseline` (`main`).
+(flushes as large as in real time), `PYTHONHASHSEED=0` and `VLLM_MW_REDIS_TIMEOUT=300` (a flush
+that times out would measure the spool instead). Both versions: this checkout and `--baseline`
+(`main`).
 """
 
 from __future__ import annotations
