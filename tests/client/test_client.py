@@ -143,6 +143,8 @@ async def test_logging_failure_never_reaches_the_caller(
     def broken(record: object) -> bytes:
         raise RuntimeError("encoder exploded")
 
+    # Both encoders the recorder may use: orjson inline, `encode_record` for the rest.
+    monkeypatch.setattr(call_module, "_dumps", broken)
     monkeypatch.setattr(call_module, "encode_record", broken)
     async with VLLMMiddleware(base_url=fake_vllm.base_url, log_dir=tmp_path) as client:
         result = await client.completions(prompt="x", model=MODEL)
