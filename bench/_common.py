@@ -10,6 +10,7 @@ import argparse
 import gc
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -239,3 +240,39 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     result = fn()
     return time.perf_counter() - wall0, time.process_time() - cpu0, result
+
+
+def callgrind_total(
+    script: Path,
+    child_args: Sequence[str],
+    out: Path,
+    *,
+    client_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    keep: bool = False,
+) -> int:
+    """Instructions of `python SCRIPT --child ARGS`, run whole under valgrind's callgrind.
+
+    `client_dir` goes first on PYTHONPATH (another version's client); `env` adds variables.
+    The hash seed is fixed: string hashes decide dict probing, which moves counts by thousands.
+    """
+    run_env = dict(os.environ, PYTHONHASHSEED="0", **(env or {}))
+    if client_dir is not None:
+        run_env["PYTHONPATH"] = str(client_dir) + os.pathsep + run_env.get("PYTHONPATH", "")
+    subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+         sys.executable, str(script), "--child", *child_args],
+        env=run_env, check=True, capture_output=True, timeout=3600,
+    )  # fmt: skip
+    total = callgrind_summary(out)
+    if not keep:
+        out.unlink()
+    return total
+
+
+def callgrind_summary(out: Path) -> int:
+    """The total instruction count of a callgrind output file."""
+    text = out.read_text(errors="replace")
+    found = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.MULTILINE)
+    assert found, f"no summary in {out}"
+    return int(found.group(1))

@@ -15,10 +15,7 @@ of `iter_logs` over those of the export (>= 50% wanted).
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -90,22 +87,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 def instructions(client_dir: Path | None, args: list[str], scratch: Path) -> int:
+    from _common import callgrind_total
+
     out = scratch / f"callgrind.{len(list(scratch.iterdir()))}"
-    env = dict(os.environ)
-    if client_dir is not None:
-        env["PYTHONPATH"] = str(client_dir) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-         sys.executable, str(SCRIPT), "--child", *args],
-        env=env, check=True, capture_output=True, timeout=3600,
-    )  # fmt: skip
-    text = out.read_text(errors="replace")
-    match = re.search(r"^summary:\s+(\d+)", text, re.MULTILINE) or re.search(
-        r"^totals:\s+(\d+)", text, re.MULTILINE
-    )
-    assert match, f"no summary in {out}"
-    out.unlink()
-    return int(match.group(1))
+    return callgrind_total(SCRIPT, args, out, client_dir=client_dir)
 
 
 def main() -> None:

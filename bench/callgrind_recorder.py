@@ -15,10 +15,7 @@ start-up and imports cancel out, and the machine's load does not change the coun
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,18 +92,10 @@ class _Status:
 
 
 def instructions(client_dir: Path | None, kind: str, n: int, scratch: Path) -> int:
+    from _common import callgrind_total
+
     out = scratch / f"cg.{kind}.{n}.{'base' if client_dir else 'new'}"
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    if client_dir is not None:
-        env["PYTHONPATH"] = str(client_dir) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-         sys.executable, str(SCRIPT), "--child", kind, str(n)],
-        env=env, check=True, capture_output=True, timeout=3600,
-    )  # fmt: skip
-    match = re.search(r"^summary:\s+(\d+)", out.read_text(errors="replace"), re.MULTILINE)
-    assert match, f"no summary in {out}"
-    return int(match.group(1))
+    return callgrind_total(SCRIPT, [kind, str(n)], out, client_dir=client_dir, keep=True)
 
 
 def main() -> None:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -115,22 +113,11 @@ async def child(args: argparse.Namespace) -> None:
 
 
 def instructions(client_dir: Path | None, args: list[str], scratch: Path) -> int:
+    from _common import callgrind_total
+
     out = scratch / f"callgrind.{os.getpid()}.{len(list(scratch.iterdir()))}"
-    # A fixed hash seed: string hashes decide dict probing, which moves counts by thousands.
-    env = dict(os.environ, PYTHONHASHSEED="0", VLLM_MW_REDIS_TIMEOUT="300")
-    if client_dir is not None:
-        env["PYTHONPATH"] = str(client_dir) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-         sys.executable, str(SCRIPT), "--child", *args],
-        env=env, check=True, capture_output=True, timeout=3600,
-    )  # fmt: skip
-    text = out.read_text(errors="replace")
-    match = re.search(r"^summary:\s+(\d+)", text, re.MULTILINE) or re.search(
-        r"^totals:\s+(\d+)", text, re.MULTILINE
-    )
-    assert match, f"no summary in {out}"
-    return int(match.group(1))
+    env = {"VLLM_MW_REDIS_TIMEOUT": "300"}
+    return callgrind_total(SCRIPT, args, out, client_dir=client_dir, env=env, keep=True)
 
 
 def main() -> None:

@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,23 +66,14 @@ def child(lib_name: str, is_async: bool, stream: bool, mode: str, n: int) -> Non
 
 
 def instructions(client_dir: Path | None, spec: list[str], scratch: Path, keep: bool) -> int:
+    from _common import callgrind_total
+
     out = scratch / f"callgrind.{'-'.join(spec)}.{len(list(scratch.iterdir()))}"
-    env = dict(os.environ, PYTHONHASHSEED="0", VLLM_MW_REDIS_TIMEOUT="300")
-    if client_dir is not None:
-        env["PYTHONPATH"] = str(client_dir) + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-         sys.executable, str(SCRIPT), "--child", *spec],
-        env=env, check=True, capture_output=True, timeout=3600,
-    )  # fmt: skip
-    text = out.read_text(errors="replace")
-    found = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.MULTILINE)
-    assert found, f"no summary in {out}"
+    env = {"VLLM_MW_REDIS_TIMEOUT": "300"}
+    total = callgrind_total(SCRIPT, spec, out, client_dir=client_dir, env=env, keep=keep)
     if keep:
         print(f"    kept {out}", flush=True)
-    else:
-        out.unlink()
-    return int(found.group(1))
+    return total
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import banner, base_parser, cpu_seconds, pct, print_table
+from _common import banner, base_parser, callgrind_summary, cpu_seconds, pct, print_table
 
 MODEL = "bench-model"
 BODY = {
@@ -233,12 +233,7 @@ def _instructions(upstream: str, extra: list[str], body: bytes, requests: int, o
                 r.read()
     child.proc.terminate()
     child.proc.wait(timeout=600)
-    text = out.read_text(errors="replace")
-    found = re.search(r"^summary:\s+(\d+)", text, re.MULTILINE) or re.search(
-        r"^totals:\s+(\d+)", text, re.MULTILINE
-    )
-    assert found, f"no summary in {out}"
-    return int(found.group(1))
+    return callgrind_summary(out)
 
 
 def callgrind_table(tmp: Path, quick: bool) -> None:
