@@ -9,7 +9,6 @@ import gc
 import hashlib
 import inspect
 import logging
-import socket
 import subprocess
 import sys
 import textwrap
@@ -38,6 +37,8 @@ from vllm_middleware._endpoints import AsyncAudio
 from vllm_middleware._sync_endpoints import SyncAudio
 from vllm_middleware_testing import FakeVLLMServer, RedisServerProcess
 
+from .test_client import closed_port
+
 MODEL = "vllm:qwen-2.5-omni-7b"
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -45,12 +46,6 @@ HELLO = [{"role": "user", "content": "hello"}]
 @pytest.fixture(autouse=True)
 def _embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_MW_REDIS_URL", raising=False)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Garbage(BaseHTTPRequestHandler):
