@@ -22,7 +22,8 @@ import redis
 
 from ._exceptions import VLLMMiddlewareError
 from ._keys import StreamKeys
-from ._settings import ClientSettings, argv_password_warning, mask_url
+from ._redis_url import argv_password_warning, mask_url
+from ._settings import ClientSettings
 from ._stats import file_statistics, read_statistics_sync
 
 __all__ = ["main"]

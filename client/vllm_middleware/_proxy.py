@@ -39,7 +39,8 @@ from ._proxy_routes import (
     forwarded_response_headers,
     is_traffic,
 )
-from ._wire_capture import Exchange, WireCapture, read_headers, transport_error
+from ._wire_capture import Exchange, WireCapture, transport_error
+from ._wire_headers import read_headers
 
 __all__ = ["ProxyApp", "ProxyCounters"]
 

@@ -20,7 +20,7 @@ import orjson
 
 from ._exceptions import ConfigurationError
 from ._proxy_routes import UpstreamMap, parse_upstreams
-from ._settings import argv_password_warning, mask_url
+from ._redis_url import argv_password_warning, mask_url
 from ._wire_capture import WireCapture
 
 if TYPE_CHECKING:  # the app and its pool need the [proxy] extra: imported when serving

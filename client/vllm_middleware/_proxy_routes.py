@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from ._exceptions import ConfigurationError
-from ._wire_capture import CONTROL_HEADERS
+from ._wire_headers import CONTROL_HEADERS
 
 __all__ = [
     "API_ROOT",

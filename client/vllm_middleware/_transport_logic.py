@@ -20,15 +20,8 @@ from typing import Any, ClassVar, Protocol
 
 from ._exceptions import APIError
 from ._recorder import Recorder
-from ._wire_capture import (
-    CONTROL_HEADERS,
-    HOST_HEADER,
-    METADATA_HEADER,
-    Exchange,
-    WireCapture,
-    read_headers,
-    transport_error,
-)
+from ._wire_capture import Exchange, WireCapture, transport_error
+from ._wire_headers import CONTROL_HEADERS, HOST_HEADER, METADATA_HEADER, read_library_headers
 
 __all__ = ["AsyncBodyLogic", "AsyncTransportLogic", "SyncBodyLogic", "SyncTransportLogic"]
 
@@ -49,7 +42,7 @@ def _started(
 ) -> tuple[Exchange | None, Any]:
     """Begin the record; remove our control headers from the request before it leaves."""
     headers = request.headers
-    found = read_headers(headers.raw)
+    found = read_library_headers(headers)
     url = request.url
     exchange = capture.begin(request.method, url.path, found, body, started)
     if METADATA_HEADER in found or HOST_HEADER in found:
@@ -88,7 +81,7 @@ def _observe(exchange: Exchange, response: Any) -> bool:
     A transport may answer with the body already in memory (httpx reads a `content=` body at
     once, as `MockTransport` answers and caching transports do): it is recorded now, decoded.
     """
-    headers = read_headers(response.headers.raw)
+    headers = read_library_headers(response.headers)
     if not response.is_stream_consumed:
         exchange.respond(response.status_code, headers)
         return True

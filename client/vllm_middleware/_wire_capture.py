@@ -7,16 +7,16 @@ headers (`respond`), every body chunk as it passes to its caller (`feed`), and h
 ended (`finish`); or that no response came (`fail`). The exchange writes exactly one record.
 
 Nothing here reads the network or raises to the door: bad metadata headers, bodies that are
-not JSON and unknown routes are recorded as they are. Headers are read only by name (the ones
-below): `Authorization` and API keys never reach a record.
+not JSON and unknown routes are recorded as they are. Headers are read only by name
+(`_wire_headers.READ_HEADERS`): `Authorization` and API keys never reach a record.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -28,54 +28,21 @@ from ._reassembly import SSEDecoder, StreamAccumulator
 from ._responses_reassembly import ResponsesAccumulator
 from ._streaming import Accumulator, StreamEnd, error_from_event
 from ._wire_body import RetryLinks, decode_body, endpoint_of
+from ._wire_headers import (
+    HOST_HEADER,
+    IDEMPOTENCY_HEADER,
+    METADATA_HEADER,
+    RETRY_COUNT_HEADER,
+)
 
 if TYPE_CHECKING:
     from ._recorder import Call, Recorder
 
 __all__ = [
-    "CONTROL_HEADERS",
-    "HOST_HEADER",
-    "METADATA_HEADER",
-    "READ_HEADERS",
     "Exchange",
     "WireCapture",
-    "read_headers",
     "transport_error",
 ]
-
-METADATA_HEADER: Final = "x-vllm-mw-metadata"  # a JSON object: this call's metadata
-HOST_HEADER: Final = "x-vllm-mw-host"  # the record's host (partition) for this call
-# Ours, not the server's: a door removes them before the request leaves.
-CONTROL_HEADERS: Final = (METADATA_HEADER, HOST_HEADER)
-_RETRY_COUNT = "x-stainless-retry-count"  # the openai SDK's attempt number (0 first)
-_IDEMPOTENCY = "idempotency-key"
-#: The headers `begin` and `respond` read (lower-case); nothing else of a request is looked at.
-READ_HEADERS: Final = frozenset(
-    (
-        *CONTROL_HEADERS,
-        "x-request-id",
-        "content-type",
-        "content-encoding",
-        _RETRY_COUNT,
-        _IDEMPOTENCY,
-    )
-)
-_READ_RAW = frozenset(name.encode() for name in READ_HEADERS)
-# Most names are ruled out by their length alone, before a lower-cased copy is made.
-_READ_LENGTHS = frozenset(map(len, _READ_RAW))
-
-
-def read_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The headers this module reads, from (name, value) byte pairs in any case (httpx's
-    `Headers.raw`, an ASGI scope's headers): cheaper than decoding every header."""
-    found: dict[str, str] = {}
-    for name, value in raw:
-        if len(name) in _READ_LENGTHS:
-            lowered = name.lower()
-            if lowered in _READ_RAW:
-                found[lowered.decode()] = value.decode("latin-1")
-    return found
-
 
 # Statuses after which the openai SDK tries again (and so do most clients).
 _RETRIED = frozenset({408, 409, 429})
@@ -160,8 +127,8 @@ class WireCapture:
                 else:
                     notes.append(f"{HOST_HEADER} ignored: {problem}")
             exchange = Exchange(self, call, started, endpoint, notes)
-            retry = get(_RETRY_COUNT)
-            idempotency = get(_IDEMPOTENCY)
+            retry = get(RETRY_COUNT_HEADER)
+            idempotency = get(IDEMPOTENCY_HEADER)
             if retry is not None or idempotency is not None:
                 exchange.link(method, body, retry, idempotency)
             return exchange

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 from vllm_middleware import ConfigurationError
-from vllm_middleware._settings import argv_password_warning, mask_url
+from vllm_middleware._redis_url import argv_password_warning, mask_url
 
 from ._config import WorkerConfig
 from ._consumer import StreamConsumer

@@ -15,15 +15,17 @@ from typing import Annotated, Any, Literal
 import annotated_types
 from pydantic import ValidationInfo, field_validator
 from vllm_middleware import ConfigurationError
-from vllm_middleware._settings import (
-    EnvSettings,
+from vllm_middleware._redis_url import (
     check_password_file,
     check_redis_url,
-    env_field,
     password_of,
+    with_password,
+)
+from vllm_middleware._settings import (
+    EnvSettings,
+    env_field,
     redis_password_field,
     redis_password_file_field,
-    with_password,
 )
 from vllm_middleware.storage import FileModes, log_modes, parse_mode
 
