@@ -263,7 +263,9 @@ async def one_run(
 
 def writer_cpu(mw: VLLMMiddleware | None) -> float:
     """CPU seconds (user + system) the embedded writer process has used so far; 0 without one."""
-    process = getattr(mw._sink, "process", None) if mw is not None else None
+    # The shipper holds its sink; an embedded one (`FileSink`) holds the writer process.
+    sink = getattr(mw._sink, "sink", None) if mw is not None else None
+    process = getattr(sink, "process", None)
     pid = process.pid if process is not None else None
     if pid is None:
         return 0.0

@@ -300,6 +300,8 @@ class StreamCore:
             return
         self.logged = True
         call = self.call
+        if call.recorder.sink is None:
+            return  # logging off: no record, so no reply to rebuild for it
         acc = self.acc
         try:
             response = acc.response()
