@@ -60,6 +60,7 @@ def child(kind: str, n: int) -> None:
     events += [{**head, "choices": choice({"content": f"w{i} "})} for i in range(20)]
     events += [{**head, "choices": choice({}, "stop")}, {**head, "choices": [], "usage": usage}]
     frames = [orjson.dumps(event) for event in events]
+    end = stream_end() if kind == "stream" else None
     for _ in range(n):
         started = time.perf_counter()
         call = recorder.start("chat/completions", "messages", messages, "m", params, None)
@@ -72,19 +73,25 @@ def child(kind: str, n: int) -> None:
             acc = StreamAccumulator(True, started)
             for frame in frames:
                 acc.add(orjson.loads(frame))
-            if kind == "stream":  # what `StreamCore` does at [DONE] (either version)
-                core_log(call, started, acc)
+            if end is not None:  # what `StreamCore` does at [DONE] (either version)
+                end(call, started, acc)
 
 
-def core_log(call: Any, started: float, acc: Any) -> None:
-    from vllm_middleware import _stream_core
+def stream_end() -> Any:
+    """`StreamCore._log` on a bare state. Looked up once: a `from package import module` in
+    the loop would run importlib's `_handle_fromlist` (~6k instructions) every iteration."""
+    from vllm_middleware._stream_core import StreamCore
 
-    if not hasattr(_stream_core.StreamCore, "_log"):
+    if not hasattr(StreamCore, "_log"):
         raise SystemExit("no StreamCore._log in this version")
-    state = _stream_core.StreamCore.__new__(_stream_core.StreamCore)
-    state.call, state.started, state.acc, state.logged = call, started, acc, False
-    state.response = _Status  # only `.status_code` is read
-    state._log("completed", None)
+
+    def end(call: Any, started: float, acc: Any) -> None:
+        state = StreamCore.__new__(StreamCore)
+        state.call, state.started, state.acc, state.logged = call, started, acc, False
+        state.response = _Status  # only `.status_code` is read
+        state._log("completed", None)
+
+    return end
 
 
 class _Status:

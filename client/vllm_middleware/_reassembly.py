@@ -305,6 +305,43 @@ class StreamAccumulator:
         return bool(self.choices) and all(choice.finished for choice in self.choices.values())
 
     def response(self) -> dict[str, Any]:
+        """The non-streaming response the folded chunks stand for (the fold is unchanged)."""
+        top = self.top
+        choices = self.choices
+        if self.chat and len(choices) == 1:
+            (choice,) = choices.values()
+            if not (choice.tools or choice.reasoning or choice.message_extra):
+                return self._plain_chat(top, choice)
+        return self._response()
+
+    def _plain_chat(self, top: dict[str, Any], choice: _Choice) -> dict[str, Any]:
+        """`_response()` for the usual reply: one chat choice of text alone (no tool calls,
+        reasoning, audio or other message fields), built in its final shape at once."""
+        content = choice.content
+        message = {
+            "role": choice.role or "assistant",
+            "content": None if content is None else "".join(content),
+        }
+        if "prompt_token_ids" in top and "prompt_text" not in top:  # see `_response`
+            message["tool_calls"] = []
+        built = {"index": choice.index, "message": message, **choice.extra}
+        # The folded fields keep "choices" and "usage" where they first came: when they are
+        # the last two (the usual stream), a copy has the response's key order already.
+        out = top.copy()
+        last = reversed(top)
+        if next(last, None) != "usage" or next(last, None) != "choices" or "object" not in top:
+            del out["choices"]
+            usage = out.pop("usage", None)
+            out["object"] = "chat.completion"
+            out["choices"] = [built]
+            out["usage"] = usage
+        else:
+            out["object"] = "chat.completion"
+            out["choices"] = [built]
+        self.may_hold_media = False
+        return out
+
+    def _response(self) -> dict[str, Any]:
         out = dict(self.top)
         out.pop("choices", None)
         usage = out.pop("usage", None)
