@@ -229,7 +229,7 @@ class _SpanEncoder:
 
     @staticmethod
     def _keep(table: dict[Any, bytes], key: Any, value: bytes) -> bytes:
-        if type(key) is int or len(key) <= _CACHE_KEY_BYTES:
+        if isinstance(key, int) or len(key) <= _CACHE_KEY_BYTES:  # token counts may be true
             if len(table) >= _CACHE_SIZE:
                 table.clear()
             table[key] = value
