@@ -113,7 +113,7 @@ _Shape = tuple[bytes, bytes, bytes, bytes]
 
 def fast_span(encoder: _SpanEncoder) -> Callable[[Mapping[str, Any]], bytes | None]:
     """`encoder.span` with the fast path in front: the same bytes for every record."""
-    slow, clock, server = encoder.span, encoder._clock, encoder._server
+    slow, clock, server = encoder.span, encoder.clock, encoder.server
     nanos = clock.nanos
     shapes: dict[bytes, _Shape] = {}
     inputs: dict[int, bytes] = {}
@@ -134,7 +134,7 @@ def fast_span(encoder: _SpanEncoder) -> Callable[[Mapping[str, Any]], bytes | No
             return None
         if model is not None and type(model) is not str:
             model = str(model)
-        name, head = encoder._heads.get((operation, model)) or encoder._head(operation, model)
+        name, head = encoder.head(operation, model)
         if type(params) is dict:
             head += _param_attrs(params)
         response_model = response.get("model")

@@ -215,10 +215,10 @@ class _SpanEncoder:
     much again."""
 
     def __init__(self, options: ExportOptions) -> None:
-        self._server = b"".join(b"," + attr for attr in _server(options.server_address))
+        self.server = b"".join(b"," + attr for attr in _server(options.server_address))
         self._content = options.otlp_content
-        self._clock = _Clock()
-        self._nanos = self._clock.nanos
+        self.clock = _Clock()
+        self._nanos = self.clock.nanos
         self._heads: dict[tuple[str, str | None], tuple[bytes, bytes]] = {}
         self._params: dict[bytes, bytes] = {}
         self._models: dict[str, bytes] = {}
@@ -234,6 +234,10 @@ class _SpanEncoder:
                 table.clear()
             table[key] = value
         return value
+
+    def head(self, operation: str, model: str | None) -> tuple[bytes, bytes]:
+        """(span name, first attributes: operation, provider, request model), cached."""
+        return self._heads.get((operation, model)) or self._head(operation, model)
 
     def _head(self, operation: str, model: str | None) -> tuple[bytes, bytes]:
         """(span name, first attributes: operation, provider, request model)."""
@@ -351,7 +355,7 @@ class _SpanEncoder:
         ttft = get("ttft_ms")
         if (type(ttft) is int or type(ttft) is float) and math.isfinite(ttft):
             parts += (_TTFT, b'{"doubleValue":%r}}' % (ttft / 1000))
-        add(self._server)
+        add(self.server)
         error = get("error")
         status = get("status_code")
         if error is not None:
