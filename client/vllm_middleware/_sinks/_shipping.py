@@ -32,10 +32,9 @@ from collections.abc import Callable
 
 from .._exit import register
 from .._record import RecordEntry
-from ._durable import DurableWaiters
 from ._handoff import Handoff
 from ._shipping_settings import NO_COUNTS, BufferCounters, ShippingSettings, Tally, Unreported
-from ._sink import Backlog, Sink, keep_all
+from ._sink import Backlog, Sink
 
 __all__ = ["BufferCounters", "Shipper", "ShippingSettings", "Tally"]
 
@@ -87,7 +86,12 @@ class Shipper:
         self._closing = False
         self._in_backlog = False  # `_run` is inside `work_backlog`
         self._closed = False
-        self._durable = DurableWaiters(self._flush_now)  # who waits for records to leave memory
+        # `durable` support: records accepted so far, and how many of them left memory (shipped,
+        # spooled or dropped); batches leave in order, so one counter pair is enough.
+        # `_accepted` is written by the request path only, `_resolved` by the shipping loop only.
+        self._accepted = 0
+        self._resolved = 0
+        self._waiters: list[tuple[int, concurrent.futures.Future[None]]] = []
         register(self)
 
     # -- request path -----------------------------------------------------------------------
@@ -111,11 +115,11 @@ class Shipper:
             full = self._closed or held >= self.max_buffer
             if not full:
                 pending.append(entry)
-                self._durable.accepted += 1
+                self._accepted += 1
         finally:
             lock.release()
         if full:
-            self.tally.count_dropped(1, self._full)
+            self._drop_one()
             return
         loop = self._loop
         if loop is None:
@@ -131,6 +135,9 @@ class Shipper:
         elif not held & 7:  # every 8 records: is the shipping thread keeping up?
             self._handoff.check(loop)
 
+    def _drop_one(self) -> None:
+        self.tally.count_dropped(1, self._full)
+
     def _handoff_arrived(self) -> bool:
         """On the shipping loop, a handoff from a busy app loop: flush now. True if `_run`
         was waiting (it reaches `Handoff.idle` again after this flush)."""
@@ -142,11 +149,8 @@ class Shipper:
 
     def count_sampled_out(self, count: int = 1) -> None:
         """Calls left out by `sample_rate`: counted here and in the fleet's statistics (the
-        Redis sink adds them to the stats hash with its next flush). Safe from any thread."""
+        Redis sink adds them to the stats hash with its next batch). Safe from any thread."""
         self.tally.count_sampled_out(count)
-        if self._asleep:  # an idle shipper reports them at its next flush, not in seconds
-            self._asleep = False
-            self._wake()
 
     def _wake(self) -> None:
         """Cut the shipping loop's wait short (from any thread)."""
@@ -163,18 +167,54 @@ class Shipper:
         """Wait until every record submitted so far has left memory (shipped, spooled or
         dropped and counted). False on timeout. Flushes at once instead of waiting for a batch.
         """
-        if self._loop is None and not self._durable.caught_up:
+        target = self._accepted
+        if self._resolved >= target:
+            return True
+        if self._loop is None:
             self._start()
-        return await self._durable.wait(self._loop, timeout)
+        loop = self._loop
+        if loop is None:  # closed before a fork, in the parent
+            return self._resolved >= target
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            loop.call_soon_threadsafe(self._add_waiter, target, future)
+        except RuntimeError:  # the shipping loop is closed: everything was resolved
+            return self._resolved >= target
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            return True
+        return False
 
     def flush_soon(self) -> None:
         """Ship what is buffered now rather than at the next timer (from any thread)."""
-        self._durable.flush_soon(self._loop)
+        loop = self._loop
+        if loop is not None and self._accepted > self._resolved:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to flush
+                loop.call_soon_threadsafe(
+                    self._add_waiter, self._accepted, concurrent.futures.Future()
+                )
 
-    def _flush_now(self) -> None:
-        """On the shipping loop: a waiter wants its records out now, not at the timer."""
+    def _add_waiter(self, target: int, future: concurrent.futures.Future[None]) -> None:
+        """On the shipping loop: wait for `target` records to be resolved; flush now."""
+        if self._resolved >= target:
+            _settle(future)
+            return
+        self._waiters.append((target, future))
         if self._wakeup is not None:
             self._wakeup.set()
+
+    def _resolve(self, count: int) -> None:
+        self._resolved += count
+        if not self._waiters:
+            return
+        done = self._resolved
+        keep = []
+        for target, future in self._waiters:
+            if target <= done:
+                _settle(future)
+            else:
+                keep.append((target, future))
+        self._waiters = keep
 
     # -- the shipping thread ------------------------------------------------------------------
     def _start(self) -> None:
@@ -225,7 +265,8 @@ class Shipper:
         self._pending.clear()
         self._inflight = []
         self._inflight_counts = NO_COUNTS
-        self._durable.after_fork_in_child()
+        self._waiters = []
+        self._resolved = self._accepted
         self._asleep = False
         self._waiting = False
         self._handoff.reset()
@@ -244,26 +285,27 @@ class Shipper:
             self._closing and not self._inflight and not self._pending and not self._has_backlog()
         ):
             handoff.turn()  # a turn of ours: app loops waiting for one go on
-            if self._caught_up():
-                quiet = None if backlog is None else backlog.quiet_for()
-                if not self._pending and (backlog is None or quiet) and not self.tally.owed:
+            idle = not self._inflight and len(self._pending) < self.batch_size
+            if not self._closing and idle and not (self._waiters and self.buffered):
+                if not self._pending and backlog is None:
                     # Nothing to ship: no timer, so an idle sink (one the clients let go of)
-                    # costs nothing (behind a busy app loop each wake costs GIL races); the
-                    # first record wakes it (`submit`), then it waits one `flush_interval`.
-                    # A spool with nothing to replay wants a turn every `quiet` s (adoption).
+                    # costs nothing; the first record wakes it (`submit`), then it waits one
+                    # `flush_interval` for the batch to fill as usual. (A backlog keeps its
+                    # timer: it also adopts and replays spools other processes left behind.)
                     self._asleep = self._waiting = True
                     handoff.idle()
                     if not self._pending:  # (a record submitted just before `_asleep`)
-                        await self._sleep(quiet)
+                        await self._wakeup.wait()
                     self._asleep = self._waiting = False
                     self._wakeup.clear()
-                    if quiet is None or self._pending:
-                        continue
+                    continue
                 # With a backlog to replay, do not sleep between replayed batches.
-                elif not self._has_backlog():
+                wait = 0.0 if self._has_backlog() else self.flush_interval
+                if wait:
                     self._waiting = True
                     handoff.idle()
-                    await self._sleep(self.flush_interval)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
                     self._waiting = False
                 self._wakeup.clear()
             if await self._flush_once():
@@ -276,33 +318,14 @@ class Shipper:
                         await backlog.work_backlog()
                     finally:
                         self._in_backlog = False
-                if not self._caught_up() or self._has_backlog():  # (else `_run` waits next)
-                    await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
+                await asyncio.sleep(0)  # let the loop's other work (replies, probe) run
                 continue
             # Wait out the backoff, but let close() cut it short.
             handoff.idle()
-            await self._sleep(backoff)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), backoff)
             self._wakeup.clear()
             backoff = min(backoff * 2, self.retry_backoff[1])
-
-    def _caught_up(self) -> bool:
-        """No full batch, nor a waiter, to ship now: `_run` may wait for its timer."""
-        busy = self._closing or self._inflight or len(self._pending) >= self.batch_size
-        return not busy and not (self._durable.waiters and self.buffered)
-
-    async def _sleep(self, timeout: float | None) -> None:
-        """Until a wake-up or `timeout` seconds (None: no timer). Not `asyncio.wait_for`: its
-        task and cancellation cost three more turns of the shipping loop per flush, each a
-        release of the GIL that the thread must win back from a busy app loop."""
-        assert self._wakeup is not None
-        if timeout is None:
-            await self._wakeup.wait()
-            return
-        timer = asyncio.get_running_loop().call_later(timeout, self._wakeup.set)
-        try:
-            await self._wakeup.wait()
-        finally:
-            timer.cancel()
 
     async def _flush_once(self) -> bool:
         """Ship the in-flight batch (taking one from the buffer if none). True on success."""
@@ -333,7 +356,7 @@ class Shipper:
             self.counters.failed_batches += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
             if self._backlog is not None and await self._backlog.keep(self._inflight, counts):
-                self._durable.resolve(len(self._inflight))
+                self._resolve(len(self._inflight))
                 self._inflight = []
                 self._inflight_counts = NO_COUNTS
                 return True
@@ -341,7 +364,7 @@ class Shipper:
                 logger.warning("log shipping failed (will retry): %s", self.counters.last_error)
             return False
         self.counters.shipped += len(self._inflight)
-        self._durable.resolve(len(self._inflight))
+        self._resolve(len(self._inflight))
         self._inflight = []
         self._inflight_counts = NO_COUNTS
         return True
@@ -475,12 +498,11 @@ class Shipper:
         if left:
             with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
                 saved = await asyncio.wait_for(
-                    keep_all(self._backlog, inflight, counts, pending),
-                    max(0.1, deadline - time.monotonic()),
+                    self._save(inflight, counts, pending), max(0.1, deadline - time.monotonic())
                 )
             if left > saved:
                 self.count_dropped(left - saved, "closed with unshipped log records")
-            self._durable.resolve(left)
+            self._resolve(left)
         if counts != NO_COUNTS and (not inflight or saved == 0):
             self.tally.give_back(counts)  # the backlog did not take them: reported below
         with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
@@ -489,8 +511,30 @@ class Shipper:
             )
         await self.sink.aclose()
 
+    async def _save(
+        self, inflight: list[RecordEntry], counts: Unreported, pending: list[RecordEntry]
+    ) -> int:
+        """Keep what close could not ship in time in the sink's backlog (if it has one): the
+        in-flight batch first, whole, with its counts (the sink may know it under an id: a
+        flush that may have landed), then the rest. Returns how many records were kept."""
+        if self._backlog is None:
+            return 0
+        saved = 0
+        if inflight:
+            if not await self._backlog.keep(inflight, counts):
+                return 0
+            saved += len(inflight)
+        if pending and await self._backlog.keep(pending, NO_COUNTS):
+            saved += len(pending)
+        return saved
+
 
 def _report_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # Records now wait in the buffer (and are dropped, counted, once it is full).
         logger.error("log shipping stopped", exc_info=task.exception())
+
+
+def _settle(future: concurrent.futures.Future[None]) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by its waiter
+        future.set_result(None)

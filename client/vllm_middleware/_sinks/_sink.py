@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .._record import RecordEntry
-from ._shipping_settings import NO_COUNTS, Unreported
+from ._shipping_settings import Unreported
 
-__all__ = ["Backlog", "Sink", "keep_all"]
+__all__ = ["Backlog", "Sink"]
 
 
 class Sink(Protocol):
@@ -47,11 +47,6 @@ class Backlog(Protocol):
     def has_backlog(self) -> bool:
         """True while there are older records the sink can send now."""
 
-    def quiet_for(self) -> float | None:
-        """With no live records to ship: the seconds the shipper may sleep before the backlog
-        wants a turn (None: a turn every `flush_interval`, e.g. while there is one to send or
-        the destination is away)."""
-
     async def work_backlog(self) -> None:
         """Send a little of the backlog; called between live batches, never raises."""
 
@@ -66,24 +61,3 @@ class Backlog(Protocol):
         """At close (and `settle`), before the last flush: ask the destination once more
         whether it is back, so the backlog can go out in the time left. Returns what is left
         of `timeout`."""
-
-
-async def keep_all(
-    backlog: Backlog | None,
-    inflight: list[RecordEntry],
-    counts: Unreported,
-    pending: list[RecordEntry],
-) -> int:
-    """At close, keep what could not be shipped in time in the backlog (if there is one): the
-    in-flight batch first, whole, with its counts (the sink may know it under an id: a flush
-    that may have landed), then the rest. Returns how many records were kept."""
-    if backlog is None:
-        return 0
-    saved = 0
-    if inflight:
-        if not await backlog.keep(inflight, counts):
-            return 0
-        saved += len(inflight)
-    if pending and await backlog.keep(pending, NO_COUNTS):
-        saved += len(pending)
-    return saved
