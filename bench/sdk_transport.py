@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import banner, base_parser, median, print_table, quiet_gc
+from _common import banner, base_parser, callgrind_total, median, print_table, quiet_gc
 
 MODEL = "vllm:qwen-2.5-omni-7b"
 MESSAGES = [
@@ -247,15 +244,7 @@ def child(spec: list[str]) -> None:
 
 def instructions(spec: list[str], scratch: Path) -> int:
     out = scratch / f"callgrind.{len(list(scratch.iterdir()))}"
-    subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-         sys.executable, str(Path(__file__).resolve()), "--child", *spec],
-        check=True, capture_output=True, timeout=3600,
-    )  # fmt: skip
-    text = out.read_text(errors="replace")
-    found = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.MULTILINE)
-    assert found, f"no summary in {out}"
-    return int(found.group(1))
+    return callgrind_total(Path(__file__).resolve(), spec, out)
 
 
 def calls(n: int) -> int:
