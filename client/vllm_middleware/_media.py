@@ -191,11 +191,9 @@ def _audio_mime(fmt: Any) -> str:
 
 
 def _decode(blob: _Blob) -> bytes | None:
-    """The blob's bytes, or None when its text is not canonical base64.
-
-    Only canonical base64 is moved out: re-encoding the bytes must give back the exact text,
-    so that restored records equal what was sent.
-    """
+    """The blob's bytes, or None when its text is not canonical base64: only that is moved
+    out, since re-encoding the bytes must give back the exact text (restored records equal
+    what was sent)."""
     text = blob.text[blob.start :] if blob.start else blob.text
     try:
         raw = base64.b64decode(text, validate=True)

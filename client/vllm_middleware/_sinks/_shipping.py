@@ -1,16 +1,14 @@
 """The bounded buffer between the request path and a sink, and the thread that drains it.
 
-`submit` is synchronous and O(1): it appends to a deque and, when a batch is ready, wakes the
-shipping thread. That thread runs an event loop of its own (the *shipping loop*): the sink's
-I/O never waits for a turn of the app's loop, so records leave memory at the rate they are
-made even while the app's loop never yields (an in-process or cached upstream). The thread is
-woken once per batch (or by its `flush_interval` timer), never per record or per loop turn: a
-thread woken that often loses the GIL race to a busy loop on every wake (`docs/benchmarks.md`).
-Behind an app loop that keeps yielding it would rarely win that race at all: that loop lends
-it the GIL when it falls behind (`_handoff.py`). `submit` is safe from any thread.
-The thread takes batches off the buffer and hands them to the sink it holds (`_sink.py`). A
-failed batch is offered to the sink's backlog, if it has one (the spool, `SpoolingSink`); if
-it cannot take it either, it stays at the head and is retried with backoff, so a slow or dead
+`submit` is synchronous, O(1) and safe from any thread: it appends to a deque and, when a batch
+is ready, wakes the shipping thread. That thread runs an event loop of its own (the *shipping
+loop*), so the sink's I/O never waits for a turn of the app's loop: records leave memory at the
+rate they are made even while the app's loop never yields. It is woken once per batch (or by
+its `flush_interval` timer), never per record: a thread woken that often loses the GIL race to
+a busy loop on every wake (`docs/benchmarks.md`); an app loop that keeps yielding lends it the
+GIL when it falls behind (`_handoff.py`).
+A failed batch is offered to the sink's backlog, if it has one (the spool, `SpoolingSink`); if
+that cannot take it either, it stays at the head and is retried with backoff, so a slow or dead
 sink costs the app nothing but buffer space; past the bound, new records are dropped and
 counted, never silently.
 
@@ -33,8 +31,9 @@ from collections.abc import Callable
 from .._exit import register
 from .._record import RecordEntry
 from ._handoff import Handoff
+from ._ledger import Ledger
 from ._shipping_settings import NO_COUNTS, BufferCounters, ShippingSettings, Tally, Unreported
-from ._sink import Backlog, Sink
+from ._sink import Backlog, Sink, keep_all
 
 __all__ = ["BufferCounters", "Shipper", "ShippingSettings", "Tally"]
 
@@ -86,12 +85,7 @@ class Shipper:
         self._closing = False
         self._in_backlog = False  # `_run` is inside `work_backlog`
         self._closed = False
-        # `durable` support: records accepted so far, and how many of them left memory (shipped,
-        # spooled or dropped); batches leave in order, so one counter pair is enough.
-        # `_accepted` is written by the request path only, `_resolved` by the shipping loop only.
-        self._accepted = 0
-        self._resolved = 0
-        self._waiters: list[tuple[int, concurrent.futures.Future[None]]] = []
+        self._ledger = Ledger()  # `durable` support: what left memory, and who waits for it
         register(self)
 
     # -- request path -----------------------------------------------------------------------
@@ -115,7 +109,7 @@ class Shipper:
             full = self._closed or held >= self.max_buffer
             if not full:
                 pending.append(entry)
-                self._accepted += 1
+                self._ledger.accepted += 1
         finally:
             lock.release()
         if full:
@@ -167,19 +161,20 @@ class Shipper:
         """Wait until every record submitted so far has left memory (shipped, spooled or
         dropped and counted). False on timeout. Flushes at once instead of waiting for a batch.
         """
-        target = self._accepted
-        if self._resolved >= target:
+        ledger = self._ledger
+        target = ledger.accepted
+        if ledger.resolved >= target:
             return True
         if self._loop is None:
             self._start()
         loop = self._loop
         if loop is None:  # closed before a fork, in the parent
-            return self._resolved >= target
+            return ledger.resolved >= target
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         try:
             loop.call_soon_threadsafe(self._add_waiter, target, future)
         except RuntimeError:  # the shipping loop is closed: everything was resolved
-            return self._resolved >= target
+            return ledger.resolved >= target
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.wrap_future(future), timeout)
             return True
@@ -188,33 +183,16 @@ class Shipper:
     def flush_soon(self) -> None:
         """Ship what is buffered now rather than at the next timer (from any thread)."""
         loop = self._loop
-        if loop is not None and self._accepted > self._resolved:
+        if loop is not None and self._ledger.owed:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to flush
                 loop.call_soon_threadsafe(
-                    self._add_waiter, self._accepted, concurrent.futures.Future()
+                    self._add_waiter, self._ledger.accepted, concurrent.futures.Future()
                 )
 
     def _add_waiter(self, target: int, future: concurrent.futures.Future[None]) -> None:
         """On the shipping loop: wait for `target` records to be resolved; flush now."""
-        if self._resolved >= target:
-            _settle(future)
-            return
-        self._waiters.append((target, future))
-        if self._wakeup is not None:
+        if self._ledger.wait(target, future) and self._wakeup is not None:
             self._wakeup.set()
-
-    def _resolve(self, count: int) -> None:
-        self._resolved += count
-        if not self._waiters:
-            return
-        done = self._resolved
-        keep = []
-        for target, future in self._waiters:
-            if target <= done:
-                _settle(future)
-            else:
-                keep.append((target, future))
-        self._waiters = keep
 
     # -- the shipping thread ------------------------------------------------------------------
     def _start(self) -> None:
@@ -265,8 +243,7 @@ class Shipper:
         self._pending.clear()
         self._inflight = []
         self._inflight_counts = NO_COUNTS
-        self._waiters = []
-        self._resolved = self._accepted
+        self._ledger.after_fork_in_child()
         self._asleep = False
         self._waiting = False
         self._handoff.reset()
@@ -286,7 +263,7 @@ class Shipper:
         ):
             handoff.turn()  # a turn of ours: app loops waiting for one go on
             idle = not self._inflight and len(self._pending) < self.batch_size
-            if not self._closing and idle and not (self._waiters and self.buffered):
+            if not self._closing and idle and not (self._ledger.waiting and self.buffered):
                 if not self._pending and backlog is None:
                     # Nothing to ship: no timer, so an idle sink (one the clients let go of)
                     # costs nothing; the first record wakes it (`submit`), then it waits one
@@ -356,7 +333,7 @@ class Shipper:
             self.counters.failed_batches += 1
             self.counters.last_error = f"{type(exc).__name__}: {exc}"
             if self._backlog is not None and await self._backlog.keep(self._inflight, counts):
-                self._resolve(len(self._inflight))
+                self._ledger.resolve(len(self._inflight))
                 self._inflight = []
                 self._inflight_counts = NO_COUNTS
                 return True
@@ -364,7 +341,7 @@ class Shipper:
                 logger.warning("log shipping failed (will retry): %s", self.counters.last_error)
             return False
         self.counters.shipped += len(self._inflight)
-        self._resolve(len(self._inflight))
+        self._ledger.resolve(len(self._inflight))
         self._inflight = []
         self._inflight_counts = NO_COUNTS
         return True
@@ -498,11 +475,12 @@ class Shipper:
         if left:
             with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
                 saved = await asyncio.wait_for(
-                    self._save(inflight, counts, pending), max(0.1, deadline - time.monotonic())
+                    keep_all(self._backlog, inflight, counts, pending),
+                    max(0.1, deadline - time.monotonic()),
                 )
             if left > saved:
                 self.count_dropped(left - saved, "closed with unshipped log records")
-            self._resolve(left)
+            self._ledger.resolve(left)
         if counts != NO_COUNTS and (not inflight or saved == 0):
             self.tally.give_back(counts)  # the backlog did not take them: reported below
         with contextlib.suppress(Exception):  # includes asyncio.TimeoutError
@@ -511,30 +489,8 @@ class Shipper:
             )
         await self.sink.aclose()
 
-    async def _save(
-        self, inflight: list[RecordEntry], counts: Unreported, pending: list[RecordEntry]
-    ) -> int:
-        """Keep what close could not ship in time in the sink's backlog (if it has one): the
-        in-flight batch first, whole, with its counts (the sink may know it under an id: a
-        flush that may have landed), then the rest. Returns how many records were kept."""
-        if self._backlog is None:
-            return 0
-        saved = 0
-        if inflight:
-            if not await self._backlog.keep(inflight, counts):
-                return 0
-            saved += len(inflight)
-        if pending and await self._backlog.keep(pending, NO_COUNTS):
-            saved += len(pending)
-        return saved
-
 
 def _report_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # Records now wait in the buffer (and are dropped, counted, once it is full).
         logger.error("log shipping stopped", exc_info=task.exception())
-
-
-def _settle(future: concurrent.futures.Future[None]) -> None:
-    with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled by its waiter
-        future.set_result(None)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .._record import RecordEntry
-from ._shipping_settings import Unreported
+from ._shipping_settings import NO_COUNTS, Unreported
 
-__all__ = ["Backlog", "Sink"]
+__all__ = ["Backlog", "Sink", "keep_all"]
 
 
 class Sink(Protocol):
@@ -61,3 +61,24 @@ class Backlog(Protocol):
         """At close (and `settle`), before the last flush: ask the destination once more
         whether it is back, so the backlog can go out in the time left. Returns what is left
         of `timeout`."""
+
+
+async def keep_all(
+    backlog: Backlog | None,
+    inflight: list[RecordEntry],
+    counts: Unreported,
+    pending: list[RecordEntry],
+) -> int:
+    """Keep what a closing shipper could not ship in time in `backlog` (if any): the in-flight
+    batch first, whole, with its counts (the sink may know it under an id: a flush that may
+    have landed), then the rest. Returns how many records were kept."""
+    if backlog is None:
+        return 0
+    saved = 0
+    if inflight:
+        if not await backlog.keep(inflight, counts):
+            return 0
+        saved += len(inflight)
+    if pending and await backlog.keep(pending, NO_COUNTS):
+        saved += len(pending)
+    return saved
