@@ -163,6 +163,68 @@ async def wait_shipped(mw: VLLMMiddleware) -> None:
         await asyncio.sleep(0.002)
 
 
+def bare_call(
+    http: httpx.AsyncClient, messages: list[dict[str, str]], stream: bool
+) -> Callable[[], Awaitable[Any]]:
+    """The request as an app makes it with bare httpx (streamed: parse each event and keep the
+    chunks)."""
+    headers = {"content-type": "application/json", "accept": "application/json"}
+    sse_headers = {"content-type": "application/json", "accept": "text/event-stream"}
+
+    async def plain() -> Any:
+        body = {"temperature": 0.2, "max_tokens": 256, "model": MODEL, "messages": messages}
+        response = await http.post("chat/completions", content=orjson.dumps(body), headers=headers)
+        response.raise_for_status()
+        return orjson.loads(response.content)
+
+    async def streamed() -> Any:
+        body = {"temperature": 0.2, "max_tokens": 256, "stream": True,
+                "stream_options": {"include_usage": True}, "model": MODEL, "messages": messages}
+        chunks = []
+        async with http.stream(
+            "POST", "chat/completions", content=orjson.dumps(body), headers=sse_headers
+        ) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(orjson.loads(line[6:]))
+        return chunks
+
+    return streamed if stream else plain
+
+
+def middleware(
+    mode: str, base_url: str, http: httpx.AsyncClient, redis_url: str, log_dir: Path
+) -> VLLMMiddleware:
+    """The middleware of a mode (`nolog`: logging off; `redis`; else embedded) on `http`."""
+    return VLLMMiddleware(
+        base_url,
+        log_dir=log_dir,
+        redis_url=redis_url if mode == "redis" else "",
+        enable_file_logging=mode != "nolog",
+        http_client=http,
+        host="bench-client",
+        stream="bench:logs",
+    )
+
+
+def middleware_call(
+    mw: VLLMMiddleware, messages: list[dict[str, str]], stream: bool
+) -> Callable[[], Awaitable[Any]]:
+    """The same request through the middleware (streamed: every chunk read)."""
+
+    async def plain() -> Any:
+        return await mw.chat_completion(messages, model=MODEL, temperature=0.2, max_tokens=256)
+
+    async def streamed() -> Any:
+        replies = await mw.chat_completion(
+            messages, model=MODEL, temperature=0.2, max_tokens=256, stream=True
+        )
+        return [chunk async for chunk in replies]
+
+    return streamed if stream else plain
+
+
 async def one_run(
     mode: str,
     transport: str,
@@ -186,59 +248,12 @@ async def one_run(
         http = httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60)
     mw: VLLMMiddleware | None = None
     log_dir = Path(tempfile.mkdtemp(dir=log_root))
-    headers = {"content-type": "application/json", "accept": "application/json"}
-
-    async def bare_call() -> Any:
-        body = {"temperature": 0.2, "max_tokens": 256, "model": MODEL, "messages": messages}
-        response = await http.post(
-            "chat/completions", content=orjson.dumps(body), headers=headers
-        )
-        response.raise_for_status()
-        return orjson.loads(response.content)
-
-    sse_headers = {"content-type": "application/json", "accept": "text/event-stream"}
-
-    async def bare_stream() -> Any:
-        # What an app does without the middleware: stream, parse each event, keep the chunks.
-        body = {"temperature": 0.2, "max_tokens": 256, "stream": True,
-                "stream_options": {"include_usage": True}, "model": MODEL, "messages": messages}
-        chunks = []
-        async with http.stream(
-            "POST", "chat/completions", content=orjson.dumps(body), headers=sse_headers
-        ) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunks.append(orjson.loads(line[6:]))
-        return chunks
-
     if mode == "bare":
-        call: Callable[[], Awaitable[Any]] = bare_stream if stream else bare_call
+        call = bare_call(http, messages, stream)
     else:
         os.environ["VLLM_MW_EMBEDDED_WRITER"] = "thread" if mode == "embedded-thread" else "auto"
-        mw = VLLMMiddleware(
-            base_url,
-            log_dir=log_dir,
-            redis_url=redis_url if mode == "redis" else "",
-            enable_file_logging=mode != "nolog",
-            http_client=http,
-            host="bench-client",
-            stream="bench:logs",
-        )
-        client = mw
-
-        async def mw_call() -> Any:
-            return await client.chat_completion(
-                messages, model=MODEL, temperature=0.2, max_tokens=256
-            )
-
-        async def mw_stream() -> Any:
-            replies = await client.chat_completion(
-                messages, model=MODEL, temperature=0.2, max_tokens=256, stream=True
-            )
-            return [chunk async for chunk in replies]
-
-        call = mw_stream if stream else mw_call
+        mw = middleware(mode, base_url, http, redis_url, log_dir)
+        call = middleware_call(mw, messages, stream)
     # Warm-up outside the window: connections (HTTP, Redis), the writer's first file.
     await drive(call, 64, min(concurrency, 8))
     if mw is not None:

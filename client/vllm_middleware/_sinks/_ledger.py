@@ -9,16 +9,22 @@ loop only.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+from collections.abc import Callable
 
 __all__ = ["Ledger"]
 
 
 class Ledger:
-    def __init__(self) -> None:
+    """`flush_now` (called on the shipping loop) makes the shipper flush at once rather than at
+    its next timer, for a waiter."""
+
+    def __init__(self, flush_now: Callable[[], None]) -> None:
         self.accepted = 0
         self.resolved = 0
+        self._flush_now = flush_now
         self._waiters: list[tuple[int, concurrent.futures.Future[None]]] = []
 
     @property
@@ -26,14 +32,37 @@ class Ledger:
         """Some accepted record has not left memory yet."""
         return self.accepted > self.resolved
 
-    def wait(self, target: int, future: concurrent.futures.Future[None]) -> bool:
-        """On the shipping loop: end `future` once `target` records are resolved. True if it
-        has to wait (the caller then flushes at once rather than at the next timer)."""
+    async def wait(
+        self, loop: asyncio.AbstractEventLoop | None, timeout: float | None = None
+    ) -> bool:
+        """From any event loop: wait until every record accepted so far is resolved, on the
+        shipping `loop` (None: not started, or closed before a fork). False on timeout."""
+        target = self.accepted
+        if self.resolved >= target or loop is None:
+            return self.resolved >= target
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            loop.call_soon_threadsafe(self._add, target, future)
+        except RuntimeError:  # the shipping loop is closed: everything was resolved
+            return self.resolved >= target
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            return True
+        return False
+
+    def flush_soon(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """From any thread: have what is owed shipped now rather than at the next timer."""
+        if loop is not None and self.owed:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to flush
+                loop.call_soon_threadsafe(self._add, self.accepted, concurrent.futures.Future())
+
+    def _add(self, target: int, future: concurrent.futures.Future[None]) -> None:
+        """On the shipping loop: end `future` once `target` records are resolved."""
         if self.resolved >= target:
             settle(future)
-            return False
+            return
         self._waiters.append((target, future))
-        return True
+        self._flush_now()
 
     @property
     def waiting(self) -> bool:

@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -85,7 +86,7 @@ class Shipper:
         self._closing = False
         self._in_backlog = False  # `_run` is inside `work_backlog`
         self._closed = False
-        self._ledger = Ledger()  # `durable` support: what left memory, and who waits for it
+        self._ledger = Ledger(self._flush_now)  # what left memory, and who waits for that
         register(self)
 
     # -- request path -----------------------------------------------------------------------
@@ -145,6 +146,9 @@ class Shipper:
         """Calls left out by `sample_rate`: counted here and in the fleet's statistics (the
         Redis sink adds them to the stats hash with its next batch). Safe from any thread."""
         self.tally.count_sampled_out(count)
+        if self._asleep:  # an idle shipper reports them at its next flush, not in seconds
+            self._asleep = False
+            self._wake()
 
     def _wake(self) -> None:
         """Cut the shipping loop's wait short (from any thread)."""
@@ -161,37 +165,17 @@ class Shipper:
         """Wait until every record submitted so far has left memory (shipped, spooled or
         dropped and counted). False on timeout. Flushes at once instead of waiting for a batch.
         """
-        ledger = self._ledger
-        target = ledger.accepted
-        if ledger.resolved >= target:
-            return True
-        if self._loop is None:
+        if self._loop is None and self._ledger.owed:
             self._start()
-        loop = self._loop
-        if loop is None:  # closed before a fork, in the parent
-            return ledger.resolved >= target
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        try:
-            loop.call_soon_threadsafe(self._add_waiter, target, future)
-        except RuntimeError:  # the shipping loop is closed: everything was resolved
-            return ledger.resolved >= target
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-            return True
-        return False
+        return await self._ledger.wait(self._loop, timeout)
 
     def flush_soon(self) -> None:
         """Ship what is buffered now rather than at the next timer (from any thread)."""
-        loop = self._loop
-        if loop is not None and self._ledger.owed:
-            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to flush
-                loop.call_soon_threadsafe(
-                    self._add_waiter, self._ledger.accepted, concurrent.futures.Future()
-                )
+        self._ledger.flush_soon(self._loop)
 
-    def _add_waiter(self, target: int, future: concurrent.futures.Future[None]) -> None:
-        """On the shipping loop: wait for `target` records to be resolved; flush now."""
-        if self._ledger.wait(target, future) and self._wakeup is not None:
+    def _flush_now(self) -> None:
+        """On the shipping loop: a waiter wants its records out now, not at the timer."""
+        if self._wakeup is not None:
             self._wakeup.set()
 
     # -- the shipping thread ------------------------------------------------------------------
@@ -264,27 +248,30 @@ class Shipper:
             handoff.turn()  # a turn of ours: app loops waiting for one go on
             idle = not self._inflight and len(self._pending) < self.batch_size
             if not self._closing and idle and not (self._ledger.waiting and self.buffered):
-                if not self._pending and backlog is None:
-                    # Nothing to ship: no timer, so an idle sink (one the clients let go of)
-                    # costs nothing; the first record wakes it (`submit`), then it waits one
-                    # `flush_interval` for the batch to fill as usual. (A backlog keeps its
-                    # timer: it also adopts and replays spools other processes left behind.)
+                quiet = self._quiet_for()
+                if quiet is not None:
+                    # Nothing to ship: no timer every `flush_interval` (each wake of an idle
+                    # client cost ~0.4 ms of CPU, and GIL races behind a busy app loop: see
+                    # docs/benchmarks.md section 12). The first record (or count) wakes it
+                    # (`submit`), then it waits one `flush_interval` for the batch to fill as
+                    # usual; a backlog with nothing to send wakes it when it wants a turn.
                     self._asleep = self._waiting = True
                     handoff.idle()
                     if not self._pending:  # (a record submitted just before `_asleep`)
-                        await self._wakeup.wait()
+                        await self._sleep(quiet)
                     self._asleep = self._waiting = False
                     self._wakeup.clear()
-                    continue
-                # With a backlog to replay, do not sleep between replayed batches.
-                wait = 0.0 if self._has_backlog() else self.flush_interval
-                if wait:
-                    self._waiting = True
-                    handoff.idle()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), wait)
-                    self._waiting = False
-                self._wakeup.clear()
+                    if quiet == math.inf or self._pending:
+                        continue
+                else:
+                    # With a backlog to replay, do not sleep between replayed batches.
+                    wait = 0.0 if self._has_backlog() else self.flush_interval
+                    if wait:
+                        self._waiting = True
+                        handoff.idle()
+                        await self._sleep(wait)
+                        self._waiting = False
+                    self._wakeup.clear()
             if await self._flush_once():
                 backoff = self.retry_backoff[0]
                 if backlog is not None:
@@ -299,10 +286,24 @@ class Shipper:
                 continue
             # Wait out the backoff, but let close() cut it short.
             handoff.idle()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), backoff)
+            await self._sleep(backoff)
             self._wakeup.clear()
             backoff = min(backoff * 2, self.retry_backoff[1])
+
+    def _quiet_for(self) -> float | None:
+        """How long an idle `_run` may sleep (inf: until woken); None: wait one
+        `flush_interval` (records wait, or a backlog wants its turns)."""
+        if self._pending:
+            return None
+        if self._backlog is None:
+            return math.inf
+        return None if self.tally.owed else self._backlog.quiet_for()
+
+    async def _sleep(self, timeout: float) -> None:
+        """Until a wake-up, or `timeout` seconds."""
+        assert self._wakeup is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), None if timeout == math.inf else timeout)
 
     async def _flush_once(self) -> bool:
         """Ship the in-flight batch (taking one from the buffer if none). True on success."""

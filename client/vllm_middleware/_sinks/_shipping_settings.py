@@ -112,6 +112,11 @@ class Tally:
             self.counters.sampled_out += count
             self._sampled_out += count
 
+    @property
+    def owed(self) -> bool:
+        """Counts wait to be reported (read without the lock: a hint for the shipping loop)."""
+        return bool(self._dropped or self._sampled_out)
+
     def take(self) -> Unreported:
         """The counts to report now; the caller gives them back if it cannot."""
         with self._lock:

@@ -47,6 +47,11 @@ class Backlog(Protocol):
     def has_backlog(self) -> bool:
         """True while there are older records the sink can send now."""
 
+    def quiet_for(self) -> float | None:
+        """With nothing to ship: the seconds the shipper may sleep before the backlog wants a
+        turn (None: a turn every `flush_interval`, e.g. while there is one to send or the
+        destination is away)."""
+
     async def work_backlog(self) -> None:
         """Send a little of the backlog; called between live batches, never raises."""
 

@@ -120,6 +120,12 @@ class SpoolingSink:
             return False
         return bool(self.spool)
 
+    def quiet_for(self) -> float | None:
+        if not self.healthy or (self.spool is not None and self.spool):
+            return None  # the probe or the replay needs the shipper's turns
+        wait = self._next_adopt - time.monotonic()  # the next look for other processes' spools
+        return wait if wait > self.settings.flush_interval else None
+
     async def work_backlog(self) -> None:
         try:
             await self._replay_one()
