@@ -89,16 +89,22 @@ class Load:
         return inside[int(len(inside) * 0.99)] * 1000 if inside else 0.0
 
 
-def stored(log_dir: Path, tag: str | None = None) -> Counter[tuple[str, int]]:
+def stored(
+    log_dir: Path, tag: str | None = None, *, settled: bool = True
+) -> Counter[tuple[str, int]]:
     """(tag, seq) of every record in the files, with multiplicity (a count > 1 is a duplicate).
 
-    Reads every line: a torn or unparsable line fails the test.
+    Reads every line: a torn or unparsable line fails the test. `settled=False` is for polling
+    while workers still write: a file's last line without its newline is then a write in
+    progress (a reader can see part of a write to a regular file), left for the next look.
     """
     found: Counter[tuple[str, int]] = Counter()
     if not log_dir.is_dir():
         return found
     for path in iter_log_files(log_dir):
         data = path.read_bytes()
+        if not settled:
+            data = data[: data.rfind(b"\n") + 1]
         assert not data or data.endswith(b"\n"), f"torn line at the end of {path}"
         for line in data.splitlines():
             meta = orjson.loads(line)["metadata"]
@@ -166,7 +172,11 @@ async def check_all_stored(
 ) -> None:
     """Every call that returned has exactly one record in the files; add the table row."""
     sent = {(load.tag, s) for s in load.sent}
-    await until(lambda: set(stored(log_dir, load.tag)) >= sent, timeout, f"{fault}: all stored")
+
+    def all_stored() -> bool:
+        return set(stored(log_dir, load.tag, settled=False)) >= sent
+
+    await until(all_stored, timeout, f"{fault}: all stored")
     await asyncio.sleep(settle)  # let a late duplicate show up
     found = stored(log_dir, load.tag)
     p99 = load.p99_ms(*load.fault_window) if load.fault_window else None

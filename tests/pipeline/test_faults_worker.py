@@ -275,7 +275,8 @@ async def test_worker_started_before_redis_waits_for_it(
         admin.xadd(
             KEYS.stream, {b"date": b"2026-01-02", b"host": b"h", b"err": b"0", b"rec": record}
         )
-        await until(lambda: len(stored(tmp_path / "logs", "late")) == 1, 40, "record stored")
+        late = tmp_path / "logs"
+        await until(lambda: len(stored(late, "late", settled=False)) == 1, 40, "record stored")
         admin.close()
     finally:
         server.cleanup()
@@ -344,7 +345,8 @@ async def test_redis_killed_while_a_worker_drains_a_backlog(
     assert len(stored(log_dir, "backlog")) < total
     await asyncio.sleep(1.0)
     redis_server.restart()
-    await until(lambda: len(stored(log_dir, "backlog")) >= total, 120, "backlog drained")
+    drained = f"backlog drained: {total} records"
+    await until(lambda: len(stored(log_dir, "backlog", settled=False)) >= total, 120, drained)
     await asyncio.sleep(1.0)  # let a late duplicate show up
     found = stored(log_dir, "backlog")
     assert len(found) == total
