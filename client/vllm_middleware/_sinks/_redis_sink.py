@@ -228,7 +228,8 @@ class RedisStreamSink:
         # counts of the last attempt to send them (it may have landed: its marker says).
         self._owed = (0, 0)
         self._owed_attempt: tuple[str, int, int] | None = None
-        self._sending_owed = False  # (`settle` may report while the flush loop does)
+        # One counts-only send at a time (`settle` may report while the flush loop does).
+        self._owed_lock = asyncio.Lock()
         # EVALSHA, reloaded by redis-py after a Redis restart empties the script cache.
         self._ship_script = redis.register_script(_SHIP_BATCH)
 
@@ -328,15 +329,12 @@ class RedisStreamSink:
 
     async def report_counts(self, dropped: int, sampled_out: int) -> None:
         self.owe(dropped, sampled_out)
-        if self._sending_owed:
-            return  # sent by the call under way
-        if self._owed == (0, 0) and self._owed_attempt is None:
-            return
-        self._sending_owed = True
-        try:
+        # A caller that finds a send under way waits for it, then sends what is still owed:
+        # `settle` must not return before the counts it saw are in Redis.
+        async with self._owed_lock:
+            if self._owed == (0, 0) and self._owed_attempt is None:
+                return
             await asyncio.wait_for(self._send_owed(), self.timeout)
-        finally:
-            self._sending_owed = False
 
     async def _send_owed(self) -> None:
         """Send the owed counts as a batch of no records, with its own marker: an attempt
